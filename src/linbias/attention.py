@@ -1,0 +1,473 @@
+"""One ALiBi attention entry point, with backends chosen by device, dtype and mask.
+
+Shapes: ``B`` batch, ``H`` query heads, ``Hkv`` key/value heads (``H % Hkv == 0``), ``Lq`` queries,
+``Lk`` keys, ``D`` head dim. Queries are the last ``Lq`` of the ``Lk`` positions (KV cache).
+
+The fast path uses the fact that softmax is unchanged by a constant added along a row: for causal
+attention the bias ``-m_h * (i - j)`` of row ``i`` equals ``m_h * (j - c)`` plus a row constant,
+for any centre ``c``. That per-key bias is folded into one extra head dimension (``q`` gets
+``m_h``, ``k`` gets ``(j - c) / scale``) and handed to the fused SDPA kernel, so no
+``H x Lq x Lk`` tensor is ever built. The per-key values grow with the distance from ``c``, which
+costs float precision on the logits that matter (those near the diagonal), so queries are
+processed in blocks, each with its own centre.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from linbias.alibi import alibi_bias
+
+__all__ = ["alibi_attention", "BACKENDS", "Backend"]
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class _Call:
+    q: Tensor  # [B, H, Lq, D]
+    k: Tensor  # [B, Hkv, Lk, D]
+    v: Tensor  # [B, Hkv, Lk, D]
+    slopes: Tensor  # [H]
+    causal: bool
+    scale: float
+    key_padding_mask: Optional[Tensor]  # [B, Lk] bool, True = real token
+
+    @property
+    def needs_grad(self) -> bool:
+        return torch.is_grad_enabled() and any(t.requires_grad for t in (self.q, self.k, self.v))
+
+
+@dataclass(frozen=True)
+class Backend:
+    """An attention implementation and a check that says why it cannot run a call (or None)."""
+
+    run: Callable[[_Call], Tensor]
+    unavailable: Callable[[_Call], Optional[str]]
+
+
+def _expand_kv(x: Tensor, n_heads: int) -> Tensor:
+    # [B, Hkv, L, D] -> [B, H, L, D]: each KV head serves H/Hkv consecutive query heads.
+    group = n_heads // x.shape[1]
+    return x if group == 1 else x.repeat_interleave(group, dim=1)
+
+
+def _visible(c: _Call, q_start: int, q_end: int, k_end: int) -> Tensor:
+    """Bool ``[B or 1, 1, q_end - q_start, k_end]``: which keys each query in the block may see."""
+    offset = c.k.shape[2] - c.q.shape[2]
+    i_abs = torch.arange(offset + q_start, offset + q_end, device=c.q.device).view(-1, 1)
+    j = torch.arange(k_end, device=c.q.device).view(1, -1)
+    mask = (j <= i_abs) if c.causal else torch.ones_like(j <= i_abs)
+    mask = mask.view(1, 1, *mask.shape)
+    if c.key_padding_mask is not None:
+        mask = mask & c.key_padding_mask[:, None, None, :k_end]
+    return mask
+
+
+# --- reference: the materialised bias, float math in the inputs' dtype --------------------------
+
+
+def _reference(c: _Call) -> Tensor:
+    H, Lq, Lk = c.q.shape[1], c.q.shape[2], c.k.shape[2]
+    k, v = _expand_kv(c.k, H), _expand_kv(c.v, H)
+    scores = (c.q @ k.transpose(-1, -2)) * c.scale  # [B, H, Lq, Lk]
+    scores = scores + alibi_bias(c.slopes.to(scores.dtype), Lq, Lk, causal=c.causal)
+    visible = _visible(c, 0, Lq, Lk)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    has_key = visible.any(-1, keepdim=True)
+    probs = torch.softmax(scores.masked_fill(~has_key, 0.0), dim=-1)
+    return (probs @ v).masked_fill(~has_key, 0.0)
+
+
+def _always(c: _Call) -> Optional[str]:
+    return None
+
+
+# --- sdpa: the per-key bias folded into one extra head dimension, fused CPU kernel --------------
+#
+# Queries are cut into blocks; each block's keys are split into segments whose ALiBi bias is a
+# per-key bias (keys before the block: +m j; keys after it, bidirectional only: -m j) or a small
+# square diagonal block (causal: the kernel's own mask; bidirectional: a materialised
+# [H, Bq, Bq] bias). Each segment is one fused-kernel call that also returns its log-sum-exp, and
+# the segments are merged exactly (as in ring / flash-decoding attention). The backward pass calls
+# the kernel's backward per segment with the merged output and log-sum-exp, which gives each
+# segment's exact share of the gradient.
+
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FLASH_CPU_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+# The folded logit carries m * (j - centre); fp32 keeps about 2^-24 of it, so a block is sized to
+# keep m * |j - centre| <= _FOLD_BUDGET for the keys near its diagonal (error ~ 2e-5 in a logit).
+_FOLD_BUDGET = 256.0
+
+
+@dataclass(frozen=True)
+class _Segment:
+    q0: int  # query rows [q0, q1)
+    q1: int
+    k0: int  # keys [k0, k1)
+    k1: int
+    sign: int  # per-key bias sign * m * (j - centre); 0: diagonal block with materialised bias
+    causal: bool  # square diagonal block under the kernel's own causal mask
+    centre: int
+
+
+def _block_size(c: _Call) -> int:
+    steepest = float(c.slopes.abs().max()) if c.slopes.numel() else 0.0
+    if steepest == 0.0:
+        return max(c.q.shape[2], 1)
+    return max(64, 1 << int(math.log2(2 * _FOLD_BUDGET / steepest)))
+
+
+def _segments(c: _Call) -> list[_Segment]:
+    Lq, Lk = c.q.shape[2], c.k.shape[2]
+    offset, block = Lk - Lq, _block_size(c)
+    segs = []
+    for q0 in range(0, Lq, block):
+        q1 = min(Lq, q0 + block)
+        a, b = offset + q0, offset + q1  # absolute positions of the block
+        centre = (a + b - 1) // 2
+        if c.causal and q1 - q0 == 1:  # one query sees every key up to itself: one segment
+            segs.append(_Segment(q0, q1, 0, b, 1, False, centre))
+            continue
+        if a > 0:
+            segs.append(_Segment(q0, q1, 0, a, 1, False, centre))
+        segs.append(_Segment(q0, q1, a, b, 1 if c.causal else 0, c.causal, centre))
+        if not c.causal and b < Lk:
+            segs.append(_Segment(q0, q1, b, Lk, -1, False, centre))
+    return segs
+
+
+def _segment_kx(c: _Call, k: Tensor, s: _Segment) -> Tensor:
+    # keys plus the fold column sign * (j - centre) / scale: [B, H, k1 - k0, D + 1]
+    j = torch.arange(s.k0, s.k1, device=k.device, dtype=k.dtype)
+    col = s.sign * (j - s.centre) / c.scale
+    col = col.view(1, 1, -1, 1).expand(k.shape[0], k.shape[1], -1, 1)
+    return torch.cat([k[:, :, s.k0 : s.k1], col], dim=-1)
+
+
+def _segment_mask(c: _Call, s: _Segment, dtype: torch.dtype) -> Optional[Tensor]:
+    # Float additive mask for the segment, or None when the kernel needs none.
+    if s.sign != 0 and c.key_padding_mask is None:
+        return None
+    offset = c.k.shape[2] - c.q.shape[2]
+    mask = torch.zeros(1, 1, s.q1 - s.q0, s.k1 - s.k0, device=c.q.device, dtype=dtype)
+    if s.sign == 0:  # bidirectional diagonal block: its bias, materialised ([H, Bq, Bq] only)
+        i = torch.arange(offset + s.q0, offset + s.q1, device=c.q.device).view(-1, 1)
+        j = torch.arange(s.k0, s.k1, device=c.q.device).view(1, -1)
+        mask = mask - c.slopes.view(1, -1, 1, 1).to(dtype) * (i - j).abs().to(dtype)
+    if c.key_padding_mask is not None:
+        keep = c.key_padding_mask[:, None, None, s.k0 : s.k1]
+        if s.causal:
+            i = torch.arange(s.q1 - s.q0, device=c.q.device).view(-1, 1)
+            keep = keep & (torch.arange(s.k1 - s.k0, device=c.q.device).view(1, -1) <= i)
+        mask = mask.masked_fill(~keep, float("-inf"))
+    return mask
+
+
+def _frame_shift(c: _Call, s: _Segment) -> Tensor:
+    """``[1, H, q1 - q0]``: added to a segment's kernel log-sum-exp to put all segments of a
+    block on one scale, the true logits minus ``m * (centre - i)``.
+
+    A folded segment scores ``sign * m * (j - centre)``, the true bias minus
+    ``sign * m * (centre - i)``; a materialised one (sign 0) scores the true bias.
+    """
+    offset = c.k.shape[2] - c.q.shape[2]
+    i = torch.arange(offset + s.q0, offset + s.q1, device=c.q.device, dtype=c.slopes.dtype)
+    return (s.sign - 1) * c.slopes.view(1, -1, 1) * (s.centre - i).view(1, 1, -1)
+
+
+def _kernel_causal(c: _Call, s: _Segment) -> bool:
+    # With a padding mask the causal part is inside the float mask.
+    return s.causal and c.key_padding_mask is None
+
+
+def _run_segment(c: _Call, qx: Tensor, k: Tensor, vx: Tensor, s: _Segment):
+    """One fused-kernel call: the segment's output and its log-sum-exp on the true logit scale."""
+    mask = _segment_mask(c, s, qx.dtype)
+    o_s, l_s = _FLASH_CPU(
+        qx[:, :, s.q0 : s.q1], _segment_kx(c, k, s), vx[:, :, s.k0 : s.k1], 0.0,
+        _kernel_causal(c, s), attn_mask=mask, scale=c.scale,
+    )
+    if s.sign != 1:  # causal segments all share one frame
+        l_s = l_s + _frame_shift(c, s)
+    if mask is not None:  # the kernel reports lse 0 (and output 0) for a row that sees no key
+        l_s = l_s.masked_fill(~(mask > float("-inf")).any(-1), float("-inf"))
+    return o_s, l_s
+
+
+def _fold_forward(c: _Call, qx: Tensor, k: Tensor, vx: Tensor, segs: list[_Segment]):
+    """Output ``[B, H, Lq, D + 1]`` and log-sum-exp ``[B, H, Lq]`` (up to a row constant)."""
+    outs, lses = [], []
+    for n, s in enumerate(segs):
+        o_s, l_s = _run_segment(c, qx, k, vx, s)
+        if n and s.q0 == segs[n - 1].q0:
+            # Merge with the block's running result: softmax weights of the two parts.
+            o_acc, l_acc = outs[-1], lses[-1]
+            w = torch.nan_to_num(torch.sigmoid(l_s - l_acc)).unsqueeze(-1)
+            outs[-1], lses[-1] = torch.lerp(o_acc, o_s, w), torch.logaddexp(l_acc, l_s)
+        else:
+            outs.append(o_s)
+            lses.append(l_s)
+    if len(outs) == 1:
+        return outs[0], lses[0]
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
+class _FoldAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, call: _Call) -> Tensor:
+        qx, vx = _extend_q(q, call.slopes), F.pad(v, (0, 1))
+        segs = _segments(call)
+        out, lse = _fold_forward(call, qx, k, vx, segs)
+        out = out.to(q.dtype)
+        ctx.save_for_backward(qx, k, vx, out, lse)
+        ctx.call, ctx.segs = call, segs
+        return out[..., :-1]
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        qx, k, vx, out, lse = ctx.saved_tensors
+        c, D = ctx.call, k.shape[-1]
+        empty = ~torch.isfinite(lse)  # rows that see no key: zero output, zero gradient
+        lse = lse.masked_fill(empty, 0.0)
+        g = F.pad(grad_out.masked_fill(empty.unsqueeze(-1), 0.0), (0, 1)).to(qx.dtype)
+        dq, dk, dv = torch.zeros_like(qx[..., :D]), torch.zeros_like(k), torch.zeros_like(k)
+        for s in ctx.segs:
+            rows = slice(s.q0, s.q1)
+            dq_s, dk_s, dv_s = _FLASH_CPU_BWD(
+                g[:, :, rows].contiguous(), qx[:, :, rows], _segment_kx(c, k, s),
+                vx[:, :, s.k0 : s.k1], out[:, :, rows].contiguous(), (lse[:, :, rows] - _frame_shift(c, s)).contiguous(),
+                0.0, _kernel_causal(c, s), attn_mask=_segment_mask(c, s, qx.dtype), scale=c.scale,
+            )
+            dq[:, :, rows] += dq_s[..., :D]
+            dk[:, :, s.k0 : s.k1] += dk_s[..., :D]
+            dv[:, :, s.k0 : s.k1] += dv_s[..., :D]
+        return dq, dk, dv, None
+
+
+def _extend_q(q: Tensor, slopes: Tensor) -> Tensor:
+    # queries plus the fold column m_h: [B, H, Lq, D + 1]
+    col = slopes.to(q.dtype).view(1, -1, 1, 1).expand(q.shape[0], -1, q.shape[2], 1)
+    return torch.cat([q, col], dim=-1)
+
+
+def _sdpa(c: _Call) -> Tensor:
+    # Half-precision inputs run in fp32: the fold column needs fp32's mantissa.
+    H, dtype = c.q.shape[1], c.q.dtype
+    work = torch.float32 if dtype.itemsize < 4 else dtype
+    q = c.q.to(work)
+    k, v = _expand_kv(c.k, H).to(work), _expand_kv(c.v, H).to(work)
+    c = replace(c, slopes=c.slopes.to(work))
+    if c.needs_grad:
+        out = _FoldAttention.apply(q, k, v, c)
+    else:
+        qx, vx = _extend_q(q, c.slopes), F.pad(v, (0, 1))
+        out = _fold_forward(c, qx, k, vx, _segments(c))[0][..., :-1]
+    return out.to(dtype)
+
+
+def _sdpa_unavailable(c: _Call) -> Optional[str]:
+    if _FLASH_CPU is None or _FLASH_CPU_BWD is None:
+        return "this PyTorch build has no fused CPU attention kernel"
+    if c.q.device.type != "cpu":
+        return f"the folded-bias kernel is CPU-only (inputs are on {c.q.device.type})"
+    if not c.q.dtype.is_floating_point:
+        return f"inputs must be floating point, got {c.q.dtype}"
+    return None
+
+
+# --- blocked: the bias materialised one block of queries at a time, any device -----------------
+
+_BLOCK_ELEMENTS = 1 << 24  # cap on H * Bq * Lk elements of bias per block
+
+
+def _blocked(c: _Call) -> Tensor:
+    B, H, Lq, _ = c.q.shape
+    Lk, offset = c.k.shape[2], c.k.shape[2] - Lq
+    k, v = _expand_kv(c.k, H), _expand_kv(c.v, H)
+    block = max(1, min(Lq, _BLOCK_ELEMENTS // max(1, H * Lk)))
+    outs = []
+    for q0 in range(0, Lq, block):
+        q1 = min(Lq, q0 + block)
+        k_end = offset + q1 if c.causal else Lk
+        i = torch.arange(offset + q0, offset + q1, device=c.q.device).view(-1, 1)
+        dist = (i - torch.arange(k_end, device=c.q.device).view(1, -1)).to(torch.float32)
+        dist = dist if c.causal else dist.abs()
+        bias = (-c.slopes.view(1, -1, 1, 1) * dist).to(c.q.dtype)  # [1, H, Bq, k_end]
+        visible = _visible(c, q0, q1, k_end)
+        has_key = visible.any(-1, keepdim=True)
+        bias = bias.masked_fill(~(visible | ~has_key), float("-inf"))
+        out = F.scaled_dot_product_attention(
+            c.q[:, :, q0:q1], k[:, :, :k_end], v[:, :, :k_end], attn_mask=bias, scale=c.scale
+        )
+        outs.append(out.masked_fill(~has_key, 0.0))
+    return torch.cat(outs, dim=2)
+
+
+# --- flex: PyTorch FlexAttention with a score function and a block mask ------------------------
+
+_flex_compiled = None
+
+
+def _flex(c: _Call) -> Tensor:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    global _flex_compiled
+    if _flex_compiled is None:
+        _flex_compiled = torch.compile(flex_attention, dynamic=False)
+    B, H, Lq, _ = c.q.shape
+    Lk = c.k.shape[2]
+    offset, slopes, kpm, causal = Lk - Lq, c.slopes, c.key_padding_mask, c.causal
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        dist = q_idx + offset - kv_idx
+        dist = dist if causal else dist.abs()
+        return score - slopes[h] * dist
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        keep = (kv_idx <= q_idx + offset) if causal else (kv_idx >= 0)
+        return keep & kpm[b, kv_idx] if kpm is not None else keep
+
+    block_mask = create_block_mask(
+        mask_mod, B if kpm is not None else None, None, Lq, Lk, device=c.q.device
+    )
+    out = _flex_compiled(
+        c.q, c.k, c.v, score_mod=score_mod, block_mask=block_mask, scale=c.scale,
+        enable_gqa=c.k.shape[1] != H,
+    )
+    return out
+
+
+def _flex_unavailable(c: _Call) -> Optional[str]:
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401
+    except ImportError:
+        return "this PyTorch build has no FlexAttention"
+    if c.q.device.type == "cpu" and c.q.dtype != torch.float32:
+        return "FlexAttention on CPU runs float32 only"
+    return None
+
+
+# --- flash: flash-attn's alibi_slopes, CUDA and half precision only ----------------------------
+
+
+def _flash(c: _Call) -> Tensor:
+    from flash_attn import flash_attn_func
+
+    # flash-attn adds -slope * |i + Lk - Lq - j|, the same bias (its queries are also the last Lq).
+    out = flash_attn_func(
+        c.q.transpose(1, 2), c.k.transpose(1, 2), c.v.transpose(1, 2), softmax_scale=c.scale,
+        causal=c.causal, alibi_slopes=c.slopes.float(),
+    )
+    return out.transpose(1, 2)
+
+
+def _flash_unavailable(c: _Call) -> Optional[str]:
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return "the flash-attn package is not installed (pip install flash-attn, CUDA only)"
+    if c.q.device.type != "cuda":
+        return f"flash-attn needs a CUDA device (inputs are on {c.q.device.type})"
+    if c.q.dtype not in (torch.float16, torch.bfloat16):
+        return f"flash-attn needs float16 or bfloat16 inputs, got {c.q.dtype}"
+    if c.key_padding_mask is not None:
+        return "flash-attn's dense kernel takes no key padding mask"
+    return None
+
+
+BACKENDS: dict[str, Backend] = {
+    "reference": Backend(_reference, _always),
+    "sdpa": Backend(_sdpa, _sdpa_unavailable),
+    "blocked": Backend(_blocked, _always),
+    "flex": Backend(_flex, _flex_unavailable),
+    "flash": Backend(_flash, _flash_unavailable),
+}
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, key_padding_mask: Optional[Tensor]):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            "q, k, v must be 4-D [batch, heads, length, head_dim]; got "
+            f"q{tuple(q.shape)}, k{tuple(k.shape)}, v{tuple(v.shape)}"
+        )
+    B, H, Lq, D = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k{tuple(k.shape)} v{tuple(v.shape)}")
+    if k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(
+            f"k/v batch and head_dim must match q: q{tuple(q.shape)} vs k{tuple(k.shape)}"
+        )
+    Hkv, Lk = k.shape[1], k.shape[2]
+    if H % Hkv != 0:
+        raise ValueError(
+            f"query heads ({H}) must be a multiple of key/value heads ({Hkv}) for grouped attention"
+        )
+    if Lq > Lk:
+        raise ValueError(
+            f"more queries ({Lq}) than keys ({Lk}): queries are the last Lq key positions"
+        )
+    if slopes.shape != (H,):
+        raise ValueError(f"slopes must have shape [{H}] (one per query head), got {tuple(slopes.shape)}")
+    if key_padding_mask is not None:
+        if key_padding_mask.dtype != torch.bool or key_padding_mask.shape != (B, Lk):
+            raise ValueError(
+                f"key_padding_mask must be a bool tensor [{B}, {Lk}] (True = real token), got "
+                f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
+            )
+
+
+def _auto(c: _Call) -> str:
+    # Fastest first; "flex" only where it is compiled for a GPU (on CPU "sdpa" is faster).
+    preferred = ("flash", "sdpa", "flex") if c.q.device.type == "cuda" else ("sdpa",)
+    for name in preferred:
+        if name in BACKENDS and BACKENDS[name].unavailable(c) is None:
+            return name
+    return "blocked"
+
+
+def alibi_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    slopes: Tensor,
+    *,
+    causal: bool = True,
+    scale: Optional[float] = None,
+    key_padding_mask: Optional[Tensor] = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Attention with linear biases: ``softmax(q k^T * scale - m_h * distance) v``.
+
+    Args:
+        q: ``[B, H, Lq, D]`` queries, the last ``Lq`` positions of the keys.
+        k: ``[B, Hkv, Lk, D]`` keys, ``H % Hkv == 0`` (grouped or multi-query heads).
+        v: ``[B, Hkv, Lk, D]`` values.
+        slopes: ``[H]`` ALiBi slopes (``alibi_slopes``, possibly ``interpolate_slopes``-scaled).
+        causal: mask future keys (bias ``-m (i - j)``); False gives ``-m |i - j|``.
+        scale: multiplies ``q k^T`` before the bias is added; default ``1 / sqrt(D)``.
+        key_padding_mask: ``[B, Lk]`` bool, True = real token. Masked keys are never attended;
+            a query that sees no key gets zeros.
+        backend: a key of ``BACKENDS`` or ``"auto"`` (the fastest correct one for this call).
+
+    Returns:
+        ``[B, H, Lq, D]`` in the dtype of ``q``.
+    """
+    _check(q, k, v, slopes, key_padding_mask)
+    call = _Call(
+        q, k, v, slopes.to(q.device, torch.promote_types(q.dtype, torch.float32)), bool(causal),
+        1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale), key_padding_mask,
+    )
+    name = _auto(call) if backend == "auto" else backend
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; valid: auto, {', '.join(BACKENDS)}")
+    reason = BACKENDS[name].unavailable(call)
+    if reason is not None:
+        raise RuntimeError(f"attention backend {name!r} cannot run this call: {reason}")
+    return BACKENDS[name].run(call)

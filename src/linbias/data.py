@@ -1,0 +1,534 @@
+"""Corpora, a byte-level BPE tokenizer, cached token streams and resumable random batches.
+
+Train-short/test-long experiments (Press, Smith and Lewis, "Train Short, Test Long", ICLR 2022,
+arXiv 2108.12409) need long contiguous documents and splits that never leak, so every choice here
+is deterministic and content-addressed:
+
+* A ``Corpus`` has three fixed splits, ``train``, ``valid`` and ``test``, and a ``name`` that ends
+  in a fingerprint of its contents, so caches keyed by it go stale when the text changes.
+* Files are assigned to splits by a keyed hash of their path relative to the corpus root
+  (blake2b, never Python's per-process randomised ``hash``): about 98% / 1% / 1% by file, so a
+  file never straddles two splits and adding a file never moves another one.
+* A token stream is the split's documents in order, each followed by ``<|endoftext|>``.
+* ``get_batch`` is a pure function of ``(seed, step, rank, world_size)``: resuming at ``step``
+  replays the same batches, and ``world_size`` ranks together see the one-process global batch.
+
+Corpus specs (``load_corpus``):
+
+* ``stdlib``: every ``.py`` file of the running interpreter's standard library, outside
+  ``site-packages``/``dist-packages`` (installed packages, not the stdlib) and ``__pycache__``.
+  The ``test`` packages are kept: they are about 60% of the bytes (31 MB in all for CPython 3.11),
+  and without them the ~1% held-out splits shrink to about 10k tokens each, too few to evaluate
+  at several times the training length.
+* ``text:PATH``: a folder (recursive; hidden files and folders skipped) or a glob (``**``
+  recursive) are split by file like ``stdlib``. A single file is cut into three contiguous
+  documents at the first line break after 98% and 99% of its characters (the convention of
+  enwik8 and text8), so the held-out text is the file's own continuation.
+* ``hf:NAME[:CONFIG]``: a Hugging Face ``datasets`` dataset with its own train, validation and
+  test splits and a ``text`` column; each row is a document, except WikiText, whose rows are lines
+  and are regrouped into articles at their `` = Title = `` headings.
+
+Files are read as strict UTF-8; empty files, files with a NUL byte and files that do not decode are
+skipped and counted in ``Corpus.describe()``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import sys
+import sysconfig
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from functools import lru_cache
+from glob import glob
+from pathlib import Path
+from typing import BinaryIO, Literal, cast
+
+import numpy as np
+import tokenizers
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+__all__ = [
+    "EOT",
+    "SPLITS",
+    "Corpus",
+    "default_cache_dir",
+    "get_batch",
+    "load_corpus",
+    "load_tokenizer",
+    "save_tokenizer",
+    "split_of",
+    "stdlib_files",
+    "token_byte_lengths",
+    "token_stream",
+    "train_tokenizer",
+]
+
+Split = Literal["train", "valid", "test"]
+SPLITS: tuple[Split, ...] = ("train", "valid", "test")
+EOT = "<|endoftext|>"
+
+# Bump when a rule changes, so names and cache keys built from them change too.
+_SPLIT_RULE = "blake2b-path-mod100:v1"
+_STREAM_FORMAT = "eot-after-each-doc:v1"
+_PACKAGE_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
+_HF_SPLITS: dict[Split, tuple[str, ...]] = {
+    "train": ("train",),
+    "valid": ("validation", "valid", "dev"),
+    "test": ("test",),
+}
+_SPECS = "'stdlib', 'text:PATH' (a file, folder or glob) or 'hf:NAME[:CONFIG]'"
+
+
+def _digest(*parts: str | bytes, size: int = 8) -> str:
+    h = hashlib.blake2b(digest_size=size)
+    for part in parts:
+        data = part.encode() if isinstance(part, str) else part
+        h.update(len(data).to_bytes(8, "little"))  # length-prefixed: no ambiguous concatenation
+        h.update(data)
+    return h.hexdigest()
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "corpus"
+
+
+class Corpus:
+    """Documents in three fixed splits, named by their source and a content fingerprint.
+
+    Args:
+        name: a filesystem-safe identifier that changes when the contents change.
+        load: returns the documents of one split (called at most once per split).
+        skipped: files left out because they were empty, binary or not UTF-8.
+    """
+
+    def __init__(self, name: str, load: Callable[[Split], list[str]], skipped: int = 0) -> None:
+        self.name = name
+        self.skipped = skipped
+        self._load = load
+        self._docs: dict[Split, list[str]] = {}
+
+    def __repr__(self) -> str:
+        return f"Corpus({self.name!r})"
+
+    def documents(self, split: str) -> list[str]:
+        """The split's documents, in a fixed order.
+
+        Raises:
+            ValueError: for a split other than ``train``, ``valid``, ``test``, or an empty split.
+        """
+        docs = self._split(split)
+        if not docs:
+            raise ValueError(
+                f"split {split!r} of corpus {self.name!r} is empty; by-file splits put about 1% "
+                "of files in valid and in test, so a folder needs a few hundred files"
+            )
+        return docs
+
+    def describe(self) -> dict[str, dict[str, int]]:
+        """Documents and UTF-8 bytes per split, and the number of skipped files."""
+        out: dict[str, dict[str, int]] = {s: _stats(self._split(s)) for s in SPLITS}
+        out["skipped"] = {"files": self.skipped}
+        return out
+
+    def _split(self, split: str) -> list[str]:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+        split = cast(Split, split)
+        if split not in self._docs:
+            self._docs[split] = self._load(split)
+        return self._docs[split]
+
+
+def _stats(docs: list[str]) -> dict[str, int]:
+    return {"documents": len(docs), "bytes": sum(len(d.encode()) for d in docs)}
+
+
+def split_of(relpath: str) -> Split:
+    """The split of a file, from a stable hash of its ``/``-separated path relative to the root.
+
+    Buckets 0 and 1 of 100 are ``valid`` and ``test``; the other 98 are ``train``.
+    """
+    bucket = int(_digest(_SPLIT_RULE, relpath), 16) % 100
+    return "valid" if bucket == 0 else "test" if bucket == 1 else "train"
+
+
+def load_corpus(spec: str = "stdlib") -> Corpus:
+    """Load a corpus from a spec: ``stdlib``, ``text:PATH`` or ``hf:NAME[:CONFIG]``.
+
+    Args:
+        spec: see the module docstring for what each form selects and how it is split.
+
+    Returns:
+        The corpus; file sources are read now, Hugging Face splits when first asked for.
+
+    Raises:
+        ValueError: an unknown spec, or a source with no usable documents.
+    """
+    kind, _, arg = spec.partition(":")
+    if spec == "stdlib":
+        return _stdlib_corpus()
+    if kind == "text" and arg:
+        return _text_corpus(arg)
+    if kind == "hf" and arg:
+        name, _, config = arg.partition(":")
+        return _hf_corpus(name, config or None)
+    raise ValueError(f"unknown corpus spec {spec!r}; valid forms: {_SPECS}")
+
+
+# --- file sources --------------------------------------------------------------------------------
+
+
+def _walk(root: Path, suffix: str = "", prune: frozenset[str] = frozenset()) -> list[Path]:
+    """Files under ``root`` ending in ``suffix``, sorted by relative path; hidden ones skipped."""
+    found = []
+    for top, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in prune and not d.startswith(".")]
+        found += [Path(top, f) for f in files if f.endswith(suffix) and not f.startswith(".")]
+    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
+def stdlib_files(root: Path | None = None) -> tuple[Path, list[Path]]:
+    """The stdlib root and its ``.py`` files in sorted order, without installed packages."""
+    root = Path(sysconfig.get_paths()["stdlib"]) if root is None else root
+    return root, _walk(root, ".py", _PACKAGE_DIRS)
+
+
+def _read_text(path: Path) -> str | None:
+    data = path.read_bytes()
+    if not data or b"\0" in data:
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def _files_corpus(label: str, root: Path, paths: list[Path]) -> Corpus:
+    splits: dict[Split, list[str]] = {s: [] for s in SPLITS}
+    fingerprint = hashlib.blake2b(_SPLIT_RULE.encode(), digest_size=8)
+    skipped = 0
+    for path in paths:
+        rel, text = path.relative_to(root).as_posix(), _read_text(path)
+        if text is None:
+            skipped += 1
+            continue
+        splits[split_of(rel)].append(text)
+        fingerprint.update(_digest(rel, text).encode())
+    if not any(splits.values()):
+        raise ValueError(f"corpus {label!r} has no documents ({skipped} skipped files in {root})")
+    return Corpus(f"{_slug(label)}-{fingerprint.hexdigest()}", splits.__getitem__, skipped)
+
+
+def _stdlib_corpus() -> Corpus:
+    root, paths = stdlib_files()
+    return _files_corpus(f"stdlib-py{sys.version_info[0]}.{sys.version_info[1]}", root, paths)
+
+
+def _magic(part: str) -> bool:
+    return any(c in part for c in "*?[")
+
+
+def _glob_root(pattern: Path) -> Path:
+    """The pattern's leading folders without wildcards: relative paths are taken from there."""
+    fixed = []
+    for part in pattern.parts:
+        if _magic(part):
+            break
+        fixed.append(part)
+    return Path(*fixed) if fixed else Path(".")
+
+
+def _text_corpus(arg: str) -> Corpus:
+    path = Path(arg).expanduser()
+    if path.is_file():
+        return _single_file_corpus(f"text-{path.stem}", path)
+    if path.is_dir():
+        return _files_corpus(f"text-{path.resolve().name}", path, _walk(path))
+    if _magic(arg):
+        root = _glob_root(path)
+        paths = sorted(Path(p) for p in glob(str(path), recursive=True) if Path(p).is_file())
+        if paths:
+            return _files_corpus(f"text-{root.resolve().name}", root, paths)
+    raise ValueError(f"text corpus {arg!r}: no such file or folder, and no file matches the glob")
+
+
+def _cut(text: str, fraction: float) -> int:
+    """The first line break at or after ``fraction`` of the text (or exactly there if none)."""
+    target = int(len(text) * fraction)
+    newline = text.find("\n", target)
+    return target if newline < 0 else newline + 1
+
+
+def _single_file_corpus(label: str, path: Path) -> Corpus:
+    text = _read_text(path)
+    if not text:
+        raise ValueError(f"text corpus {str(path)!r} is empty, binary or not UTF-8")
+    a = _cut(text, 0.98)
+    b = max(a, _cut(text, 0.99))
+    pieces = {"train": text[:a], "valid": text[a:b], "test": text[b:]}
+    splits = {s: [p] if p else [] for s, p in pieces.items()}
+    name = f"{_slug(label)}-{_digest(_SPLIT_RULE, 'single-file', text)}"
+    return Corpus(name, splits.__getitem__)
+
+
+# --- Hugging Face datasets -----------------------------------------------------------------------
+
+
+def _hf_corpus(name: str, config: str | None) -> Corpus:
+    try:
+        import datasets  # optional dependency
+    except ImportError as e:
+        raise ImportError(
+            f"corpus 'hf:{name}' needs the Hugging Face datasets package: pip install 'linbias[hf]'"
+        ) from e
+    try:
+        dataset = datasets.load_dataset(name, config)
+    except Exception as e:  # noqa: BLE001 - offline, unknown name and bad config all end here
+        raise RuntimeError(
+            f"could not load Hugging Face dataset {name!r} (config {config!r}): {e}. It must be "
+            "in the local datasets cache (HF_DATASETS_OFFLINE=1 uses only the cache) or online."
+        ) from e
+    columns = {s: _hf_split_name(dataset, s, name) for s in SPLITS}
+    fingerprint = _digest(_SPLIT_RULE, *(dataset[c]._fingerprint for c in columns.values()))
+    regroup = _wikitext_articles if name.split("/")[-1].startswith("wikitext") else list
+
+    def load(split: Split) -> list[str]:
+        rows = dataset[columns[split]]
+        if "text" not in rows.column_names:
+            raise ValueError(f"dataset {name!r} has no 'text' column; it has {rows.column_names}")
+        return [d for d in regroup(rows["text"]) if d]
+
+    return Corpus(_slug(f"hf-{name}-{config or 'default'}-{fingerprint}"), load)
+
+
+def _hf_split_name(dataset: object, split: Split, name: str) -> str:
+    available = list(dataset.keys())  # type: ignore[attr-defined]
+    for candidate in _HF_SPLITS[split]:
+        if candidate in available:
+            return candidate
+    raise ValueError(f"dataset {name!r} has no {split} split (it has {available})")
+
+
+_WIKITEXT_TITLE = re.compile(r"^ = [^=].* = \n?$")
+
+
+def _wikitext_articles(lines: Iterable[str]) -> list[str]:
+    """Join WikiText's one-line rows into articles, each starting at a `` = Title = `` line.
+
+    Blank lines are empty rows in the Hugging Face copy; they are put back as ``"\\n"``.
+    """
+    articles: list[list[str]] = []
+    for line in lines:
+        if not articles or _WIKITEXT_TITLE.match(line):
+            articles.append([])
+        articles[-1].append(line or "\n")
+    return [text for text in map("".join, articles) if text.strip()]
+
+
+# --- tokenizer -----------------------------------------------------------------------------------
+
+
+def train_tokenizer(
+    corpus: Corpus, vocab_size: int = 4096, *, cache_dir: Path | None = None
+) -> Tokenizer:
+    """Train a byte-level BPE tokenizer (GPT-2 style) on the corpus's train split.
+
+    Every byte is in the initial alphabet, so any text round-trips; ``<|endoftext|>`` is token 0.
+
+    Args:
+        corpus: the corpus; only its train split is read.
+        vocab_size: total vocabulary, special token and the 256 bytes included.
+        cache_dir: if given, the tokenizer is loaded from / saved to a file keyed by the corpus
+            name, vocab size and ``tokenizers`` version.
+
+    Returns:
+        The trained tokenizer; the same corpus and vocab size give the same tokenizer.
+    """
+    key = _digest(corpus.name, str(vocab_size), tokenizers.__version__)
+    path = None
+    if cache_dir is not None:
+        path = Path(cache_dir) / f"tokenizer-{corpus.name}-{vocab_size}-{key}.json"
+    if path is not None and path.exists():
+        return load_tokenizer(path)
+    tokenizer = _new_byte_level_bpe()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    docs = corpus.documents("train")
+    tokenizer.train_from_iterator(docs, trainer, length=len(docs))
+    if path is not None:
+        save_tokenizer(tokenizer, path)
+    return tokenizer
+
+
+def _new_byte_level_bpe() -> Tokenizer:
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+def save_tokenizer(tokenizer: Tokenizer, path: Path) -> None:
+    """Write the tokenizer's JSON to ``path`` atomically."""
+    _atomic_write(Path(path), lambda f: f.write(tokenizer.to_str().encode()))
+
+
+def load_tokenizer(path: Path) -> Tokenizer:
+    """Read a tokenizer written by ``save_tokenizer`` (or any ``tokenizer.json``)."""
+    return Tokenizer.from_str(Path(path).read_text(encoding="utf-8"))
+
+
+@lru_cache(maxsize=1)
+def _byte_of_char() -> dict[str, int]:
+    """GPT-2's byte -> printable character table, inverted (what ByteLevel uses)."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)}
+    printable |= set(range(ord("®"), ord("ÿ") + 1))
+    byte_of_char, shifted = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            byte_of_char[chr(byte)] = byte
+        else:  # control and space bytes map to unused code points from 256 up
+            byte_of_char[chr(256 + shifted)], shifted = byte, shifted + 1
+    return byte_of_char
+
+
+def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
+    """UTF-8 bytes each token id decodes to, for bits-per-byte.
+
+    Special tokens count 0 bytes: ``<|endoftext|>`` marks a document boundary that we insert, not
+    text of the corpus, so summing over a token stream gives exactly the corpus's UTF-8 bytes.
+
+    Returns:
+        int64 array of shape ``[vocab_size]``.
+    """
+    table = _byte_of_char()
+    special = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
+    lengths = np.zeros(tokenizer.get_vocab_size(), dtype=np.int64)
+    for token, i in tokenizer.get_vocab().items():
+        if token not in special:
+            lengths[i] = len(bytes(table[c] for c in token))  # KeyError: not a byte-level token
+    return lengths
+
+
+# --- token streams -------------------------------------------------------------------------------
+
+
+def default_cache_dir() -> Path:
+    """``$LINBIAS_CACHE`` if set, else ``~/.cache/linbias``."""
+    env = os.environ.get("LINBIAS_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "linbias"
+
+
+def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)  # atomic: readers see the old file or the whole new one
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _chunks(docs: list[str], max_chars: int = 1 << 22) -> Iterator[list[str]]:
+    """Batches of about ``max_chars`` characters, to bound the memory of ``Encoding`` objects."""
+    batch: list[str] = []
+    size = 0
+    for doc in docs:
+        batch.append(doc)
+        size += len(doc)
+        if size >= max_chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _encode_documents(tokenizer: Tokenizer, docs: list[str], dtype: type[np.integer]) -> np.ndarray:
+    """Token ids of the documents, each followed by the end-of-text id."""
+    encoder = Tokenizer.from_str(tokenizer.to_str())  # a copy: the flag below is not serialised
+    encoder.encode_special_tokens = True  # a literal "<|endoftext|>" in a document is just text
+    eot = np.array([tokenizer.token_to_id(EOT)], dtype=dtype)
+    pieces = []
+    for batch in _chunks(docs):
+        for encoding in encoder.encode_batch_fast(batch, add_special_tokens=False):
+            pieces += [np.asarray(encoding.ids, dtype=dtype), eot]
+    return np.concatenate(pieces)
+
+
+def token_stream(corpus: Corpus, tokenizer: Tokenizer, split: str, cache_dir: Path) -> np.ndarray:
+    """The split as one token stream, each document followed by ``<|endoftext|>``; cached on disk.
+
+    Args:
+        corpus: the corpus.
+        tokenizer: a tokenizer with an ``<|endoftext|>`` token.
+        split: ``train``, ``valid`` or ``test``.
+        cache_dir: where the ``.npy`` is kept, keyed by corpus name, tokenizer JSON and split.
+
+    Returns:
+        A read-only memory-mapped 1-D array, uint16 if the vocabulary fits, else uint32.
+    """
+    if tokenizer.token_to_id(EOT) is None:
+        raise ValueError(f"the tokenizer has no {EOT!r} token")
+    key = _digest(_STREAM_FORMAT, corpus.name, tokenizer.to_str(), split)
+    path = Path(cache_dir) / f"tokens-{corpus.name}-{split}-{key}.npy"
+    if not path.exists():
+        dtype = np.uint16 if tokenizer.get_vocab_size() <= 1 << 16 else np.uint32
+        ids = _encode_documents(tokenizer, corpus.documents(split), dtype)
+        _atomic_write(path, lambda f: np.save(f, ids, allow_pickle=False))
+    return np.load(path, mmap_mode="r")
+
+
+# --- batches -------------------------------------------------------------------------------------
+
+
+def get_batch(
+    stream: np.ndarray,
+    batch_size: int,
+    seq_len: int,
+    *,
+    seed: int,
+    step: int,
+    rank: int = 0,
+    world_size: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random windows of the stream, a pure function of ``(seed, step, rank, world_size)``.
+
+    The generator seeded by ``(seed, step)`` draws the start of every window of the global batch
+    (``batch_size * world_size`` rows); rank ``r`` takes rows ``r*batch_size`` to
+    ``(r+1)*batch_size``. So a run resumed at ``step`` sees the batches it would have seen, and
+    ``world_size`` ranks together see exactly the one-process batch of ``batch_size * world_size``.
+
+    Args:
+        stream: 1-D token ids (e.g. from ``token_stream``).
+        batch_size: rows per rank (B).
+        seq_len: tokens per row (T).
+        seed, step: the run's seed and the optimiser step (both >= 0).
+        rank, world_size: this process and the number of processes.
+
+    Returns:
+        ``(x, y)``, int64 tensors of shape ``[B, T]``; ``y`` is ``x`` shifted left by one token.
+    """
+    if batch_size < 1 or seq_len < 1 or seed < 0 or step < 0 or not 0 <= rank < world_size:
+        raise ValueError(
+            f"need batch_size, seq_len >= 1, seed, step >= 0 and 0 <= rank < world_size; got "
+            f"{batch_size=}, {seq_len=}, {seed=}, {step=}, {rank=}, {world_size=}"
+        )
+    if len(stream) < seq_len + 1:
+        raise ValueError(
+            f"the stream has {len(stream)} tokens; seq_len={seq_len} needs at least {seq_len + 1}"
+        )
+    rng = np.random.default_rng([seed, step])
+    starts_G = rng.integers(0, len(stream) - seq_len, size=batch_size * world_size)
+    starts_B = starts_G[rank * batch_size : (rank + 1) * batch_size]
+    windows_BT1 = np.asarray(stream[starts_B[:, None] + np.arange(seq_len + 1)], dtype=np.int64)
+    xy = torch.from_numpy(windows_BT1)
+    return xy[:, :-1].contiguous(), xy[:, 1:].contiguous()
