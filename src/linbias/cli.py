@@ -1,20 +1,125 @@
-"""The ``linbias`` command: a thin map from sub-command to library function."""
+"""The ``linbias`` command: a thin map from sub-command to library function.
+
+Config dataclasses are the argument groups: every field becomes a ``--flag`` whose help is the
+field's line in the dataclass docstring, so the library's signature is the CLI.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import re
 import sys
+import typing
+from pathlib import Path
+from typing import Any
 
 import linbias
+from linbias.config import POSITIONS, PRESETS, ModelConfig, model_config
+
+
+# --- dataclass fields as flags -------------------------------------------------------------------
+
+
+def _field_help(cls: type) -> dict[str, str]:
+    """``name: text`` entries of the docstring's Args section (continuation lines joined)."""
+    doc, out, name = cls.__doc__ or "", {}, None
+    for line in doc.split("Args:", 1)[-1].splitlines():
+        m = re.match(r"\s{8}(\w+): (.*)", line)
+        if m:
+            name, out[m.group(1)] = m.group(1), m.group(2)
+        elif name and line.startswith(" " * 12):
+            out[name] += " " + line.strip()
+    return {k: v.replace("%", "%%") for k, v in out.items()}
+
+
+def _scalar_type(cls: type, name: str) -> type:
+    hint = typing.get_type_hints(cls)[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is typing.Literal or (args and isinstance(args[0], str)):
+        return str
+    return args[0] if args else hint
+
+
+def add_fields(
+    parser: argparse.ArgumentParser, cls: type, title: str, skip: tuple = (), default_from: str = ""
+) -> None:
+    """Add one ``--flag`` per dataclass field; the default ``None`` means 'not given'."""
+    group, helps = parser.add_argument_group(title), _field_help(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag, kind = "--" + f.name.replace("_", "-"), _scalar_type(cls, f.name)
+        text = helps.get(f.name, "").replace("``", "") + (
+            f" (default: {default_from})" if default_from else f" (default: {f.default})"
+        )
+        if kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            choices = typing.get_args(typing.get_type_hints(cls)[f.name]) if kind is str else None
+            group.add_argument(flag, type=kind, default=None, metavar=f.name.upper(), help=text,
+                               choices=choices or None)
+
+
+def given(args: argparse.Namespace, cls: type, skip: tuple = ()) -> dict[str, Any]:
+    """The fields of ``cls`` that were given on the command line."""
+    return {
+        f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+        if f.name not in skip and getattr(args, f.name, None) is not None
+    }
+
+
+# --- sub-commands --------------------------------------------------------------------------------
+
+
+def _train_parser(sub: argparse._SubParsersAction) -> None:
+    from linbias.train import TrainConfig
+
+    p = sub.add_parser(
+        "train", help="train a GPT with a chosen position method",
+        description="Train a GPT on a corpus (default: the Python standard library's source). "
+        "Runs under torchrun for several processes (DistributedDataParallel).",
+    )
+    p.add_argument("--out", required=True, type=Path, help="run directory to write")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="model size preset (default: tiny; on --resume: the saved config)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_fields(p, ModelConfig, "model", skip=("vocab_size",), default_from="the preset")
+    add_fields(p, TrainConfig, "training")
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from linbias.train import TrainConfig, read_configs, train
+
+    model_args, train_args = given(args, ModelConfig, ("vocab_size",)), given(args, TrainConfig)
+    if args.resume:
+        saved_mc, saved_tc = read_configs(args.out)
+        base = model_config(args.preset).to_dict() if args.preset else saved_mc.to_dict()
+        mc = ModelConfig.from_dict({**base, **model_args, "vocab_size": saved_mc.vocab_size})
+        tc = TrainConfig.from_dict({**saved_tc.to_dict(), **train_args})
+    else:
+        mc = model_config(args.preset or "tiny", **model_args)
+        tc = TrainConfig(**train_args)
+    out = train(mc, tc, args.out, resume=args.resume, progress=not args.no_progress)
+    print(f"run written to {out}")
+    return 0
+
+
+COMMANDS = (_train_parser,)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="linbias",
-        description="ALiBi (Attention with Linear Biases): train short, test long.",
+        description="ALiBi (Attention with Linear Biases): train short, test long. "
+        f"Position methods: {', '.join(POSITIONS)}.",
     )
     parser.add_argument("--version", action="version", version=f"linbias {linbias.__version__}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in COMMANDS:
+        add(sub)
     return parser
 
 
@@ -24,7 +129,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return args.func(args) or 0
+    try:
+        return args.func(args) or 0
+    except (ValueError, FileNotFoundError, ImportError, RuntimeError) as exc:
+        # Bad input: one clear line, not a traceback.
+        print(f"linbias {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

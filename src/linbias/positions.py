@@ -1,0 +1,351 @@
+"""Position methods behind one interface, as compared in the ALiBi paper (Press et al. 2022).
+
+A ``PositionMethod`` has three hooks, each a no-op or plain causal attention by default; a method
+overrides only the ones it needs:
+
+- ``embed``  adds to the token embeddings (sinusoidal, Vaswani et al. 2017; learned absolute),
+- ``rotate`` rotates queries and keys (rotary, Su et al. 2021, "RoFormer"),
+- ``attend`` adds a score bias (T5, Raffel et al. 2020; ALiBi, Press et al. 2022).
+
+Each method declares ``max_len`` (``None``: any length) and the scaling rules it accepts, so the
+training length is never a hidden cap. ``none`` is NoPE: the causal mask is the only position cue.
+
+Shape suffixes: ``B`` batch, ``H`` heads, ``T`` query positions (the new tokens of this call),
+``S`` key positions (cached plus new; queries are the last ``T`` of them), ``D`` head dim,
+``C`` model width ``d_model``. ``pos_T`` holds absolute positions, shape ``[T]`` (or ``[B, T]`` for
+per-row positions, e.g. left padding).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from linbias.alibi import SCALING_RULES, alibi_slopes, interpolate_slopes, scaling_factor
+from linbias.attention import alibi_attention
+from linbias.config import ModelConfig
+
+__all__ = [
+    "PositionMethod",
+    "NoPositions",
+    "SinusoidalPositions",
+    "LearnedPositions",
+    "RotaryPositions",
+    "T5Positions",
+    "AlibiPositions",
+    "POSITION_METHODS",
+    "make_position",
+    "causal_attention",
+    "rotary_angles",
+    "apply_rotary",
+    "t5_bucket",
+]
+
+Tensor = torch.Tensor
+
+
+# --- shared maths --------------------------------------------------------------------------------
+
+
+def causal_attention(
+    q_BHTD: Tensor,
+    k_BHSD: Tensor,
+    v_BHSD: Tensor,
+    *,
+    bias_HTS: Tensor | None = None,
+    key_padding_mask: Tensor | None = None,
+) -> Tensor:
+    """Causal scaled dot-product attention; queries are the last ``T`` of the ``S`` keys.
+
+    Args:
+        q_BHTD, k_BHSD, v_BHSD: queries, keys, values.
+        bias_HTS: optional additive score bias (after the ``1/sqrt(D)`` scaling).
+        key_padding_mask: ``[B, S]`` bool, True = real token; masked keys are never attended.
+
+    Returns:
+        ``[B, H, T, D]``; a query that sees no key (e.g. a left pad) gets zeros, not NaN.
+    """
+    T, S = q_BHTD.shape[-2], k_BHSD.shape[-2]
+    if bias_HTS is None and key_padding_mask is None and T == S:
+        return F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSD, is_causal=True)
+    i = torch.arange(S - T, S, device=q_BHTD.device).view(-1, 1)
+    j = torch.arange(S, device=q_BHTD.device).view(1, -1)
+    visible = (j <= i).view(1, 1, T, S)  # [B or 1, 1, T, S]; never a float heads x T x S mask
+    if key_padding_mask is not None:
+        visible = visible & key_padding_mask[:, None, None, :]
+    # A row with no visible key would be softmax over all -inf (NaN): let it see every key, then
+    # zero its output.
+    has_key = visible.any(-1, keepdim=True)
+    visible = visible | ~has_key
+    mask = visible
+    if bias_HTS is not None:
+        mask = bias_HTS.to(q_BHTD.dtype).masked_fill(~visible, float("-inf"))
+    out = F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSD, attn_mask=mask)
+    return out if key_padding_mask is None else out.masked_fill(~has_key, 0.0)
+
+
+def rotary_angles(pos: Tensor, head_dim: int, base: float = 10000.0) -> Tensor:
+    """RoFormer angles ``pos * base^(-2i / D)`` for ``i < D/2``: shape ``[*pos.shape, D/2]``."""
+    i = torch.arange(0, head_dim, 2, dtype=torch.float32, device=pos.device)
+    return pos.to(torch.float32)[..., None] * base ** (-i / head_dim)
+
+
+def apply_rotary(x_BHTD: Tensor, angles: Tensor) -> Tensor:
+    """Rotate each pair ``(x[2i], x[2i+1])`` by ``angles[..., t, i]`` (RoFormer eq. 34).
+
+    Interleaved pairs as in the RoFormer paper and Meta's LLaMA code (not the half-split layout of
+    GPT-NeoX and HF LLaMA; the two differ only by a fixed permutation of the head dim).
+
+    Args:
+        x_BHTD: queries or keys.
+        angles: ``[T, D/2]`` or ``[B, T, D/2]`` from ``rotary_angles``.
+    """
+    cos, sin = angles.cos().unsqueeze(-3), angles.sin().unsqueeze(-3)  # broadcast over heads
+    x = x_BHTD.float()
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    return out.type_as(x_BHTD)
+
+
+def t5_bucket(distance: Tensor, num_buckets: int = 32, max_distance: int = 128) -> Tensor:
+    """T5's causal (``bidirectional=False``) bucket of the query-key distance ``i - j``.
+
+    Distances below ``num_buckets // 2`` get their own bucket; larger ones are log-spaced up to
+    ``max_distance`` and farther ones share the last bucket. Future keys (``i - j < 0``) fall in
+    bucket 0, as in T5; the causal mask hides them anyway.
+    """
+    n = distance.clamp(min=0)
+    max_exact = num_buckets // 2
+    # clamp(min=1) only keeps log() finite for the small distances, which take the exact branch.
+    log_ratio = torch.log(n.float().clamp(min=1) / max_exact) / math.log(max_distance / max_exact)
+    large = (max_exact + (log_ratio * (num_buckets - max_exact)).long()).clamp(max=num_buckets - 1)
+    return torch.where(n < max_exact, n, large)
+
+
+# --- the interface -------------------------------------------------------------------------------
+
+
+class PositionMethod(nn.Module):
+    """One position method: hooks for embeddings, q/k rotation and attention.
+
+    The model owns one instance, shared by every layer (T5 shares its bias across layers).
+    ``scaling`` names the length-scaling rule used beyond ``train_len`` (``set_scaling``).
+    """
+
+    name: ClassVar[str]
+    scaling_rules: ClassVar[tuple[str, ...]] = ("none",)
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.scaling: str = "none"
+
+    @property
+    def max_len(self) -> int | None:
+        """The longest input this method can represent; ``None`` means unbounded."""
+        return None
+
+    def set_scaling(self, rule: str) -> None:
+        """Choose how positions are scaled when the input is longer than ``train_len``.
+
+        Raises:
+            ValueError: the rule is not one this method supports (the message lists them).
+        """
+        if rule not in self.scaling_rules:
+            raise ValueError(
+                f"{self.name!r} positions do not support scaling rule {rule!r}; "
+                f"valid rules: {', '.join(self.scaling_rules)}"
+            )
+        self.scaling = rule
+
+    def embed(self, x_BTC: Tensor, pos_T: Tensor) -> Tensor:
+        """Add position information to token embeddings (default: unchanged)."""
+        return x_BTC
+
+    def rotate(
+        self, q_BHTD: Tensor, k_BHTD: Tensor, q_pos: Tensor, k_pos: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Rotate the new queries and keys before keys are cached (default: unchanged)."""
+        return q_BHTD, k_BHTD
+
+    def attend(
+        self,
+        q_BHTD: Tensor,
+        k_BHSD: Tensor,
+        v_BHSD: Tensor,
+        *,
+        key_padding_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Causal attention of the ``T`` queries over all ``S`` keys (default: no bias).
+
+        Args:
+            key_padding_mask: ``[B, S]`` bool, True = real token.
+
+        Returns:
+            ``[B, H, T, D]``.
+        """
+        return causal_attention(q_BHTD, k_BHSD, v_BHSD, key_padding_mask=key_padding_mask)
+
+
+# --- the methods ---------------------------------------------------------------------------------
+
+
+class NoPositions(PositionMethod):
+    """NoPE: no position information beyond the causal mask."""
+
+    name = "none"
+
+
+class SinusoidalPositions(PositionMethod):
+    """Fixed sinusoids (Vaswani et al. 2017, section 3.5), computed for any position.
+
+    ``PE[pos, 2i] = sin(pos / 10000^(2i/C))``, ``PE[pos, 2i+1] = cos(...)``. The paper adds PE to
+    embeddings scaled by ``sqrt(C)``; adding ``PE / sqrt(C)`` to the unscaled embeddings keeps that
+    ratio at this model's residual scale (embeddings initialised with std 0.02).
+    """
+
+    name = "sinusoidal"
+
+    def embed(self, x_BTC: Tensor, pos_T: Tensor) -> Tensor:
+        C = x_BTC.shape[-1]
+        angles = rotary_angles(pos_T, C, base=10000.0)  # [..., T, ceil(C/2)]: same frequencies
+        pe = torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)[..., :C]
+        return x_BTC + (pe / math.sqrt(C)).to(x_BTC.dtype)
+
+
+class LearnedPositions(PositionMethod):
+    """A trained table of ``train_len`` absolute position embeddings (GPT-2); cannot extrapolate."""
+
+    name = "learned"
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        self.table = nn.Embedding(config.train_len, config.d_model)
+
+    @property
+    def max_len(self) -> int:
+        return self.config.train_len
+
+    def embed(self, x_BTC: Tensor, pos_T: Tensor) -> Tensor:
+        if pos_T.numel() and int(pos_T.max()) >= self.max_len:
+            raise ValueError(
+                f"position {int(pos_T.max())} is past the learned position table ({self.max_len} "
+                f"rows, positions 0..{self.max_len - 1}): learned positions cannot extrapolate "
+                f"beyond train_len; use a relative method such as 'alibi' for longer inputs"
+            )
+        return x_BTC + self.table(pos_T)
+
+
+class RotaryPositions(PositionMethod):
+    """Rotary embeddings (Su et al. 2021), base ``config.rotary_base``, interleaved pairs.
+
+    Scaling ``"linear"`` is position interpolation (Chen et al. 2023, arXiv 2306.15595): positions
+    times ``L / L'`` when ``L' > L``, where ``L'`` is the total key length of the call
+    (``k_pos.max() + 1``). Keys are cached after rotation, so with this rule a key keeps the
+    factor of the call that wrote it.
+    """
+
+    name = "rotary"
+    scaling_rules = ("none", "linear")
+
+    def rotate(
+        self, q_BHTD: Tensor, k_BHTD: Tensor, q_pos: Tensor, k_pos: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        if self.scaling != "none":
+            factor = scaling_factor(self.config.train_len, int(k_pos.max()) + 1, self.scaling)
+            q_pos, k_pos = q_pos * factor, k_pos * factor
+        D, base = q_BHTD.shape[-1], self.config.rotary_base
+        q_BHTD = apply_rotary(q_BHTD, rotary_angles(q_pos, D, base))
+        k_BHTD = apply_rotary(k_BHTD, rotary_angles(k_pos, D, base))
+        return q_BHTD, k_BHTD
+
+
+class T5Positions(PositionMethod):
+    """T5 relative bias (Raffel et al. 2020): a learned scalar per head per distance bucket.
+
+    One instance is shared by all layers, as in T5. Distances are query index minus key index.
+    """
+
+    name = "t5"
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        self.relative_bias = nn.Embedding(config.t5_buckets, config.n_heads)
+
+    def bias(self, q_len: int, k_len: int) -> Tensor:
+        """The score bias ``[H, q_len, k_len]`` for queries that are the last ``q_len`` keys."""
+        device = self.relative_bias.weight.device
+        i = torch.arange(k_len - q_len, k_len, device=device).view(-1, 1)
+        j = torch.arange(k_len, device=device).view(1, -1)
+        buckets_TS = t5_bucket(i - j, self.config.t5_buckets, self.config.t5_max_distance)
+        return self.relative_bias(buckets_TS).permute(2, 0, 1)
+
+    def attend(
+        self,
+        q_BHTD: Tensor,
+        k_BHSD: Tensor,
+        v_BHSD: Tensor,
+        *,
+        key_padding_mask: Tensor | None = None,
+    ) -> Tensor:
+        bias_HTS = self.bias(q_BHTD.shape[-2], k_BHSD.shape[-2])
+        return causal_attention(
+            q_BHTD, k_BHSD, v_BHSD, bias_HTS=bias_HTS, key_padding_mask=key_padding_mask
+        )
+
+
+class AlibiPositions(PositionMethod):
+    """ALiBi (Press et al. 2022): score bias ``-m_h * (i - j)``, no embeddings.
+
+    Any rule of ``linbias.alibi.SCALING_RULES`` scales the slopes for the key length ``L'`` of the
+    call (position interpolation, Al-Khateeb et al. 2023); the bias is applied at score time, so
+    cached keys stay valid as the slopes shrink during generation.
+    """
+
+    name = "alibi"
+    scaling_rules = tuple(SCALING_RULES)
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        # Fixed, derived from the config: non-persistent, so it never enters a checkpoint.
+        slopes = alibi_slopes(config.n_heads, config.alibi_max_bias)
+        self.register_buffer("slopes", slopes, persistent=False)
+
+    def attend(
+        self,
+        q_BHTD: Tensor,
+        k_BHSD: Tensor,
+        v_BHSD: Tensor,
+        *,
+        key_padding_mask: Tensor | None = None,
+    ) -> Tensor:
+        slopes = interpolate_slopes(
+            self.slopes, self.config.train_len, eval_len=k_BHSD.shape[-2], rule=self.scaling
+        )
+        return alibi_attention(q_BHTD, k_BHSD, v_BHSD, slopes, key_padding_mask=key_padding_mask)
+
+
+POSITION_METHODS: dict[str, type[PositionMethod]] = {
+    cls.name: cls
+    for cls in (
+        NoPositions, SinusoidalPositions, LearnedPositions, RotaryPositions, T5Positions,
+        AlibiPositions,
+    )
+}
+
+
+def make_position(config: ModelConfig) -> PositionMethod:
+    """The position method named by ``config.position``.
+
+    Raises:
+        ValueError: unknown name (the message lists the registered ones).
+    """
+    if config.position not in POSITION_METHODS:
+        raise ValueError(
+            f"unknown position method {config.position!r}; valid: {', '.join(POSITION_METHODS)}"
+        )
+    return POSITION_METHODS[config.position](config)

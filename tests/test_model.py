@@ -1,0 +1,247 @@
+"""Tests for linbias.model: extrapolation, KV cache, padding, generation, parameters."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from linbias.alibi import SCALING_RULES, alibi_bias
+from linbias.config import ModelConfig
+from linbias.model import GPT, KVCache
+from linbias.positions import POSITION_METHODS
+
+L, V = 16, 64  # train_len, vocab
+METHODS = sorted(POSITION_METHODS)
+UNBOUNDED = [m for m in METHODS if m != "learned"]
+
+
+def tiny(position: str, **kw) -> ModelConfig:
+    base = dict(vocab_size=V, n_layers=2, n_heads=4, d_model=32, train_len=L)
+    return ModelConfig(position=position, **{**base, **kw})
+
+
+def make_model(position: str, seed: int = 0, **kw) -> GPT:
+    """A model with weights large enough that attention is far from uniform."""
+    torch.manual_seed(seed)
+    model = GPT(tiny(position, **kw)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    return model
+
+
+def tokens(B: int, T: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+# --- train short, test long ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("factor", [2, 4])
+@pytest.mark.parametrize("name", METHODS)
+def test_every_method_runs_past_train_len_or_refuses(name: str, factor: int) -> None:
+    model = make_model(name)
+    idx = tokens(2, factor * L)
+    if name == "learned":
+        assert torch.isfinite(model(idx[:, :L])).all()  # exactly train_len is fine
+        with pytest.raises(ValueError, match=rf"{L} rows.*cannot extrapolate"):
+            model(idx)
+        return
+    for rule in model.position.scaling_rules:
+        model.set_scaling(rule)
+        logits = model(idx)
+        assert logits.shape == (2, factor * L, V) and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_backward_gives_finite_gradients(name: str) -> None:
+    model = make_model(name).train()
+    idx = tokens(2, L + 1)
+    logits = model(idx[:, :-1])
+    F.cross_entropy(logits.reshape(-1, V), idx[:, 1:].reshape(-1)).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+# --- KV cache -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_kv_cache_decoding_equals_full_forward(name: str) -> None:
+    model = make_model(name)
+    N = L if name == "learned" else 3 * L  # past the training length where possible
+    idx = tokens(2, N)
+    full = model(idx)
+    cache = model.new_cache()
+    chunks, start = [], 0
+    for size in [5, 1, 3] + [1] * (N - 9):  # a prefill, then chunked and single-token steps
+        chunks.append(model(idx[:, start : start + size], cache=cache))
+        start += size
+        assert len(cache) == start
+    torch.testing.assert_close(torch.cat(chunks, dim=1), full, atol=1e-4, rtol=1e-4)
+
+
+def test_kv_cache_alibi_interpolation_uses_the_length_so_far() -> None:
+    # With interpolation the slopes depend on L' = keys so far, so only the last position of a
+    # full forward sees the slopes of incremental decoding at that step. Exact for one layer only:
+    # deeper cached keys come from hidden states computed under the earlier (larger) slopes.
+    model = make_model("alibi", n_layers=1)
+    model.set_scaling("linear")
+    idx = tokens(2, 3 * L)
+    cache = model.new_cache()
+    model(idx[:, :20], cache=cache)
+    for t in range(20, 3 * L):
+        step = model(idx[:, t : t + 1], cache=cache)[:, -1]
+        torch.testing.assert_close(step, model(idx[:, : t + 1])[:, -1], atol=1e-4, rtol=1e-4)
+
+
+def test_default_positions_continue_from_the_cache() -> None:
+    model = make_model("sinusoidal")
+    idx = tokens(1, 10)
+    c1, c2 = model.new_cache(), KVCache(model.config.n_layers)
+    model(idx[:, :6], cache=c1)
+    model(idx[:, :6], pos=torch.arange(6), cache=c2)
+    torch.testing.assert_close(
+        model(idx[:, 6:], cache=c1), model(idx[:, 6:], pos=torch.arange(6, 10), cache=c2)
+    )
+    with pytest.raises(ValueError, match=r"key_padding_mask must have shape \[1, 11\]"):
+        model(idx[:, :1], cache=c1, key_padding_mask=torch.ones(1, 1, dtype=torch.bool))
+
+
+# --- ALiBi ----------------------------------------------------------------------------------------
+
+
+def alibi_layer_reference(attn, x: torch.Tensor, slopes: torch.Tensor) -> torch.Tensor:
+    """One attention layer with a materialised ALiBi bias, in float64."""
+    B, T, C = x.shape
+    H = attn.n_heads
+    x = x.double()
+    qkv = F.linear(x, attn.qkv.weight.double(), attn.qkv.bias.double())
+    q, k, v = (t.reshape(B, T, H, C // H).transpose(1, 2) for t in qkv.split(C, dim=-1))
+    scores = q @ k.transpose(-1, -2) / math.sqrt(C // H) + alibi_bias(slopes.double(), T, T)
+    y = (torch.softmax(scores, dim=-1) @ v).transpose(1, 2).reshape(B, T, C)
+    return F.linear(y, attn.proj.weight.double(), attn.proj.bias.double())
+
+
+@pytest.mark.parametrize("T, rule", [(12, "none"), (3 * L, "none"), (3 * L, "linear")])
+def test_alibi_attention_layer_matches_float64_reference(T: int, rule: str) -> None:
+    model = make_model("alibi")
+    model.set_scaling(rule)
+    attn = model.blocks[0].attn
+    x = torch.randn(2, T, 32, generator=torch.Generator().manual_seed(3))
+    slopes = model.position.slopes * (min(1.0, L / T) if rule == "linear" else 1.0)
+    out = attn(x, torch.arange(T), None, None)
+    ref = alibi_layer_reference(attn, x, slopes)
+    torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("rule", [r for r in SCALING_RULES if r != "none"])
+def test_alibi_scaling_changes_outputs_only_past_train_len(rule: str) -> None:
+    model = make_model("alibi")
+    short, long = tokens(2, L), tokens(2, 2 * L)
+    base_short, base_long = model(short), model(long)
+    model.set_scaling(rule)
+    assert torch.equal(model(short), base_short)
+    assert (model(long) - base_long).abs().max() > 1e-3
+
+
+# --- parameters and state dict --------------------------------------------------------------------
+
+
+def test_one_shared_position_module_and_clean_state_dict() -> None:
+    model = make_model("t5")
+    assert all(block.attn.position is model.position for block in model.blocks)
+    keys = list(model.state_dict())
+    assert [k for k in keys if "position" in k] == ["position.relative_bias.weight"]
+    assert {k.split(".")[0] for k in keys} == {"tok_emb", "position", "blocks", "ln_f", "lm_head"}
+    # The shared bias is one tensor that every layer reads: changing it changes all layers.
+    idx = tokens(1, 8)
+    model(idx).sum().backward()
+    assert model.position.relative_bias.weight.grad.abs().sum() > 0
+    fresh = GPT(model.config)
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    torch.testing.assert_close(fresh.eval()(idx), model(idx))
+
+
+def test_alibi_slopes_not_in_state_dict() -> None:
+    model = make_model("alibi")
+    assert not any("slopes" in k for k in model.state_dict())
+    assert "position.slopes" in dict(model.named_buffers())
+
+
+def test_init_and_weight_tying() -> None:
+    torch.manual_seed(0)
+    config = tiny("alibi", d_model=64, n_layers=4)
+    model = GPT(config)
+    assert model.lm_head.weight is model.tok_emb.weight
+    resid_std = 0.02 / math.sqrt(2 * config.n_layers)
+    for name, p in model.named_parameters():
+        if name.endswith("proj.weight"):
+            assert p.std().item() == pytest.approx(resid_std, rel=0.15), name
+        elif name.endswith(("qkv.weight", "fc.weight", "tok_emb.weight")):
+            assert p.std().item() == pytest.approx(0.02, rel=0.15), name
+        elif name.endswith("bias") and "ln" not in name:
+            assert not p.any(), name
+    untied = GPT(tiny("alibi", d_model=64, n_layers=4, tie_weights=False))
+    assert untied.lm_head.weight is not untied.tok_emb.weight
+    assert untied.num_params() - model.num_params() == V * 64
+    assert model.num_params() == sum(p.numel() for p in set(model.parameters()))
+
+
+# --- padding --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_left_padding_matches_unpadded(name: str) -> None:
+    model = make_model(name)
+    n, pads = 10, (3, 0)  # row 1 is right-padded by 3 instead
+    real = tokens(2, n)
+    idx = torch.zeros(2, max(pads) + n, dtype=torch.long)
+    mask = torch.zeros(idx.shape, dtype=torch.bool)
+    pos = torch.zeros(idx.shape, dtype=torch.long)  # [B, T]: real tokens keep positions 0..n-1
+    for b, p in enumerate(pads):  # row b: p pads on the left
+        idx[b, p : p + n], mask[b, p : p + n], pos[b, p : p + n] = real[b], True, torch.arange(n)
+    padded = model(idx, pos=pos, key_padding_mask=mask)
+    assert torch.isfinite(padded).all()
+    one_row = model(idx[:1], pos=pos[0], key_padding_mask=mask[:1])  # pos as [T]
+    torch.testing.assert_close(one_row[0], padded[0], atol=1e-5, rtol=1e-5)
+    for b, p in enumerate(pads):
+        unpadded = model(real[b : b + 1])[0]
+        torch.testing.assert_close(padded[b, p : p + n], unpadded, atol=1e-4, rtol=1e-4)
+
+
+# --- generation -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", UNBOUNDED)
+def test_greedy_generation_is_deterministic_and_matches_no_cache(name: str) -> None:
+    model = make_model(name)
+    prompt, new = tokens(2, 4), 2 * L  # grows well past train_len
+    out = model.generate(prompt, new, temperature=0)
+    assert out.shape == (2, 4 + new) and torch.equal(out[:, :4], prompt)
+    assert torch.equal(model.generate(prompt, new, temperature=0), out)
+    naive = prompt
+    with torch.no_grad():
+        for _ in range(new):
+            naive = torch.cat((naive, model(naive)[:, -1].argmax(-1, keepdim=True)), dim=1)
+    assert torch.equal(out, naive)
+
+
+def test_sampling_reproducible_and_top1_is_greedy() -> None:
+    model = make_model("alibi")
+    prompt = tokens(2, 3)
+    def sample(seed: int) -> torch.Tensor:
+        return model.generate(prompt, 20, generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(sample(7), sample(7))
+    assert not torch.equal(sample(7), sample(8))
+    greedy = model.generate(prompt, 20, temperature=0)
+    assert torch.equal(model.generate(prompt, 20, temperature=0.7, top_k=1), greedy)
+    assert torch.equal(model.generate(prompt, 0), prompt)
+
+
+def test_learned_generation_stops_at_its_table() -> None:
+    model = make_model("learned")
+    with pytest.raises(ValueError, match="cannot extrapolate"):
+        model.generate(tokens(1, 4), L, temperature=0)
