@@ -107,7 +107,104 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = (_train_parser,)
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _eval_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval", help="perplexity past the training length",
+        description="Perplexity and bits per byte of a trained run at each evaluation length, "
+        "non-overlapping or with a sliding window, with and without length-scaling rules.",
+    )
+    p.add_argument("run", type=Path, help="a run directory written by 'linbias train'")
+    p.add_argument("--lengths", type=_ints, required=True, help="evaluation lengths L', e.g. 128,256,512")
+    p.add_argument("--split", choices=("valid", "test", "train"), default="valid")
+    p.add_argument("--mode", choices=("nonoverlapping", "sliding"), default="nonoverlapping")
+    p.add_argument("--stride", type=int, default=None, help="sliding-window stride S (1 <= S <= L')")
+    p.add_argument("--scaling", type=_names, default=["none"],
+                   help="length-scaling rules, comma-separated (ALiBi: none, linear, sqrt, log; "
+                   "rotary: none, linear); each is evaluated separately (default: none)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward")
+    p.add_argument("--max-tokens", type=int, default=None, help="score only this many tokens of the split")
+    p.add_argument("--per-position", action="store_true",
+                   help="also compute mean loss by position inside the window (into --json)")
+    p.add_argument("--json", type=Path, default=None, help="write {\"results\": [...]} here")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from linbias.evaluate import evaluate_run, format_table, write_json
+
+    records = evaluate_run(
+        args.run, lengths=args.lengths, split=args.split, mode=args.mode, stride=args.stride,
+        scalings=args.scaling, batch_size=args.batch_size, max_tokens=args.max_tokens,
+        per_position=args.per_position, progress=not args.no_progress,
+    )
+    print(format_table(records))
+    if args.per_position:
+        print(_per_position_summary(records))
+    if args.json:
+        write_json(records, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _per_position_summary(records: list[dict]) -> str:
+    """Mean loss in eight equal parts of the window: the early-token curse at a glance."""
+    lines = ["mean loss (nats) by eighth of the window:"]
+    for r in records:
+        curve = r.get("per_position")
+        if not curve:
+            continue
+        n = len(curve)
+        parts = [sum(curve[i * n // 8 : (i + 1) * n // 8]) / max(1, (i + 1) * n // 8 - i * n // 8)
+                 for i in range(8)]
+        lines.append(f"  L'={r['eval_len']} {r['scaling']}: " + " ".join(f"{x:.3f}" for x in parts))
+    return "\n".join(lines)
+
+
+def _reproduce_parser(sub: argparse._SubParsersAction) -> None:
+    from linbias.reproduce import REPRODUCE_PRESETS
+
+    p = sub.add_parser(
+        "reproduce", help="the train-short / test-long experiment, end to end",
+        description="Train one model per position method at the same length, evaluate each at "
+        "L..16L with and without scaling rules, and write results.json, report.md and "
+        "ppl_vs_length.png. Finished runs are reused; --force redoes them.",
+    )
+    p.add_argument("--preset", choices=sorted(REPRODUCE_PRESETS), default="quick",
+                   help="; ".join(f"{k}: about {v.expected_minutes:g} min on 2 CPU cores"
+                                  for k, v in REPRODUCE_PRESETS.items()))
+    p.add_argument("--out", type=Path, default=None, help="report directory (default: reports/PRESET)")
+    p.add_argument("--data", default="stdlib", help="corpus: stdlib, text:PATH or hf:NAME[:CONFIG]")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--positions", type=_names, default=list(POSITIONS),
+                   help=f"methods to compare (default: {','.join(POSITIONS)})")
+    p.add_argument("--force", action="store_true", help="retrain and re-evaluate everything")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_run_reproduce)
+
+
+def _run_reproduce(args: argparse.Namespace) -> int:
+    from linbias.reproduce import reproduce
+
+    out = args.out or Path("reports") / args.preset
+    reproduce(args.preset, out, data=args.data, seed=args.seed, positions=tuple(args.positions),
+              force=args.force, progress=not args.no_progress)
+    print((out / "report.md").read_text())
+    return 0
+
+
+COMMANDS = (_train_parser, _eval_parser, _reproduce_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:

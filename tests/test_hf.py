@@ -1,0 +1,587 @@
+"""linbias.hf: ALiBi position interpolation patched into transformers' BLOOM, MPT and Falcon.
+
+The reference is a hand-written float64 forward of each tiny model from its weights, with the
+paper's bias ``-m_h * (i - j)`` (Falcon: its own per-key bfloat16 bias, divided by sqrt(head dim)
+with the scores) and slopes from ``linbias.alibi_slopes`` scaled by hand, not by linbias.hf.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+transformers = pytest.importorskip("transformers")
+from transformers import (  # noqa: E402
+    BloomConfig,
+    BloomForCausalLM,
+    FalconConfig,
+    FalconForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    MptConfig,
+    MptForCausalLM,
+)
+from transformers.models.bloom.modeling_bloom import build_alibi_tensor as bloom_alibi  # noqa: E402
+from transformers.models.falcon.modeling_falcon import build_alibi_tensor as falcon_alibi  # noqa: E402
+from transformers.models.mpt.modeling_mpt import build_mpt_alibi_tensor as mpt_alibi  # noqa: E402
+
+from linbias import hf  # noqa: E402
+from linbias.alibi import alibi_slopes  # noqa: E402
+
+TRAIN_LEN = 16
+VOCAB = 64
+MODELS = ["bloom", "bloom-6-heads", "mpt", "mpt-6-heads", "falcon", "falcon-multi-query"]
+FACTORS = {  # the scaling rules, by hand
+    "linear": lambda n: min(1.0, TRAIN_LEN / n),
+    "sqrt": lambda n: min(1.0, math.sqrt(TRAIN_LEN / n)),
+    "none": lambda n: 1.0,
+}
+
+
+def make(family: str, n_layers: int = 2, seed: int = 0, **config: Any) -> torch.nn.Module:
+    """A tiny randomly initialised model; MPT's and Falcon's configs give TRAIN_LEN as length."""
+    torch.manual_seed(seed)
+    n_heads = 6 if family.endswith("6-heads") else 4
+    sizes = dict(vocab_size=VOCAB, hidden_size=8 * n_heads, num_hidden_layers=n_layers)
+    if family.startswith("bloom"):
+        model = BloomForCausalLM(BloomConfig(n_head=n_heads, **sizes, **config))
+    elif family.startswith("mpt"):
+        model = MptForCausalLM(MptConfig(n_heads=n_heads, max_seq_len=TRAIN_LEN, **sizes, **config))
+    else:
+        multi_query = family.endswith("multi-query")
+        falcon = FalconConfig(
+            num_attention_heads=n_heads,
+            alibi=True,
+            new_decoder_architecture=False,
+            multi_query=multi_query,
+            max_position_embeddings=TRAIN_LEN,
+            **sizes,
+            **config,
+        )
+        model = FalconForCausalLM(falcon)
+    return model.eval()
+
+
+def tokens(*shape: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def logits(model: torch.nn.Module, ids: torch.Tensor, **kwargs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids, **kwargs).logits
+
+
+# --- The float64 reference ------------------------------------------------------------------------
+
+
+def _d(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach().double()
+
+
+def _ln(x: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:
+    return F.layer_norm(x, x.shape[-1:], _d(norm.weight), _d(norm.bias), norm.eps)
+
+
+def _lin(x: torch.Tensor, linear: torch.nn.Linear) -> torch.Tensor:
+    return F.linear(x, _d(linear.weight), _d(linear.bias))
+
+
+def _causal(bias_HTT: torch.Tensor) -> torch.Tensor:
+    t = bias_HTT.shape[-1]
+    return bias_HTT.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+
+
+def paper_bias(slopes_TH: torch.Tensor) -> torch.Tensor:
+    """``-m_h * (i - j)``, query row ``i`` with its own slopes ``slopes_TH[i]``."""
+    pos = torch.arange(slopes_TH.shape[0], dtype=torch.float64)
+    return _causal(-slopes_TH.T[:, :, None] * (pos[:, None] - pos[None, :]))
+
+
+def falcon_bias(slopes_TH: torch.Tensor) -> torch.Tensor:
+    """Falcon's per-key ``m_h * j``: slope rounded to bfloat16, product rounded to bfloat16."""
+    pos = torch.arange(slopes_TH.shape[0], dtype=torch.float64)
+    slopes = slopes_TH.T[:, :, None].to(torch.bfloat16).double()
+    return _causal((slopes * pos).to(torch.bfloat16).double())
+
+
+def _attend(scores_HTT: torch.Tensor, v_HTD: torch.Tensor) -> torch.Tensor:
+    """Softmax over keys, then the values, heads merged: ``[T, H*D]``."""
+    out_HTD = torch.softmax(scores_HTT, dim=-1) @ v_HTD
+    return out_HTD.transpose(0, 1).reshape(scores_HTT.shape[1], -1)
+
+
+def _heads(x_TC: torch.Tensor, d_head: int) -> torch.Tensor:
+    return x_TC.reshape(x_TC.shape[0], -1, d_head).transpose(0, 1)  # [H, T, D]
+
+
+def _bloom_reference(model, ids, slopes_TH):
+    tr, d_head = model.transformer, model.config.hidden_size // slopes_TH.shape[1]
+    bias_HTT = paper_bias(slopes_TH)
+    h = _ln(_d(tr.word_embeddings.weight)[ids], tr.word_embeddings_layernorm)
+    for block in tr.h:
+        att, mlp = block.self_attention, block.mlp
+        qkv = _lin(_ln(h, block.input_layernorm), att.query_key_value)
+        # BLOOM interleaves q, k, v per head: [T, H, 3, D].
+        q, k, v = (x.transpose(0, 1) for x in qkv.view(len(ids), -1, 3, d_head).unbind(2))
+        scores = q @ k.transpose(-1, -2) / math.sqrt(d_head) + bias_HTT
+        h = h + _lin(_attend(scores, v), att.dense)
+        x = _ln(h, block.post_attention_layernorm)
+        h = h + _lin(F.gelu(_lin(x, mlp.dense_h_to_4h), approximate="tanh"), mlp.dense_4h_to_h)
+    return _lin(_ln(h, tr.ln_f), model.lm_head)
+
+
+def _mpt_reference(model, ids, slopes_TH):
+    tr, d_head = model.transformer, model.config.hidden_size // slopes_TH.shape[1]
+    bias_HTT = paper_bias(slopes_TH)
+    h = _d(tr.wte.weight)[ids]
+    for block in tr.blocks:
+        qkv = _lin(_ln(h, block.norm_1), block.attn.Wqkv)
+        q, k, v = (_heads(x, d_head) for x in qkv.chunk(3, dim=-1))
+        scores = q @ k.transpose(-1, -2) / math.sqrt(d_head) + bias_HTT
+        h = h + _lin(_attend(scores, v), block.attn.out_proj)
+        h = h + _lin(F.gelu(_lin(_ln(h, block.norm_2), block.ffn.up_proj)), block.ffn.down_proj)
+    return _lin(_ln(h, tr.norm_f), model.lm_head)
+
+
+def _falcon_reference(model, ids, slopes_TH, divides_bias=True):
+    tr, n_heads = model.transformer, slopes_TH.shape[1]
+    d_head = model.config.hidden_size // n_heads
+    bias_HTT = falcon_bias(slopes_TH)
+    h = _d(tr.word_embeddings.weight)[ids]
+    for layer in tr.h:
+        x = _ln(h, layer.input_layernorm)
+        att = layer.self_attention
+        qkv = _lin(x, att.query_key_value)
+        if model.config.multi_query:  # H query heads, then one key and one value head for all
+            qkv_HTD = _heads(qkv, d_head)
+            q, k, v = qkv_HTD[:n_heads], qkv_HTD[n_heads:-1], qkv_HTD[-1:]
+        else:
+            q, k, v = (x.transpose(0, 1) for x in qkv.view(len(ids), n_heads, 3, d_head).unbind(2))
+        qk = q @ k.transpose(-1, -2)
+        if divides_bias:  # Falcon's convention: the bias is divided by sqrt(d) with the scores
+            scores = (qk + bias_HTT) / math.sqrt(d_head)
+        else:  # everyone else's
+            scores = qk / math.sqrt(d_head) + bias_HTT
+        attn = _lin(_attend(scores, v), att.dense)
+        # Parallel attention and MLP, both from the same layer norm.
+        h = h + attn + _lin(F.gelu(_lin(x, layer.mlp.dense_h_to_4h)), layer.mlp.dense_4h_to_h)
+    return _lin(_ln(h, tr.ln_f), model.lm_head)
+
+
+def reference(model, ids_T: torch.Tensor, slopes_TH: torch.Tensor, **kwargs) -> torch.Tensor:
+    """float64 logits ``[T, V]`` of one sequence; query ``i`` uses the slopes ``slopes_TH[i]``."""
+    if isinstance(model, BloomForCausalLM):
+        return _bloom_reference(model, ids_T, slopes_TH)
+    if isinstance(model, MptForCausalLM):
+        return _mpt_reference(model, ids_T, slopes_TH)
+    return _falcon_reference(model, ids_T, slopes_TH, **kwargs)
+
+
+def slopes_for(model, lengths: list[int], rule: str = "linear") -> torch.Tensor:
+    """``[T, H]``: row ``i`` holds the slopes for a current length of ``lengths[i]``."""
+    slopes = alibi_slopes(model.config.num_attention_heads).double()
+    return torch.stack([slopes * FACTORS[rule](n) for n in lengths])
+
+
+def assert_matches_reference(model, ids_T, lengths, rule="linear", atol=2e-6):
+    ref = reference(model, ids_T, slopes_for(model, lengths, rule))
+    torch.testing.assert_close(logits(model, ids_T[None])[0].double(), ref, rtol=0, atol=atol)
+
+
+# --- Slopes ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_heads", [4, 6, 8, 12])
+def test_family_slopes_agree_with_linbias(n_heads):
+    ones = torch.ones(1, 2, dtype=torch.long)
+    expected = alibi_slopes(n_heads)
+    # BLOOM and Falcon: per-key m * pos, so the second key's bias is the slope.
+    torch.testing.assert_close(
+        bloom_alibi(ones, n_heads, torch.float32).view(n_heads, 2)[:, 1], expected
+    )
+    torch.testing.assert_close(
+        falcon_alibi(ones, n_heads, torch.float32).view(n_heads, 2)[:, 1],
+        expected.bfloat16().float(),
+    )
+    # MPT: m * (j - (K - 1)), so the first of two keys holds -m.
+    torch.testing.assert_close(-mpt_alibi(n_heads, 2)[:, 0, 0], expected)
+
+
+# --- At or below train_len: bit-identical ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", MODELS)
+def test_bit_identical_within_train_len(family):
+    model = make(family)
+    ids = tokens(2, TRAIN_LEN)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # left padding
+    cases = [(ids, {}), (ids[:, :7], {}), (ids, {"attention_mask": mask})]
+    before = [logits(model, x, **kw) for x, kw in cases]
+    hf.extend_context(model, train_len=TRAIN_LEN)
+    for (x, kw), expected in zip(cases, before, strict=True):
+        assert torch.equal(logits(model, x, **kw), expected)
+
+
+@pytest.mark.parametrize("family", ["bloom", "mpt", "falcon"])
+def test_generation_within_train_len_is_bit_identical(family):
+    model = make(family)
+    kwargs = dict(
+        max_new_tokens=6,
+        do_sample=False,
+        return_dict_in_generate=True,
+        output_logits=True,
+        pad_token_id=0,
+        use_cache=True,
+    )
+    prompt = tokens(2, 8)
+    with torch.no_grad():
+        before = model.generate(prompt, attention_mask=torch.ones_like(prompt), **kwargs)
+        hf.extend_context(model, train_len=TRAIN_LEN)
+        after = model.generate(prompt, attention_mask=torch.ones_like(prompt), **kwargs)
+    assert torch.equal(before.sequences, after.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(before.logits, after.logits, strict=True))
+
+
+# --- Beyond train_len: the reference with scaled slopes -------------------------------------------
+
+
+@pytest.mark.parametrize("family", MODELS)
+def test_beyond_train_len_matches_reference(family):
+    model = hf.extend_context(make(family), train_len=TRAIN_LEN)
+    ids = tokens(2 * TRAIN_LEN)
+    assert_matches_reference(model, ids, [2 * TRAIN_LEN] * len(ids))
+
+
+@pytest.mark.parametrize("rule", ["linear", "sqrt", "none"])
+@pytest.mark.parametrize("family", ["bloom", "mpt", "falcon"])
+def test_rules_match_reference(family, rule):
+    model = hf.extend_context(make(family), train_len=TRAIN_LEN, rule=rule)
+    ids = tokens(TRAIN_LEN + 7)
+    assert_matches_reference(model, ids, [len(ids)] * len(ids), rule)
+
+
+def test_reference_sees_the_scaling():
+    # The reference tests above could not pass if the slopes were left alone.
+    model = hf.extend_context(make("bloom"), train_len=TRAIN_LEN)
+    ids = tokens(2 * TRAIN_LEN)
+    unscaled = reference(model, ids, slopes_for(model, [len(ids)] * len(ids), "none"))
+    assert (logits(model, ids[None])[0].double() - unscaled).abs().max() > 1e-4
+
+
+def test_falcon_divides_the_bias_by_sqrt_head_dim():
+    model = hf.extend_context(make("falcon"), train_len=TRAIN_LEN)
+    ids = tokens(2 * TRAIN_LEN)
+    slopes = slopes_for(model, [len(ids)] * len(ids))
+    got = logits(model, ids[None])[0].double()
+    torch.testing.assert_close(got, reference(model, ids, slopes), rtol=0, atol=2e-6)
+    assert (got - reference(model, ids, slopes, divides_bias=False)).abs().max() > 1e-4
+
+
+def test_falcon_eager_keeps_its_double_bias():
+    # transformers 5.23's eager Falcon adds the ALiBi tensor twice (to the scores and, divided by
+    # sqrt(d), folded into the mask); SDPA, the default, once. The extension scales both uses, so
+    # eager Falcon beyond train_len is the reference with twice the slopes.
+    model = make("falcon", attn_implementation="eager")
+    ids = tokens(2 * TRAIN_LEN)
+    before = logits(model, ids[None, :TRAIN_LEN])
+    hf.extend_context(model, train_len=TRAIN_LEN)
+    assert torch.equal(logits(model, ids[None, :TRAIN_LEN]), before)
+    slopes = 2 * slopes_for(model, [len(ids)] * len(ids))
+    got = logits(model, ids[None])[0].double()
+    torch.testing.assert_close(got, reference(model, ids, slopes), rtol=0, atol=2e-6)
+
+
+def test_mpt_runs_past_max_seq_len():
+    model = make("mpt")
+    ids = tokens(1, TRAIN_LEN + 4)
+    with pytest.raises(RuntimeError):
+        logits(model, ids)  # transformers builds MPT's bias for exactly max_seq_len keys
+    hf.extend_context(model, rule="none")  # train_len defaults to config.max_seq_len
+    assert_matches_reference(model, ids[0], [ids.shape[1]] * ids.shape[1], "none")
+    hf.extend_context(model)
+    assert_matches_reference(model, ids[0], [ids.shape[1]] * ids.shape[1], "linear")
+
+
+def test_mpt_keeps_the_slopes_it_uses():
+    # transformers 5.23's MptModel never passes config.attn_config.alibi_bias_max to its builder
+    # (it always uses 8). Whichever it uses, past train_len the extension scales those slopes.
+    model = make("mpt", attn_config={"alibi_bias_max": 4})
+    ids = tokens(2 * TRAIN_LEN)
+    short = logits(model, ids[None, :TRAIN_LEN])[0].double()
+    candidates = {
+        max_bias: alibi_slopes(4, max_bias).double().expand(TRAIN_LEN, 4) for max_bias in (4, 8)
+    }
+    used = [
+        b
+        for b, slopes in candidates.items()
+        if torch.allclose(short, reference(model, ids[:TRAIN_LEN], slopes), rtol=0, atol=2e-6)
+    ]
+    assert len(used) == 1
+    hf.extend_context(model)
+    factor = TRAIN_LEN / len(ids)
+    slopes = factor * alibi_slopes(4, used[0]).double().expand(len(ids), 4)
+    got = logits(model, ids[None])[0].double()
+    torch.testing.assert_close(got, reference(model, ids, slopes), rtol=0, atol=2e-6)
+
+
+def test_mpt_train_len_beyond_max_seq_len_runs_unscaled():
+    model = hf.extend_context(make("mpt"), train_len=4 * TRAIN_LEN)
+    ids = tokens(2 * TRAIN_LEN)
+    assert_matches_reference(model, ids, [len(ids)] * len(ids), "none")
+
+
+# --- Generation with a KV cache -------------------------------------------------------------------
+
+
+def _generate(model, prompt, mask=None, new=10, **kwargs):
+    with torch.no_grad():
+        return model.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt) if mask is None else mask,
+            max_new_tokens=new,
+            do_sample=False,
+            return_dict_in_generate=True,
+            output_logits=True,
+            pad_token_id=0,
+            use_cache=True,  # MptConfig defaults to use_cache=False
+            **kwargs,
+        )
+
+
+@pytest.mark.parametrize("family", ["bloom", "mpt", "falcon"])
+def test_one_layer_generation_matches_recomputing_without_cache(family):
+    # With one layer the cached keys and values do not depend on the slopes, so each step equals
+    # the whole sequence recomputed with the slopes for its current length.
+    model = hf.extend_context(make(family, n_layers=1), train_len=TRAIN_LEN)
+    prompt = tokens(2, TRAIN_LEN - 4)
+    out = _generate(model, prompt)
+    for step, step_logits in enumerate(out.logits):
+        n = prompt.shape[1] + step
+        torch.testing.assert_close(
+            step_logits, logits(model, out.sequences[:, :n])[:, -1], rtol=0, atol=1e-6
+        )
+
+
+@pytest.mark.parametrize("family", ["bloom", "mpt", "falcon", "falcon-multi-query"])
+def test_generation_matches_reference_at_each_tokens_own_length(family):
+    # With more layers a cached token keeps the hidden states it got at its own length, so the
+    # reference gives query i the slopes for max(prompt length, i + 1).
+    model = hf.extend_context(make(family), train_len=TRAIN_LEN)
+    prompt = tokens(1, TRAIN_LEN - 4)
+    out = _generate(model, prompt)
+    seq = out.sequences[0]
+    p = prompt.shape[1]
+    ref = reference(model, seq, slopes_for(model, [max(p, i + 1) for i in range(len(seq))]))
+    for step, step_logits in enumerate(out.logits):
+        torch.testing.assert_close(step_logits[0].double(), ref[p + step - 1], rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("family", ["bloom", "mpt"])
+def test_static_cache_generation_matches_dynamic(family):
+    # Falcon is left out: transformers 5.23 cannot generate with a static cache for Falcon+ALiBi.
+    model = hf.extend_context(make(family), train_len=TRAIN_LEN)
+    prompt = tokens(2, TRAIN_LEN - 4)
+    static = _generate(model, prompt, cache_implementation="static")
+    dynamic = _generate(model, prompt)
+    assert torch.equal(static.sequences, dynamic.sequences)
+    torch.testing.assert_close(
+        torch.stack(static.logits), torch.stack(dynamic.logits), rtol=0, atol=1e-6
+    )
+
+
+def test_multi_layer_generation_differs_from_recomputing():
+    # Documents why the test above needs its own reference: past train_len a cached model is not
+    # the full recomputation with the final slopes (their hidden states were built with others).
+    model = hf.extend_context(make("falcon"), train_len=TRAIN_LEN)
+    out = _generate(model, tokens(1, TRAIN_LEN - 4))
+    assert (out.logits[-1] - logits(model, out.sequences[:, :-1])[:, -1]).abs().max() > 1e-5
+
+
+def test_prompt_longer_than_train_len_in_one_call():
+    model = hf.extend_context(make("mpt"), train_len=TRAIN_LEN)
+    prompt = tokens(1, TRAIN_LEN + 6)
+    out = _generate(model, prompt, new=3)
+    seq, p = out.sequences[0], prompt.shape[1]
+    ref = reference(model, seq, slopes_for(model, [max(p, i + 1) for i in range(len(seq))]))
+    for step, step_logits in enumerate(out.logits):
+        torch.testing.assert_close(step_logits[0].double(), ref[p + step - 1], rtol=0, atol=2e-6)
+
+
+# --- Left padding ---------------------------------------------------------------------------------
+
+
+def _left_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, r in enumerate(rows):
+        ids[b, width - len(r) :], mask[b, width - len(r) :] = r, 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("family", MODELS)
+def test_left_padded_batch_matches_single_sequences(family):
+    model = hf.extend_context(make(family), train_len=TRAIN_LEN)
+    rows = [
+        tokens(2 * TRAIN_LEN, seed=2),
+        tokens(TRAIN_LEN + 5, seed=3),
+        tokens(TRAIN_LEN - 3, seed=4),
+    ]
+    ids, mask = _left_padded(rows)
+    batch = logits(model, ids, attention_mask=mask)
+    for b, r in enumerate(rows):
+        single = logits(model, r[None])[0]
+        torch.testing.assert_close(batch[b, ids.shape[1] - len(r) :], single, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["bloom", "mpt", "falcon"])
+def test_left_padded_generation_matches_single_sequences(family):
+    model = hf.extend_context(make(family), train_len=TRAIN_LEN)
+    rows = [tokens(TRAIN_LEN - 2, seed=5), tokens(TRAIN_LEN - 6, seed=6)]
+    ids, mask = _left_padded(rows)
+    batch = _generate(model, ids, mask, new=8)
+    for b, r in enumerate(rows):
+        single = _generate(model, r[None], new=8)
+        torch.testing.assert_close(
+            torch.stack(batch.logits)[:, b], torch.stack(single.logits)[:, 0], rtol=0, atol=1e-6
+        )
+
+
+def test_bloom_without_mask_beyond_train_len_equals_all_ones_mask():
+    model = hf.extend_context(make("bloom"), train_len=TRAIN_LEN)
+    ids = tokens(2, 2 * TRAIN_LEN)
+    assert torch.equal(logits(model, ids), logits(model, ids, attention_mask=torch.ones_like(ids)))
+
+
+# --- undo, extended, re-configuring, one instance only --------------------------------------------
+
+
+def _instance_state(model) -> tuple:
+    modules = list(model.modules())
+    return (
+        [sorted(vars(m)) for m in modules],
+        [len(m._forward_pre_hooks) + len(m._forward_hooks) for m in modules],
+    )
+
+
+@pytest.mark.parametrize("family", ["bloom", "mpt", "falcon"])
+def test_undo_restores_the_model(family):
+    model = make(family)
+    ids = tokens(2, TRAIN_LEN)
+    before, state = logits(model, ids), _instance_state(model)
+    hf.extend_context(model, train_len=TRAIN_LEN // 2)
+    assert not torch.equal(logits(model, ids), before)
+    assert hf.undo(model) is model
+    assert torch.equal(logits(model, ids), before)
+    assert _instance_state(model) == state
+    hf.undo(model)  # undoing twice is harmless
+
+
+def test_undo_brings_back_mpts_length_limit():
+    model = hf.extend_context(make("mpt"))
+    logits(model, tokens(1, TRAIN_LEN + 1))
+    hf.undo(model)
+    with pytest.raises(RuntimeError):
+        logits(model, tokens(1, TRAIN_LEN + 1))
+
+
+@pytest.mark.parametrize("family", ["bloom", "mpt", "falcon"])
+def test_extended_context_manager(family):
+    model = make(family)
+    ids = tokens(1, TRAIN_LEN)
+    before = logits(model, ids)
+    with hf.extended(model, train_len=TRAIN_LEN // 2) as same:
+        assert same is model
+        inside = logits(model, ids)
+    assert torch.equal(logits(model, ids), before)
+    torch.testing.assert_close(
+        inside, logits(hf.extend_context(make(family), train_len=TRAIN_LEN // 2), ids)
+    )
+
+
+def test_extended_restores_the_previous_extension():
+    model = hf.extend_context(make("bloom"), train_len=TRAIN_LEN // 2)
+    ids = tokens(1, TRAIN_LEN)
+    outer = logits(model, ids)
+    with hf.extended(model, train_len=TRAIN_LEN // 4):
+        assert not torch.equal(logits(model, ids), outer)
+    assert torch.equal(logits(model, ids), outer)
+
+
+def test_extending_twice_reconfigures():
+    model = make("mpt")
+    ids = tokens(1, 2 * TRAIN_LEN)
+    hf.extend_context(model, train_len=TRAIN_LEN)
+    hf.extend_context(model, train_len=TRAIN_LEN // 2, rule="sqrt")
+    fresh = hf.extend_context(make("mpt"), train_len=TRAIN_LEN // 2, rule="sqrt")
+    assert torch.equal(logits(model, ids), logits(fresh, ids))
+    hf.undo(model)  # one undo takes back everything
+    assert _instance_state(model) == _instance_state(make("mpt"))
+
+
+def test_failed_reconfigure_keeps_the_extension():
+    model = hf.extend_context(make("bloom"), train_len=TRAIN_LEN)
+    ids = tokens(1, 2 * TRAIN_LEN)
+    before = logits(model, ids)
+    with pytest.raises(ValueError):
+        hf.extend_context(model, train_len=TRAIN_LEN, rule="cubic")
+    assert torch.equal(logits(model, ids), before)
+
+
+@pytest.mark.parametrize("family", ["mpt", "falcon"])
+def test_only_the_given_instance_is_patched(family):
+    patched, other = make(family), make(family)
+    ids = tokens(1, TRAIN_LEN + 8)
+    before = logits(other, ids) if family == "falcon" else None
+    hf.extend_context(patched, train_len=TRAIN_LEN // 2)
+    logits(patched, ids)
+    if family == "mpt":
+        with pytest.raises(RuntimeError):
+            logits(other, ids)
+    else:
+        assert torch.equal(logits(other, ids), before)
+
+
+def test_base_model_can_be_extended():
+    model = make("falcon")
+    hf.extend_context(model.transformer)  # train_len: config.max_position_embeddings
+    ids = tokens(2 * TRAIN_LEN)
+    assert_matches_reference(model, ids, [len(ids)] * len(ids))
+
+
+# --- Errors ---------------------------------------------------------------------------------------
+
+
+def test_unsupported_model_names_the_families():
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=4))
+    with pytest.raises(ValueError, match="GPT2LMHeadModel.*bloom.*mpt.*falcon"):
+        hf.extend_context(model, train_len=TRAIN_LEN)
+
+
+def test_falcon_without_alibi_is_refused():
+    config = FalconConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, alibi=False
+    )
+    with pytest.raises(ValueError, match="alibi"):
+        hf.extend_context(FalconForCausalLM(config))
+
+
+def test_bloom_needs_train_len():
+    with pytest.raises(ValueError, match="train_len"):
+        hf.extend_context(make("bloom"))
+
+
+def test_unknown_rule_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="linear.*sqrt"):
+        hf.extend_context(make("mpt"), rule="cubic")
+
+
+@pytest.mark.parametrize("train_len", [0, -3, 2.5])
+def test_bad_train_len(train_len):
+    with pytest.raises(ValueError, match="train_len"):
+        hf.extend_context(make("bloom"), train_len=train_len)
