@@ -38,3 +38,43 @@ def naive_alibi_attention(q, k, v, slopes, *, causal=True, scale=None, key_paddi
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# --- a tiny trained run, shared by tests that need real weights, a tokenizer and a corpus -------
+
+_TINY_WORDS = [
+    "alpha", "beta", "γάμμα", "дельта", "日本語", "🙂", "x = 1\n", "def f(y):\n    return y\n",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_text_corpus(tmp_path_factory: pytest.TempPathFactory):
+    """A folder of 400 small text files (ASCII start, then multi-byte words): ~1% valid/test."""
+    import random
+
+    root = tmp_path_factory.mktemp("tiny_corpus")
+    rng = random.Random(0)
+    for i in range(400):
+        words = " ".join(rng.choice(_TINY_WORDS) for _ in range(60 + i % 40))
+        (root / f"doc{i:03d}.txt").write_text(f"doc {i}: {words}\n", encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_cache_dir(tmp_path_factory: pytest.TempPathFactory):
+    """A token-stream and tokenizer cache private to the test session."""
+    return tmp_path_factory.mktemp("linbias_cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_alibi_run(tmp_path_factory: pytest.TempPathFactory, tiny_text_corpus, tiny_cache_dir):
+    """Path of an ALiBi run (train_len 32, 1 layer, d_model 32, 2 heads) trained for 5 steps."""
+    from linbias.config import model_config
+    from linbias.train import TrainConfig, train
+
+    torch.manual_seed(0)
+    config = model_config("tiny", position="alibi", train_len=32, n_layers=1, d_model=32, n_heads=2)
+    train_config = TrainConfig(data=f"text:{tiny_text_corpus}", vocab_size=300, steps=5,
+                               batch_size=4, eval_every=0, save_every=0, warmup=1)
+    out = tmp_path_factory.mktemp("tiny_alibi_run") / "run"
+    return train(config, train_config, out, progress=False, cache_dir=tiny_cache_dir)

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tokenizers import Tokenizer
 
 from linbias import data
 from linbias.data import (
@@ -256,6 +257,19 @@ def test_stream_has_eot_after_each_document(corpus: data.Corpus, tokenizer, tmp_
     assert len(segments) == len(docs)
     assert [tokenizer.decode(s[:-1].tolist()) for s in segments] == docs
 
+
+def test_stream_with_another_separator(corpus: data.Corpus, tokenizer, tmp_path: Path) -> None:
+    tok = Tokenizer.from_str(tokenizer.to_str())
+    tok.add_special_tokens(["</s>"])  # e.g. an HF model's own end-of-text token
+    sep = tok.token_to_id("</s>")
+    stream = token_stream(corpus, tok, "train", tmp_path, eot="</s>")
+    assert stream[-1] == sep and not (stream == 0).any()
+    segments = _segments(stream, sep)
+    assert [tok.decode(s[:-1].tolist()) for s in segments] == corpus.documents("train")
+    default = token_stream(corpus, tok, "train", tmp_path)  # another separator, another file
+    assert default[-1] == 0 and len(list(tmp_path.glob("*.npy"))) == 2
+    with pytest.raises(ValueError, match="no '<sep>' token"):
+        token_stream(corpus, tok, "train", tmp_path, eot="<sep>")
 
 def test_literal_eot_in_text_stays_text(tmp_path: Path) -> None:
     (tmp_path / "f.txt").write_text(f"a\nb {EOT} c\n" * 50 + "tail\nend\n")

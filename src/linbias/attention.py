@@ -234,21 +234,32 @@ class _FoldAttention(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         qx, k, vx, out, lse = ctx.saved_tensors
         c, D = ctx.call, k.shape[-1]
-        empty = ~torch.isfinite(lse)  # rows that see no key: zero output, zero gradient
-        lse = lse.masked_fill(empty, 0.0)
-        g = F.pad(grad_out.masked_fill(empty.unsqueeze(-1), 0.0), (0, 1)).to(qx.dtype)
-        dq, dk, dv = torch.zeros_like(qx[..., :D]), torch.zeros_like(k), torch.zeros_like(k)
+        if c.key_padding_mask is not None:  # rows that see no key: zero output, zero gradient
+            empty = ~torch.isfinite(lse)
+            lse, grad_out = lse.masked_fill(empty, 0.0), grad_out.masked_fill(empty[..., None], 0.0)
+        g = F.pad(grad_out, (0, 1)).to(qx.dtype)
+        grads: dict[str, Tensor] = {}
         for s in ctx.segs:
-            rows = slice(s.q0, s.q1)
+            rows, keys = slice(s.q0, s.q1), slice(s.k0, s.k1)
+            lse_s = lse[:, :, rows] if s.sign == 1 else lse[:, :, rows] - _frame_shift(c, s)
             dq_s, dk_s, dv_s = _FLASH_CPU_BWD(
-                g[:, :, rows].contiguous(), qx[:, :, rows], _segment_kx(c, k, s),
-                vx[:, :, s.k0 : s.k1], out[:, :, rows].contiguous(), (lse[:, :, rows] - _frame_shift(c, s)).contiguous(),
-                0.0, _kernel_causal(c, s), attn_mask=_segment_mask(c, s, qx.dtype), scale=c.scale,
+                g[:, :, rows].contiguous(), qx[:, :, rows], _segment_kx(c, k, s), vx[:, :, keys],
+                out[:, :, rows].contiguous(), lse_s.contiguous(), 0.0, _kernel_causal(c, s),
+                attn_mask=_segment_mask(c, s, qx.dtype), scale=c.scale,
             )
-            dq[:, :, rows] += dq_s[..., :D]
-            dk[:, :, s.k0 : s.k1] += dk_s[..., :D]
-            dv[:, :, s.k0 : s.k1] += dv_s[..., :D]
-        return dq, dk, dv, None
+            for name, part, where in (("q", dq_s, rows), ("k", dk_s, keys), ("v", dv_s, keys)):
+                _accumulate(grads, name, part[..., :D], where, qx.shape[2] if name == "q" else k.shape[2])
+        return grads["q"], grads["k"], grads["v"], None
+
+
+def _accumulate(grads: dict[str, Tensor], name: str, part: Tensor, where: slice, length: int) -> None:
+    # The common single-segment case keeps the kernel's gradient as it is: no zeros, no copy.
+    if name not in grads and where.start == 0 and where.stop == length:
+        grads[name] = part
+        return
+    if name not in grads:
+        grads[name] = part.new_zeros(*part.shape[:2], length, part.shape[-1])
+    grads[name][:, :, where] += part
 
 
 def _extend_q(q: Tensor, slopes: Tensor) -> Tensor:

@@ -121,10 +121,22 @@ def _names(text: str) -> list[str]:
 def _eval_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval", help="perplexity past the training length",
-        description="Perplexity and bits per byte of a trained run at each evaluation length, "
-        "non-overlapping or with a sliding window, with and without length-scaling rules.",
+        description="Perplexity and bits per byte of a trained run (or, with --hf, a transformers "
+        "model) at each evaluation length, non-overlapping or with a sliding window, with and "
+        "without length-scaling rules.",
     )
-    p.add_argument("run", type=Path, help="a run directory written by 'linbias train'")
+    p.add_argument("run", type=Path, nargs="?", default=None,
+                   help="a run directory written by 'linbias train' (or give --hf)")
+    hf = p.add_argument_group("transformers model (instead of a run)")
+    hf.add_argument("--hf", metavar="PATH_OR_NAME", default=None,
+                    help="a transformers causal LM: a local directory (e.g. from 'linbias export') "
+                    "or a Hugging Face Hub name (needs network access or the local HF cache)")
+    hf.add_argument("--train-len", type=int, default=None,
+                    help="its training length L for the scaling rules (default: MPT max_seq_len, "
+                    "Falcon max_position_embeddings; BLOOM needs it)")
+    hf.add_argument("--data", default=None,
+                    help="corpus: stdlib, text:PATH or hf:NAME[:CONFIG] (default: stdlib; a run "
+                    "uses its own)")
     p.add_argument("--lengths", type=_ints, required=True, help="evaluation lengths L', e.g. 128,256,512")
     p.add_argument("--split", choices=("valid", "test", "train"), default="valid")
     p.add_argument("--mode", choices=("nonoverlapping", "sliding"), default="nonoverlapping")
@@ -144,11 +156,20 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
 def _run_eval(args: argparse.Namespace) -> int:
     from linbias.evaluate import evaluate_run, format_table, write_json
 
-    records = evaluate_run(
-        args.run, lengths=args.lengths, split=args.split, mode=args.mode, stride=args.stride,
-        scalings=args.scaling, batch_size=args.batch_size, max_tokens=args.max_tokens,
-        per_position=args.per_position, progress=not args.no_progress,
-    )
+    if (args.run is None) == (args.hf is None):
+        raise ValueError("give either a run directory or --hf PATH_OR_NAME (one of them, not both)")
+    common = dict(lengths=args.lengths, split=args.split, mode=args.mode, stride=args.stride,
+                  scalings=args.scaling, batch_size=args.batch_size, max_tokens=args.max_tokens,
+                  per_position=args.per_position, progress=not args.no_progress)
+    if args.hf is not None:
+        from linbias.hf import evaluate_hf
+
+        records = evaluate_hf(args.hf, train_len=args.train_len, data=args.data or "stdlib",
+                              **common)
+    elif args.train_len is not None or args.data is not None:
+        raise ValueError("--train-len and --data apply to --hf models; a run has its own")
+    else:
+        records = evaluate_run(args.run, **common)
     print(format_table(records))
     if args.per_position:
         print(_per_position_summary(records))
@@ -170,6 +191,28 @@ def _per_position_summary(records: list[dict]) -> str:
                  for i in range(8)]
         lines.append(f"  L'={r['eval_len']} {r['scaling']}: " + " ".join(f"{x:.3f}" for x in parts))
     return "\n".join(lines)
+
+
+def _export_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export", help="write an ALiBi run as a transformers checkpoint",
+        description="Write an ALiBi run as a transformers MPT checkpoint with its tokenizer, for "
+        "AutoModelForCausalLM / AutoTokenizer.from_pretrained; the logits are checked to match. "
+        "MPT in transformers has no biases and a 4 * d_model MLP, so only such models export.",
+    )
+    p.add_argument("run", type=Path, help="a run directory written by 'linbias train'")
+    p.add_argument("--to-hf", type=Path, required=True, metavar="OUT_DIR",
+                   help="directory to write (new, empty, or a previous export, which is replaced)")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from linbias.hf import export_to_hf
+
+    out = export_to_hf(args.run, args.to_hf)
+    print(f"exported {args.run} to {out} (MPT format): load it with "
+          f"AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    return 0
 
 
 def _reproduce_parser(sub: argparse._SubParsersAction) -> None:
@@ -204,7 +247,7 @@ def _run_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = (_train_parser, _eval_parser, _reproduce_parser)
+COMMANDS = (_train_parser, _eval_parser, _export_parser, _reproduce_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,12 +12,15 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar, get_args
 
-__all__ = ["ConfigBase", "ModelConfig", "POSITIONS", "PRESETS", "Position", "model_config"]
+__all__ = ["INIT_STD", "ConfigBase", "ModelConfig", "POSITIONS", "PRESETS", "Position", "model_config"]
 
 Position = Literal["none", "sinusoidal", "learned", "rotary", "t5", "alibi"]
 POSITIONS: tuple[str, ...] = get_args(Position)
 
 _C = TypeVar("_C", bound="ConfigBase")
+
+# GPT-2's initialisation scale for weights and token embeddings; sinusoidal positions use it too.
+INIT_STD = 0.02
 
 
 class ConfigBase:

@@ -452,37 +452,46 @@ def _chunks(docs: list[str], max_chars: int = 1 << 22) -> Iterator[list[str]]:
         yield batch
 
 
-def _encode_documents(tokenizer: Tokenizer, docs: list[str], dtype: type[np.integer]) -> np.ndarray:
-    """Token ids of the documents, each followed by the end-of-text id."""
+def _encode_documents(
+    tokenizer: Tokenizer, docs: list[str], dtype: type[np.integer], eot: str = EOT
+) -> np.ndarray:
+    """Token ids of the documents, each followed by the id of ``eot``."""
     encoder = Tokenizer.from_str(tokenizer.to_str())  # a copy: the flag below is not serialised
-    encoder.encode_special_tokens = True  # a literal "<|endoftext|>" in a document is just text
-    eot = np.array([tokenizer.token_to_id(EOT)], dtype=dtype)
+    encoder.encode_special_tokens = True  # a literal separator in a document is just text
+    eot_id = np.array([tokenizer.token_to_id(eot)], dtype=dtype)
     pieces = []
     for batch in _chunks(docs):
         for encoding in encoder.encode_batch_fast(batch, add_special_tokens=False):
-            pieces += [np.asarray(encoding.ids, dtype=dtype), eot]
+            pieces += [np.asarray(encoding.ids, dtype=dtype), eot_id]
     return np.concatenate(pieces)
 
 
-def token_stream(corpus: Corpus, tokenizer: Tokenizer, split: str, cache_dir: Path) -> np.ndarray:
-    """The split as one token stream, each document followed by ``<|endoftext|>``; cached on disk.
+def token_stream(
+    corpus: Corpus, tokenizer: Tokenizer, split: str, cache_dir: Path, *, eot: str = EOT
+) -> np.ndarray:
+    """The split as one token stream, each document followed by ``eot``; cached on disk.
 
     Args:
         corpus: the corpus.
-        tokenizer: a tokenizer with an ``<|endoftext|>`` token.
+        tokenizer: a tokenizer with an ``eot`` token.
         split: ``train``, ``valid`` or ``test``.
-        cache_dir: where the ``.npy`` is kept, keyed by corpus name, tokenizer JSON and split.
+        cache_dir: where the ``.npy`` is kept, keyed by corpus name, tokenizer JSON, split and
+            (when not the default) ``eot``.
+        eot: the document separator; another model's own end-of-text token (e.g. ``"</s>"``)
+            when evaluating it with its tokenizer.
 
     Returns:
         A read-only memory-mapped 1-D array, uint16 if the vocabulary fits, else uint32.
     """
-    if tokenizer.token_to_id(EOT) is None:
-        raise ValueError(f"the tokenizer has no {EOT!r} token")
-    key = _digest(_STREAM_FORMAT, corpus.name, tokenizer.to_str(), split)
+    if tokenizer.token_to_id(eot) is None:
+        raise ValueError(f"the tokenizer has no {eot!r} token")
+    # The default separator adds nothing to the key, so streams cached before it existed stay valid.
+    extra = () if eot == EOT else (eot,)
+    key = _digest(_STREAM_FORMAT, corpus.name, tokenizer.to_str(), split, *extra)
     path = Path(cache_dir) / f"tokens-{corpus.name}-{split}-{key}.npy"
     if not path.exists():
         dtype = np.uint16 if tokenizer.get_vocab_size() <= 1 << 16 else np.uint32
-        ids = _encode_documents(tokenizer, corpus.documents(split), dtype)
+        ids = _encode_documents(tokenizer, corpus.documents(split), dtype, eot)
         _atomic_write(path, lambda f: np.save(f, ids, allow_pickle=False))
     return np.load(path, mmap_mode="r")
 

@@ -36,8 +36,16 @@ bit-identical to the unpatched model.
   builder instead. Falcon's conventions stay as they are: slopes times positions in bfloat16, and
   the bias divided by sqrt(head dim) together with the scores.
 
-Exporting a linbias model as a transformers checkpoint (``export_to_hf``) also belongs in this
-module; it comes with its own issue.
+Exporting (``export_to_hf``). A linbias ALiBi GPT is written as an MPT checkpoint, the one ALiBi
+architecture of transformers it maps onto without approximation, and only when the model has no
+biases (see ``export_to_hf``): BLOOM's MLP uses the tanh approximation of GELU where linbias uses
+the exact one, and BLOOM normalises the word embeddings with a LayerNorm that no weights turn into
+the identity; Falcon divides the ALiBi bias by sqrt(head dim), changing the slopes. The training length becomes MPT's ``max_seq_len``, so ``extend_context``
+finds it by default.
+
+Evaluating (``evaluate_hf``). Any transformers causal LM, scored with ``linbias.evaluate``'s
+protocols on a linbias corpus tokenised by the model's own tokenizer; the ALiBi families also with
+each scaling rule, through ``extended``.
 
 Shape suffixes: B batch, H heads, K keys, T tokens of the current call, D head dim.
 """
@@ -46,22 +54,51 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
+import os
+import re
+import shutil
 import types
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import PreTrainedModel
+import transformers
+from tokenizers import Tokenizer
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    MptConfig,
+    MptForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
 from transformers.models.bloom.modeling_bloom import BloomModel, _get_alibi_slopes
 from transformers.models.falcon.modeling_falcon import FalconModel
 from transformers.models.mpt.modeling_mpt import MptAttention, MptModel
 
+import linbias
 from linbias.alibi import interpolate_slopes, scaling_factor
+from linbias.config import ModelConfig
+from linbias.data import EOT, default_cache_dir, load_corpus, token_byte_lengths, token_stream
+from linbias.evaluate import Mode, _check_int, _resolve_stride, _skipped, evaluate_stream
+from linbias.train import Run, load_run
 
-__all__ = ["FAMILIES", "extend_context", "extended", "undo"]
+__all__ = [
+    "EXPORT_MARKER",
+    "FAMILIES",
+    "evaluate_hf",
+    "export_to_hf",
+    "extend_context",
+    "extended",
+    "undo",
+]
 
 # The model families extend_context supports, and the transformers classes that belong to each.
 FAMILIES: dict[str, str] = {
@@ -429,3 +466,436 @@ _PATCHERS: dict[str, Callable[[Any, _Extension], None]] = {
     "mpt": _patch_mpt,
     "falcon": _patch_falcon,
 }
+
+
+# --- Export: a linbias ALiBi GPT as an MPT checkpoint -------------------------------------------
+
+EXPORT_MARKER = "linbias_export.json"  # written into every export; marks a directory as one
+_EXPORT_FORMAT = "linbias-hf-export/1"
+# The largest logit difference export_to_hf accepts between the two models, relative to the
+# largest logit (at least 1): float32 sums in another order, MPT's bias m*(j - (K-1)) against
+# linbias's -m*(i - j) (equal up to a per-row constant, which softmax ignores).
+_EXPORT_RTOL = 1e-4
+_VERIFY_LEN = 256  # tokens export_to_hf runs through both models (the training length if shorter)
+
+# linbias GPT parameter names -> MptForCausalLM's; per block, below "blocks.{i}." / "transformer.
+# blocks.{i}.". Biases have no counterpart: MPT in transformers has none (see _mpt_tensors).
+_MPT_TOP = {
+    "tok_emb.weight": "transformer.wte.weight",
+    "ln_f.weight": "transformer.norm_f.weight",
+    "lm_head.weight": "lm_head.weight",
+}
+_MPT_BLOCK = {
+    "ln_1.weight": "norm_1.weight",
+    "attn.qkv.weight": "attn.Wqkv.weight",  # both [q | k | v] along the output, heads inside each
+    "attn.proj.weight": "attn.out_proj.weight",
+    "ln_2.weight": "norm_2.weight",
+    "mlp.fc.weight": "ffn.up_proj.weight",
+    "mlp.proj.weight": "ffn.down_proj.weight",
+}
+
+
+def export_to_hf(run_or_path: Run | str | Path, out_dir: str | Path) -> Path:
+    """Write a linbias ALiBi model as a transformers MPT checkpoint, with its tokenizer.
+
+    ``AutoModelForCausalLM.from_pretrained(out_dir)`` then loads an ``MptForCausalLM`` with the
+    same logits (checked before anything is written to ``out_dir``: at most 1e-4 of the largest
+    logit apart on ``min(train_len, 256)`` tokens), ``AutoTokenizer.from_pretrained(out_dir)`` a
+    fast tokenizer that encodes like the run's (``<|endoftext|>`` is its eos, bos and unk token),
+    and ``extend_context(model)`` takes ``train_len`` from ``config.max_seq_len``. The unpatched
+    model, as any MPT, refuses inputs longer than ``max_seq_len``.
+
+    Why MPT, and what it cannot hold. MPT (transformers 5.23) has linbias's layout: pre-LN blocks,
+    one fused ``[q | k | v]`` projection, exact GELU, no position embeddings, ALiBi added after the
+    1/sqrt(head dim) scaling with the same slopes for any head count, optionally untied output
+    weights (``tie_word_embeddings``). But ``MptModel`` builds every Linear and LayerNorm without a
+    bias and every MLP 4 * d_model wide, whatever ``no_bias`` and ``expansion_ratio`` say, and
+    builds its ALiBi with ``alibi_bias_max=8`` whatever ``attn_config`` says. So only a model whose
+    biases are all zero (or absent), with ``d_ff = 4 * d_model`` and ``alibi_max_bias = 8``,
+    exports exactly; anything else is refused rather than approximated. BLOOM is no alternative:
+    its tanh-approximated GELU and its LayerNorm on the word embeddings cannot be made exact.
+    Dropout only acts in training; the export has none.
+
+    Args:
+        run_or_path: a ``linbias.train.Run`` or a run directory.
+        out_dir: the directory to write: new, empty, or a previous export (marked by
+            ``EXPORT_MARKER``), which is replaced. It is filled atomically: a reader sees the
+            previous contents or the whole new export, never part of one.
+
+    Returns:
+        ``out_dir`` as a ``Path``.
+
+    Raises:
+        ValueError: a model that is not ALiBi, or that MPT cannot hold exactly (the message says
+            which part); an ``out_dir`` that is a file or a non-empty directory of something else.
+        RuntimeError: the written model's logits differ (another transformers version).
+        RunError: an unusable run directory.
+    """
+    run = run_or_path if isinstance(run_or_path, Run) else load_run(run_or_path)
+    out = Path(out_dir)
+    _check_export_dir(out)
+    tensors = _mpt_tensors(run.model, run.config)  # every refusal comes before any file is written
+    mpt = MptForCausalLM(_mpt_config(run))
+    mpt.load_state_dict(tensors, strict=True)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=run.tokenizer, eos_token=EOT, bos_token=EOT, unk_token=EOT,
+        clean_up_tokenization_spaces=False,  # decode gives back the text, spaces and all
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        mpt.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        diff = _verify_export(run, tmp)
+        marker = {"format": _EXPORT_FORMAT, "hf_format": "mpt", "source": str(run.path),
+                  "linbias_version": linbias.__version__, "train_len": run.config.train_len,
+                  "max_logit_diff": diff, "model": run.config.to_dict()}
+        (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
+        _replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _check_export_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file; export_to_hf writes a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / EXPORT_MARKER).is_file():
+        raise ValueError(
+            f"{out} is not empty and is not a previous linbias export (it has no {EXPORT_MARKER}); "
+            "choose a new or empty directory"
+        )
+
+
+def _mpt_tensors(model: torch.nn.Module, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """The state dict of an equivalent ``MptForCausalLM``; ValueError if there is none."""
+    if config.position != "alibi":
+        raise ValueError(
+            f"this run uses {config.position!r} positions; only ALiBi models map onto the ALiBi "
+            f"architectures of transformers (MPT, BLOOM), so only position='alibi' exports"
+        )
+    if config.alibi_max_bias != 8:
+        raise ValueError(
+            f"alibi_max_bias={config.alibi_max_bias:g} cannot be exported: transformers' MptModel "
+            "builds its ALiBi slopes with alibi_bias_max=8 whatever its config says"
+        )
+    if config.ff_dim != 4 * config.d_model:
+        raise ValueError(
+            f"d_ff={config.ff_dim} cannot be exported: transformers' MPT MLP is always "
+            f"4 * d_model = {4 * config.d_model} wide (it ignores expansion_ratio)"
+        )
+    tensors, nonzero, unknown = {}, [], []
+    for name, t in model.state_dict().items():
+        if name.endswith(".bias"):
+            if bool(t.any()):
+                nonzero.append(f"{name} (max |b| {float(t.abs().max()):.2g})")
+        elif (target := _mpt_name(name)) is None:
+            unknown.append(name)
+        else:
+            tensors[target] = t.detach().clone()
+    if unknown:
+        raise ValueError(f"no MPT counterpart for linbias parameters {unknown}")
+    if nonzero:
+        raise ValueError(
+            f"{len(nonzero)} bias tensors are non-zero ({', '.join(nonzero[:3])}"
+            f"{', ...' if len(nonzero) > 3 else ''}): transformers' MPT builds its Linear and "
+            "LayerNorm layers without biases (it ignores no_bias), so only a model without biases "
+            "exports exactly, and BLOOM, which has biases, differs in its GELU and an embedding "
+            "LayerNorm"
+        )
+    return tensors
+
+
+def _mpt_name(name: str) -> str | None:
+    match = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
+    if match is None:
+        return _MPT_TOP.get(name)
+    inner = _MPT_BLOCK.get(match.group(2))
+    return None if inner is None else f"transformer.blocks.{match.group(1)}.{inner}"
+
+
+def _mpt_config(run: Run) -> MptConfig:
+    config, eot = run.config, run.tokenizer.token_to_id(EOT)
+    eps = {m.eps for m in run.model.modules() if isinstance(m, torch.nn.LayerNorm)}
+    if len(eps) != 1:
+        raise ValueError(f"MPT has one layer_norm_epsilon; this model's LayerNorms use {eps}")
+    return MptConfig(
+        d_model=config.d_model, n_heads=config.n_heads, n_layers=config.n_layers,
+        vocab_size=config.vocab_size, max_seq_len=config.train_len, expansion_ratio=4,
+        layer_norm_epsilon=eps.pop(), learned_pos_emb=False, no_bias=True,
+        attn_config={"alibi": True, "alibi_bias_max": 8, "attn_pdrop": 0},
+        resid_pdrop=0, emb_pdrop=0, tie_word_embeddings=config.tie_weights,
+        use_cache=True,  # MptConfig's default is False; generation wants the cache
+        bos_token_id=eot, eos_token_id=eot,
+    )
+
+
+def _verify_export(run: Run, path: Path) -> float:
+    """Largest logit difference between the run's model and the checkpoint written at ``path``."""
+    mpt = AutoModelForCausalLM.from_pretrained(path).eval()
+    n = min(run.config.train_len, _VERIFY_LEN)
+    ids = torch.randint(run.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(0))
+    previous, training = run.model.position.scaling, run.model.training
+    try:
+        run.model.set_scaling("none")
+        run.model.eval()  # no dropout
+        with torch.inference_mode():
+            expected = run.model(ids.to(next(run.model.parameters()).device)).float().cpu()
+            got = mpt(ids).logits.float()
+    finally:
+        run.model.set_scaling(previous)
+        run.model.train(training)
+    diff = float((got - expected).abs().max())
+    if not diff <= _EXPORT_RTOL * max(1.0, float(expected.abs().max())):
+        raise RuntimeError(
+            f"the exported MPT's logits differ from the linbias model's by up to {diff:.3g}; this "
+            f"transformers version ({transformers.__version__}) builds MPT differently from 5.23"
+        )
+    return diff
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished ``tmp`` to ``out``; a previous export there goes aside, then away."""
+    if out.is_dir() and any(out.iterdir()):
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)  # an empty directory is replaced in one step
+
+
+# --- Evaluation of transformers models ----------------------------------------------------------
+
+
+def evaluate_hf(
+    model_or_path: PreTrainedModel | str | Path,
+    *,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    train_len: int | None = None,
+    lengths: Sequence[int],
+    scalings: Sequence[str] = ("none",),
+    data: str = "stdlib",
+    split: str = "valid",
+    mode: Mode = "nonoverlapping",
+    stride: int | None = None,
+    batch_size: int = 8,
+    max_tokens: int | None = None,
+    per_position: bool = False,
+    cache_dir: str | Path | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Evaluate a transformers causal LM on a linbias corpus at several lengths and scaling rules.
+
+    The counterpart of ``linbias.evaluate.evaluate_run`` (same protocols through
+    ``evaluate_stream``, same record keys, ``position`` being the model family, e.g. ``"mpt"``).
+    The corpus is tokenised by the model's fast tokenizer (its ``backend_tokenizer``), each
+    document followed by the tokenizer's ``eos_token``. For bits per byte, each token counts the
+    UTF-8 bytes it stands for: exactly for byte-level BPE vocabularies (GPT-2, MPT, BLOOM, linbias
+    exports); other tokens count the bytes of the token decoded on its own, which is approximate
+    where that decoding differs from the token's share of the text (SentencePiece drops a word's
+    leading space, a lone byte token decodes to U+FFFD).
+
+    Scaling rules: ``"none"`` is the model as transformers runs it. For MPT, whose unpatched
+    model cannot run past ``max_seq_len``, ``"none"`` goes through ``extended(model, train_len,
+    "none")``, which gives the same logits where the unpatched model runs and plain ALiBi
+    extrapolation beyond (as ``"none"`` does for linbias runs). Other rules use ``extended(model,
+    train_len, rule)`` and need an ALiBi family of ``FAMILIES``.
+
+    Args:
+        model_or_path: a loaded model, or a local directory (e.g. from ``export_to_hf``) or Hub
+            name for ``AutoModelForCausalLM.from_pretrained``. A Hub name needs network access or
+            the local Hugging Face cache.
+        tokenizer: the model's tokenizer; default: ``AutoTokenizer`` from the same place (for a
+            loaded model, its ``name_or_path``).
+        train_len: the training length L for the scaling rules; default as ``extend_context``
+            (MPT: ``max_seq_len``; Falcon: ``max_position_embeddings``; BLOOM: required).
+        lengths: evaluation lengths ``L'``, in the order the records are returned.
+        scalings: rule names (``linbias.alibi.SCALING_RULES``), each evaluated separately.
+        data: corpus spec for ``linbias.data.load_corpus`` (``stdlib``, ``text:PATH``, ``hf:...``).
+        split: ``valid``, ``test`` or ``train``.
+        mode, stride, batch_size, max_tokens, per_position, progress: as for ``evaluate_stream``.
+        cache_dir: token-stream cache; default ``linbias.data.default_cache_dir()``.
+        device: move the model there first (default: where it is).
+
+    Returns:
+        One record per length and rule, as ``evaluate_run``'s: ``position`` (family), ``scaling``,
+        ``train_len``, ``split``, ``skipped`` (a reason, or ``None``) and ``evaluate_stream``'s
+        keys. A length the stream cannot fill is skipped (numbers ``None``).
+
+    Raises:
+        RuntimeError: the model or tokenizer cannot be loaded (the message says what to check
+            when offline).
+        ValueError: bad lengths, stride, mode, an unknown rule, a rule other than ``"none"`` for a
+            model without ALiBi, BLOOM without ``train_len``, a tokenizer without a fast backend
+            or an eos token; with a single length, a length that would be skipped.
+    """
+    model, tokenizer = _load_hf(model_or_path, tokenizer)
+    family, train_len = _check_hf_request(model, train_len, lengths, scalings, mode, stride,
+                                          batch_size, max_tokens)
+    backend, eos = _fast_backend(tokenizer)
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    stream = token_stream(load_corpus(data), backend, split, cache, eot=eos)
+    byte_lengths = _hf_byte_lengths(backend)
+    n_targets = len(stream) - 1 if max_tokens is None else min(len(stream) - 1, max_tokens)
+    if device is not None:
+        model.to(device)
+    model_device = next(model.parameters()).device
+
+    def logits_fn(idx_BT: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=idx_BT.to(model_device), use_cache=False).logits
+
+    records, training = [], model.training
+    model.eval()
+    try:
+        for eval_len in map(int, lengths):
+            reason = _hf_skip_reason(eval_len, n_targets, split, max_tokens)
+            if reason is not None and len(lengths) == 1:
+                raise ValueError(reason)
+            for rule in scalings:
+                head = {"position": family, "scaling": rule, "train_len": train_len,
+                        "split": split, "skipped": reason}
+                if reason is not None:
+                    records.append({**head, **_skipped(eval_len, mode, stride, per_position)})
+                    continue
+                with _scaled(model, family, train_len, rule):
+                    result = evaluate_stream(
+                        logits_fn, stream, byte_lengths, eval_len=eval_len, mode=mode,
+                        stride=stride, batch_size=batch_size, max_tokens=max_tokens,
+                        per_position=per_position, progress=progress,
+                    )
+                records.append({**head, **result})
+    finally:
+        model.train(training)
+    return records
+
+
+def _load_hf(
+    model_or_path: PreTrainedModel | str | Path, tokenizer: PreTrainedTokenizerBase | None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    if isinstance(model_or_path, PreTrainedModel):
+        model, source = model_or_path, model_or_path.name_or_path
+    else:
+        source = str(model_or_path)
+        model = _from_pretrained(AutoModelForCausalLM, source, "model")
+    if tokenizer is None:
+        if not source:
+            raise ValueError("the model records no name_or_path to load its tokenizer from: pass "
+                             "tokenizer=")
+        tokenizer = _from_pretrained(AutoTokenizer, source, "tokenizer")
+    return model, tokenizer
+
+
+def _from_pretrained(cls: Any, source: str, what: str) -> Any:
+    try:
+        return cls.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        if Path(source).is_dir():
+            message = f"could not load a transformers {what} from {source}: {exc}"
+            raise RuntimeError(message) from exc
+        raise RuntimeError(
+            f"could not load a transformers {what} from {source!r}: no such local directory, and "
+            f"as a Hugging Face Hub name it needs network access or a copy in the local Hugging "
+            f"Face cache (offline, e.g. with HF_HUB_OFFLINE=1, only the cache is used). Pass a "
+            f"local directory, such as one written by 'linbias export'. ({exc})"
+        ) from exc
+
+
+def _check_hf_request(
+    model: PreTrainedModel, train_len: int | None, lengths: Sequence[int], scalings: Sequence[str],
+    mode: str, stride: int | None, batch_size: int, max_tokens: int | None,
+) -> tuple[str, int | None]:
+    """Every argument checked before any evaluation starts; returns ``(family, train_len)``."""
+    if isinstance(lengths, (int, str)) or not lengths:
+        raise ValueError(f"lengths must be a non-empty list of positive integers, got {lengths!r}")
+    for length in lengths:
+        _check_int("eval_len", length, 1)
+        _resolve_stride(mode, int(length), stride)
+    _check_int("batch_size", batch_size, 1)
+    if max_tokens is not None:
+        _check_int("max_tokens", max_tokens, 1)
+    if isinstance(scalings, str) or not scalings:
+        raise ValueError(f"scalings must be a non-empty list of rule names, got {scalings!r}")
+    for rule in scalings:
+        scaling_factor(1, 1, rule)  # unknown rule: the message lists the valid ones
+    base, rules = _base_model(model), set(scalings) - {"none"}
+    try:
+        family = _family(model, base)
+    except ValueError:
+        if rules:
+            raise  # the message names the supported families
+        family = model.config.model_type
+    else:
+        if train_len is None and (family != "bloom" or rules):
+            train_len = _default_train_len(family, base)  # BLOOM: asks for train_len
+    if train_len is not None:
+        scaling_factor(train_len, train_len, "none")  # a positive integer
+    return family, train_len
+
+
+def _scaled(
+    model: PreTrainedModel, family: str, train_len: int | None, rule: str
+) -> AbstractContextManager:
+    """The model under ``rule``: as it is for ``"none"``, except MPT (see ``evaluate_hf``)."""
+    if rule == "none" and family != "mpt":
+        return nullcontext(model)
+    return extended(model, train_len, rule)
+
+
+def _fast_backend(tokenizer: PreTrainedTokenizerBase) -> tuple[Tokenizer, str]:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if not isinstance(backend, Tokenizer):
+        raise ValueError(
+            f"{type(tokenizer).__name__} has no tokenizers backend; evaluate_hf needs a fast "
+            "tokenizer (AutoTokenizer.from_pretrained(..., use_fast=True))"
+        )
+    eos = tokenizer.eos_token
+    if not eos:
+        raise ValueError("the tokenizer has no eos_token, which evaluate_hf puts between documents")
+    return backend, str(eos)
+
+
+def _hf_byte_lengths(backend: Tokenizer) -> np.ndarray:
+    """UTF-8 bytes per token id (special tokens 0), for bits per byte.
+
+    A byte-level BPE (its decoder is ``ByteLevel``) spells each byte as one character, so a
+    token's length is its byte count (``linbias.data.token_byte_lengths``); tokens added as raw
+    text (e.g. GPT-NeoX's runs of spaces) count their own UTF-8 bytes. Any other vocabulary counts
+    each token decoded on its own. The decoder decides, not the characters: ``"é"`` is one byte as
+    a byte-level character but two in a SentencePiece vocabulary.
+    """
+    byte_level = "ByteLevel" in _types(json.loads(backend.to_str()).get("decoder"))
+    if byte_level:
+        try:
+            return token_byte_lengths(backend)
+        except KeyError:  # a token added as raw text, not in byte-level characters
+            pass
+    added = {t.content: t.special for t in backend.get_added_tokens_decoder().values()}
+    lengths = np.zeros(backend.get_vocab_size(), dtype=np.int64)
+    for token, i in backend.get_vocab().items():
+        if token in added:
+            lengths[i] = 0 if added[token] else len(token.encode("utf-8"))
+        elif byte_level:
+            lengths[i] = len(token)
+        else:
+            lengths[i] = len(backend.decode([i], skip_special_tokens=False).encode("utf-8"))
+    return lengths
+
+
+def _types(component: dict | None) -> set[str]:
+    """The ``type`` names in a serialised tokenizer component, inside ``Sequence``s too."""
+    if not component:
+        return set()
+    inner = component.get("decoders") or component.get("pretokenizers") or []
+    return {component.get("type", "")}.union(*(_types(c) for c in inner))
+
+
+def _hf_skip_reason(
+    eval_len: int, n_targets: int, split: str, max_tokens: int | None
+) -> str | None:
+    if n_targets >= eval_len:
+        return None
+    where = f"the {split} split" + (f" with max_tokens={max_tokens}" if max_tokens else "")
+    return f"eval_len={eval_len} needs at least {eval_len} scored tokens; {where} has {n_targets}"

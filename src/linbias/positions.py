@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from linbias.alibi import SCALING_RULES, alibi_slopes, interpolate_slopes, scaling_factor
 from linbias.attention import alibi_attention
-from linbias.config import ModelConfig
+from linbias.config import INIT_STD, ModelConfig
 
 __all__ = [
     "PositionMethod",
@@ -203,9 +203,10 @@ class NoPositions(PositionMethod):
 class SinusoidalPositions(PositionMethod):
     """Fixed sinusoids (Vaswani et al. 2017, section 3.5), computed for any position.
 
-    ``PE[pos, 2i] = sin(pos / 10000^(2i/C))``, ``PE[pos, 2i+1] = cos(...)``. The paper adds PE to
-    embeddings scaled by ``sqrt(C)``; adding ``PE / sqrt(C)`` to the unscaled embeddings keeps that
-    ratio at this model's residual scale (embeddings initialised with std 0.02).
+    ``PE[pos, 2i] = sin(pos / 10000^(2i/C))``, ``PE[pos, 2i+1] = cos(...)``. Vaswani et al. and
+    fairseq (the ALiBi paper's code) add PE to token embeddings of unit scale (initialised with std
+    ``C^-0.5``, multiplied by ``sqrt(C)``): PE's RMS is 0.71 of the tokens'. This model's token
+    embeddings start at std ``INIT_STD``, so PE is scaled by ``INIT_STD`` to keep that ratio.
     """
 
     name = "sinusoidal"
@@ -214,7 +215,7 @@ class SinusoidalPositions(PositionMethod):
         C = x_BTC.shape[-1]
         angles = rotary_angles(pos_T, C, base=10000.0)  # [..., T, ceil(C/2)]: same frequencies
         pe = torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)[..., :C]
-        return x_BTC + (pe / math.sqrt(C)).to(x_BTC.dtype)
+        return x_BTC + (pe * INIT_STD).to(x_BTC.dtype)
 
 
 class LearnedPositions(PositionMethod):

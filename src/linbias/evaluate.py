@@ -1,0 +1,453 @@
+"""Test long: perplexity and bits per byte at each evaluation length ``L'``.
+
+The two protocols of the ALiBi paper (Press, Smith and Lewis, "Train Short, Test Long", ICLR 2022,
+arXiv 2108.12409, section 4 and appendix B), on one token stream of ``N`` tokens whose targets are
+tokens ``1 .. N-1``; both score every target exactly once, so their numbers are comparable:
+
+* ``nonoverlapping``: consecutive chunks of ``L'`` tokens, every token of a chunk scored. Tokens
+  early in a chunk see little context (the "early token curse"); ``per_position`` shows it.
+* ``sliding`` with stride ``S`` (``1 <= S <= L'``): window ``k`` holds tokens ``kS .. kS+L'-1``
+  and scores only its last ``S`` predictions (the first window scores all ``L'``), so every
+  prediction after the first window sees at least ``L' - S`` tokens of context. ``S = L'`` is
+  exactly ``nonoverlapping``.
+
+The targets left at the end (fewer than a chunk or a stride) are not dropped: the protocol's grid
+continues with one final window cut at the end of the stream, shorter than ``L'`` (as in the
+sliding-window loop of the Hugging Face perplexity guide). That window scores only its new tokens,
+and a length-scaling rule sees its own, shorter length.
+
+Perplexity is ``exp`` of the mean negative log-likelihood per scored token (nats); bits per byte
+is the total NLL in bits over the UTF-8 bytes of the scored tokens, comparable across tokenizers.
+Position interpolation for ALiBi (Al-Khateeb et al. 2023, arXiv 2310.13017) is evaluated by
+setting a scaling rule on the model (``GPT.set_scaling``) for the duration of an evaluation.
+
+The core, ``evaluate_stream``, takes any logits function ``[B, T] -> [B, T, V]``, so the same
+protocols serve models from other libraries. Shape suffixes: ``B`` windows in a batch, ``T``
+window length, ``V`` vocabulary, ``K`` windows, ``N`` scored tokens of a batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from linbias.data import (
+    _atomic_write,
+    default_cache_dir,
+    load_corpus,
+    token_byte_lengths,
+    token_stream,
+)
+from linbias.train import Run, load_run
+
+__all__ = ["MODES", "Mode", "evaluate_run", "evaluate_stream", "format_table", "write_json"]
+
+Mode = Literal["nonoverlapping", "sliding"]
+MODES: tuple[str, ...] = ("nonoverlapping", "sliding")
+LogitsFn = Callable[[torch.Tensor], torch.Tensor]
+
+_LN2 = math.log(2.0)
+
+
+# --- windows -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Windows:
+    """Window ``k`` reads inputs ``stream[start_k : start_k + length_k]``, predicts the next token
+    at each, and scores the predictions at window positions ``first_k .. length_k - 1``."""
+
+    start_K: np.ndarray
+    length_K: np.ndarray
+    first_K: np.ndarray
+
+
+def _windows(n_targets: int, eval_len: int, stride: int) -> _Windows:
+    """The sliding grid (``stride == eval_len``: non-overlapping chunks) over ``n_targets`` targets.
+
+    Window ``k`` starts at ``k * stride``; all but the first score only what the previous window
+    did not, ``eval_len - stride`` positions in; the last one is cut at the end of the stream.
+    """
+    n_windows = 1 + -(-(n_targets - eval_len) // stride)  # ceil division
+    start_K = np.arange(n_windows, dtype=np.int64) * stride
+    end_K = np.minimum(start_K + eval_len, n_targets)
+    first_K = np.concatenate([[0], end_K[:-1] - start_K[1:]]).astype(np.int64)
+    return _Windows(start_K, end_K - start_K, first_K)
+
+
+# --- the core: any logits function --------------------------------------------------------------
+
+
+def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low or (
+        high is not None and value > high
+    ):
+        bound = f"in {low}..{high}" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be an integer {bound}, got {value!r}")
+
+
+def _resolve_stride(mode: str, eval_len: int, stride: int | None) -> int:
+    if mode not in MODES:
+        raise ValueError(f"unknown evaluation mode {mode!r}; valid modes: {', '.join(MODES)}")
+    if mode == "nonoverlapping":
+        if stride is not None and stride != eval_len:
+            raise ValueError(
+                f"mode 'nonoverlapping' uses stride = eval_len ({eval_len}); got stride={stride}. "
+                "Use mode='sliding' for another stride"
+            )
+        return eval_len
+    if stride is None:
+        raise ValueError("mode 'sliding' needs a stride S with 1 <= S <= eval_len (S=1: slowest)")
+    _check_int(f"stride (eval_len={eval_len})", stride, 1, eval_len)
+    return int(stride)
+
+
+def _prepare_stream(stream: Any, max_tokens: int | None, eval_len: int) -> np.ndarray:
+    """The 1-D stream cut to ``max_tokens`` targets, checked to hold at least ``eval_len``."""
+    if isinstance(stream, torch.Tensor):
+        stream = stream.detach().cpu().numpy()
+    array = np.asarray(stream)
+    if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"stream must be 1-D token ids, got shape {array.shape}, {array.dtype}")
+    if max_tokens is not None:
+        _check_int("max_tokens", max_tokens, 1)
+        array = array[: max_tokens + 1]
+    if len(array) < 2:
+        raise ValueError(
+            f"the stream has {len(array)} token(s); perplexity needs at least 2 (one to predict)"
+        )
+    if len(array) - 1 < eval_len:
+        raise ValueError(
+            f"eval_len={eval_len} needs at least {eval_len} scored tokens ({eval_len + 1} in the "
+            f"stream); it has {len(array) - 1}"
+            + (f" with max_tokens={max_tokens}" if max_tokens is not None else "")
+        )
+    return array
+
+
+@dataclass
+class _Totals:
+    """Running sums over scored tokens, in float64."""
+
+    nll: float = 0.0
+    tokens: int = 0
+    bytes: int = 0
+    pos_nll: torch.Tensor | None = None  # [eval_len] float64, when per_position
+    pos_count: torch.Tensor | None = None  # [eval_len] int64
+
+
+def _score_batch(
+    logits_fn: LogitsFn,
+    stream: np.ndarray,
+    start_B: np.ndarray,
+    first_B: np.ndarray,
+    length: int,
+    byte_lengths: np.ndarray | None,
+    totals: _Totals,
+) -> None:
+    """One forward over windows of equal ``length``; adds their scored NLL to ``totals``."""
+    offsets_T = np.arange(length + 1)
+    tokens = torch.from_numpy(np.asarray(stream[start_B[:, None] + offsets_T], dtype=np.int64))
+    idx_BT, target_BT = tokens[:, :-1], tokens[:, 1:]
+    scored_BT = torch.arange(length)[None, :] >= torch.from_numpy(first_B)[:, None]
+    logits_BTV = logits_fn(idx_BT)
+    if logits_BTV.shape[:2] != idx_BT.shape:
+        raise ValueError(
+            f"logits_fn returned shape {tuple(logits_BTV.shape)} for input {tuple(idx_BT.shape)}; "
+            "expected [B, T, V]"
+        )
+    scored = scored_BT.to(logits_BTV.device)
+    # Only scored rows go through log-softmax, in float32 at least; sums in float64.
+    logits_NV = logits_BTV[scored] if not bool(scored_BT.all()) else logits_BTV.flatten(0, 1)
+    del logits_BTV
+    logits_NV = logits_NV.to(torch.promote_types(logits_NV.dtype, torch.float32))
+    target_N = target_BT[scored_BT].to(logits_NV.device)
+    nll_N = F.cross_entropy(logits_NV, target_N, reduction="none").double().cpu()
+    del logits_NV
+    totals.nll += float(nll_N.sum())
+    totals.tokens += int(nll_N.numel())
+    if byte_lengths is not None:
+        totals.bytes += int(byte_lengths[target_N.cpu().numpy()].sum())
+    if totals.pos_nll is not None and totals.pos_count is not None:
+        pos_N = torch.arange(length).expand_as(scored_BT)[scored_BT]
+        totals.pos_nll += torch.bincount(pos_N, weights=nll_N, minlength=len(totals.pos_nll))
+        totals.pos_count += torch.bincount(pos_N, minlength=len(totals.pos_count))
+
+
+def _ppl(mean_nll: float) -> float:
+    return math.exp(mean_nll) if mean_nll < 700 else math.inf  # exp overflows past ~709
+
+
+def evaluate_stream(
+    logits_fn: LogitsFn,
+    stream: np.ndarray | torch.Tensor | Sequence[int],
+    byte_lengths: np.ndarray | None,
+    *,
+    eval_len: int,
+    mode: Mode = "nonoverlapping",
+    stride: int | None = None,
+    batch_size: int = 8,
+    max_tokens: int | None = None,
+    per_position: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Perplexity and bits per byte of a token stream under one protocol at one length ``L'``.
+
+    Every token of the stream after the first (or of its first ``max_tokens + 1`` tokens) is
+    predicted and scored exactly once, whatever the mode and stride (see the module docstring).
+
+    Args:
+        logits_fn: maps ``[B, T]`` int64 token ids (on the CPU) to ``[B, T, V]`` next-token logits
+            on any device, in any float dtype; called under ``torch.inference_mode``.
+        stream: 1-D token ids (e.g. from ``linbias.data.token_stream``; a memory map is fine).
+        byte_lengths: UTF-8 bytes per token id (``linbias.data.token_byte_lengths``), or ``None``
+            to skip bits per byte.
+        eval_len: the window length ``L'``; the stream must hold at least ``L'`` targets.
+        mode: ``"nonoverlapping"`` or ``"sliding"``.
+        stride: the sliding stride ``S``, ``1 <= S <= L'``; required for ``sliding``, and must
+            be ``None`` or ``L'`` for ``nonoverlapping``.
+        batch_size: windows per forward (memory grows with ``batch_size * L' * V``).
+        max_tokens: score only the first ``max_tokens`` targets (``None``: all).
+        per_position: also return the mean NLL by position inside the window.
+        progress: show a progress bar over windows.
+
+    Returns:
+        ``eval_len``, ``mode``, ``stride`` (the effective stride: ``eval_len`` for
+        ``nonoverlapping``), ``ppl``, ``bpb`` (``None`` without ``byte_lengths``), ``nll`` (mean
+        nats per scored token), ``tokens`` (scored tokens), ``bytes`` (their UTF-8 bytes, or
+        ``None``), ``seconds``, and with ``per_position`` a list of ``L'`` mean NLLs (nats):
+        entry ``j`` is over the predictions made after reading ``j + 1`` tokens of a window.
+
+    Raises:
+        ValueError: bad lengths, stride, mode or batch size; a stream with fewer than 2 tokens or
+            fewer than ``L'`` targets; logits of the wrong shape.
+    """
+    _check_int("eval_len", eval_len, 1)
+    _check_int("batch_size", batch_size, 1)
+    step = _resolve_stride(mode, eval_len, stride)
+    array = _prepare_stream(stream, max_tokens, eval_len)
+    if byte_lengths is not None and int(array.max()) >= len(byte_lengths):
+        raise ValueError(
+            f"token id {int(array.max())} has no entry in byte_lengths ({len(byte_lengths)} ids)"
+        )
+    windows = _windows(len(array) - 1, eval_len, step)
+    totals = _Totals()
+    if per_position:
+        totals.pos_nll = torch.zeros(eval_len, dtype=torch.float64)
+        totals.pos_count = torch.zeros(eval_len, dtype=torch.int64)
+    bar = tqdm(total=len(windows.start_K), disable=not progress, unit="window", dynamic_ncols=True,
+               desc=f"L'={eval_len} {mode}", leave=False)
+    t0 = time.perf_counter()
+    with bar, torch.inference_mode():
+        for length in np.unique(windows.length_K):  # at most two lengths: full and the last cut
+            (rows,) = np.nonzero(windows.length_K == length)
+            for i in range(0, len(rows), batch_size):
+                batch = rows[i : i + batch_size]
+                _score_batch(logits_fn, array, windows.start_K[batch], windows.first_K[batch],
+                             int(length), byte_lengths, totals)
+                bar.update(len(batch))
+    return _result(totals, eval_len, mode, step, time.perf_counter() - t0, byte_lengths is not None)
+
+
+def _result(
+    totals: _Totals, eval_len: int, mode: str, stride: int, seconds: float, with_bytes: bool
+) -> dict[str, Any]:
+    nll = totals.nll / totals.tokens
+    out: dict[str, Any] = {
+        "eval_len": eval_len,
+        "mode": mode,
+        "stride": stride,
+        "ppl": _ppl(nll),
+        "bpb": totals.nll / _LN2 / totals.bytes if with_bytes and totals.bytes else None,
+        "nll": nll,
+        "tokens": totals.tokens,
+        "bytes": totals.bytes if with_bytes else None,
+        "seconds": seconds,
+    }
+    if totals.pos_nll is not None and totals.pos_count is not None:
+        out["per_position"] = (totals.pos_nll / totals.pos_count).tolist()
+    return out
+
+
+# --- runs ----------------------------------------------------------------------------------------
+
+
+def _check_request(
+    lengths: Sequence[int], mode: str, stride: int | None, scalings: Sequence[str], model: Any,
+    batch_size: int, max_tokens: int | None,
+) -> None:
+    """Every argument checked before any evaluation starts, so a typo never costs a long run."""
+    if isinstance(lengths, (int, str)) or not lengths:
+        raise ValueError(f"lengths must be a non-empty list of positive integers, got {lengths!r}")
+    for length in lengths:
+        _check_int("eval_len", length, 1)
+        _resolve_stride(mode, int(length), stride)
+    _check_int("batch_size", batch_size, 1)
+    if max_tokens is not None:
+        _check_int("max_tokens", max_tokens, 1)
+    if isinstance(scalings, str) or not scalings:
+        raise ValueError(f"scalings must be a non-empty list of rule names, got {scalings!r}")
+    previous = model.position.scaling
+    try:
+        for rule in scalings:
+            model.set_scaling(rule)  # the position method's own error for a rule it lacks
+    finally:
+        model.set_scaling(previous)
+
+
+def _skip_reason(run: Run, eval_len: int, n_targets: int, where: str) -> str | None:
+    max_len = run.model.position.max_len
+    if max_len is not None and eval_len > max_len:
+        return (
+            f"{run.config.position!r} positions cannot represent L'={eval_len}: the method "
+            f"stops at {max_len} positions and cannot extrapolate past them"
+        )
+    if n_targets < eval_len:
+        return (
+            f"eval_len={eval_len} needs at least {eval_len} scored tokens; {where} has {n_targets}"
+        )
+    return None
+
+
+def evaluate_run(
+    run_or_path: Run | str | Path,
+    *,
+    lengths: Sequence[int],
+    split: str = "valid",
+    mode: Mode = "nonoverlapping",
+    stride: int | None = None,
+    scalings: Sequence[str] = ("none",),
+    batch_size: int = 8,
+    max_tokens: int | None = None,
+    per_position: bool = False,
+    cache_dir: str | Path | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Evaluate a trained run on its corpus's held-out split at several lengths and scaling rules.
+
+    Args:
+        run_or_path: a ``Run`` or a run directory (loaded with ``linbias.train.load_run``).
+        lengths: evaluation lengths ``L'``, in the order the records are returned.
+        split: ``valid`` or ``test`` (or ``train``) of the run's corpus (``train_config.data``).
+        mode: ``nonoverlapping`` or ``sliding`` (see ``evaluate_stream``).
+        stride: the sliding stride ``S``, ``1 <= S <= min(lengths)``.
+        scalings: length-scaling rules, each set with ``model.set_scaling`` for its evaluations
+            and reset afterwards (ALiBi: keys of ``linbias.alibi.SCALING_RULES``).
+        batch_size: windows per forward.
+        max_tokens: score only the first ``max_tokens`` tokens of the split (``None``: all).
+        per_position: add the mean NLL by position inside the window to each record.
+        cache_dir: where token streams are cached (default ``linbias.data.default_cache_dir()``).
+        device: where the model runs (default: where it is, the CPU after ``load_run``).
+        progress: show progress bars.
+
+    Returns:
+        One record per (length, rule), lengths outer: ``position``, ``scaling``, ``train_len``,
+        ``split``, ``skipped`` (``None``, or why the length was not evaluated) and the keys of
+        ``evaluate_stream``. With several lengths, one the method cannot represent (``learned``
+        past its table) or the stream cannot fill is skipped: its numbers are ``None``.
+
+    Raises:
+        RunError: the run directory is unusable (from ``load_run``).
+        ValueError: bad lengths, stride, mode, or a rule the position method does not support;
+            with a single length, a length that would be skipped.
+    """
+    run = run_or_path if isinstance(run_or_path, Run) else load_run(run_or_path)
+    model = run.model
+    _check_request(lengths, mode, stride, scalings, model, batch_size, max_tokens)
+    if device is not None:
+        model.to(device)
+    model_device = next(model.parameters()).device
+    corpus = load_corpus(run.train_config.data)
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    stream = token_stream(corpus, run.tokenizer, split, cache)
+    n_targets = len(stream) - 1 if max_tokens is None else min(len(stream) - 1, max_tokens)
+    byte_lengths = token_byte_lengths(run.tokenizer)
+    where = f"the {split} split"
+    if max_tokens is not None:
+        where += f" with max_tokens={max_tokens}"
+
+    def logits_fn(idx_BT: torch.Tensor) -> torch.Tensor:
+        return model(idx_BT.to(model_device))
+
+    records = []
+    previous = model.position.scaling
+    for eval_len in lengths:
+        reason = _skip_reason(run, int(eval_len), n_targets, where)
+        if reason is not None and len(lengths) == 1:
+            raise ValueError(reason)
+        for rule in scalings:
+            head = {"position": run.config.position, "scaling": rule,
+                    "train_len": run.config.train_len, "split": split, "skipped": reason}
+            if reason is not None:
+                records.append({**head, **_skipped(int(eval_len), mode, stride, per_position)})
+                continue
+            try:
+                model.set_scaling(rule)
+                result = evaluate_stream(
+                    logits_fn, stream, byte_lengths, eval_len=int(eval_len), mode=mode,
+                    stride=stride, batch_size=batch_size, max_tokens=max_tokens,
+                    per_position=per_position, progress=progress,
+                )
+            finally:
+                model.set_scaling(previous)
+            records.append({**head, **result})
+    return records
+
+
+def _skipped(eval_len: int, mode: str, stride: int | None, per_position: bool) -> dict[str, Any]:
+    out = {"eval_len": eval_len, "mode": mode, "stride": eval_len if stride is None else stride,
+           "ppl": None, "bpb": None, "nll": None, "tokens": 0, "bytes": None, "seconds": 0.0}
+    return {**out, "per_position": None} if per_position else out
+
+
+# --- output --------------------------------------------------------------------------------------
+
+_COLUMNS = ("position", "scaling", "L", "L'", "mode", "ppl", "bpb", "tokens", "s")
+
+
+def _number(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _row(r: dict[str, Any]) -> list[str]:
+    mode = r["mode"] if r["mode"] == "nonoverlapping" else f"{r['mode']} S={r['stride']}"
+    ppl = "skipped" if r.get("skipped") else _number(r["ppl"], 3)
+    return [str(r.get("position", "-")), str(r.get("scaling", "none")),
+            str(r.get("train_len", "-")), str(r["eval_len"]), mode, ppl, _number(r["bpb"], 4),
+            str(r["tokens"]), _number(r["seconds"], 1)]
+
+
+def format_table(records: Sequence[dict[str, Any]]) -> str:
+    """The records as an aligned text table, one row each; skip reasons are listed below it.
+
+    Columns: position, scaling, L (train_len), L' (eval_len), mode (with the stride when
+    sliding), ppl, bpb, tokens (scored), s (seconds).
+    """
+    rows = [list(_COLUMNS)] + [_row(r) for r in records]
+    widths = [max(len(row[c]) for row in rows) for c in range(len(_COLUMNS))]
+    numeric = set(range(2, len(_COLUMNS))) - {4}  # right-align numbers, left-align names
+    lines = [
+        "  ".join(cell.rjust(w) if c in numeric else cell.ljust(w)
+                  for c, (cell, w) in enumerate(zip(row, widths))).rstrip()
+        for row in rows
+    ]
+    lines += [f"skipped L'={r['eval_len']} ({r.get('scaling', 'none')}): {r['skipped']}"
+              for r in records if r.get("skipped")]
+    return "\n".join(lines)
+
+
+def write_json(records: Sequence[dict[str, Any]], path: str | Path) -> None:
+    """Write ``{"results": records}`` to ``path`` atomically (a reader never sees half a file)."""
+    text = json.dumps({"results": list(records)}, indent=2) + "\n"
+    _atomic_write(Path(path), lambda f: f.write(text.encode()))

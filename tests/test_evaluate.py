@@ -1,0 +1,347 @@
+"""Tests for linbias.evaluate, against a plain loop written from the ALiBi paper's protocols."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from linbias import evaluate as ev
+from linbias.data import load_corpus, token_byte_lengths, token_stream
+from linbias.evaluate import evaluate_run, evaluate_stream, format_table, write_json
+from linbias.model import GPT
+from linbias.train import Run, RunError, load_run
+
+RECORD_KEYS = {"position", "scaling", "train_len", "split", "skipped", "eval_len", "mode",
+               "stride", "ppl", "bpb", "nll", "tokens", "bytes", "seconds"}
+
+
+# --- the independent reference -------------------------------------------------------------------
+
+
+def naive_eval(model, stream, eval_len, stride):
+    """The Hugging Face perplexity guide's loop: windows start every ``stride`` tokens, each scores
+    the targets past the previous window's end; the last window is cut at the end of the stream.
+
+    Returns ``{target index: (nll, position in window)}``, failing if a target is scored twice.
+    """
+    stream = torch.as_tensor(np.asarray(stream, dtype=np.int64))
+    last, scored, prev_end = len(stream) - 1, {}, 0
+    for begin in range(0, last, stride):
+        end = min(begin + eval_len, last)  # inputs stream[begin:end], targets begin+1 .. end
+        with torch.no_grad():
+            logits = model(stream[begin:end][None])[0].double()
+        nll = F.cross_entropy(logits, stream[begin + 1 : end + 1], reduction="none")
+        for t in range(prev_end + 1, end + 1):
+            assert t not in scored
+            scored[t] = (nll[t - begin - 1].item(), t - begin - 1)
+        prev_end = end
+        if end == last:
+            break
+    return scored
+
+
+# --- fixtures ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def run(tiny_alibi_run: Path) -> Run:
+    return load_run(tiny_alibi_run)
+
+
+@pytest.fixture(scope="module")
+def stream(run: Run, tiny_cache_dir: Path) -> np.ndarray:
+    return token_stream(load_corpus(run.train_config.data), run.tokenizer, "valid", tiny_cache_dir)
+
+
+@pytest.fixture(scope="module")
+def byte_lengths(run: Run) -> np.ndarray:
+    return token_byte_lengths(run.tokenizer)
+
+
+def _eval(run, stream, byte_lengths, **kwargs):
+    return evaluate_stream(run.model, stream, byte_lengths, progress=False, **kwargs)
+
+
+# --- the protocols -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("n", "eval_len", "stride"), [
+    (2, 1, 1), (9, 8, 3), (33, 8, 8), (34, 8, 8), (40, 8, 1), (41, 8, 5), (100, 16, 7),
+    (17, 16, 16),
+])
+def test_windows_score_every_target_once(n, eval_len, stride) -> None:
+    w = ev._windows(n - 1, eval_len, stride)
+    targets = np.concatenate([np.arange(s + f, s + l) + 1
+                              for s, l, f in zip(w.start_K, w.length_K, w.first_K)])
+    assert sorted(targets.tolist()) == list(range(1, n))
+    assert (w.length_K <= eval_len).all() and (w.length_K[:-1] == eval_len).all()
+    # After the first window, every scored prediction has read at least L' - S tokens before it.
+    assert (w.first_K[1:] >= eval_len - stride).all()
+
+
+@pytest.mark.parametrize(("mode", "eval_len", "stride"), [
+    ("nonoverlapping", 16, None), ("nonoverlapping", 64, None), ("nonoverlapping", 50, None),
+    ("sliding", 16, 5), ("sliding", 64, 24), ("sliding", 50, 1),
+])
+def test_matches_naive_loop(run, stream, byte_lengths, mode, eval_len, stride) -> None:
+    n = 230  # 229 targets: no length divides it, so the last window is always cut short
+    naive = naive_eval(run.model, stream[:n], eval_len, stride or eval_len)
+    assert sorted(naive) == list(range(1, n))
+    nll = np.array([naive[t][0] for t in range(1, n)])
+    n_bytes = int(byte_lengths[np.asarray(stream[1:n], dtype=np.int64)].sum())
+    got = _eval(run, stream, byte_lengths, eval_len=eval_len, mode=mode, stride=stride,
+                max_tokens=n - 1, batch_size=3)
+    assert got["tokens"] == n - 1 and got["bytes"] == n_bytes
+    assert got["stride"] == (stride or eval_len)
+    assert got["nll"] == pytest.approx(nll.mean(), rel=1e-5)
+    assert got["ppl"] == pytest.approx(math.exp(nll.mean()), rel=1e-5)
+    assert got["bpb"] == pytest.approx(nll.sum() / math.log(2) / n_bytes, rel=1e-5)
+
+
+def test_each_target_scored_once_through_the_public_api() -> None:
+    # A bigram model: the NLL of target t depends on (stream[t-1], stream[t]) only, not on the
+    # window, so every protocol's total must be the same sum over t = 1 .. N-1.
+    gen = torch.Generator().manual_seed(1)
+    V, n = 11, 97
+    table = torch.randn(V, V, generator=gen, dtype=torch.float64)
+    stream = torch.randint(0, V, (n,), generator=gen)
+    nll = F.cross_entropy(table[stream[:-1]], stream[1:], reduction="none")
+    expected = nll.sum().item()
+    assert nll.min() > 1e-2  # so a target dropped or scored twice moves the sum
+
+    def bigram(idx):
+        return table[idx]
+
+    for mode, eval_len, stride in [("nonoverlapping", 10, None), ("nonoverlapping", 96, None),
+                                   ("sliding", 10, 1), ("sliding", 10, 3), ("sliding", 13, 13)]:
+        got = evaluate_stream(bigram, stream, None, eval_len=eval_len, mode=mode, stride=stride,
+                              batch_size=4, progress=False)
+        assert got["tokens"] == n - 1
+        assert got["nll"] * got["tokens"] == pytest.approx(expected, rel=1e-12)
+        assert got["bpb"] is None and got["bytes"] is None
+
+
+def test_sliding_with_stride_equal_to_length_is_nonoverlapping(run, stream, byte_lengths) -> None:
+    a = _eval(run, stream, byte_lengths, eval_len=24, mode="nonoverlapping")
+    b = _eval(run, stream, byte_lengths, eval_len=24, mode="sliding", stride=24)
+    for key in ("tokens", "bytes", "nll", "ppl", "bpb", "stride"):
+        assert a[key] == b[key]
+
+
+def test_stride_one_on_a_short_stream(run, stream, byte_lengths) -> None:
+    naive = naive_eval(run.model, stream[:41], 8, 1)
+    assert len(naive) == 40
+    # Stride 1: every prediction after the first window reads exactly L' = 8 tokens.
+    assert all(pos == 7 for t, (_, pos) in naive.items() if t > 8)
+    got = _eval(run, stream[:41], byte_lengths, eval_len=8, mode="sliding", stride=1)
+    assert got["tokens"] == 40
+    assert got["nll"] == pytest.approx(np.mean([v[0] for v in naive.values()]), rel=1e-5)
+
+
+def test_batching_does_not_change_results(run, stream, byte_lengths) -> None:
+    one = _eval(run, stream, byte_lengths, eval_len=20, mode="sliding", stride=7, batch_size=1)
+    many = _eval(run, stream, byte_lengths, eval_len=20, mode="sliding", stride=7, batch_size=64)
+    assert one["tokens"] == many["tokens"] == len(stream) - 1
+    assert one["nll"] == pytest.approx(many["nll"], rel=1e-5)
+
+
+def test_max_tokens_is_a_prefix(run, stream, byte_lengths) -> None:
+    a = _eval(run, stream, byte_lengths, eval_len=16, max_tokens=100)
+    b = _eval(run, stream[:101], byte_lengths, eval_len=16)
+    assert a["tokens"] == 100
+    assert a["nll"] == b["nll"] and a["bytes"] == b["bytes"]
+    whole = _eval(run, stream, byte_lengths, eval_len=16, max_tokens=10 * len(stream))
+    assert whole["tokens"] == len(stream) - 1
+
+
+def test_bits_per_byte_counts_the_decoded_text(run, stream, byte_lengths) -> None:
+    got = _eval(run, stream, byte_lengths, eval_len=32)
+    ids = np.asarray(stream, dtype=np.int64).tolist()
+    # Every document starts "doc N:", so the first token is ASCII and the scored text is the
+    # whole split's text without it; multi-byte characters split across tokens are counted once.
+    docs = load_corpus(run.train_config.data).documents("valid")
+    text_bytes = sum(len(d.encode()) for d in docs)
+    first = len(run.tokenizer.decode(ids[:1]).encode())
+    assert run.tokenizer.decode(ids).encode() == "".join(docs).encode()
+    assert got["bytes"] == text_bytes - first
+    assert any(len(c.encode()) > 1 for c in "".join(docs))  # the check covers multi-byte text
+    assert got["bpb"] == pytest.approx(got["nll"] * got["tokens"] / math.log(2) / got["bytes"])
+
+
+def test_per_position_matches_naive_loop(run, stream, byte_lengths) -> None:
+    n, eval_len = 230, 32
+    naive = naive_eval(run.model, stream[:n], eval_len, eval_len)
+    by_pos = [[nll for nll, pos in naive.values() if pos == j] for j in range(eval_len)]
+    got = _eval(run, stream, byte_lengths, eval_len=eval_len, max_tokens=n - 1, per_position=True)
+    assert len(got["per_position"]) == eval_len
+    np.testing.assert_allclose(got["per_position"], [np.mean(v) for v in by_pos], rtol=1e-5)
+    assert "per_position" not in _eval(run, stream, byte_lengths, eval_len=eval_len)
+
+
+# --- runs, scaling rules, skipped lengths --------------------------------------------------------
+
+
+def test_evaluate_run_matches_evaluate_stream(tiny_alibi_run, run, stream, byte_lengths,
+                                              tiny_cache_dir) -> None:
+    records = evaluate_run(tiny_alibi_run, lengths=[16, 48], cache_dir=tiny_cache_dir,
+                           progress=False)
+    assert [r["eval_len"] for r in records] == [16, 48]
+    for r in records:
+        assert set(r) == RECORD_KEYS
+        assert (r["position"], r["scaling"], r["train_len"], r["split"]) == ("alibi", "none", 32,
+                                                                             "valid")
+        assert r["skipped"] is None
+        direct = _eval(run, stream, byte_lengths, eval_len=r["eval_len"])
+        assert r["nll"] == pytest.approx(direct["nll"], rel=1e-6)
+        assert r["tokens"] == len(stream) - 1
+
+
+def test_scaling_changes_alibi_only_past_train_len(run, tiny_cache_dir) -> None:
+    run.model.set_scaling("log")  # a rule set before the call is put back after it
+    records = evaluate_run(run, lengths=[16, 32, 96], scalings=("none", "linear", "sqrt"),
+                           cache_dir=tiny_cache_dir, progress=False, max_tokens=200)
+    assert run.model.position.scaling == "log"
+    run.model.set_scaling("none")
+    nll = {(r["eval_len"], r["scaling"]): r["nll"] for r in records}
+    assert [r["scaling"] for r in records[:3]] == ["none", "linear", "sqrt"]
+    for length in (16, 32):  # L' <= L = 32: every rule leaves the slopes alone
+        assert nll[length, "linear"] == nll[length, "none"] == nll[length, "sqrt"]
+    assert len({nll[96, "none"], nll[96, "linear"], nll[96, "sqrt"]}) == 3
+
+
+def test_scaling_is_reset_after_an_error(run, tiny_cache_dir, monkeypatch) -> None:
+    def fail(*args, **kwargs):
+        assert run.model.position.scaling == "linear"
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(ev, "evaluate_stream", fail)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        evaluate_run(run, lengths=[64], scalings=("linear",), cache_dir=tiny_cache_dir)
+    assert run.model.position.scaling == "none"
+
+
+def _learned_run(run: Run) -> Run:
+    config = dataclasses.replace(run.config, position="learned")
+    return dataclasses.replace(run, model=GPT(config).eval(), config=config)
+
+
+def test_learned_past_its_table_is_skipped_among_several_lengths(run, tiny_cache_dir) -> None:
+    records = evaluate_run(_learned_run(run), lengths=[16, 64, 32], cache_dir=tiny_cache_dir,
+                           progress=False)
+    assert [r["eval_len"] for r in records] == [16, 64, 32]
+    ok, skipped = records[0], records[1]
+    assert ok["skipped"] is None and math.isfinite(ok["ppl"]) and records[2]["skipped"] is None
+    assert "learned" in skipped["skipped"] and "32" in skipped["skipped"]
+    assert skipped["ppl"] is None and skipped["tokens"] == 0
+    table = format_table(records)
+    assert "skipped" in table and skipped["skipped"] in table
+    with pytest.raises(ValueError, match="learned"):  # a single explicit request raises
+        evaluate_run(_learned_run(run), lengths=[64], cache_dir=tiny_cache_dir, progress=False)
+
+
+def test_a_rule_the_method_lacks_raises_its_error(run, tiny_cache_dir) -> None:
+    with pytest.raises(ValueError, match="do not support scaling rule 'linear'"):
+        evaluate_run(_learned_run(run), lengths=[16], scalings=("linear",),
+                     cache_dir=tiny_cache_dir)
+    with pytest.raises(ValueError, match="valid rules"):
+        evaluate_run(run, lengths=[16], scalings=("cubic",), cache_dir=tiny_cache_dir)
+
+
+def test_a_length_past_the_stream_is_skipped_or_raises(run, stream, tiny_cache_dir) -> None:
+    too_long = len(stream) + 10
+    records = evaluate_run(run, lengths=[16, too_long], cache_dir=tiny_cache_dir, progress=False)
+    assert records[0]["skipped"] is None and "needs at least" in records[1]["skipped"]
+    with pytest.raises(ValueError, match="needs at least 64 scored tokens; .* max_tokens=50"):
+        evaluate_run(run, lengths=[64], max_tokens=50, cache_dir=tiny_cache_dir, progress=False)
+
+
+# --- errors --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"eval_len": 0}, "eval_len"),
+    ({"eval_len": True}, "eval_len"),
+    ({"eval_len": 8, "mode": "strided"}, "valid modes: nonoverlapping, sliding"),
+    ({"eval_len": 8, "mode": "sliding"}, "needs a stride"),
+    ({"eval_len": 8, "mode": "sliding", "stride": 0}, "stride"),
+    ({"eval_len": 8, "mode": "sliding", "stride": 9}, "stride"),
+    ({"eval_len": 8, "stride": 4}, "nonoverlapping"),
+    ({"eval_len": 8, "batch_size": 0}, "batch_size"),
+    ({"eval_len": 8, "max_tokens": 0}, "max_tokens"),
+    ({"eval_len": 200}, "needs at least 200 scored tokens"),
+])
+def test_bad_arguments(run, kwargs, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        evaluate_stream(run.model, np.arange(101), None, progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("stream", [np.array([], dtype=np.int64), np.array([3])])
+def test_a_stream_shorter_than_two_tokens_raises(run, stream) -> None:
+    with pytest.raises(ValueError, match="at least 2"):
+        evaluate_stream(run.model, stream, None, eval_len=1, progress=False)
+
+
+def test_bad_run_requests(run, tiny_cache_dir) -> None:
+    for lengths in ([], 16, [16, 0]):
+        with pytest.raises(ValueError, match="eval_len|lengths"):
+            evaluate_run(run, lengths=lengths, cache_dir=tiny_cache_dir)
+    with pytest.raises(ValueError, match="stride"):  # checked against every length up front
+        evaluate_run(run, lengths=[64, 8], mode="sliding", stride=16, cache_dir=tiny_cache_dir)
+
+
+def test_unusable_run_dirs_raise_run_error(tiny_alibi_run, tmp_path) -> None:
+    with pytest.raises(RunError):
+        evaluate_run(tmp_path / "missing", lengths=[16])
+    (tmp_path / "config.json").write_text(json.dumps({"format": "something-else/9"}))
+    with pytest.raises(RunError, match="format"):
+        evaluate_run(tmp_path, lengths=[16])
+    no_tok = tmp_path / "no_tokenizer"
+    no_tok.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (no_tok / name).write_bytes((Path(tiny_alibi_run) / name).read_bytes())
+    with pytest.raises(RunError, match="tokenizer"):
+        evaluate_run(no_tok, lengths=[16])
+
+
+# --- output --------------------------------------------------------------------------------------
+
+
+def test_json_schema_and_table(run, tiny_cache_dir, tmp_path) -> None:
+    records = evaluate_run(run, lengths=[16, 64], mode="sliding", stride=8, per_position=True,
+                           scalings=("none", "linear"), max_tokens=150, cache_dir=tiny_cache_dir,
+                           progress=False)
+    path = tmp_path / "out" / "eval.json"
+    write_json(records, path)
+    loaded = json.loads(path.read_text())
+    assert list(loaded) == ["results"] and len(loaded["results"]) == 4
+    assert not list(path.parent.glob(".*tmp"))  # the temporary file was renamed away
+    for r, original in zip(loaded["results"], records):
+        assert set(r) == RECORD_KEYS | {"per_position"}
+        assert r == original  # floats round-trip through JSON exactly
+        assert (r["mode"], r["stride"], r["tokens"]) == ("sliding", 8, 150)
+        assert isinstance(r["bytes"], int) and len(r["per_position"]) == r["eval_len"]
+    table = format_table(records).splitlines()
+    assert table[0].split() == ["position", "scaling", "L", "L'", "mode", "ppl", "bpb", "tokens",
+                                "s"]
+    assert len(table) == 1 + len(records)
+    for line, r in zip(table[1:], records):
+        cells = line.split()
+        assert cells[:4] == ["alibi", r["scaling"], "32", str(r["eval_len"])]
+        assert f"{r['ppl']:.3f}" in cells and f"{r['bpb']:.4f}" in cells and "150" in cells
+        assert "S=8" in line
+    assert len({len(line) for line in table}) == 1  # aligned: the last column is right-aligned
+
+
+def test_progress_bar_counts_windows(run, stream, byte_lengths, capsys) -> None:
+    evaluate_stream(run.model, stream[:65], byte_lengths, eval_len=16, progress=True)
+    err = capsys.readouterr().err  # tqdm redraws at most every 0.1 s: the first frame is certain
+    assert "0/4" in err and "window" in err and "L'=16" in err
+    evaluate_stream(run.model, stream[:65], byte_lengths, eval_len=16, progress=False)
+    assert capsys.readouterr().err == ""
