@@ -118,16 +118,19 @@ def alibi_layer_reference(attn, x: torch.Tensor, slopes: torch.Tensor) -> torch.
     B, T, C = x.shape
     H = attn.n_heads
     x = x.double()
-    qkv = F.linear(x, attn.qkv.weight.double(), attn.qkv.bias.double())
+    def double(t):
+        return None if t is None else t.double()
+
+    qkv = F.linear(x, attn.qkv.weight.double(), double(attn.qkv.bias))
     q, k, v = (t.reshape(B, T, H, C // H).transpose(1, 2) for t in qkv.split(C, dim=-1))
     scores = q @ k.transpose(-1, -2) / math.sqrt(C // H) + alibi_bias(slopes.double(), T, T)
     y = (torch.softmax(scores, dim=-1) @ v).transpose(1, 2).reshape(B, T, C)
-    return F.linear(y, attn.proj.weight.double(), attn.proj.bias.double())
+    return F.linear(y, attn.proj.weight.double(), double(attn.proj.bias))
 
 
 @pytest.mark.parametrize("T, rule", [(12, "none"), (3 * L, "none"), (3 * L, "linear")])
 def test_alibi_attention_layer_matches_float64_reference(T: int, rule: str) -> None:
-    model = make_model("alibi")
+    model = make_model("alibi", bias=True)  # biases on, so the reference checks them too
     model.set_scaling(rule)
     attn = model.blocks[0].attn
     x = torch.randn(2, T, 32, generator=torch.Generator().manual_seed(3))

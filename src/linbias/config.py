@@ -77,6 +77,8 @@ class ModelConfig(ConfigBase):
             table has exactly ``train_len`` rows); scaling rules use it as ``L``.
         dropout: dropout on embeddings and residual branches.
         tie_weights: share the token embedding with the output projection.
+        bias: additive biases in linear layers and LayerNorms. Off by default, as in MPT, so an
+            ALiBi model exports to transformers' MPT exactly.
         alibi_max_bias: ALiBi slope exponent scale (8 gives the paper's slopes).
         rotary_base: RoPE frequency base (RoFormer: 10000).
         t5_buckets: T5 relative-position buckets (T5: 32).
@@ -92,6 +94,7 @@ class ModelConfig(ConfigBase):
     train_len: int = 128
     dropout: float = 0.0
     tie_weights: bool = True
+    bias: bool = False
     alibi_max_bias: float = 8.0
     rotary_base: float = 10000.0
     t5_buckets: int = 32

@@ -59,8 +59,8 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig, position: PositionMethod, layer: int) -> None:
         super().__init__()
         self.n_heads, self.layer = config.n_heads, layer
-        self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
-        self.proj = nn.Linear(config.d_model, config.d_model)
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=config.bias)
+        self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
         # A plain reference, not a submodule: GPT owns the one instance, so its parameters appear
         # once in the state dict (``position.*``), not once per layer.
@@ -87,8 +87,8 @@ class MLP(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.fc = nn.Linear(config.d_model, config.ff_dim)
-        self.proj = nn.Linear(config.ff_dim, config.d_model)
+        self.fc = nn.Linear(config.d_model, config.ff_dim, bias=config.bias)
+        self.proj = nn.Linear(config.ff_dim, config.d_model, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x_BTC: Tensor) -> Tensor:
@@ -100,9 +100,9 @@ class Block(nn.Module):
 
     def __init__(self, config: ModelConfig, position: PositionMethod, layer: int) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.d_model)
+        self.ln_1 = nn.LayerNorm(config.d_model, bias=config.bias)
         self.attn = CausalSelfAttention(config, position, layer)
-        self.ln_2 = nn.LayerNorm(config.d_model)
+        self.ln_2 = nn.LayerNorm(config.d_model, bias=config.bias)
         self.mlp = MLP(config)
 
     def forward(
@@ -128,7 +128,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(
             Block(config, self.position, layer) for layer in range(config.n_layers)
         )
-        self.ln_f = nn.LayerNorm(config.d_model)
+        self.ln_f = nn.LayerNorm(config.d_model, bias=config.bias)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_weights:
             self.lm_head.weight = self.tok_emb.weight
