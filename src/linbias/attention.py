@@ -15,7 +15,7 @@ processed in blocks, each with its own centre.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -102,8 +102,8 @@ _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cp
 _FLASH_CPU_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 
 # The folded logit carries m * (j - centre); fp32 keeps about 2^-24 of it, so a block is sized to
-# keep m * |j - centre| <= _FOLD_BUDGET for the keys near its diagonal (error ~ 2e-5 in a logit).
-_FOLD_BUDGET = 256.0
+# keep m * |j - centre| <= _FOLD_BUDGET for the keys near its diagonal (error ~ 3e-5 in a logit).
+_FOLD_BUDGET = 512.0
 
 
 @dataclass(frozen=True)
@@ -117,11 +117,14 @@ class _Segment:
     centre: int
 
 
+# Bidirectional diagonal blocks carry a materialised [H, Bq, Bq] bias: keep them small.
+_MAX_BIDIRECTIONAL_BLOCK = 512
+
+
 def _block_size(c: _Call) -> int:
     steepest = float(c.slopes.abs().max()) if c.slopes.numel() else 0.0
-    if steepest == 0.0:
-        return max(c.q.shape[2], 1)
-    return max(64, 1 << int(math.log2(2 * _FOLD_BUDGET / steepest)))
+    block = c.q.shape[2] if steepest == 0.0 else 1 << int(math.log2(2 * _FOLD_BUDGET / steepest))
+    return max(64, block if c.causal else min(block, _MAX_BIDIRECTIONAL_BLOCK))
 
 
 def _segments(c: _Call) -> list[_Segment]:
@@ -143,12 +146,15 @@ def _segments(c: _Call) -> list[_Segment]:
     return segs
 
 
-def _segment_kx(c: _Call, k: Tensor, s: _Segment) -> Tensor:
-    # keys plus the fold column sign * (j - centre) / scale: [B, H, k1 - k0, D + 1]
-    j = torch.arange(s.k0, s.k1, device=k.device, dtype=k.dtype)
-    col = s.sign * (j - s.centre) / c.scale
-    col = col.view(1, 1, -1, 1).expand(k.shape[0], k.shape[1], -1, 1)
-    return torch.cat([k[:, :, s.k0 : s.k1], col], dim=-1)
+def _segment_kx(c: _Call, kx: Tensor, s: _Segment) -> Tensor:
+    """The segment's keys with their fold column ``sign * (j - centre) / scale`` written in place.
+
+    ``kx`` holds every key plus one spare column (``_extend``); each segment rewrites only the
+    column of its own keys, so no segment copies the keys again.
+    """
+    col = torch.arange(s.k0 - s.centre, s.k1 - s.centre, device=kx.device, dtype=kx.dtype)
+    kx.select(-1, -1)[:, :, s.k0 : s.k1].copy_(col.mul_(s.sign / c.scale))
+    return kx[:, :, s.k0 : s.k1]
 
 
 def _segment_mask(c: _Call, s: _Segment, dtype: torch.dtype) -> Optional[Tensor]:
@@ -187,11 +193,11 @@ def _kernel_causal(c: _Call, s: _Segment) -> bool:
     return s.causal and c.key_padding_mask is None
 
 
-def _run_segment(c: _Call, qx: Tensor, k: Tensor, vx: Tensor, s: _Segment):
+def _run_segment(c: _Call, qx: Tensor, kx: Tensor, vx: Tensor, s: _Segment):
     """One fused-kernel call: the segment's output and its log-sum-exp on the true logit scale."""
     mask = _segment_mask(c, s, qx.dtype)
     o_s, l_s = _FLASH_CPU(
-        qx[:, :, s.q0 : s.q1], _segment_kx(c, k, s), vx[:, :, s.k0 : s.k1], 0.0,
+        qx[:, :, s.q0 : s.q1], _segment_kx(c, kx, s), vx[:, :, s.k0 : s.k1], 0.0,
         _kernel_causal(c, s), attn_mask=mask, scale=c.scale,
     )
     if s.sign != 1:  # causal segments all share one frame
@@ -201,11 +207,11 @@ def _run_segment(c: _Call, qx: Tensor, k: Tensor, vx: Tensor, s: _Segment):
     return o_s, l_s
 
 
-def _fold_forward(c: _Call, qx: Tensor, k: Tensor, vx: Tensor, segs: list[_Segment]):
+def _fold_forward(c: _Call, qx: Tensor, kx: Tensor, vx: Tensor, segs: list[_Segment]):
     """Output ``[B, H, Lq, D + 1]`` and log-sum-exp ``[B, H, Lq]`` (up to a row constant)."""
     outs, lses = [], []
     for n, s in enumerate(segs):
-        o_s, l_s = _run_segment(c, qx, k, vx, s)
+        o_s, l_s = _run_segment(c, qx, kx, vx, s)
         if n and s.q0 == segs[n - 1].q0:
             # Merge with the block's running result: softmax weights of the two parts.
             o_acc, l_acc = outs[-1], lses[-1]
@@ -222,11 +228,10 @@ def _fold_forward(c: _Call, qx: Tensor, k: Tensor, vx: Tensor, segs: list[_Segme
 class _FoldAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, call: _Call) -> Tensor:
-        qx, vx = _extend_q(q, call.slopes), F.pad(v, (0, 1))
+        qx, kx, vx = _extend(q, k, v, call.slopes)
         segs = _segments(call)
-        out, lse = _fold_forward(call, qx, k, vx, segs)
-        out = out.to(q.dtype)
-        ctx.save_for_backward(qx, k, vx, out, lse)
+        out, lse = _fold_forward(call, qx, kx, vx, segs)
+        ctx.save_for_backward(qx, k, vx, out, lse)  # k, not kx: kx's column is rewritten
         ctx.call, ctx.segs = call, segs
         return out[..., :-1]
 
@@ -234,6 +239,7 @@ class _FoldAttention(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         qx, k, vx, out, lse = ctx.saved_tensors
         c, D = ctx.call, k.shape[-1]
+        kx = F.pad(k, (0, 1))
         if c.key_padding_mask is not None:  # rows that see no key: zero output, zero gradient
             empty = ~torch.isfinite(lse)
             lse, grad_out = lse.masked_fill(empty, 0.0), grad_out.masked_fill(empty[..., None], 0.0)
@@ -243,12 +249,12 @@ class _FoldAttention(torch.autograd.Function):
             rows, keys = slice(s.q0, s.q1), slice(s.k0, s.k1)
             lse_s = lse[:, :, rows] if s.sign == 1 else lse[:, :, rows] - _frame_shift(c, s)
             dq_s, dk_s, dv_s = _FLASH_CPU_BWD(
-                g[:, :, rows].contiguous(), qx[:, :, rows], _segment_kx(c, k, s), vx[:, :, keys],
+                g[:, :, rows].contiguous(), qx[:, :, rows], _segment_kx(c, kx, s), vx[:, :, keys],
                 out[:, :, rows].contiguous(), lse_s.contiguous(), 0.0, _kernel_causal(c, s),
                 attn_mask=_segment_mask(c, s, qx.dtype), scale=c.scale,
             )
             for name, part, where in (("q", dq_s, rows), ("k", dk_s, keys), ("v", dv_s, keys)):
-                _accumulate(grads, name, part[..., :D], where, qx.shape[2] if name == "q" else k.shape[2])
+                _accumulate(grads, name, part[..., :D], where, qx.shape[2] if name == "q" else kx.shape[2])
         return grads["q"], grads["k"], grads["v"], None
 
 
@@ -262,25 +268,22 @@ def _accumulate(grads: dict[str, Tensor], name: str, part: Tensor, where: slice,
     grads[name][:, :, where] += part
 
 
-def _extend_q(q: Tensor, slopes: Tensor) -> Tensor:
-    # queries plus the fold column m_h: [B, H, Lq, D + 1]
-    col = slopes.to(q.dtype).view(1, -1, 1, 1).expand(q.shape[0], -1, q.shape[2], 1)
-    return torch.cat([q, col], dim=-1)
+def _extend(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v with one more head dim: ``m_h`` for queries, the fold column (written per segment)
+    for keys, zero for values (the kernel needs one head dim for all three)."""
+    col = slopes.view(1, -1, 1, 1).expand(q.shape[0], -1, q.shape[2], 1)
+    return torch.cat((q, col), dim=-1), F.pad(k, (0, 1)), F.pad(v, (0, 1))
 
 
 def _sdpa(c: _Call) -> Tensor:
-    # Half-precision inputs run in fp32: the fold column needs fp32's mantissa.
-    H, dtype = c.q.shape[1], c.q.dtype
-    work = torch.float32 if dtype.itemsize < 4 else dtype
-    q = c.q.to(work)
-    k, v = _expand_kv(c.k, H).to(work), _expand_kv(c.v, H).to(work)
-    c = replace(c, slopes=c.slopes.to(work))
+    # Half-precision inputs run in fp32 (the dtype of c.slopes): the fold column needs its mantissa.
+    H, dtype, work = c.q.shape[1], c.q.dtype, c.slopes.dtype
+    q, k, v = (t if t.dtype == work else t.to(work) for t in (c.q, _expand_kv(c.k, H), _expand_kv(c.v, H)))
     if c.needs_grad:
         out = _FoldAttention.apply(q, k, v, c)
     else:
-        qx, vx = _extend_q(q, c.slopes), F.pad(v, (0, 1))
-        out = _fold_forward(c, qx, k, vx, _segments(c))[0][..., :-1]
-    return out.to(dtype)
+        out = _fold_forward(c, *_extend(q, k, v, c.slopes), _segments(c))[0][..., :-1]
+    return out if out.dtype == dtype else out.to(dtype)
 
 
 def _sdpa_unavailable(c: _Call) -> Optional[str]:

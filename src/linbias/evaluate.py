@@ -282,11 +282,12 @@ def _result(
 # --- runs ----------------------------------------------------------------------------------------
 
 
-def _check_request(
-    lengths: Sequence[int], mode: str, stride: int | None, scalings: Sequence[str], model: Any,
+def check_request(
+    lengths: Sequence[int], mode: str, stride: int | None, scalings: Sequence[str],
     batch_size: int, max_tokens: int | None,
 ) -> None:
-    """Every argument checked before any evaluation starts, so a typo never costs a long run."""
+    """Every protocol argument checked before any evaluation starts, so a typo never costs a long
+    run (the model-specific checks, such as which scaling rules apply, are the caller's)."""
     if isinstance(lengths, (int, str)) or not lengths:
         raise ValueError(f"lengths must be a non-empty list of positive integers, got {lengths!r}")
     for length in lengths:
@@ -297,6 +298,9 @@ def _check_request(
         _check_int("max_tokens", max_tokens, 1)
     if isinstance(scalings, str) or not scalings:
         raise ValueError(f"scalings must be a non-empty list of rule names, got {scalings!r}")
+
+
+def _check_scalings(model: Any, scalings: Sequence[str]) -> None:
     previous = model.position.scaling
     try:
         for rule in scalings:
@@ -364,7 +368,8 @@ def evaluate_run(
     """
     run = run_or_path if isinstance(run_or_path, Run) else load_run(run_or_path)
     model = run.model
-    _check_request(lengths, mode, stride, scalings, model, batch_size, max_tokens)
+    check_request(lengths, mode, stride, scalings, batch_size, max_tokens)
+    _check_scalings(model, scalings)
     if device is not None:
         model.to(device)
     model_device = next(model.parameters()).device
@@ -390,7 +395,7 @@ def evaluate_run(
             head = {"position": run.config.position, "scaling": rule,
                     "train_len": run.config.train_len, "split": split, "skipped": reason}
             if reason is not None:
-                records.append({**head, **_skipped(int(eval_len), mode, stride, per_position)})
+                records.append({**head, **skipped_record(int(eval_len), mode, stride, per_position)})
                 continue
             try:
                 model.set_scaling(rule)
@@ -405,7 +410,7 @@ def evaluate_run(
     return records
 
 
-def _skipped(eval_len: int, mode: str, stride: int | None, per_position: bool) -> dict[str, Any]:
+def skipped_record(eval_len: int, mode: str, stride: int | None, per_position: bool) -> dict[str, Any]:
     out = {"eval_len": eval_len, "mode": mode, "stride": eval_len if stride is None else stride,
            "ppl": None, "bpb": None, "nll": None, "tokens": 0, "bytes": None, "seconds": 0.0}
     return {**out, "per_position": None} if per_position else out

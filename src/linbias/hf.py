@@ -68,8 +68,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-import transformers
 from tokenizers import Tokenizer
+
+try:
+    import transformers
+except ImportError as exc:  # an optional extra
+    raise ImportError("linbias.hf needs transformers: pip install 'linbias[hf]'") from exc
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -87,7 +91,7 @@ import linbias
 from linbias.alibi import interpolate_slopes, scaling_factor
 from linbias.config import ModelConfig
 from linbias.data import EOT, default_cache_dir, load_corpus, token_byte_lengths, token_stream
-from linbias.evaluate import Mode, _check_int, _resolve_stride, _skipped, evaluate_stream
+from linbias.evaluate import Mode, check_request, evaluate_stream, skipped_record
 from linbias.train import Run, load_run
 
 __all__ = [
@@ -758,7 +762,7 @@ def evaluate_hf(
                 head = {"position": family, "scaling": rule, "train_len": train_len,
                         "split": split, "skipped": reason}
                 if reason is not None:
-                    records.append({**head, **_skipped(eval_len, mode, stride, per_position)})
+                    records.append({**head, **skipped_record(eval_len, mode, stride, per_position)})
                     continue
                 with _scaled(model, family, train_len, rule):
                     result = evaluate_stream(
@@ -808,16 +812,7 @@ def _check_hf_request(
     mode: str, stride: int | None, batch_size: int, max_tokens: int | None,
 ) -> tuple[str, int | None]:
     """Every argument checked before any evaluation starts; returns ``(family, train_len)``."""
-    if isinstance(lengths, (int, str)) or not lengths:
-        raise ValueError(f"lengths must be a non-empty list of positive integers, got {lengths!r}")
-    for length in lengths:
-        _check_int("eval_len", length, 1)
-        _resolve_stride(mode, int(length), stride)
-    _check_int("batch_size", batch_size, 1)
-    if max_tokens is not None:
-        _check_int("max_tokens", max_tokens, 1)
-    if isinstance(scalings, str) or not scalings:
-        raise ValueError(f"scalings must be a non-empty list of rule names, got {scalings!r}")
+    check_request(lengths, mode, stride, scalings, batch_size, max_tokens)
     for rule in scalings:
         scaling_factor(1, 1, rule)  # unknown rule: the message lists the valid ones
     base, rules = _base_model(model), set(scalings) - {"none"}
