@@ -4,7 +4,7 @@ import pytest
 
 import linbias.reproduce as reproduce_mod
 from linbias.data import split_of
-from linbias.report import finding, markdown_table, plot_ppl_vs_length, series
+from linbias.report import describe_finding, finding, markdown_table, plot_ppl_vs_length, series
 from linbias.reproduce import ReproducePreset, reproduce
 
 
@@ -98,3 +98,13 @@ def test_reproduce_rejects_unknown_names(tmp_path):
         reproduce("huge", tmp_path)
     with pytest.raises(ValueError, match="alibi"):
         reproduce("quick", tmp_path, positions=("xpos",))
+
+
+def test_a_failed_check_is_explained_not_hidden():
+    mild = [r if (r["position"], r["eval_len"]) != ("sinusoidal", 256) else {**r, "ppl": 26.0}
+            for r in RECORDS]
+    f = finding(mild, 64)
+    assert f["sinusoidal"]["holds"] is False
+    text = describe_finding(f, mild)
+    assert "does NOT hold" in text and "1.30x at 4L" in text and "less than in the paper" in text
+    assert "less than in the paper" not in describe_finding(finding(RECORDS, 64), RECORDS)

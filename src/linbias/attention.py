@@ -334,7 +334,10 @@ def _flex(c: _Call) -> Tensor:
 
     global _flex_compiled
     if _flex_compiled is None:
-        _flex_compiled = torch.compile(flex_attention, dynamic=False)
+        # Default dynamic-shape handling: after the first new length, lengths become symbolic,
+        # so new shapes do not recompile (past the recompile limit torch would silently fall
+        # back to an unfused flex_attention that materialises the scores).
+        _flex_compiled = torch.compile(flex_attention)
     B, H, Lq, _ = c.q.shape
     Lk = c.k.shape[2]
     offset, slopes, kpm, causal = Lk - Lq, c.slopes, c.key_padding_mask, c.causal
@@ -365,6 +368,8 @@ def _flex_unavailable(c: _Call) -> Optional[str]:
         return "this PyTorch build has no FlexAttention"
     if c.q.device.type == "cpu" and c.q.dtype != torch.float32:
         return "FlexAttention on CPU runs float32 only"
+    if c.q.device.type == "cpu" and c.needs_grad:
+        return "FlexAttention has no backward pass on CPU (use backend 'sdpa' for training)"
     return None
 
 

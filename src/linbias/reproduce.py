@@ -41,6 +41,7 @@ class ReproducePreset(ConfigBase):
         lr: peak learning rate.
         warmup: warmup steps.
         vocab_size: BPE vocabulary size.
+        bf16: bfloat16 autocast in training (evaluation runs in float32).
         multiples: evaluation lengths as multiples of L.
         eval_tokens: tokens scored per evaluation (a prefix of the split; 0 means all).
         eval_batch_size: windows per forward when evaluating.
@@ -54,6 +55,7 @@ class ReproducePreset(ConfigBase):
     lr: float = 2e-3
     warmup: int = 50
     vocab_size: int = 4096
+    bf16: bool = False
     multiples: tuple[int, ...] = (1, 2, 4, 8, 16)
     eval_tokens: int = 0
     eval_batch_size: int = 8
@@ -61,8 +63,8 @@ class ReproducePreset(ConfigBase):
 
 
 REPRODUCE_PRESETS: dict[str, ReproducePreset] = {
-    "quick": ReproducePreset(model="tiny", train_len=64, steps=400, batch_size=16,
-                             eval_tokens=32768, expected_minutes=8),
+    "quick": ReproducePreset(model="tiny", train_len=64, steps=2000, batch_size=16, lr=2e-3,
+                             warmup=100, vocab_size=2048, bf16=True, expected_minutes=9),
     "paper-small": ReproducePreset(model="small", train_len=256, steps=6000, batch_size=32,
                                    lr=1e-3, warmup=300, eval_tokens=0, expected_minutes=600),
 }
@@ -81,7 +83,7 @@ def _train_one(position: str, p: ReproducePreset, data: str, seed: int, run_dir:
                force: bool, cache_dir: Optional[Path], progress: bool) -> dict[str, Any]:
     mc = model_config(p.model, position=position, train_len=p.train_len)
     tc = TrainConfig(data=data, vocab_size=p.vocab_size, steps=p.steps, batch_size=p.batch_size,
-                     lr=p.lr, warmup=p.warmup, seed=seed, eval_every=0, eval_batches=8,
+                     lr=p.lr, warmup=p.warmup, seed=seed, bf16=p.bf16, eval_every=0, eval_batches=8,
                      save_every=max(1, p.steps // 4), log_every=10)
     if force and run_dir.exists():
         shutil.rmtree(run_dir)
@@ -219,7 +221,7 @@ all trained at L = {p.train_len} tokens.
 
 ## The paper's finding (Press et al. 2022, figure 1)
 
-{describe_finding(results['finding'])}
+{describe_finding(results['finding'], results['results'])}
 
 ## How it was made
 
