@@ -46,19 +46,32 @@ def batch(vocab: int, batch_size: int, train_len: int) -> torch.Tensor:
 
 
 def peak_growth_mb(preset: str, position: str, train_len: int, batch_size: int, steps: int) -> float:
+    """Peak RSS growth (MB) of a fresh process over a few training steps (after one warm-up step).
+
+    Linux resets a process's peak resident set when "5" is written to /proc/self/clear_refs.
+    """
     code = (
-        "import resource, sys\n"
+        "import sys\n"
         "sys.path.insert(0, %r)\n"
-        "from train import make, step, batch\n"
+        "from train import make, step, batch, rss_mb\n"
         "model, opt = make(%r, %r, %d)\n"
         "x = batch(model.config.vocab_size, %d, %d)\n"
-        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "step(model, opt, x)\n"
+        "open('/proc/self/clear_refs', 'w').write('5')\n"
+        "before = rss_mb('VmRSS')\n"
         "for _ in range(%d):\n"
         "    step(model, opt, x)\n"
-        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)\n"
+        "print(rss_mb('VmHWM') - before)\n"
     ) % (sys.path[0], preset, position, train_len, batch_size, train_len, steps)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
+
+
+def rss_mb(field: str) -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -5,11 +5,11 @@ Shapes: ``B`` batch, ``H`` query heads, ``Hkv`` key/value heads (``H % Hkv == 0`
 
 The fast path uses the fact that softmax is unchanged by a constant added along a row: for causal
 attention the bias ``-m_h * (i - j)`` of row ``i`` equals ``m_h * (j - c)`` plus a row constant,
-for any centre ``c``. That per-key bias is folded into one extra head dimension (``q`` gets
-``m_h``, ``k`` gets ``(j - c) / scale``) and handed to the fused SDPA kernel, so no
-``H x Lq x Lk`` tensor is ever built. The per-key values grow with the distance from ``c``, which
-costs float precision on the logits that matter (those near the diagonal), so queries are
-processed in blocks, each with its own centre.
+for any centre ``c``. That per-key bias is a ``[1, H, 1, Lk]`` mask, which PyTorch's fused CPU
+attention kernel broadcasts over the queries under its own causal mask, so no ``H x Lq x Lk``
+tensor is ever built. The per-key values grow with the distance from ``c``, which costs float
+precision on the logits that matter (those near the diagonal), so queries are processed in
+blocks, each with its own centre.
 """
 
 from __future__ import annotations
@@ -88,22 +88,25 @@ def _always(c: _Call) -> Optional[str]:
     return None
 
 
-# --- sdpa: the per-key bias folded into one extra head dimension, fused CPU kernel --------------
+# --- sdpa: the per-key bias as a broadcast mask, PyTorch's fused CPU kernel ---------------------
 #
 # Queries are cut into blocks; each block's keys are split into segments whose ALiBi bias is a
-# per-key bias (keys before the block: +m j; keys after it, bidirectional only: -m j) or a small
-# square diagonal block (causal: the kernel's own mask; bidirectional: a materialised
-# [H, Bq, Bq] bias). Each segment is one fused-kernel call that also returns its log-sum-exp, and
-# the segments are merged exactly (as in ring / flash-decoding attention). The backward pass calls
-# the kernel's backward per segment with the merged output and log-sum-exp, which gives each
-# segment's exact share of the gradient.
+# per-key bias (keys before the block: +m (j - centre); keys after it, bidirectional only:
+# -m (j - centre)) or a small square diagonal block (causal: the per-key bias under the kernel's
+# own causal mask; bidirectional: a materialised [H, Bq, Bq] bias). A per-key bias is a
+# [1, H, 1, keys] mask that the kernel broadcasts over queries. Each segment is one kernel call
+# that also returns its log-sum-exp, and the segments are merged exactly (as in ring or
+# flash-decoding attention). The backward pass calls the kernel's backward per segment with the
+# merged output and log-sum-exp, which gives each segment's exact share of the gradient.
 
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _FLASH_CPU_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 
-# The folded logit carries m * (j - centre); fp32 keeps about 2^-24 of it, so a block is sized to
-# keep m * |j - centre| <= _FOLD_BUDGET for the keys near its diagonal (error ~ 3e-5 in a logit).
-_FOLD_BUDGET = 512.0
+# A logit carries m * (j - centre); fp32 keeps about 2^-24 of it, so a block is sized to keep
+# m * |j - centre| <= _BIAS_BUDGET for the keys near its diagonal (error ~ 3e-5 in a logit).
+_BIAS_BUDGET = 512.0
+# Bidirectional diagonal blocks carry a materialised [H, Bq, Bq] bias: keep them small.
+_MAX_BIDIRECTIONAL_BLOCK = 512
 
 
 @dataclass(frozen=True)
@@ -117,13 +120,9 @@ class _Segment:
     centre: int
 
 
-# Bidirectional diagonal blocks carry a materialised [H, Bq, Bq] bias: keep them small.
-_MAX_BIDIRECTIONAL_BLOCK = 512
-
-
 def _block_size(c: _Call) -> int:
     steepest = float(c.slopes.abs().max()) if c.slopes.numel() else 0.0
-    block = c.q.shape[2] if steepest == 0.0 else 1 << int(math.log2(2 * _FOLD_BUDGET / steepest))
+    block = c.q.shape[2] if steepest == 0.0 else 1 << int(math.log2(2 * _BIAS_BUDGET / steepest))
     return max(64, block if c.causal else min(block, _MAX_BIDIRECTIONAL_BLOCK))
 
 
@@ -146,41 +145,38 @@ def _segments(c: _Call) -> list[_Segment]:
     return segs
 
 
-def _segment_kx(c: _Call, kx: Tensor, s: _Segment) -> Tensor:
-    """The segment's keys with their fold column ``sign * (j - centre) / scale`` written in place.
-
-    ``kx`` holds every key plus one spare column (``_extend``); each segment rewrites only the
-    column of its own keys, so no segment copies the keys again.
-    """
-    col = torch.arange(s.k0 - s.centre, s.k1 - s.centre, device=kx.device, dtype=kx.dtype)
-    kx.select(-1, -1)[:, :, s.k0 : s.k1].copy_(col.mul_(s.sign / c.scale))
-    return kx[:, :, s.k0 : s.k1]
-
-
-def _segment_mask(c: _Call, s: _Segment, dtype: torch.dtype) -> Optional[Tensor]:
-    # Float additive mask for the segment, or None when the kernel needs none.
-    if s.sign != 0 and c.key_padding_mask is None:
-        return None
-    offset = c.k.shape[2] - c.q.shape[2]
-    mask = torch.zeros(1, 1, s.q1 - s.q0, s.k1 - s.k0, device=c.q.device, dtype=dtype)
-    if s.sign == 0:  # bidirectional diagonal block: its bias, materialised ([H, Bq, Bq] only)
-        i = torch.arange(offset + s.q0, offset + s.q1, device=c.q.device).view(-1, 1)
-        j = torch.arange(s.k0, s.k1, device=c.q.device).view(1, -1)
-        mask = mask - c.slopes.view(1, -1, 1, 1).to(dtype) * (i - j).abs().to(dtype)
+def _segment_mask(c: _Call, s: _Segment) -> Tensor:
+    """The segment's additive mask: ``[1 or B, H, 1, keys]`` per-key bias (broadcast over
+    queries), or ``[1 or B, H, Bq, Bq]`` for a bidirectional diagonal block; padded keys -inf."""
+    device, dtype = c.q.device, c.slopes.dtype
+    j = torch.arange(s.k0, s.k1, device=device, dtype=dtype)
+    if s.sign != 0:
+        mask = (s.sign * c.slopes).view(1, -1, 1, 1) * (j - s.centre).view(1, 1, 1, -1)
+    else:
+        offset = c.k.shape[2] - c.q.shape[2]
+        i = torch.arange(offset + s.q0, offset + s.q1, device=device, dtype=dtype)
+        mask = -c.slopes.view(1, -1, 1, 1) * (i.view(-1, 1) - j.view(1, -1)).abs()
     if c.key_padding_mask is not None:
-        keep = c.key_padding_mask[:, None, None, s.k0 : s.k1]
-        if s.causal:
-            i = torch.arange(s.q1 - s.q0, device=c.q.device).view(-1, 1)
-            keep = keep & (torch.arange(s.k1 - s.k0, device=c.q.device).view(1, -1) <= i)
-        mask = mask.masked_fill(~keep, float("-inf"))
+        pad = ~c.key_padding_mask[:, None, None, s.k0 : s.k1]
+        mask = mask.masked_fill(pad, float("-inf"))
     return mask
+
+
+def _segment_empty_rows(c: _Call, s: _Segment) -> Optional[Tensor]:
+    """``[B, 1, q1 - q0]`` True where a query sees no key of the segment (only with padding)."""
+    if c.key_padding_mask is None:
+        return None
+    real = c.key_padding_mask[:, s.k0 : s.k1]
+    if s.causal:  # row r sees keys k0 .. k0 + r
+        return (real.cumsum(-1) == 0)[:, None, :]
+    return (~real.any(-1)).view(-1, 1, 1).expand(-1, 1, s.q1 - s.q0)
 
 
 def _frame_shift(c: _Call, s: _Segment) -> Tensor:
     """``[1, H, q1 - q0]``: added to a segment's kernel log-sum-exp to put all segments of a
     block on one scale, the true logits minus ``m * (centre - i)``.
 
-    A folded segment scores ``sign * m * (j - centre)``, the true bias minus
+    A per-key segment scores ``sign * m * (j - centre)``, the true bias minus
     ``sign * m * (centre - i)``; a materialised one (sign 0) scores the true bias.
     """
     offset = c.k.shape[2] - c.q.shape[2]
@@ -188,30 +184,25 @@ def _frame_shift(c: _Call, s: _Segment) -> Tensor:
     return (s.sign - 1) * c.slopes.view(1, -1, 1) * (s.centre - i).view(1, 1, -1)
 
 
-def _kernel_causal(c: _Call, s: _Segment) -> bool:
-    # With a padding mask the causal part is inside the float mask.
-    return s.causal and c.key_padding_mask is None
-
-
-def _run_segment(c: _Call, qx: Tensor, kx: Tensor, vx: Tensor, s: _Segment):
-    """One fused-kernel call: the segment's output and its log-sum-exp on the true logit scale."""
-    mask = _segment_mask(c, s, qx.dtype)
+def _run_segment(c: _Call, q: Tensor, k: Tensor, v: Tensor, s: _Segment):
+    """One fused-kernel call: the segment's output and its log-sum-exp in the block's frame."""
     o_s, l_s = _FLASH_CPU(
-        qx[:, :, s.q0 : s.q1], _segment_kx(c, kx, s), vx[:, :, s.k0 : s.k1], 0.0,
-        _kernel_causal(c, s), attn_mask=mask, scale=c.scale,
+        q[:, :, s.q0 : s.q1], k[:, :, s.k0 : s.k1], v[:, :, s.k0 : s.k1], 0.0, s.causal,
+        attn_mask=_segment_mask(c, s), scale=c.scale,
     )
     if s.sign != 1:  # causal segments all share one frame
         l_s = l_s + _frame_shift(c, s)
-    if mask is not None:  # the kernel reports lse 0 (and output 0) for a row that sees no key
-        l_s = l_s.masked_fill(~(mask > float("-inf")).any(-1), float("-inf"))
+    empty = _segment_empty_rows(c, s)
+    if empty is not None:  # the kernel reports lse 0 (and output 0) for a row that sees no key
+        l_s = l_s.masked_fill(empty, float("-inf"))
     return o_s, l_s
 
 
-def _fold_forward(c: _Call, qx: Tensor, kx: Tensor, vx: Tensor, segs: list[_Segment]):
-    """Output ``[B, H, Lq, D + 1]`` and log-sum-exp ``[B, H, Lq]`` (up to a row constant)."""
+def _bias_forward(c: _Call, q: Tensor, k: Tensor, v: Tensor, segs: list[_Segment]):
+    """Output ``[B, H, Lq, D]`` and log-sum-exp ``[B, H, Lq]`` (in each block's frame)."""
     outs, lses = [], []
     for n, s in enumerate(segs):
-        o_s, l_s = _run_segment(c, qx, kx, vx, s)
+        o_s, l_s = _run_segment(c, q, k, v, s)
         if n and s.q0 == segs[n - 1].q0:
             # Merge with the block's running result: softmax weights of the two parts.
             o_acc, l_acc = outs[-1], lses[-1]
@@ -225,36 +216,33 @@ def _fold_forward(c: _Call, qx: Tensor, kx: Tensor, vx: Tensor, segs: list[_Segm
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
 
 
-class _FoldAttention(torch.autograd.Function):
+class _BiasAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, call: _Call) -> Tensor:
-        qx, kx, vx = _extend(q, k, v, call.slopes)
         segs = _segments(call)
-        out, lse = _fold_forward(call, qx, kx, vx, segs)
-        ctx.save_for_backward(qx, k, vx, out, lse)  # k, not kx: kx's column is rewritten
+        out, lse = _bias_forward(call, q, k, v, segs)
+        ctx.save_for_backward(q, k, v, out, lse)
         ctx.call, ctx.segs = call, segs
-        return out[..., :-1]
+        return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        qx, k, vx, out, lse = ctx.saved_tensors
-        c, D = ctx.call, k.shape[-1]
-        kx = F.pad(k, (0, 1))
+        q, k, v, out, lse = ctx.saved_tensors
+        c = ctx.call
         if c.key_padding_mask is not None:  # rows that see no key: zero output, zero gradient
             empty = ~torch.isfinite(lse)
             lse, grad_out = lse.masked_fill(empty, 0.0), grad_out.masked_fill(empty[..., None], 0.0)
-        g = F.pad(grad_out, (0, 1)).to(qx.dtype)
+        grad_out = grad_out.contiguous()
         grads: dict[str, Tensor] = {}
         for s in ctx.segs:
             rows, keys = slice(s.q0, s.q1), slice(s.k0, s.k1)
             lse_s = lse[:, :, rows] if s.sign == 1 else lse[:, :, rows] - _frame_shift(c, s)
             dq_s, dk_s, dv_s = _FLASH_CPU_BWD(
-                g[:, :, rows].contiguous(), qx[:, :, rows], _segment_kx(c, kx, s), vx[:, :, keys],
-                out[:, :, rows].contiguous(), lse_s.contiguous(), 0.0, _kernel_causal(c, s),
-                attn_mask=_segment_mask(c, s, qx.dtype), scale=c.scale,
+                grad_out[:, :, rows], q[:, :, rows], k[:, :, keys], v[:, :, keys], out[:, :, rows],
+                lse_s.contiguous(), 0.0, s.causal, attn_mask=_segment_mask(c, s), scale=c.scale,
             )
             for name, part, where in (("q", dq_s, rows), ("k", dk_s, keys), ("v", dv_s, keys)):
-                _accumulate(grads, name, part[..., :D], where, qx.shape[2] if name == "q" else kx.shape[2])
+                _accumulate(grads, name, part, where, q.shape[2] if name == "q" else k.shape[2])
         return grads["q"], grads["k"], grads["v"], None
 
 
@@ -268,21 +256,14 @@ def _accumulate(grads: dict[str, Tensor], name: str, part: Tensor, where: slice,
     grads[name][:, :, where] += part
 
 
-def _extend(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """q, k, v with one more head dim: ``m_h`` for queries, the fold column (written per segment)
-    for keys, zero for values (the kernel needs one head dim for all three)."""
-    col = slopes.view(1, -1, 1, 1).expand(q.shape[0], -1, q.shape[2], 1)
-    return torch.cat((q, col), dim=-1), F.pad(k, (0, 1)), F.pad(v, (0, 1))
-
-
 def _sdpa(c: _Call) -> Tensor:
-    # Half-precision inputs run in fp32 (the dtype of c.slopes): the fold column needs its mantissa.
+    # Half-precision inputs run in fp32 (the dtype of c.slopes): the bias needs its mantissa.
     H, dtype, work = c.q.shape[1], c.q.dtype, c.slopes.dtype
     q, k, v = (t if t.dtype == work else t.to(work) for t in (c.q, _expand_kv(c.k, H), _expand_kv(c.v, H)))
     if c.needs_grad:
-        out = _FoldAttention.apply(q, k, v, c)
+        out = _BiasAttention.apply(q, k, v, c)
     else:
-        out = _fold_forward(c, *_extend(q, k, v, c.slopes), _segments(c))[0][..., :-1]
+        out = _bias_forward(c, q, k, v, _segments(c))[0]
     return out if out.dtype == dtype else out.to(dtype)
 
 
@@ -290,7 +271,7 @@ def _sdpa_unavailable(c: _Call) -> Optional[str]:
     if _FLASH_CPU is None or _FLASH_CPU_BWD is None:
         return "this PyTorch build has no fused CPU attention kernel"
     if c.q.device.type != "cpu":
-        return f"the folded-bias kernel is CPU-only (inputs are on {c.q.device.type})"
+        return f"the per-key-bias kernel is CPU-only (inputs are on {c.q.device.type})"
     if not c.q.dtype.is_floating_point:
         return f"inputs must be floating point, got {c.q.dtype}"
     return None
