@@ -81,6 +81,7 @@ def test_reproduce_end_to_end_reuses_and_forces(tmp_path, corpus, monkeypatch):
     assert len(saved["training"]) == 6 and all(t["tokens"] == 4 * 2 * 16 for t in saved["training"])
     report = (out / "report.md").read_text()
     assert "| alibi + linear |" in report and "How it was made" in report
+    assert "Where the loss goes" in report and "| alibi + linear | " in report.split("Where the loss goes")[1]
 
     calls = []
     for name in ("train", "evaluate_run"):

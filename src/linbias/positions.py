@@ -303,8 +303,11 @@ class AlibiPositions(PositionMethod):
     """ALiBi (Press et al. 2022): score bias ``-m_h * (i - j)``, no embeddings.
 
     Any rule of ``linbias.alibi.SCALING_RULES`` scales the slopes for the key length ``L'`` of the
-    call (position interpolation, Al-Khateeb et al. 2023); the bias is applied at score time, so
-    cached keys stay valid as the slopes shrink during generation.
+    call (position interpolation, Al-Khateeb et al. 2023). The bias is applied at score time, so a
+    KV cache stays usable as the slopes shrink during generation; but a cached token keeps the
+    hidden states computed at its own length, so past ``train_len`` a cached step of a model
+    with several layers differs slightly from recomputing the whole sequence with the newest
+    slopes (they agree exactly for one layer).
     """
 
     name = "alibi"

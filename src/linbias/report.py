@@ -9,7 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["describe_finding", "finding", "markdown_table", "plot_ppl_vs_length", "series"]
+__all__ = [
+    "beyond_table", "describe_finding", "finding", "markdown_table", "plot_ppl_vs_length", "series",
+]
 
 Record = dict[str, Any]
 
@@ -72,9 +74,26 @@ def markdown_table(records: Sequence[Record], train_len: int) -> str:
     return "\n".join(rows)
 
 
+def beyond_table(records: Sequence[Record], train_len: int, multiple: int = 4) -> str:
+    """Mean loss at ``L' = multiple * L`` inside the training length (positions L/2 .. L-1)
+    against beyond it (L .. 2L-1, and 2L .. L'-1), per method: where extrapolation fails."""
+    L, rows = train_len, []
+    parts = [(L // 2, L), (L, 2 * L), (2 * L, multiple * L)]
+    head = "| method | " + " | ".join(f"positions {a}-{b - 1}" for a, b in parts) + " |"
+    for r in sorted(records, key=lambda r: (r["position"] != "alibi", _label(r["position"], r["scaling"]))):
+        curve = r.get("per_position")
+        if int(r["eval_len"]) != multiple * L or not curve:
+            continue
+        means = [sum(curve[a:b]) / (b - a) for a, b in parts]
+        cells = [f"{means[0]:.3f}"] + [f"{m:.3f} ({m - means[0]:+.3f})" for m in means[1:]]
+        rows.append(f"| {_label(r['position'], r['scaling'])} | " + " | ".join(cells) + " |")
+    return "\n".join([head, "|---|" + "---:|" * len(parts)] + rows) if rows else ""
+
+
 def plot_ppl_vs_length(records: Sequence[Record], train_len: int, path: str | Path, title: str = "") -> None:
     """Perplexity against evaluation length (log axes), one line per method and rule."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -94,6 +113,10 @@ def plot_ppl_vs_length(records: Sequence[Record], train_len: int, path: str | Pa
     lengths = sorted({x for c in curves.values() for x in c})
     ax.set_xticks(lengths, [str(x) for x in lengths])
     ax.set_yscale("log")
+    plain = matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:g}")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
+    ax.tick_params(axis="y", which="minor", labelsize=7)
     ax.set_xlabel("evaluation length L' (tokens)")
     ax.set_ylabel("perplexity (non-overlapping)")
     ax.set_title(title or "Train short, test long")

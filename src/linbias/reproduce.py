@@ -23,7 +23,13 @@ from linbias.config import POSITIONS, ConfigBase, model_config
 from linbias.data import load_corpus
 from linbias.evaluate import evaluate_run
 from linbias.positions import POSITION_METHODS
-from linbias.report import describe_finding, finding, markdown_table, plot_ppl_vs_length
+from linbias.report import (
+    beyond_table,
+    describe_finding,
+    finding,
+    markdown_table,
+    plot_ppl_vs_length,
+)
 from linbias.train import RunError, TrainConfig, load_run, read_configs, train
 
 __all__ = ["ReproducePreset", "REPRODUCE_PRESETS", "reproduce"]
@@ -119,7 +125,7 @@ def _train_or_restart(mc, tc, run_dir, resume, cache_dir, progress) -> None:
 def _evaluate_one(run_dir: Path, p: ReproducePreset, force: bool, cache_dir: Optional[Path],
                   progress: bool) -> list[dict[str, Any]]:
     cached = run_dir / "eval.json"
-    settings = {"multiples": list(p.multiples), "eval_tokens": p.eval_tokens,
+    settings = {"multiples": list(p.multiples), "eval_tokens": p.eval_tokens, "per_position": True,
                 "weights_sha": (run_dir / "checkpoint.json").read_text()}
     if cached.is_file() and not force:
         saved = json.loads(cached.read_text())
@@ -129,7 +135,7 @@ def _evaluate_one(run_dir: Path, p: ReproducePreset, force: bool, cache_dir: Opt
     records = evaluate_run(
         run, lengths=[m * p.train_len for m in p.multiples], split="valid",
         scalings=_rules(run.config.position), batch_size=p.eval_batch_size,
-        max_tokens=p.eval_tokens or None, cache_dir=cache_dir, progress=progress,
+        max_tokens=p.eval_tokens or None, per_position=True, cache_dir=cache_dir, progress=progress,
     )
     cached.write_text(json.dumps({"settings": settings, "results": records}, indent=1))
     return records
@@ -223,6 +229,11 @@ all trained at L = {p.train_len} tokens.
 
 {describe_finding(results['finding'], results['results'])}
 
+Where the loss goes: mean loss (nats) per token at L' = 4L, by position inside the window. Tokens
+before L/2 are left out (they have little context whatever the method: the early-token curse).
+
+{beyond_table(results['results'], p.train_len)}
+
 ## How it was made
 
 - Corpus: `{results['data']}` — train {corpus['train']['documents']} documents
@@ -231,7 +242,7 @@ all trained at L = {p.train_len} tokens.
 - Model: preset `{p.model}`; each method trained {p.steps} steps x {p.batch_size} sequences x
   {p.train_len} tokens = {tokens:,} tokens, AdamW, peak lr {p.lr}, warmup {p.warmup}, cosine
   decay, seed {results['seed']} for every method.
-- Evaluation: the first {p.eval_tokens or 'all'} tokens of the validation split, non-overlapping
+- Evaluation: {f'the first {p.eval_tokens}' if p.eval_tokens else 'all'} tokens of the validation split, non-overlapping
   windows of L' = {', '.join(f'{k}L' for k in p.multiples)}; every scored token counted.
   `learned` is evaluated only where its table reaches. Rules: ALiBi slopes x L/L' (`linear`,
   Al-Khateeb et al. 2023), x sqrt(L/L') (`sqrt`), x log L / log L' (`log`); rotary positions
