@@ -14,8 +14,6 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
-import sys
 import time
 from typing import Callable
 
@@ -24,6 +22,7 @@ import torch.nn.functional as F
 
 from linbias import alibi_attention, alibi_slopes
 from linbias.alibi import alibi_bias
+from peak_memory import peak_growth_mb as _peak_growth_mb
 
 BASELINE = "causal SDPA, no bias"
 
@@ -81,36 +80,17 @@ def compare(name: str, shape, repeats: int, backward: bool) -> dict:
 
 
 def peak_growth_mb(name: str, shape) -> float:
-    """Peak RSS growth (MB) of a fresh process while it runs one forward of ``name``.
-
-    Linux resets a process's peak resident set when "5" is written to /proc/self/clear_refs, so
-    the peak after the op, minus the resident set before it, is what the op itself added.
+    """Peak RSS growth (MB) of a fresh process while it runs one forward of ``name``."""
+    setup = f"""
+        import torch
+        from attention import op
+        from linbias import alibi_slopes
+        B, H, L, D = {tuple(shape)!r}
+        q, k, v = (torch.randn(B, H, L, D) for _ in range(3))
+        slopes, fn = alibi_slopes(H), op({name!r})
+        fn(q[:, :, :256], k[:, :, :256], v[:, :, :256], slopes)
     """
-    code = (
-        "import sys, torch\n"
-        "sys.path.insert(0, %r)\n"
-        "from attention import op, _rss_mb\n"
-        "from linbias import alibi_slopes\n"
-        "B, H, L, D = %r\n"
-        "q, k, v = (torch.randn(B, H, L, D) for _ in range(3))\n"
-        "slopes = alibi_slopes(H)\n"
-        "fn = op(%r)\n"
-        "fn(q[:, :, :256], k[:, :, :256], v[:, :, :256], slopes)\n"
-        "open('/proc/self/clear_refs', 'w').write('5')\n"
-        "before = _rss_mb('VmRSS')\n"
-        "with torch.no_grad():\n"
-        "    out = fn(q, k, v, slopes)\n"
-        "print(_rss_mb('VmHWM') - before)\n"
-    ) % (sys.path[0], shape, name)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
-
-
-def _rss_mb(field: str) -> float:
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
+    return _peak_growth_mb(setup, "with torch.no_grad():\n    out = fn(q, k, v, slopes)")
 
 
 def main(argv: list[str] | None = None) -> dict:

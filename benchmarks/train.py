@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
@@ -25,6 +23,7 @@ import torch.nn.functional as F
 
 from linbias.config import POSITIONS, model_config
 from linbias.model import GPT
+from peak_memory import peak_growth_mb as _peak_growth_mb
 
 
 def make(preset: str, position: str, train_len: int, seed: int = 0):
@@ -46,32 +45,14 @@ def batch(vocab: int, batch_size: int, train_len: int) -> torch.Tensor:
 
 
 def peak_growth_mb(preset: str, position: str, train_len: int, batch_size: int, steps: int) -> float:
-    """Peak RSS growth (MB) of a fresh process over a few training steps (after one warm-up step).
-
-    Linux resets a process's peak resident set when "5" is written to /proc/self/clear_refs.
+    """Peak RSS growth (MB) of a fresh process over a few training steps (after one warm-up)."""
+    setup = f"""
+        from train import make, step, batch
+        model, opt = make({preset!r}, {position!r}, {train_len})
+        x = batch(model.config.vocab_size, {batch_size}, {train_len})
+        step(model, opt, x)
     """
-    code = (
-        "import sys\n"
-        "sys.path.insert(0, %r)\n"
-        "from train import make, step, batch, rss_mb\n"
-        "model, opt = make(%r, %r, %d)\n"
-        "x = batch(model.config.vocab_size, %d, %d)\n"
-        "step(model, opt, x)\n"
-        "open('/proc/self/clear_refs', 'w').write('5')\n"
-        "before = rss_mb('VmRSS')\n"
-        "for _ in range(%d):\n"
-        "    step(model, opt, x)\n"
-        "print(rss_mb('VmHWM') - before)\n"
-    ) % (sys.path[0], preset, position, train_len, batch_size, train_len, steps)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
-
-
-def rss_mb(field: str) -> float:
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
+    return _peak_growth_mb(setup, f"for _ in range({steps}):\n    step(model, opt, x)")
 
 
 def main(argv: list[str] | None = None) -> dict:
