@@ -248,3 +248,21 @@ def test_learned_generation_stops_at_its_table() -> None:
     model = make_model("learned")
     with pytest.raises(ValueError, match="cannot extrapolate"):
         model.generate(tokens(1, 4), L, temperature=0)
+
+
+def test_alibi_interpolation_counts_real_tokens_not_padding() -> None:
+    # Past train_len with a scaling rule, a left-padded row must get the slopes of its own length.
+    model = make_model("alibi")
+    model.set_scaling("linear")
+    n, pad = 2 * L + 3, 5
+    real = tokens(1, n)
+    idx = torch.cat([torch.zeros(1, pad, dtype=torch.long), real], dim=1)
+    mask = torch.cat([torch.zeros(1, pad, dtype=torch.bool), torch.ones(1, n, dtype=torch.bool)], dim=1)
+    batch = torch.cat([idx, torch.cat([real, real[:, :pad]], dim=1)])  # row 1: no padding, longer
+    batch_mask = torch.cat([mask, torch.ones_like(mask)])
+    with torch.no_grad():
+        padded = model(batch, key_padding_mask=batch_mask)
+        alone = model(real)[0]
+        longer = model(batch[1:])[0]
+    torch.testing.assert_close(padded[0, pad:], alone, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(padded[1], longer, atol=1e-4, rtol=1e-4)

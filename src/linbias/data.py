@@ -377,7 +377,7 @@ def _new_byte_level_bpe() -> Tokenizer:
 
 def save_tokenizer(tokenizer: Tokenizer, path: Path) -> None:
     """Write the tokenizer's JSON to ``path`` atomically."""
-    _atomic_write(Path(path), lambda f: f.write(tokenizer.to_str().encode()))
+    atomic_write(Path(path), lambda f: f.write(tokenizer.to_str().encode()))
 
 
 def load_tokenizer(path: Path) -> Tokenizer:
@@ -426,16 +426,28 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "linbias"
 
 
-def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write a file through ``write(f)`` so readers see the old file or the whole new one.
+
+    The bytes go to a temporary file beside ``path``, are flushed to disk, then renamed over it.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
-        os.replace(tmp, path)  # atomic: readers see the old file or the whole new one
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """``atomic_write`` for UTF-8 text."""
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def _chunks(docs: list[str], max_chars: int = 1 << 22) -> Iterator[list[str]]:
@@ -492,7 +504,7 @@ def token_stream(
     if not path.exists():
         dtype = np.uint16 if tokenizer.get_vocab_size() <= 1 << 16 else np.uint32
         ids = _encode_documents(tokenizer, corpus.documents(split), dtype, eot)
-        _atomic_write(path, lambda f: np.save(f, ids, allow_pickle=False))
+        atomic_write(path, lambda f: np.save(f, ids, allow_pickle=False))
     return np.load(path, mmap_mode="r")
 
 

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from linbias.data import (
-    _atomic_write,
+    atomic_write_text,
     default_cache_dir,
     load_corpus,
     token_byte_lengths,
@@ -455,4 +455,4 @@ def format_table(records: Sequence[dict[str, Any]]) -> str:
 def write_json(records: Sequence[dict[str, Any]], path: str | Path) -> None:
     """Write ``{"results": records}`` to ``path`` atomically (a reader never sees half a file)."""
     text = json.dumps({"results": list(records)}, indent=2) + "\n"
-    _atomic_write(Path(path), lambda f: f.write(text.encode()))
+    atomic_write_text(Path(path), text)

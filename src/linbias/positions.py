@@ -302,8 +302,9 @@ class T5Positions(PositionMethod):
 class AlibiPositions(PositionMethod):
     """ALiBi (Press et al. 2022): score bias ``-m_h * (i - j)``, no embeddings.
 
-    Any rule of ``linbias.alibi.SCALING_RULES`` scales the slopes for the key length ``L'`` of the
-    call (position interpolation, Al-Khateeb et al. 2023). The bias is applied at score time, so a
+    Any rule of ``linbias.alibi.SCALING_RULES`` scales the slopes for the length ``L'`` of the call
+    (position interpolation, Al-Khateeb et al. 2023): its keys, or with a padding mask each row's
+    real tokens, so a left-padded row gets the slopes it would get alone. The bias is applied at score time, so a
     KV cache stays usable as the slopes shrink during generation; but a cached token keeps the
     hidden states computed at its own length, so past ``train_len`` a cached step of a model
     with several layers differs slightly from recomputing the whole sequence with the newest
@@ -327,10 +328,20 @@ class AlibiPositions(PositionMethod):
         *,
         key_padding_mask: Tensor | None = None,
     ) -> Tensor:
-        slopes = interpolate_slopes(
-            self.slopes, self.config.train_len, eval_len=k_BHSD.shape[-2], rule=self.scaling
-        )
-        return alibi_attention(q_BHTD, k_BHSD, v_BHSD, slopes, key_padding_mask=key_padding_mask)
+        L = self.config.train_len
+        if self.scaling == "none" or key_padding_mask is None:
+            slopes = interpolate_slopes(self.slopes, L, eval_len=k_BHSD.shape[-2], rule=self.scaling)
+            return alibi_attention(q_BHTD, k_BHSD, v_BHSD, slopes, key_padding_mask=key_padding_mask)
+        # L' counts a row's real tokens, not its padding: rows of one length share their slopes.
+        lengths_B = key_padding_mask.sum(-1)
+        out_BHTD = torch.empty_like(q_BHTD)
+        for length in lengths_B.unique().tolist():
+            rows = lengths_B == length
+            slopes = interpolate_slopes(self.slopes, L, eval_len=max(1, length), rule=self.scaling)
+            out_BHTD[rows] = alibi_attention(
+                q_BHTD[rows], k_BHSD[rows], v_BHSD[rows], slopes, key_padding_mask=key_padding_mask[rows]
+            )
+        return out_BHTD
 
 
 POSITION_METHODS: dict[str, type[PositionMethod]] = {

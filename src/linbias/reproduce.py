@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from linbias.config import POSITIONS, ConfigBase, model_config
-from linbias.data import load_corpus
+from linbias.data import atomic_write_text, load_corpus
 from linbias.evaluate import evaluate_run
 from linbias.positions import POSITION_METHODS
 from linbias.report import (
@@ -30,7 +30,7 @@ from linbias.report import (
     markdown_table,
     plot_ppl_vs_length,
 )
-from linbias.train import RunError, TrainConfig, load_run, read_configs, train
+from linbias.train import ConfigMismatch, TrainConfig, check_resume, load_run, read_configs, train
 
 __all__ = ["ReproducePreset", "REPRODUCE_PRESETS", "reproduce"]
 
@@ -82,45 +82,41 @@ def _rules(position: str) -> list[str]:
 
 
 def _finished(run_dir: Path, steps: int) -> bool:
-    ckpt = run_dir / "checkpoint.json"
-    return ckpt.is_file() and json.loads(ckpt.read_text()).get("step") == steps
+    try:
+        return json.loads((run_dir / "checkpoint.json").read_text()).get("step") == steps
+    except (OSError, json.JSONDecodeError):
+        return False
 
 
 def _train_one(position: str, p: ReproducePreset, data: str, seed: int, run_dir: Path,
-               force: bool, cache_dir: Optional[Path], progress: bool) -> dict[str, Any]:
+               force: bool, cache_dir: Optional[Path], progress: bool,
+               log: Callable[[str], None]) -> dict[str, Any]:
     mc = model_config(p.model, position=position, train_len=p.train_len)
     tc = TrainConfig(data=data, vocab_size=p.vocab_size, steps=p.steps, batch_size=p.batch_size,
                      lr=p.lr, warmup=p.warmup, seed=seed, bf16=p.bf16, eval_every=0, eval_batches=8,
                      save_every=max(1, p.steps // 4), log_every=10)
     if force and run_dir.exists():
         shutil.rmtree(run_dir)
+    if (run_dir / "config.json").is_file():
+        try:
+            check_resume(run_dir, mc, tc)
+        except ConfigMismatch as exc:  # a run of another preset, corpus or seed: not reusable
+            log(f"[{position}] retraining: {exc}")
+            shutil.rmtree(run_dir)
     start = time.perf_counter()
     if not _finished(run_dir, p.steps):
         resume = (run_dir / "checkpoint.json").is_file()
-        if resume or not run_dir.exists() or not any(run_dir.iterdir()):
-            _train_or_restart(mc, tc, run_dir, resume, cache_dir, progress)
-        else:  # a run that never saved a checkpoint: start it again
+        if not resume and run_dir.exists():  # a run that never saved a checkpoint
             shutil.rmtree(run_dir)
-            _train_or_restart(mc, tc, run_dir, False, cache_dir, progress)
+        train(mc, tc, run_dir, resume=resume, progress=progress, cache_dir=cache_dir)
     saved_mc, saved_tc = read_configs(run_dir)
-    log = [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines() if x]
+    lines = [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines() if x]
     return {
         "position": position, "steps": saved_tc.steps, "train_len": saved_mc.train_len,
         "tokens": saved_tc.steps * saved_tc.batch_size * saved_mc.train_len,
-        "final_train_loss": log[-1]["train_loss"], "final_valid_loss": log[-1].get("valid_loss"),
+        "final_train_loss": lines[-1]["train_loss"], "final_valid_loss": lines[-1].get("valid_loss"),
         "seconds_this_invocation": round(time.perf_counter() - start, 1), "run": str(run_dir),
     }
-
-
-def _train_or_restart(mc, tc, run_dir, resume, cache_dir, progress) -> None:
-    try:
-        train(mc, tc, run_dir, resume=resume, progress=progress, cache_dir=cache_dir)
-    except RunError:
-        if not resume:
-            raise
-        # A run left by a different preset: retrain it from scratch.
-        shutil.rmtree(run_dir)
-        train(mc, tc, run_dir, resume=False, progress=progress, cache_dir=cache_dir)
 
 
 def _evaluate_one(run_dir: Path, p: ReproducePreset, force: bool, cache_dir: Optional[Path],
@@ -129,7 +125,10 @@ def _evaluate_one(run_dir: Path, p: ReproducePreset, force: bool, cache_dir: Opt
     settings = {"multiples": list(p.multiples), "eval_tokens": p.eval_tokens, "per_position": True,
                 "weights_sha": (run_dir / "checkpoint.json").read_text()}
     if cached.is_file() and not force:
-        saved = json.loads(cached.read_text())
+        try:
+            saved = json.loads(cached.read_text())
+        except json.JSONDecodeError:  # unreadable: evaluate again
+            saved = {}
         if saved.get("settings") == settings:
             return saved["results"]
     run = load_run(run_dir)
@@ -138,7 +137,7 @@ def _evaluate_one(run_dir: Path, p: ReproducePreset, force: bool, cache_dir: Opt
         scalings=_rules(run.config.position), batch_size=p.eval_batch_size,
         max_tokens=p.eval_tokens or None, per_position=True, cache_dir=cache_dir, progress=progress,
     )
-    cached.write_text(json.dumps({"settings": settings, "results": records}, indent=1))
+    atomic_write_text(cached, json.dumps({"settings": settings, "results": records}, indent=1))
     return records
 
 
@@ -183,7 +182,7 @@ def reproduce(
     for position in positions:
         run_dir = out / "runs" / position
         log(f"[{position}] training ({p.steps} steps of {p.batch_size} x {p.train_len} tokens)")
-        training.append(_train_one(position, p, data, seed, run_dir, force, cache, progress))
+        training.append(_train_one(position, p, data, seed, run_dir, force, cache, progress, log))
         log(f"[{position}] evaluating at {', '.join(str(m * p.train_len) for m in p.multiples)}")
         records += _evaluate_one(run_dir, p, force, cache, progress)
     results = {
@@ -204,12 +203,10 @@ def _machine() -> dict[str, Any]:
 
 
 def _write_report(out: Path, results: dict[str, Any], p: ReproducePreset) -> None:
-    tmp = out / ".results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1) + "\n")
-    tmp.replace(out / "results.json")
+    atomic_write_text(out / "results.json", json.dumps(results, indent=1) + "\n")
     plot_ppl_vs_length(results["results"], p.train_len, out / "ppl_vs_length.png",
                        title=f"Train short (L={p.train_len}), test long — preset {results['preset']['name']}")
-    (out / "report.md").write_text(_report_md(results, p))
+    atomic_write_text(out / "report.md", _report_md(results, p))
 
 
 def _report_md(results: dict[str, Any], p: ReproducePreset) -> str:

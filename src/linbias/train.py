@@ -20,20 +20,22 @@ import json
 import math
 import os
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 from linbias.config import ConfigBase, ModelConfig, _check_positive_float, _check_positive_int
 from linbias.data import (
+    atomic_write,
+    atomic_write_text,
     default_cache_dir,
     get_batch,
     load_corpus,
@@ -44,7 +46,10 @@ from linbias.data import (
 )
 from linbias.model import GPT
 
-__all__ = ["RUN_FORMAT", "Run", "RunError", "TrainConfig", "load_run", "read_configs", "train"]
+__all__ = [
+    "RUN_FORMAT", "ConfigMismatch", "Run", "RunError", "TrainConfig", "check_resume", "load_run",
+    "read_configs", "train",
+]
 
 RUN_FORMAT = "linbias-run/1"
 
@@ -115,18 +120,15 @@ class RunError(ValueError):
     """A run directory that cannot be used (missing files, wrong format, mismatched resume)."""
 
 
+class ConfigMismatch(RunError):
+    """A resume whose settings differ from the run's saved ones."""
+
+
 # --- files ---------------------------------------------------------------------------------------
 
 
-def _atomic(path: Path, write: Callable[[Path], Any]) -> None:
-    # Write beside the target, then rename: a reader never sees a half-written file.
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def _write_json(path: Path, obj: Any) -> None:
-    _atomic(path, lambda p: p.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n"))
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def _sha256(path: Path) -> str:
@@ -284,9 +286,19 @@ def _init_distributed() -> _Dist:
 def _mean_across(value: float, d: _Dist) -> float:
     if d.world_size == 1:
         return value
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device=d.device)  # nccl reduces CUDA tensors
     dist.all_reduce(t)
     return t.item() / d.world_size
+
+
+@contextmanager
+def _main_first(d: _Dist) -> Iterator[None]:
+    """Rank 0 runs the block first; the other ranks wait for it, then run it (cache hits)."""
+    if d.world_size > 1 and not d.main:
+        dist.barrier()
+    yield
+    if d.world_size > 1 and d.main:
+        dist.barrier()
 
 
 # --- the loop ------------------------------------------------------------------------------------
@@ -311,14 +323,20 @@ def _valid_loss(model: GPT, stream: np.ndarray, mc: ModelConfig, tc: TrainConfig
     return _mean_across(float(np.mean(losses)), d)
 
 
-def _check_resume(out: Path, mc: ModelConfig, tc: TrainConfig) -> ModelConfig:
-    """The saved model config, after checking the requested settings match the saved ones."""
+def check_resume(out: str | Path, mc: ModelConfig, tc: TrainConfig) -> ModelConfig:
+    """The saved model config, after checking the requested settings match the saved ones.
+
+    Raises:
+        ConfigMismatch: a setting differs (the message names each one).
+        RunError: the run directory is unusable.
+    """
+    out = Path(out)
     saved_mc, saved_tc = read_configs(out)
     requested = {**mc.to_dict(), "vocab_size": saved_mc.vocab_size, **tc.to_dict()}
     saved = {**saved_mc.to_dict(), **saved_tc.to_dict()}
     diff = sorted(k for k in saved if saved[k] != requested.get(k))
     if diff:
-        raise RunError(
+        raise ConfigMismatch(
             f"--resume with settings that differ from {out / 'config.json'} in: "
             + ", ".join(f"{k} (saved {saved[k]!r}, given {requested.get(k)!r})" for k in diff)
             + "; resume with the saved settings, or train into a new --out"
@@ -358,20 +376,22 @@ def train(
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     corpus = load_corpus(tc.data)
     if resume:
-        mc = _check_resume(out, model_config, tc)
-        tokenizer = load_tokenizer(out / "tokenizer.json")
-    else:
-        if (out / "config.json").exists():
-            raise RunError(f"{out} already holds a run: pass --resume to continue it, or choose a new --out")
-        tokenizer = train_tokenizer(corpus, tc.vocab_size, cache_dir=cache)
-        mc = ModelConfig.from_dict({**model_config.to_dict(), "vocab_size": tokenizer.get_vocab_size()})
-    train_stream = token_stream(corpus, tokenizer, "train", cache)
-    valid_stream = token_stream(corpus, tokenizer, "valid", cache)
+        mc = check_resume(out, model_config, tc)
+    elif d.main and (out / "config.json").exists():
+        raise RunError(f"{out} already holds a run: pass --resume to continue it, or choose a new --out")
+    with _main_first(d):  # rank 0 fills the tokenizer and token caches; the others then read them
+        if resume:
+            tokenizer = load_tokenizer(out / "tokenizer.json")
+        else:
+            tokenizer = train_tokenizer(corpus, tc.vocab_size, cache_dir=cache)
+            mc = ModelConfig.from_dict({**model_config.to_dict(), "vocab_size": tokenizer.get_vocab_size()})
+        train_stream = token_stream(corpus, tokenizer, "train", cache)
+        valid_stream = token_stream(corpus, tokenizer, "valid", cache)
 
     torch.manual_seed(tc.seed)
     model = GPT(mc).to(d.device)
     opt = _optimizer(model, tc)
-    start = _restore(out, model, opt) if resume else 0
+    start = _restore(out, model, opt, trim_log=d.main) if resume else 0
     if not resume and d.main:
         out.mkdir(parents=True, exist_ok=True)
         save_tokenizer(tokenizer, out / "tokenizer.json")
@@ -384,7 +404,7 @@ def train(
     tokens_per_step = tc.batch_size * tc.grad_accum * d.world_size * mc.train_len
     bar = tqdm(total=tc.steps, initial=start, disable=not (progress and d.main), unit="step",
                dynamic_ncols=True)
-    t0, window_tokens = time.perf_counter(), 0
+    t0, window_tokens, rate = time.perf_counter(), 0, 0.0
     for step in range(start, end):
         lr = lr_at(step, tc)
         for group in opt.param_groups:
@@ -408,15 +428,18 @@ def train(
         if tc.eval_every and done % tc.eval_every == 0 or done == tc.steps:
             record["valid_loss"] = _valid_loss(model, valid_stream, mc, tc, d)
         if d.main:
-            elapsed = time.perf_counter() - t0
-            record["tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
             if done % tc.log_every == 0 or "valid_loss" in record or done == end:
+                # Tokens per second of training since the last log line.
+                rate = window_tokens / max(time.perf_counter() - t0, 1e-9)
+                record["tokens_per_s"] = rate
                 with open(out / "log.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
-            bar.set_postfix(loss=f"{record['train_loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.set_postfix(loss=f"{record['train_loss']:.3f}", tok_s=f"{rate:.0f}")
             bar.update(1)
             if (tc.save_every and done % tc.save_every == 0) or done == end:
                 _checkpoint(out, model, opt, done)
+            if "tokens_per_s" in record:
+                t0, window_tokens = time.perf_counter(), 0
     bar.close()
     if d.world_size > 1:
         dist.barrier()
@@ -425,11 +448,13 @@ def train(
 
 def _checkpoint(out: Path, model: GPT, opt: torch.optim.Optimizer, step: int) -> None:
     weights = _state_dict(model)
-    _atomic(out / "model.safetensors", lambda p: save_file(weights, str(p)))
+    atomic_write(out / "model.safetensors", lambda f: f.write(save(weights)))
     state_name = f"state-{step:08d}.safetensors"
     tensors = {**{f"model.{k}": v for k, v in weights.items()}, **_optimizer_tensors(opt),
                "rng.torch": torch.get_rng_state()}
-    _atomic(out / state_name, lambda p: save_file(tensors, str(p)))
+    if torch.cuda.is_available():  # every rank was seeded alike, so rank 0's state serves all
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    atomic_write(out / state_name, lambda f: f.write(save(tensors)))
     previous = out / "checkpoint.json"
     old = json.loads(previous.read_text())["state"] if previous.is_file() else None
     _write_json(previous, {"step": step, "data_step": step, "state": state_name,
@@ -438,8 +463,10 @@ def _checkpoint(out: Path, model: GPT, opt: torch.optim.Optimizer, step: int) ->
         (out / old).unlink(missing_ok=True)
 
 
-def _restore(out: Path, model: GPT, opt: torch.optim.Optimizer) -> int:
+def _restore(out: Path, model: GPT, opt: torch.optim.Optimizer, trim_log: bool) -> int:
     ckpt = _read_json(out / "checkpoint.json", "the last checkpoint; the run never saved one")
+    if not isinstance(ckpt.get("state"), str) or not isinstance(ckpt.get("step"), int):
+        raise RunError(f"{out / 'checkpoint.json'} is corrupt (no state file or step); cannot resume")
     state_path = out / ckpt["state"]
     if not state_path.is_file() or _sha256(state_path) != ckpt.get("sha256"):
         raise RunError(f"{state_path} is missing, truncated or corrupt (checksum mismatch); cannot resume")
@@ -447,14 +474,26 @@ def _restore(out: Path, model: GPT, opt: torch.optim.Optimizer) -> int:
     _load_model_weights(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, state_path)
     _restore_optimizer(opt, tensors)
     torch.set_rng_state(tensors["rng.torch"])
-    step = int(ckpt["step"])
-    # Drop log lines written after the checkpoint: the resumed run writes them again.
-    log = out / "log.jsonl"
-    if log.is_file():
-        kept = [ln for ln in log.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-        _write_json_lines(log, kept)
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    step = ckpt["step"]
+    if trim_log:
+        _trim_log(out / "log.jsonl", step)
     return step
 
 
+def _trim_log(log: Path, step: int) -> None:
+    """Keep the log lines up to the checkpoint: the resumed run writes the later ones again. A
+    line torn by the kill (the last one) is dropped too."""
+    kept = []
+    for line in log.read_text().splitlines() if log.is_file() else []:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    _write_json_lines(log, kept)
+
+
 def _write_json_lines(path: Path, lines: list[str]) -> None:
-    _atomic(path, lambda p: p.write_text("".join(ln + "\n" for ln in lines)))
+    atomic_write_text(path, "".join(ln + "\n" for ln in lines))
