@@ -50,4 +50,5 @@ def test_library_errors_are_one_line(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "missing"), "--lengths", "64"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("linbias eval: error:") and "Traceback" not in err
-    assert main(["eval", str(tmp_path), "--lengths", "0"]) == 2
+    assert main(["eval", str(tmp_path), "--lengths", "0"]) == 2  # checked before the run loads
+    assert "eval_len must be" in capsys.readouterr().err

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from linbias.config import model_config
+from linbias.config import ModelConfig, model_config
 from linbias.data import split_of
 from linbias.train import RunError, TrainConfig, load_run, train
 
@@ -80,6 +80,7 @@ def test_same_seed_same_losses(tmp_path, corpus):
 
 def test_resume_after_kill_continues_exactly(tmp_path, corpus):
     mc, tc = _configs(corpus, steps=40, save_every=5, eval_every=10)
+    mc = ModelConfig.from_dict({**mc.to_dict(), "dropout": 0.1})  # RNG state must resume too
     cache = tmp_path / "cache"
     whole = train(mc, tc, tmp_path / "whole", progress=False, cache_dir=cache)
 

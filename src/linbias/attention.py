@@ -409,13 +409,19 @@ def _check(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, key_padding_mask: Op
         raise ValueError(
             f"query heads ({H}) must be a multiple of key/value heads ({Hkv}) for grouped attention"
         )
+    if Lq < 1:
+        raise ValueError(f"need at least one query, got q{tuple(q.shape)}")
     if Lq > Lk:
         raise ValueError(
             f"more queries ({Lq}) than keys ({Lk}): queries are the last Lq key positions"
         )
     if slopes.shape != (H,):
         raise ValueError(f"slopes must have shape [{H}] (one per query head), got {tuple(slopes.shape)}")
+    if slopes.device != q.device and slopes.device.type != "cpu":
+        raise ValueError(f"slopes are on {slopes.device} but q is on {q.device}")
     if key_padding_mask is not None:
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
         if key_padding_mask.dtype != torch.bool or key_padding_mask.shape != (B, Lk):
             raise ValueError(
                 f"key_padding_mask must be a bool tensor [{B}, {Lk}] (True = real token), got "
@@ -425,7 +431,7 @@ def _check(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, key_padding_mask: Op
 
 def _auto(c: _Call) -> str:
     # Fastest first; "flex" only where it is compiled for a GPU (on CPU "sdpa" is faster).
-    preferred = ("flash", "sdpa", "flex") if c.q.device.type == "cuda" else ("sdpa",)
+    preferred = ("flash", "flex") if c.q.device.type == "cuda" else ("sdpa",)
     for name in preferred:
         if name in BACKENDS and BACKENDS[name].unavailable(c) is None:
             return name

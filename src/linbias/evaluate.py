@@ -366,9 +366,9 @@ def evaluate_run(
         ValueError: bad lengths, stride, mode, or a rule the position method does not support;
             with a single length, a length that would be skipped.
     """
+    check_request(lengths, mode, stride, scalings, batch_size, max_tokens)
     run = run_or_path if isinstance(run_or_path, Run) else load_run(run_or_path)
     model = run.model
-    check_request(lengths, mode, stride, scalings, batch_size, max_tokens)
     _check_scalings(model, scalings)
     if device is not None:
         model.to(device)
