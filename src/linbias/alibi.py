@@ -13,6 +13,8 @@ from typing import Callable
 
 import torch
 
+from linbias.config import check_int
+
 __all__ = ["alibi_slopes", "alibi_bias", "interpolate_slopes", "SCALING_RULES", "scaling_factor"]
 
 
@@ -42,8 +44,7 @@ def alibi_slopes(n_heads: int, max_bias: float = 8.0) -> torch.Tensor:
         then every other slope of the ``2c``-head sequence, first ``n - c`` of them (the official
         code's, BLOOM's and MPT's rule).
     """
-    if isinstance(n_heads, bool) or not isinstance(n_heads, int) or n_heads < 1:
-        raise ValueError(f"n_heads must be a positive integer, got {n_heads!r}")
+    check_int("n_heads", n_heads)
     if not (isinstance(max_bias, (int, float)) and math.isfinite(max_bias) and max_bias > 0):
         raise ValueError(f"max_bias must be a positive finite number, got {max_bias!r}")
     return torch.tensor(_slopes(n_heads, float(max_bias)), dtype=torch.float64).float()
@@ -79,12 +80,6 @@ def alibi_bias(
     return (slopes.view(-1, 1, 1) * offset).masked_fill(j > i_abs, float("-inf"))
 
 
-def _check_lengths(train_len: int, eval_len: int) -> None:
-    for name, value in (("train_len", train_len), ("eval_len", eval_len)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
 # Each rule maps (train_len L, eval_len L') to the factor the slopes are multiplied by. Every rule
 # returns exactly 1 when L' <= L, so a model is unchanged inside its training length.
 SCALING_RULES: dict[str, Callable[[int, int], float]] = {
@@ -109,7 +104,8 @@ def scaling_factor(train_len: int, eval_len: int, rule: str = "linear") -> float
     """
     if rule not in SCALING_RULES:
         raise ValueError(f"unknown scaling rule {rule!r}; valid rules: {', '.join(SCALING_RULES)}")
-    _check_lengths(train_len, eval_len)
+    check_int("train_len", train_len)
+    check_int("eval_len", eval_len)
     return SCALING_RULES[rule](train_len, eval_len)
 
 

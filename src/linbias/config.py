@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar, get_args
 
-__all__ = ["INIT_STD", "ConfigBase", "ModelConfig", "POSITIONS", "PRESETS", "Position", "model_config"]
+__all__ = [
+    "INIT_STD", "ConfigBase", "ModelConfig", "POSITIONS", "PRESETS", "Position", "check_int",
+    "check_positive_float", "model_config",
+]
 
 Position = Literal["none", "sinusoidal", "learned", "rotary", "t5", "alibi"]
 POSITIONS: tuple[str, ...] = get_args(Position)
@@ -52,12 +56,18 @@ class ConfigBase:
         return cls.from_dict(json.loads(s))
 
 
-def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+def check_int(name: str, value: Any, low: int = 1, high: int | None = None) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is an integer in ``low..high``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low or (
+        high is not None and value > high
+    ):
+        bound = (f"an integer in {low}..{high}" if high is not None else
+                 "a positive integer" if low == 1 else "a non-negative integer" if low == 0 else
+                 f"an integer >= {low}")
+        raise ValueError(f"{name} must be {bound}, got {value!r}")
 
 
-def _check_positive_float(name: str, value: Any) -> None:
+def check_positive_float(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise ValueError(f"{name} must be a positive number, got {value!r}")
 
@@ -103,11 +113,11 @@ class ModelConfig(ConfigBase):
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_layers", "n_heads", "d_model", "train_len", "t5_buckets",
                      "t5_max_distance"):
-            _check_positive_int(name, getattr(self, name))
+            check_int(name, getattr(self, name))
         if self.d_ff is not None:
-            _check_positive_int("d_ff", self.d_ff)
-        _check_positive_float("alibi_max_bias", self.alibi_max_bias)
-        _check_positive_float("rotary_base", self.rotary_base)
+            check_int("d_ff", self.d_ff)
+        check_positive_float("alibi_max_bias", self.alibi_max_bias)
+        check_positive_float("rotary_base", self.rotary_base)
         if self.position not in POSITIONS:
             raise ValueError(
                 f"unknown position method {self.position!r}; valid: {', '.join(POSITIONS)}"

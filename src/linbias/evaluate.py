@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from linbias.config import check_int
 from linbias.data import (
     atomic_write_text,
     default_cache_dir,
@@ -88,14 +89,6 @@ def _windows(n_targets: int, eval_len: int, stride: int) -> _Windows:
 # --- the core: any logits function --------------------------------------------------------------
 
 
-def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low or (
-        high is not None and value > high
-    ):
-        bound = f"in {low}..{high}" if high is not None else f">= {low}"
-        raise ValueError(f"{name} must be an integer {bound}, got {value!r}")
-
-
 def _resolve_stride(mode: str, eval_len: int, stride: int | None) -> int:
     if mode not in MODES:
         raise ValueError(f"unknown evaluation mode {mode!r}; valid modes: {', '.join(MODES)}")
@@ -108,7 +101,7 @@ def _resolve_stride(mode: str, eval_len: int, stride: int | None) -> int:
         return eval_len
     if stride is None:
         raise ValueError("mode 'sliding' needs a stride S with 1 <= S <= eval_len (S=1: slowest)")
-    _check_int(f"stride (eval_len={eval_len})", stride, 1, eval_len)
+    check_int(f"stride (eval_len={eval_len})", stride, 1, eval_len)
     return int(stride)
 
 
@@ -120,7 +113,7 @@ def _prepare_stream(stream: Any, max_tokens: int | None, eval_len: int) -> np.nd
     if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
         raise ValueError(f"stream must be 1-D token ids, got shape {array.shape}, {array.dtype}")
     if max_tokens is not None:
-        _check_int("max_tokens", max_tokens, 1)
+        check_int("max_tokens", max_tokens, 1)
         array = array[: max_tokens + 1]
     if len(array) < 2:
         raise ValueError(
@@ -232,8 +225,8 @@ def evaluate_stream(
         ValueError: bad lengths, stride, mode or batch size; a stream with fewer than 2 tokens or
             fewer than ``L'`` targets; logits of the wrong shape.
     """
-    _check_int("eval_len", eval_len, 1)
-    _check_int("batch_size", batch_size, 1)
+    check_int("eval_len", eval_len, 1)
+    check_int("batch_size", batch_size, 1)
     step = _resolve_stride(mode, eval_len, stride)
     array = _prepare_stream(stream, max_tokens, eval_len)
     if byte_lengths is not None and int(array.max()) >= len(byte_lengths):
@@ -291,11 +284,11 @@ def check_request(
     if isinstance(lengths, (int, str)) or not lengths:
         raise ValueError(f"lengths must be a non-empty list of positive integers, got {lengths!r}")
     for length in lengths:
-        _check_int("eval_len", length, 1)
+        check_int("eval_len", length, 1)
         _resolve_stride(mode, int(length), stride)
-    _check_int("batch_size", batch_size, 1)
+    check_int("batch_size", batch_size, 1)
     if max_tokens is not None:
-        _check_int("max_tokens", max_tokens, 1)
+        check_int("max_tokens", max_tokens, 1)
     if isinstance(scalings, str) or not scalings:
         raise ValueError(f"scalings must be a non-empty list of rule names, got {scalings!r}")
 

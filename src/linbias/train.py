@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
-from linbias.config import ConfigBase, ModelConfig, _check_positive_float, _check_positive_int
+from linbias.config import ConfigBase, ModelConfig, check_positive_float, check_int
 from linbias.data import (
     atomic_write,
     atomic_write_text,
@@ -95,12 +95,10 @@ class TrainConfig(ConfigBase):
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "steps", "batch_size", "grad_accum", "eval_batches", "log_every"):
-            _check_positive_int(name, getattr(self, name))
-        _check_positive_float("lr", self.lr)
+            check_int(name, getattr(self, name))
+        check_positive_float("lr", self.lr)
         for name in ("warmup", "eval_every", "save_every", "seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+            check_int(name, getattr(self, name), low=0)
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
 
