@@ -585,3 +585,12 @@ def test_unknown_rule_lists_the_valid_ones():
 def test_bad_train_len(train_len):
     with pytest.raises(ValueError, match="train_len"):
         hf.extend_context(make("bloom"), train_len=train_len)
+
+
+def test_unsupported_transformers_release_is_refused(monkeypatch):
+    model = make("mpt")
+    monkeypatch.setattr(hf.transformers, "__version__", "5.24.0")
+    with pytest.raises(RuntimeError, match=r"5\.24\.0.*pip install"):
+        hf.extend_context(model)
+    monkeypatch.undo()
+    assert not hasattr(model.transformer, hf._STATE)  # nothing was patched

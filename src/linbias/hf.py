@@ -113,6 +113,21 @@ FAMILIES: dict[str, str] = {
 
 _STATE = "_linbias_extension"  # attribute of the base model holding its _Extension
 
+# The transformers releases whose BLOOM, MPT and Falcon internals the patches below were written
+# against and tested with; another release may compute something else, so it is refused.
+SUPPORTED_TRANSFORMERS = ("5.23",)
+
+
+def _check_transformers_version() -> None:
+    release = ".".join(transformers.__version__.split(".")[:2])
+    if release not in SUPPORTED_TRANSFORMERS:
+        raise RuntimeError(
+            f"linbias.hf patches transformers internals and supports transformers "
+            f"{', '.join(v + '.x' for v in SUPPORTED_TRANSFORMERS)}; this is "
+            f"{transformers.__version__}. Install a supported release: "
+            f"pip install 'transformers>={SUPPORTED_TRANSFORMERS[0]},<5.24'"
+        )
+
 
 @dataclass
 class _Extension:
@@ -164,6 +179,7 @@ def extend_context(
             BLOOM without ``train_len``, a bad ``train_len``, or an unknown rule (the message lists
             the valid ones).
     """
+    _check_transformers_version()
     base = _base_model(model)
     family = _family(model, base)
     if train_len is None:
