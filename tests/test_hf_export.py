@@ -8,6 +8,7 @@ transformers' MPT has no biases; nor do linbias models unless built with ``bias=
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -186,10 +187,51 @@ def test_export_directory_rules(bias_free_dir: Path, tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
     hf.export_to_hf(bias_free_dir, empty)
-    (empty / "stale.txt").write_text("from before")
-    hf.export_to_hf(bias_free_dir, empty)  # a previous export is replaced as a whole
-    assert not (empty / "stale.txt").exists() and (empty / hf.EXPORT_MARKER).is_file()
+    first = {p.name: p.read_bytes() for p in empty.iterdir()}
+    hf.export_to_hf(bias_free_dir, empty)  # an untouched previous export is replaced
+    assert {p.name for p in empty.iterdir()} == set(first)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "file", "foreign"]
+
+
+@pytest.mark.parametrize("change", ["add file", "add folder", "edit config", "bad marker"])
+def test_export_never_replaces_what_a_user_added_or_changed(bias_free_dir, tmp_path, change):
+    out = tmp_path / "hf"
+    hf.export_to_hf(bias_free_dir, out)
+    if change == "add file":
+        (out / "notes.txt").write_text("mine")
+    elif change == "add folder":
+        (out / "mine").mkdir()
+        (out / "mine" / "data.txt").write_text("mine")
+    elif change == "edit config":
+        (out / "config.json").write_text((out / "config.json").read_text() + " ")
+    else:
+        (out / hf.EXPORT_MARKER).write_text("[1, 2]")
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match="--to-hf"):
+        hf.export_to_hf(bias_free_dir, out)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no temporary folder left
+
+
+def test_export_never_touches_the_run_or_the_current_directory(tiny_alibi_run, tmp_path,
+                                                               monkeypatch) -> None:
+    outer = tmp_path / "outer"
+    run_dir = outer / "run"
+    shutil.copytree(tiny_alibi_run, run_dir)
+    with pytest.raises(ValueError, match="holds the run"):
+        hf.export_to_hf(run_dir, outer)
+    with pytest.raises(ValueError, match="holds the run"):
+        hf.export_to_hf(run_dir, run_dir)
+    assert sorted(p.name for p in outer.iterdir()) == ["run"]
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    for target in (".", "..", str(work)):
+        with pytest.raises(ValueError, match="current directory"):
+            hf.export_to_hf(run_dir, target)
+    assert list(work.iterdir()) == []
+    hf.export_to_hf(run_dir, "hf")  # a relative new folder is fine
+    assert (work / "hf" / hf.EXPORT_MARKER).is_file()
 
 
 def test_failed_check_writes_nothing(bias_free_dir, tmp_path, monkeypatch) -> None:

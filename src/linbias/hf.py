@@ -53,11 +53,13 @@ Shape suffixes: B batch, H heads, K keys, T tokens of the current call, D head d
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
 import json
 import os
 import re
 import shutil
+import tempfile
 import types
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -538,22 +540,24 @@ def export_to_hf(run_or_path: Run | str | Path, out_dir: str | Path) -> Path:
 
     Args:
         run_or_path: a ``linbias.train.Run`` or a run directory.
-        out_dir: the directory to write: new, empty, or a previous export (marked by
-            ``EXPORT_MARKER``), which is replaced. It is filled atomically: a reader sees the
-            previous contents or the whole new export, never part of one.
+        out_dir: the directory to write: new, empty, or a previous export, which is replaced
+            only if it holds exactly the files that export wrote (``EXPORT_MARKER`` lists their
+            names and SHA-256); a file added or changed since is an error, never deleted. It is
+            filled atomically: a reader sees the previous contents or the whole new export.
 
     Returns:
         ``out_dir`` as a ``Path``.
 
     Raises:
         ValueError: a model that is not ALiBi, or that MPT cannot hold exactly (the message says
-            which part); an ``out_dir`` that is a file or a non-empty directory of something else.
+            which part); an ``out_dir`` that is a file, a non-empty directory of something else,
+            an export with added or changed files, the current directory, or one holding the run.
         RuntimeError: the written model's logits differ (another transformers version).
         RunError: an unusable run directory.
     """
     run = run_or_path if isinstance(run_or_path, Run) else load_run(run_or_path)
-    out = Path(out_dir)
-    _check_export_dir(out)
+    out = Path(out_dir).absolute()
+    _check_export_dir(out, run.path)
     tensors = _mpt_tensors(run.model, run.config)  # every refusal comes before any file is written
     mpt = MptForCausalLM(_mpt_config(run))
     mpt.load_state_dict(tensors, strict=True)
@@ -562,15 +566,19 @@ def export_to_hf(run_or_path: Run | str | Path, out_dir: str | Path) -> Path:
         clean_up_tokenization_spaces=False,  # decode gives back the text, spaces and all
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    # A fresh, uniquely named folder: the only one this function ever removes on failure.
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    umask = os.umask(0o022)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the export gets a plain folder's mode
     try:
         mpt.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         diff = _verify_export(run, tmp)
         marker = {"format": _EXPORT_FORMAT, "hf_format": "mpt", "source": str(run.path),
                   "linbias_version": linbias.__version__, "train_len": run.config.train_len,
-                  "max_logit_diff": diff, "model": run.config.to_dict()}
+                  "max_logit_diff": diff, "model": run.config.to_dict(),
+                  "files": {p.name: _file_sha256(p) for p in sorted(tmp.iterdir())}}
         (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
         _replace_dir(tmp, out)
     finally:
@@ -578,14 +586,55 @@ def export_to_hf(run_or_path: Run | str | Path, out_dir: str | Path) -> Path:
     return out
 
 
-def _check_export_dir(out: Path) -> None:
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _check_export_dir(out: Path, run_dir: Path) -> None:
+    """``out`` may be new, empty, or an export whose every file is as ``export_to_hf`` wrote it
+    (the marker lists names and checksums): nothing else is ever replaced."""
+    fix = "choose another --to-hf directory (new or empty)"
+    cwd, run = Path.cwd().resolve(), run_dir.resolve()
+    if out.resolve() == cwd or out.resolve() in cwd.parents:
+        raise ValueError(f"{out} is the current directory or holds it; {fix}")
+    if run == out.resolve() or out.resolve() in run.parents:
+        raise ValueError(f"{out} holds the run being exported ({run_dir}); {fix}")
     if out.exists() and not out.is_dir():
-        raise ValueError(f"{out} is a file; export_to_hf writes a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / EXPORT_MARKER).is_file():
+        raise ValueError(f"{out} is a file; export_to_hf writes a directory: {fix}")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    written = _export_manifest(out)
+    if written is None:
         raise ValueError(
-            f"{out} is not empty and is not a previous linbias export (it has no {EXPORT_MARKER}); "
-            "choose a new or empty directory"
+            f"{out} is not empty and is not a previous linbias export (no readable "
+            f"{EXPORT_MARKER} listing its files); {fix}"
         )
+    changed = sorted(
+        p.name for p in out.iterdir()
+        if p.name != EXPORT_MARKER and (not p.is_file() or p.is_symlink()
+                                        or written.get(p.name) != _file_sha256(p))
+    )
+    if changed:
+        raise ValueError(
+            f"{out} is a previous linbias export, but these entries were added or changed since: "
+            f"{', '.join(changed)}; replacing the export would delete them, so {fix}, or move them"
+        )
+
+
+def _export_manifest(out: Path) -> dict[str, str] | None:
+    """The ``{file name: sha256}`` a previous export recorded, or None if there is no valid one."""
+    try:
+        marker = json.loads((out / EXPORT_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(marker, dict) or marker.get("format") != _EXPORT_FORMAT:
+        return None
+    files = marker.get("files")
+    if not isinstance(files, dict) or not all(
+        isinstance(k, str) and "/" not in k and isinstance(v, str) for k, v in files.items()
+    ):
+        return None
+    return files
 
 
 def _mpt_tensors(model: torch.nn.Module, config: ModelConfig) -> dict[str, torch.Tensor]:
@@ -676,10 +725,11 @@ def _verify_export(run: Run, path: Path) -> float:
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished ``tmp`` to ``out``; a previous export there goes aside, then away."""
+    """Move the finished ``tmp`` to ``out``; a previous export there (checked by
+    ``_check_export_dir``) goes aside into a fresh folder, then away."""
     if out.is_dir() and any(out.iterdir()):
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
+        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+        os.replace(out, old)  # over the fresh empty folder
         os.replace(tmp, out)
         shutil.rmtree(old)
     else:
