@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from linbias import SCALING_RULES, alibi_bias, alibi_slopes, interpolate_slopes
+from linbias.alibi import scaling_factor
 
 
 def official_get_slopes(n):
@@ -119,7 +120,66 @@ def test_unknown_rule_lists_valid():
         interpolate_slopes(alibi_slopes(2), 10, 20, rule="ntk")
 
 
-@pytest.mark.parametrize("lengths", [(0, 10), (10, 0), (10.0, 20)])
+@pytest.mark.parametrize(
+    "lengths", [(0, 10), (10, 0), (10.0, 20), (10, -5), (True, 10), ("10", 20)]
+)
 def test_bad_lengths(lengths):
     with pytest.raises(ValueError, match="positive integer"):
         interpolate_slopes(alibi_slopes(2), *lengths)
+
+
+@pytest.mark.parametrize(
+    "slopes,error,match",
+    [
+        ([0.5, 0.25], TypeError, r"slopes must be a torch\.Tensor, got list"),
+        (alibi_slopes(2).numpy(), TypeError, r"slopes must be a torch\.Tensor, got ndarray"),
+        (torch.tensor([1, 2]), TypeError, r"floating-point.*slopes\.float\(\)"),
+        (torch.tensor([0.5, math.nan]), ValueError, "finite"),
+        (torch.tensor([math.inf, 0.5]), ValueError, "finite"),
+        (torch.zeros(0), ValueError, r"shape \[n_heads\]"),
+    ],
+)
+def test_bad_slopes_are_refused_by_every_function(slopes, error, match):
+    # Before: AttributeErrors, an int64 overflow error, nan/inf biases, or (interpolate_slopes
+    # with factor 1) the bad value handed back.
+    with pytest.raises(error, match=match):
+        alibi_bias(slopes, 2, 3)
+    for eval_len in (10, 40):  # factor 1 returns the slopes themselves, factor 1/4 scales them
+        with pytest.raises(error, match=match):
+            interpolate_slopes(slopes, 10, eval_len)
+
+
+@pytest.mark.parametrize(
+    "q_len,k_len,match",
+    [(0, 3, "q_len"), (2.5, 5, "q_len"), (True, 3, "q_len"), (2, 3.0, "k_len"), (1, -1, "k_len"),
+     ("2", 3, "q_len")],
+)
+def test_bias_lengths_must_be_positive_integers(q_len, k_len, match):
+    # Before: a float q_len built a bias of the wrong shape; True counted as 1.
+    with pytest.raises(ValueError, match=match):
+        alibi_bias(alibi_slopes(2), q_len, k_len)
+
+
+@pytest.mark.parametrize("causal", ["False", None, 0])
+def test_bias_causal_must_be_a_bool(causal):
+    # Before: "False" was truthy and gave the causal bias; None gave the bidirectional one.
+    with pytest.raises(TypeError, match="causal must be True or False"):
+        alibi_bias(alibi_slopes(2), 2, 3, causal=causal)
+
+
+def test_bias_of_learnable_slopes_is_differentiable():
+    slopes = torch.tensor([0.5, 0.25], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda m: alibi_bias(m, 3, 4, causal=False), (slopes,))
+
+
+@pytest.mark.parametrize("rule", [["linear"], None, 1])
+def test_scaling_factor_rule_must_be_a_name(rule):
+    # Before: a list raised "unhashable type"; the message now lists the valid rules.
+    with pytest.raises(ValueError, match="valid rules: none, linear"):
+        scaling_factor(10, 20, rule)
+
+
+def test_bool_max_bias_is_refused():
+    # Before: True counted as max_bias 1.
+    with pytest.raises(ValueError, match="max_bias"):
+        alibi_slopes(4, max_bias=True)

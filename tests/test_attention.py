@@ -1,6 +1,11 @@
 
+import math
+from unittest import mock
+
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -85,6 +90,116 @@ def test_gradients_match_reference(backend):
         assert (g.double() - w).abs().max() < 1e-4
 
 
+# Layouts a caller can hand in: each keeps x's shape; most keep its values too.
+LAYOUTS = {
+    "contiguous": lambda x: x,
+    "bthd": lambda x: x.transpose(1, 2).contiguous().transpose(1, 2),  # the model's q, k, v
+    "d_major": lambda x: x.transpose(2, 3).contiguous().transpose(2, 3),  # stride(-1) = L
+    "reversed": lambda x: x.permute(3, 2, 1, 0).contiguous().permute(3, 2, 1, 0),
+    "every_other_row": lambda x: x.repeat_interleave(2, dim=2)[:, :, ::2],
+    "every_other_d": lambda x: x.repeat_interleave(2, dim=3)[..., ::2],  # stride(-1) = 2
+    "offset": lambda x: F.pad(x, (5, 0, 3, 0))[:, :, 3:, 5:],  # storage offset, row stride D + 5
+    "expanded_heads": lambda x: x[:, :1].expand_as(x),  # stride 0, values shared by heads
+    "expanded_rows": lambda x: x[:, :, :1].expand_as(x),
+    "expanded_d": lambda x: x[..., :1].expand_as(x),  # stride(-1) = 0
+}
+MASK_LAYOUTS = {
+    "contiguous": lambda m: m,
+    "transposed": lambda m: m.T.contiguous().T,
+    "every_other_key": lambda m: m.repeat_interleave(2, dim=1)[:, ::2],
+    "expanded_batch": lambda m: m[-1:].expand_as(m),
+}
+
+
+def _laid_out(x, layout, grad=False):
+    """``x`` rearranged in memory by ``LAYOUTS[layout]``, as a leaf that may require grad."""
+    y = LAYOUTS[layout](x.detach())
+    assert y.shape == x.shape
+    return y.requires_grad_(grad)
+
+
+def _attend_and_grad(q, k, v, grad_out, **kwargs):
+    out = alibi_attention(q, k, v, **kwargs)
+    return (out, *torch.autograd.grad(out, (q, k, v), grad_out))
+
+
+def _contiguous_twin(*ts):
+    return [t.detach().contiguous().requires_grad_(t.requires_grad) for t in ts]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layouts_match_contiguous_inputs(backend, layout):
+    # Before the fix, sdpa misread any input with stride(-1) != 1 (errors of 2 to 1e37).
+    q, k, v = (_laid_out(t, layout, grad=True) for t in _inputs(2, 4, 2, 40, 72, 16))
+    grad_out = _laid_out(torch.randn(2, 4, 40, 16), layout)
+    kpm = MASK_LAYOUTS["transposed"](_left_padding(2, 72))
+    slopes = alibi_slopes(4)
+    got = _attend_and_grad(q, k, v, grad_out, slopes=slopes, key_padding_mask=kpm, backend=backend)
+    qc, kc, vc = _contiguous_twin(q, k, v)
+    want = _attend_and_grad(
+        qc, kc, vc, grad_out.contiguous(), slopes=slopes, key_padding_mask=kpm.contiguous(),
+        backend=backend,
+    )
+    for g, w in zip(got, want):
+        assert (g - w).abs().max() < 1e-5
+    ref = naive_alibi_attention(q, k, v, slopes, key_padding_mask=kpm)
+    assert (got[0].double() - ref).abs().max() < 2e-5
+
+
+def test_sdpa_copies_only_inputs_the_kernel_cannot_read():
+    # The model's [B, T, H, D]-view layout reaches the kernel without a copy, in both passes;
+    # an input with stride(-1) != 1 is copied once.
+    B, T, H, D = 1, 40, 4, 8
+    x = torch.randn(B, T, 3 * H * D, requires_grad=True)
+    q, k, v = (y.view(B, T, H, D).transpose(1, 2) for y in x.split(H * D, dim=2))
+    slopes = alibi_slopes(H)
+    with _Copies() as mode:
+        out = alibi_attention(q, k, v, slopes, backend="sdpa")
+        out.transpose(1, 2).reshape(B, T, H * D).backward(torch.ones(B, T, H * D))
+    assert mode.copied == [(B, H, T)]  # only the kernel's small log-sum-exp
+    q_d_major = LAYOUTS["d_major"](q.detach())
+    with _Copies() as mode:
+        alibi_attention(q_d_major, k.detach(), v.detach(), slopes, backend="sdpa")
+    assert mode.copied == [(B, H, T, D)]
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    layouts=st.tuples(*[st.sampled_from(list(LAYOUTS))] * 4),  # q, k, v, grad_out
+    mask_layout=st.sampled_from([None, *MASK_LAYOUTS]),
+    group=st.sampled_from([1, 2]),
+    lq=st.one_of(st.integers(1, 12), st.integers(65, 72)),  # over 64: two sdpa blocks
+    extra=st.integers(0, 12),
+    d=st.sampled_from([1, 4, 8]),
+    causal=st.booleans(),
+    backend=st.sampled_from(CPU_BACKENDS),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_property_layouts_match_contiguous_and_reference(
+    layouts, mask_layout, group, lq, extra, d, causal, backend, dtype
+):
+    H, Lk = 4, lq + extra
+    inputs = _inputs(2, H, H // group, lq, Lk, d, dtype)
+    q, k, v = (_laid_out(t, lay, grad=True) for t, lay in zip(inputs, layouts))
+    grad_out = _laid_out(torch.randn(2, H, lq, d, dtype=dtype), layouts[3])
+    kpm = None if mask_layout is None else MASK_LAYOUTS[mask_layout](_left_padding(2, Lk))
+    slopes = alibi_slopes(H)
+    kw = dict(slopes=slopes, causal=causal, backend=backend)
+    with mock.patch.object(attention, "_BIAS_BUDGET", 4.0):  # the smallest blocks, 64 queries
+        got = _attend_and_grad(q, k, v, grad_out, key_padding_mask=kpm, **kw)
+        qc, kc, vc = _contiguous_twin(q, k, v)
+        kpm_c = None if kpm is None else kpm.contiguous()
+        want = _attend_and_grad(qc, kc, vc, grad_out.contiguous(), key_padding_mask=kpm_c, **kw)
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = naive_alibi_attention(qd, kd, vd, slopes, causal=causal, key_padding_mask=kpm)
+    ref_grads = torch.autograd.grad(ref, (qd, kd, vd), grad_out.double())
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    for g, w, r in zip(got, want, (ref, *ref_grads)):
+        assert (g - w).abs().max() <= tol
+        assert (g.double() - r).abs().max() <= tol
+
+
 def test_fully_padded_rows_are_zero_and_finite():
     q, k, v = _inputs(1, 2, 2, 6, 6, 4, grad=True)
     kpm = torch.tensor([[False, False, False, True, True, True]])
@@ -147,8 +262,10 @@ def test_custom_scale():
 
 
 def test_flex_matches_reference():
+    # Strided views (one compile: each new layout would cost flex a recompile of several seconds).
     q, k, v = _inputs(2, 4, 2, 96, 128, 16)
-    kpm = _left_padding(2, 128)
+    q, k, v = LAYOUTS["d_major"](q), LAYOUTS["expanded_heads"](k), LAYOUTS["every_other_row"](v)
+    kpm = MASK_LAYOUTS["transposed"](_left_padding(2, 128))
     out = alibi_attention(q, k, v, alibi_slopes(4), key_padding_mask=kpm, backend="flex")
     ref = naive_alibi_attention(q, k, v, alibi_slopes(4), key_padding_mask=kpm)
     assert (out.double() - ref).abs().max() < 1e-5
@@ -167,6 +284,19 @@ class _LargestTensor(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 self.largest = max(self.largest, t.numel())
         return out
+
+
+class _Copies(TorchDispatchMode):
+    """Records the shape of every tensor copied into a new layout or dtype."""
+
+    def __init__(self):
+        super().__init__()
+        self.copied = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.clone.default, torch.ops.aten._to_copy.default):
+            self.copied.append(tuple(args[0].shape))
+        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -223,6 +353,130 @@ def test_input_errors():
         alibi_attention(q, k, v, alibi_slopes(4), backend="triton")
     with pytest.raises(RuntimeError, match="flash.*(not installed|CUDA)"):
         alibi_attention(q, k, v, alibi_slopes(4), backend="flash")
+
+
+def _bad_call(case):
+    """Arguments of a call that must be refused, by case name."""
+    q, k, v = _inputs(1, 4, 2, 5, 5, 8)
+    kw = dict(q=q, k=k, v=v, slopes=alibi_slopes(4))
+    changes = {
+        "q list": dict(q=q.tolist()),
+        "k numpy": dict(k=k.numpy()),
+        "v list": dict(v=v.tolist()),
+        "slopes list": dict(slopes=[0.5, 0.25, 0.125, 0.0625]),
+        "slopes numpy": dict(slopes=alibi_slopes(4).numpy()),
+        "key_padding_mask list": dict(key_padding_mask=[[True] * 5]),
+        "key_padding_mask numpy": dict(key_padding_mask=np.ones((1, 5), dtype=bool)),
+        "integer inputs": dict(q=q.long(), k=k.long(), v=v.long()),
+        "bool inputs": dict(q=q > 0, k=k > 0, v=v > 0),
+        "integer v": dict(v=v.int()),
+        "mixed dtypes": dict(k=k.double()),
+        "mixed half": dict(v=v.half()),
+        "zero heads": dict(q=q[:, :0], k=k[:, :0], v=v[:, :0], slopes=torch.zeros(0)),
+        "zero kv heads": dict(k=k[:, :0], v=v[:, :0]),
+        "zero head_dim": dict(q=q[..., :0], k=k[..., :0], v=v[..., :0]),
+        "nan slope": dict(slopes=torch.tensor([0.5, math.nan, 0.1, 0.1])),
+        "inf slope": dict(slopes=torch.tensor([0.5, 0.25, math.inf, 0.1])),
+        "-inf slope": dict(slopes=torch.tensor([-math.inf, 0.25, 0.1, 0.1])),
+        "integer slopes": dict(slopes=torch.tensor([1, 2, 3, 4])),
+        "causal string": dict(causal="False"),
+        "causal None": dict(causal=None),
+        "nan scale": dict(scale=math.nan),
+        "inf scale": dict(scale=math.inf),
+        "string scale": dict(scale="0.5"),
+    }
+    return {**kw, **changes[case]}
+
+
+BAD_CALLS = {  # case: (error, what the message must name)
+    "q list": (TypeError, r"q must be a torch\.Tensor, got list"),
+    "k numpy": (TypeError, r"k must be a torch\.Tensor, got ndarray"),
+    "v list": (TypeError, r"v must be a torch\.Tensor"),
+    "slopes list": (TypeError, r"slopes must be a torch\.Tensor"),
+    "slopes numpy": (TypeError, r"slopes must be a torch\.Tensor"),
+    "key_padding_mask list": (TypeError, r"key_padding_mask must be a torch\.Tensor"),
+    "key_padding_mask numpy": (TypeError, r"key_padding_mask must be a torch\.Tensor"),
+    "integer inputs": (TypeError, r"floating-point.*int64.*\.float\(\)"),
+    "bool inputs": (TypeError, r"floating-point.*bool"),
+    "integer v": (TypeError, r"floating-point.*v torch\.int32"),
+    "mixed dtypes": (TypeError, r"one dtype.*k torch\.float64.*\.to\(q\.dtype\)"),
+    "mixed half": (TypeError, r"one dtype.*v torch\.float16"),
+    "zero heads": (ValueError, r"at least one head"),
+    "zero kv heads": (ValueError, r"at least one head"),
+    "zero head_dim": (ValueError, r"head_dim >= 1"),
+    "nan slope": (ValueError, r"slopes must be finite"),
+    "inf slope": (ValueError, r"slopes must be finite"),
+    "-inf slope": (ValueError, r"slopes must be finite"),
+    "integer slopes": (TypeError, r"slopes must be a floating-point tensor.*slopes\.float\(\)"),
+    "causal string": (TypeError, r"causal must be True or False"),
+    "causal None": (TypeError, r"causal must be True or False"),
+    "nan scale": (ValueError, r"scale must be a finite number"),
+    "inf scale": (ValueError, r"scale must be a finite number"),
+    "string scale": (ValueError, r"scale must be a finite number"),
+}
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("case", BAD_CALLS)
+def test_bad_inputs_raise_errors_that_name_the_argument(backend, case):
+    # Before: AttributeErrors, ZeroDivisionErrors, kernel errors, or (causal="False", nan slopes
+    # on some backends, integer inputs on reference) an answer.
+    error, match = BAD_CALLS[case]
+    with pytest.raises(error, match=match):
+        alibi_attention(**_bad_call(case), backend=backend)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_empty_batch_is_still_an_empty_answer(backend):
+    q, k, v = _inputs(0, 4, 2, 5, 7, 8)
+    out = alibi_attention(q, k, v, alibi_slopes(4), backend=backend)
+    assert out.shape == (0, 4, 5, 8)
+
+
+@pytest.mark.parametrize("backend", ["reference", "blocked", "auto"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_slope_gradients_match_float64_reference(backend, causal):
+    q, k, v = _inputs(2, 4, 2, 12, 20, 8, grad=True)
+    kpm = _left_padding(2, 20)
+    slopes = alibi_slopes(4).requires_grad_()
+    out = alibi_attention(q, k, v, slopes, causal=causal, key_padding_mask=kpm, backend=backend)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (slopes, q, k, v), grad)
+    leaves = [t.detach().double().requires_grad_() for t in (slopes, q, k, v)]
+    ref = naive_alibi_attention(*leaves[1:], leaves[0], causal=causal, key_padding_mask=kpm)
+    want = torch.autograd.grad(ref, leaves, grad.double())
+    assert got[0].abs().max() > 1e-3  # the slopes matter here, so a zero gradient would fail
+    for g, w in zip(got, want):
+        assert (g.double() - w).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("backend", ["reference", "blocked"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_slope_gradcheck(monkeypatch, backend, causal):
+    monkeypatch.setattr(attention, "_BLOCK_ELEMENTS", 2 * 4 * 9)  # blocked: two queries a block
+    q, k, v = _inputs(1, 4, 2, 5, 9, 3, dtype=torch.float64)
+    kpm = torch.tensor([[False, False, True, True, True, True, True, True, True]])
+    slopes = alibi_slopes(4).double().requires_grad_()
+
+    def f(m):
+        return alibi_attention(q, k, v, m, causal=causal, key_padding_mask=kpm, backend=backend)
+
+    assert torch.autograd.gradcheck(f, (slopes,), fast_mode=True)
+
+
+def test_learnable_slopes_choose_a_differentiable_backend():
+    q, k, v = _inputs(1, 2, 2, 4, 4, 4)
+    slopes = alibi_slopes(2).requires_grad_()
+    c = attention._Call(q, k, v, slopes, True, 0.5, None)
+    assert attention._auto(c) == "blocked"
+    assert "slopes" in BACKENDS["flash"].unavailable(c)
+    assert BACKENDS["flex"].unavailable(c) is not None  # no backward on CPU
+    with pytest.raises(RuntimeError, match="'sdpa' cannot run.*slopes.*'blocked'"):
+        alibi_attention(q, k, v, slopes, backend="sdpa")
+    with torch.no_grad():  # inference with learnable slopes keeps the fast kernel
+        assert attention._auto(c) == "sdpa"
+        out = alibi_attention(q, k, v, slopes, backend="sdpa")
+    assert (out.double() - naive_alibi_attention(q, k, v, slopes.detach())).abs().max() < 1e-5
 
 
 def test_registry_names():

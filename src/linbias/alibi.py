@@ -9,13 +9,16 @@ by ``L / L'`` when the input length ``L'`` exceeds the training length ``L``.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable, Optional
 
 import torch
 
 from linbias.config import check_int
 
-__all__ = ["alibi_slopes", "alibi_bias", "interpolate_slopes", "SCALING_RULES", "scaling_factor"]
+__all__ = [
+    "alibi_slopes", "alibi_bias", "check_slopes", "interpolate_slopes", "SCALING_RULES",
+    "scaling_factor",
+]
 
 
 def _power_of_two_slopes(n: int, max_bias: float) -> list[float]:
@@ -45,9 +48,40 @@ def alibi_slopes(n_heads: int, max_bias: float = 8.0) -> torch.Tensor:
         code's, BLOOM's and MPT's rule).
     """
     check_int("n_heads", n_heads)
-    if not (isinstance(max_bias, (int, float)) and math.isfinite(max_bias) and max_bias > 0):
+    if isinstance(max_bias, bool) or not (
+        isinstance(max_bias, (int, float)) and math.isfinite(max_bias) and max_bias > 0
+    ):
         raise ValueError(f"max_bias must be a positive finite number, got {max_bias!r}")
     return torch.tensor(_slopes(n_heads, float(max_bias)), dtype=torch.float64).float()
+
+
+def check_slopes(slopes: Any, n_heads: Optional[int] = None) -> None:
+    """Check that ``slopes`` is a finite floating-point tensor ``[n_heads]``.
+
+    Args:
+        slopes: the value to check.
+        n_heads: the required length; ``None`` accepts any length >= 1.
+
+    Raises:
+        TypeError: not a tensor, or not floating point (the message says how to convert).
+        ValueError: wrong shape, or a nan/inf slope. The values are checked only on the CPU:
+            on an accelerator the check would stall the host once per call, and there a
+            non-finite slope shows anyway, as nan outputs.
+    """
+    if not isinstance(slopes, torch.Tensor):
+        raise TypeError(
+            f"slopes must be a torch.Tensor, got {type(slopes).__name__}; "
+            "use alibi_slopes(n_heads) or torch.tensor(values)"
+        )
+    if not slopes.dtype.is_floating_point:
+        raise TypeError(
+            f"slopes must be a floating-point tensor, got {slopes.dtype}; use slopes.float()"
+        )
+    if slopes.dim() != 1 or slopes.numel() == 0 or n_heads not in (None, slopes.numel()):
+        want = f"[{n_heads}] (one per query head)" if n_heads else "[n_heads] with n_heads >= 1"
+        raise ValueError(f"slopes must have shape {want}, got {tuple(slopes.shape)}")
+    if slopes.device.type == "cpu" and not bool(torch.isfinite(slopes).all()):
+        raise ValueError(f"slopes must be finite, got {slopes.tolist()}")
 
 
 def alibi_bias(
@@ -67,11 +101,17 @@ def alibi_bias(
 
     Returns:
         Tensor ``[H, q_len, k_len]`` in the dtype of ``slopes``.
+
+    Raises:
+        TypeError, ValueError: bad slopes (see ``check_slopes``), lengths or ``causal``.
     """
-    if slopes.dim() != 1:
-        raise ValueError(f"slopes must have shape [n_heads], got {tuple(slopes.shape)}")
-    if not (1 <= q_len <= k_len):
+    check_slopes(slopes)
+    check_int("q_len", q_len)
+    check_int("k_len", k_len)
+    if q_len > k_len:
         raise ValueError(f"need 1 <= q_len <= k_len, got q_len={q_len}, k_len={k_len}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be True or False, got {causal!r}")
     i_abs = torch.arange(k_len - q_len, k_len, device=slopes.device).view(-1, 1)
     j = torch.arange(k_len, device=slopes.device).view(1, -1)
     offset = (j - i_abs).to(slopes.dtype)  # j - i: negative for past keys
@@ -102,7 +142,7 @@ def scaling_factor(train_len: int, eval_len: int, rule: str = "linear") -> float
     Raises:
         ValueError: unknown rule (the message lists the valid ones) or non-positive lengths.
     """
-    if rule not in SCALING_RULES:
+    if not isinstance(rule, str) or rule not in SCALING_RULES:
         raise ValueError(f"unknown scaling rule {rule!r}; valid rules: {', '.join(SCALING_RULES)}")
     check_int("train_len", train_len)
     check_int("eval_len", eval_len)
@@ -126,5 +166,6 @@ def interpolate_slopes(
     Returns:
         The scaled slopes, same shape and dtype (the input itself when the factor is 1).
     """
+    check_slopes(slopes)
     factor = scaling_factor(train_len, eval_len, rule)
     return slopes if factor == 1.0 else slopes * factor

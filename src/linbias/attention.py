@@ -21,7 +21,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from linbias.alibi import alibi_bias
+from linbias.alibi import alibi_bias, check_slopes
 
 __all__ = ["alibi_attention", "BACKENDS", "Backend"]
 
@@ -40,7 +40,13 @@ class _Call:
 
     @property
     def needs_grad(self) -> bool:
-        return torch.is_grad_enabled() and any(t.requires_grad for t in (self.q, self.k, self.v))
+        return torch.is_grad_enabled() and any(
+            t.requires_grad for t in (self.q, self.k, self.v, self.slopes)
+        )
+
+    @property
+    def slopes_need_grad(self) -> bool:
+        return torch.is_grad_enabled() and self.slopes.requires_grad
 
 
 @dataclass(frozen=True)
@@ -232,7 +238,7 @@ class _BiasAttention(torch.autograd.Function):
         if c.key_padding_mask is not None:  # rows that see no key: zero output, zero gradient
             empty = ~torch.isfinite(lse)
             lse, grad_out = lse.masked_fill(empty, 0.0), grad_out.masked_fill(empty[..., None], 0.0)
-        grad_out = grad_out.contiguous()
+        grad_out = _kernel_layout(grad_out, grad_out.dtype)
         grads: dict[str, Tensor] = {}
         for s in ctx.segs:
             rows, keys = slice(s.q0, s.q1), slice(s.k0, s.k1)
@@ -256,10 +262,21 @@ def _accumulate(grads: dict[str, Tensor], name: str, part: Tensor, where: slice,
     grads[name][:, :, where] += part
 
 
+def _kernel_layout(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x`` in ``dtype``, copied only if the fused kernel cannot read it.
+
+    The kernel takes any batch, head and row strides (a ``[B, T, H, D]`` view transposed to
+    ``[B, H, T, D]``, expanded heads, every other row) but reads each row of ``D`` values as
+    packed memory: for ``stride(-1) != 1`` it silently returns wrong numbers.
+    """
+    x = x if x.dtype == dtype else x.to(dtype)
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 def _sdpa(c: _Call) -> Tensor:
     # Half-precision inputs run in fp32 (the dtype of c.slopes): the bias needs its mantissa.
     H, dtype, work = c.q.shape[1], c.q.dtype, c.slopes.dtype
-    q, k, v = (t if t.dtype == work else t.to(work) for t in (c.q, _expand_kv(c.k, H), _expand_kv(c.v, H)))
+    q, k, v = (_kernel_layout(t, work) for t in (c.q, _expand_kv(c.k, H), _expand_kv(c.v, H)))
     if c.needs_grad:
         out = _BiasAttention.apply(q, k, v, c)
     else:
@@ -272,8 +289,8 @@ def _sdpa_unavailable(c: _Call) -> Optional[str]:
         return "this PyTorch build has no fused CPU attention kernel"
     if c.q.device.type != "cpu":
         return f"the per-key-bias kernel is CPU-only (inputs are on {c.q.device.type})"
-    if not c.q.dtype.is_floating_point:
-        return f"inputs must be floating point, got {c.q.dtype}"
+    if c.slopes_need_grad:
+        return "its fused kernel gives no gradient for slopes (use 'blocked' to learn them)"
     return None
 
 
@@ -350,7 +367,7 @@ def _flex_unavailable(c: _Call) -> Optional[str]:
     if c.q.device.type == "cpu" and c.q.dtype != torch.float32:
         return "FlexAttention on CPU runs float32 only"
     if c.q.device.type == "cpu" and c.needs_grad:
-        return "FlexAttention has no backward pass on CPU (use backend 'sdpa' for training)"
+        return "FlexAttention has no backward pass on CPU (use 'sdpa' or 'blocked' for training)"
     return None
 
 
@@ -369,6 +386,8 @@ def _flash(c: _Call) -> Tensor:
 
 
 def _flash_unavailable(c: _Call) -> Optional[str]:
+    if c.slopes_need_grad:
+        return "flash-attn gives no gradient for slopes (use 'flex' or 'blocked' to learn them)"
     try:
         import flash_attn  # noqa: F401
     except ImportError:
@@ -391,6 +410,31 @@ BACKENDS: dict[str, Backend] = {
 }
 
 
+def _check_types(
+    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], causal: bool
+) -> None:
+    # Lists and arrays would fail deep inside with an AttributeError; integer tensors would run
+    # the reference in integer maths or fail in a kernel; mixed dtypes would run on some backends
+    # and not others.
+    for name, t in (("q", q), ("k", k), ("v", v), ("key_padding_mask", key_padding_mask)):
+        if not isinstance(t, torch.Tensor) and not (t is None and name == "key_padding_mask"):
+            raise TypeError(
+                f"{name} must be a torch.Tensor, got {type(t).__name__}; use torch.as_tensor({name})"
+            )
+    if not all(t.dtype.is_floating_point for t in (q, k, v)):
+        raise TypeError(
+            f"q, k, v must be floating-point tensors, got q {q.dtype}, k {k.dtype}, v {v.dtype}; "
+            "convert them with .float()"
+        )
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(
+            f"q, k, v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}; "
+            "cast k and v with .to(q.dtype)"
+        )
+    if not isinstance(causal, bool):  # a truthy string such as "False" would mean causal
+        raise TypeError(f"causal must be True or False, got {causal!r}")
+
+
 def _check(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, key_padding_mask: Optional[Tensor]):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(
@@ -405,6 +449,11 @@ def _check(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, key_padding_mask: Op
             f"k/v batch and head_dim must match q: q{tuple(q.shape)} vs k{tuple(k.shape)}"
         )
     Hkv, Lk = k.shape[1], k.shape[2]
+    if 0 in (H, Hkv, D):
+        raise ValueError(
+            f"q, k, v need at least one head and a head_dim >= 1, got q{tuple(q.shape)}, "
+            f"k{tuple(k.shape)}"
+        )
     if H % Hkv != 0:
         raise ValueError(
             f"query heads ({H}) must be a multiple of key/value heads ({Hkv}) for grouped attention"
@@ -415,8 +464,7 @@ def _check(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, key_padding_mask: Op
         raise ValueError(
             f"more queries ({Lq}) than keys ({Lk}): queries are the last Lq key positions"
         )
-    if slopes.shape != (H,):
-        raise ValueError(f"slopes must have shape [{H}] (one per query head), got {tuple(slopes.shape)}")
+    check_slopes(slopes, H)
     if slopes.device != q.device and slopes.device.type != "cpu":
         raise ValueError(f"slopes are on {slopes.device} but q is on {q.device}")
     if key_padding_mask is not None:
@@ -427,6 +475,18 @@ def _check(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, key_padding_mask: Op
                 f"key_padding_mask must be a bool tensor [{B}, {Lk}] (True = real token), got "
                 f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
             )
+
+
+def _scale(scale: Optional[float], head_dim: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    try:
+        value = float(scale)
+    except (TypeError, ValueError, RuntimeError):
+        value = math.nan
+    if isinstance(scale, str) or not math.isfinite(value):
+        raise ValueError(f"scale must be a finite number (None: 1/sqrt(head_dim)), got {scale!r}")
+    return value
 
 
 def _auto(c: _Call) -> str:
@@ -456,6 +516,8 @@ def alibi_attention(
         k: ``[B, Hkv, Lk, D]`` keys, ``H % Hkv == 0`` (grouped or multi-query heads).
         v: ``[B, Hkv, Lk, D]`` values.
         slopes: ``[H]`` ALiBi slopes (``alibi_slopes``, possibly ``interpolate_slopes``-scaled).
+            Slopes that require grad are learnt: ``"auto"`` then picks a backend that
+            differentiates them (``"blocked"`` on CPU).
         causal: mask future keys (bias ``-m (i - j)``); False gives ``-m |i - j|``.
         scale: multiplies ``q k^T`` before the bias is added; default ``1 / sqrt(D)``.
         key_padding_mask: ``[B, Lk]`` bool, True = real token. Masked keys are never attended;
@@ -464,11 +526,17 @@ def alibi_attention(
 
     Returns:
         ``[B, H, Lq, D]`` in the dtype of ``q``.
+
+    Raises:
+        TypeError: an argument of the wrong type (a list or array, integer or mixed dtypes).
+        ValueError: inconsistent shapes, no heads or no head dim, nan/inf slopes or scale.
+        RuntimeError: the named backend cannot run this call (the message says why).
     """
+    _check_types(q, k, v, key_padding_mask, causal)
     _check(q, k, v, slopes, key_padding_mask)
     call = _Call(
-        q, k, v, slopes.to(q.device, torch.promote_types(q.dtype, torch.float32)), bool(causal),
-        1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale), key_padding_mask,
+        q, k, v, slopes.to(q.device, torch.promote_types(q.dtype, torch.float32)), causal,
+        _scale(scale, q.shape[-1]), key_padding_mask,
     )
     name = _auto(call) if backend == "auto" else backend
     if name not in BACKENDS:
