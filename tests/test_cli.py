@@ -1,5 +1,7 @@
 """The command-line surface: sub-commands, their flags, and clear errors for bad input."""
 
+import json
+
 import pytest
 
 import linbias
@@ -33,7 +35,7 @@ def test_train_flags_cover_both_configs():
 def test_eval_and_reproduce_flags():
     assert {"--lengths", "--split", "--mode", "--stride", "--scaling", "--per-position", "--json",
             "--hf", "--train-len", "--max-tokens"} <= _flags("eval")
-    assert {"--preset", "--out", "--force", "--data", "--positions"} <= _flags("reproduce")
+    assert {"--preset", "--out", "--force", "--data", "--positions", "--seed", "--seeds"} <= _flags("reproduce")
     assert {"--to-hf"} <= _flags("export")
 
 
@@ -52,3 +54,50 @@ def test_library_errors_are_one_line(tmp_path, capsys):
     assert err.startswith("linbias eval: error:") and "Traceback" not in err
     assert main(["eval", str(tmp_path), "--lengths", "0"]) == 2  # checked before the run loads
     assert "eval_len must be" in capsys.readouterr().err
+
+
+def _forbidden(*args, **kwargs):
+    raise AssertionError("the evaluation started")
+
+
+def test_a_bad_json_path_is_reported_before_evaluating(tmp_path, capsys, monkeypatch):
+    import linbias.evaluate
+
+    monkeypatch.setattr(linbias.evaluate, "evaluate_run", _forbidden)
+    (tmp_path / "a_file").write_text("")
+    for json_path, message in [(tmp_path, "is a folder"),
+                               (tmp_path / "a_file" / "eval.json", "a_file is a file")]:
+        assert main(["eval", str(tmp_path), "--lengths", "16", "--json", str(json_path)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("linbias eval: error: cannot write results to") and message in err
+
+
+def test_wrong_typed_run_config_is_one_clear_line(tmp_path, capsys):
+    from linbias.config import ModelConfig
+    from linbias.train import RUN_FORMAT, TrainConfig
+
+    model = {**ModelConfig().to_dict(), "tie_weights": "no"}  # truthy: it would have tied them
+    config = {"format": RUN_FORMAT, "model": model, "train": TrainConfig().to_dict()}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert main(["eval", str(tmp_path), "--lengths", "16"]) == 2
+    err = capsys.readouterr().err
+    assert "ModelConfig.tie_weights must be a bool" in err and "'no'" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("flags, field", [(["--alibi-max-bias", "inf"], "alibi_max_bias"),
+                                          (["--rotary-base", "nan"], "rotary_base"),
+                                          (["--lr", "inf"], "lr")])
+def test_non_finite_flags_are_rejected(tmp_path, capsys, flags, field):
+    assert main(["train", "--out", str(tmp_path / "run"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert field in err and "finite" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_cache_that_is_a_file_is_one_clear_line(tmp_path, capsys, monkeypatch):
+    (tmp_path / "cache").write_text("")
+    monkeypatch.setenv("LINBIAS_CACHE", str(tmp_path / "cache"))
+    assert main(["train", "--out", str(tmp_path / "run"), "--data", f"text:{tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "LINBIAS_CACHE" in err and "cannot be a cache folder" in err

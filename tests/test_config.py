@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 
+import numpy as np
 import pytest
 
-from linbias.config import POSITIONS, PRESETS, ModelConfig, model_config
+from linbias.config import (
+    POSITIONS,
+    PRESETS,
+    ConfigBase,
+    ModelConfig,
+    check_positive_float,
+    model_config,
+)
 
 
 def test_defaults_and_derived_widths() -> None:
@@ -88,3 +98,125 @@ def test_unknown_preset_and_override_errors() -> None:
         model_config("Small")  # exact names only
     with pytest.raises(ValueError, match="n_layer"):
         model_config("tiny", n_layer=3)
+
+
+# --- field types: checked, never coerced ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "field, value, expected",
+    [
+        ("tie_weights", "no", "a bool"),  # truthy: would have tied the weights
+        ("tie_weights", 0, "a bool"),
+        ("bias", 1, "a bool"),
+        ("dropout", "0.1", "a finite number"),
+        ("dropout", math.nan, "a finite number"),
+        ("d_ff", 2.0, "an integer or None"),
+        ("d_ff", True, "an integer or None"),
+        ("n_layers", "2", "an integer"),
+        ("vocab_size", 4096.0, "an integer"),
+        ("position", 3, "one of 'none', 'sinusoidal'"),
+        ("position", "ALiBi", "one of 'none'"),
+        ("alibi_max_bias", "8", "a finite number"),
+        ("alibi_max_bias", math.inf, "a finite number"),
+        ("rotary_base", math.nan, "a finite number"),
+        ("train_len", None, "an integer"),
+        ("t5_buckets", [32], "an integer"),
+    ],
+)
+def test_from_dict_rejects_wrong_types(field: str, value: object, expected: str) -> None:
+    for build in (lambda: ModelConfig.from_dict({field: value}),
+                  lambda: ModelConfig(**{field: value})):
+        with pytest.raises(ValueError) as err:
+            build()
+        message = str(err.value)
+        assert f"ModelConfig.{field} must be {expected}" in message
+        assert f"got {value!r} ({type(value).__name__})" in message
+
+
+def test_json_nan_and_infinity_are_rejected() -> None:
+    for literal in ("NaN", "Infinity", "-Infinity"):
+        with pytest.raises(ValueError, match="rotary_base must be a finite number"):
+            ModelConfig.from_json(f'{{"rotary_base": {literal}}}')
+
+
+def test_numbers_are_normalised_not_reinterpreted() -> None:
+    c = ModelConfig(alibi_max_bias=8, rotary_base=np.float64(500.0), n_layers=np.int64(3))
+    assert type(c.alibi_max_bias) is float and c.alibi_max_bias == 8.0
+    assert type(c.rotary_base) is float and type(c.n_layers) is int and c.n_layers == 3
+    assert json.loads(c.to_json())["n_layers"] == 3  # numpy scalars would not serialise
+
+
+def test_from_dict_needs_a_dict() -> None:
+    for not_a_dict in ([("n_layers", 2)], "n_layers=2", None):
+        with pytest.raises(ValueError, match="ModelConfig must be a dict"):
+            ModelConfig.from_dict(not_a_dict)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("value", [math.inf, math.nan, -math.inf, 0.0, True, "1"])
+def test_check_positive_float_needs_a_finite_positive_number(value: object) -> None:
+    with pytest.raises(ValueError, match="x must be a finite positive number"):
+        check_positive_float("x", value)
+    check_positive_float("x", 1e-300)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("data", 3), ("data", None), ("bf16", "false"), ("lr", math.inf), ("lr", math.nan),
+     ("weight_decay", math.nan), ("grad_clip", math.inf), ("steps", 10.0), ("seed", True),
+     ("min_lr_ratio", "0.1")],
+)
+def test_train_config_fields_are_checked_too(field: str, value: object) -> None:
+    from linbias.train import TrainConfig
+
+    with pytest.raises(ValueError, match=field):
+        TrainConfig.from_dict({field: value})
+    with pytest.raises(ValueError, match=field):
+        TrainConfig.from_json(json.dumps({field: value}))  # through JSON (nan as NaN)
+
+
+def test_reproduce_preset_tuples_from_json_lists() -> None:
+    from linbias.reproduce import REPRODUCE_PRESETS, ReproducePreset
+
+    preset = REPRODUCE_PRESETS["quick"]
+    again = ReproducePreset.from_json(preset.to_json())  # JSON turns the tuple into a list
+    assert again == preset and isinstance(again.multiples, tuple)
+    assert ReproducePreset.from_dict({**preset.to_dict(), "multiples": [1, 3]}).multiples == (1, 3)
+    with pytest.raises(ValueError, match="ReproducePreset needs model, train_len"):
+        ReproducePreset.from_dict({"steps": 10, "batch_size": 2})  # not a TypeError
+    for bad in ("124", [1, "2"], [1.0], [True], 4, None):
+        with pytest.raises(ValueError, match="ReproducePreset.multiples must be a list whose "
+                                             "items are each an integer"):
+            ReproducePreset.from_dict({**preset.to_dict(), "multiples": bad})
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Other(ConfigBase):
+    """A config of another module, whose own __post_init__ does not call super()."""
+
+    name: str = "x"
+    sizes: tuple[int, ...] = (1,)
+    pair: tuple[int, str] = (1, "a")
+    scale: float | None = None
+    seen: list[str] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if len(self.name) > 10:
+            raise ValueError("name too long")
+
+
+def test_any_config_subclass_is_checked() -> None:
+    assert _Other(sizes=[2, 3], pair=[4, "b"]).sizes == (2, 3)
+    assert _Other(pair=[4, "b"]).pair == (4, "b")
+    for kwargs, match in [
+        (dict(name=5), "_Other.name must be a string, got 5"),  # before len() would fail
+        (dict(pair=[1, 2]), "_Other.pair must be a list of 2: an integer, a string"),
+        (dict(pair=[1]), "_Other.pair"),
+        (dict(scale=math.inf), "_Other.scale must be a finite number or None"),
+        (dict(seen="abc"), "_Other.seen must be a list whose items are each a string"),
+        (dict(seen=[1]), "_Other.seen must be a list whose items are each a string"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(match)):
+            _Other(**kwargs)
+    with pytest.raises(ValueError, match="name too long"):  # its own check still runs
+        _Other(name="a" * 11)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -345,3 +346,134 @@ def test_progress_bar_counts_windows(run, stream, byte_lengths, capsys) -> None:
     assert "0/4" in err and "window" in err and "L'=16" in err
     evaluate_stream(run.model, stream[:65], byte_lengths, eval_len=16, progress=False)
     assert capsys.readouterr().err == ""
+
+
+# --- non-finite losses and strict JSON -----------------------------------------------------------
+
+
+def _constant_logits(value: float, vocab: int = 7):
+    """A model whose logits are all ``value`` (nan, inf: a diverged model)."""
+    return lambda idx_BT: torch.full((*idx_BT.shape, vocab), value)
+
+
+def _strict_json(text: str) -> dict:
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_a_diverged_model_has_no_perplexity(value: float, tmp_path: Path) -> None:
+    stream = np.arange(40) % 7
+    r = evaluate_stream(_constant_logits(value), stream, np.ones(7, dtype=np.int64), eval_len=8,
+                        per_position=True, progress=False)
+    assert math.isnan(r["nll"]) and math.isnan(r["ppl"])  # never "inf", as if merely large
+    record = {"position": "alibi", "scaling": "none", "train_len": 8, "split": "valid",
+              "skipped": None, **r}
+    table = format_table([record])
+    assert "not finite" in table.splitlines()[1] and "inf" not in table.splitlines()[1]
+    assert "the model's loss is not finite" in table
+    path = tmp_path / "eval.json"
+    write_json([record], path)
+    (written,) = _strict_json(path.read_text())["results"]
+    assert written["ppl"] is written["nll"] is written["bpb"] is None
+    assert written["per_position"] == [None] * 8
+    assert written["non_finite"] == ["ppl", "bpb", "nll", "per_position"]
+    assert written["tokens"] == 39 and written["skipped"] is None
+
+
+def test_a_perplexity_past_the_float_range_is_called_an_overflow(tmp_path: Path) -> None:
+    def confident_and_wrong(idx_BT: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(*idx_BT.shape, 4)
+        logits[..., 0] = 2000.0  # always predicts 0: nll ~2000 nats on the other targets
+        return logits
+
+    r = evaluate_stream(confident_and_wrong, np.array([1, 2, 3, 1, 2]), None, eval_len=4,
+                        progress=False)
+    assert math.isfinite(r["nll"]) and r["nll"] > 700 and r["ppl"] == math.inf
+    table = format_table([r])
+    assert "overflow" in table and "the loss itself is finite" in table
+    write_json([r], tmp_path / "r.json")
+    (written,) = _strict_json((tmp_path / "r.json").read_text())["results"]
+    assert written["ppl"] is None and written["non_finite"] == ["ppl"]
+    assert written["nll"] == r["nll"]
+
+
+def test_finite_records_have_no_flag(tmp_path: Path) -> None:
+    r = evaluate_stream(_constant_logits(0.0), np.arange(20) % 7, None, eval_len=4,
+                        progress=False)
+    write_json([r], tmp_path / "r.json")
+    (written,) = _strict_json((tmp_path / "r.json").read_text())["results"]
+    assert "non_finite" not in written and written["ppl"] == pytest.approx(7.0)
+
+
+# --- argument types ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"eval_len": 8.0}, "eval_len must be a positive integer, got 8.0"),
+    ({"eval_len": math.nan}, "eval_len"),
+    ({"eval_len": "8"}, "eval_len"),
+    ({"eval_len": 8, "stride": 8.0}, "stride must be a positive integer, got 8.0"),
+    ({"eval_len": 1, "stride": True}, "stride must be a positive integer, got True"),
+    ({"eval_len": 8, "mode": "sliding", "stride": math.inf}, "stride"),
+    ({"eval_len": 8, "batch_size": 2.5}, "batch_size"),
+    ({"eval_len": 8, "batch_size": math.inf}, "batch_size"),
+    ({"eval_len": 8, "max_tokens": 50.0}, "max_tokens"),
+    ({"eval_len": 8, "max_tokens": math.nan}, "max_tokens"),
+])
+def test_wrong_typed_or_non_finite_arguments(kwargs, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        evaluate_stream(_constant_logits(0.0), np.arange(101) % 7, None, progress=False, **kwargs)
+
+
+@pytest.mark.parametrize(("lengths", "scalings", "match"), [
+    ("128", ("none",), "lengths must be"),
+    (b"\x80", ("none",), "lengths must be"),  # bytes iterate as integers: 128
+    ({16, 8}, ("none",), "lengths must be"),  # a set has no order for the records
+    ((n for n in [8]), ("none",), "lengths must be"),
+    ([8.0], ("none",), "eval_len"),
+    ([math.nan], ("none",), "eval_len"),
+    ([8], [3], "scalings must be"),
+    ([8], "none", "scalings must be"),
+])
+def test_check_request_rejects_wrong_types(lengths, scalings, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        ev.check_request(lengths, "nonoverlapping", None, scalings, 8, None)
+
+
+def test_check_request_takes_any_ordered_list_of_lengths() -> None:
+    ev.check_request(np.array([8, 16]), "nonoverlapping", None, ("none",), 8, None)
+    ev.check_request(range(8, 10), "nonoverlapping", None, ["none"], 8, None)
+    ev.check_request((np.int64(8),), "sliding", 4, ["none"], 8, None)
+
+
+# --- the output file -----------------------------------------------------------------------------
+
+
+def test_check_output_file(tmp_path: Path) -> None:
+    ev.check_output_file(tmp_path / "new" / "deeper" / "eval.json")  # folders are created later
+    assert not (tmp_path / "new").exists() and list(tmp_path.iterdir()) == []  # probe removed
+    with pytest.raises(ValueError, match="it is a folder; give a file name"):
+        ev.check_output_file(tmp_path)
+    (tmp_path / "plain").write_text("")
+    with pytest.raises(ValueError, match="plain is a file, not a folder"):
+        ev.check_output_file(tmp_path / "plain" / "eval.json")
+    with pytest.raises(ValueError, match="is a folder"):
+        write_json([], tmp_path)
+
+
+def test_check_output_file_in_a_read_only_folder(tmp_path: Path) -> None:
+    if os.geteuid() == 0:  # root writes anywhere a mode allows: use a folder no one can add to
+        if not Path("/sys").is_dir():
+            pytest.skip("needs /sys, or a user other than root")
+        folder = Path("/sys")
+    else:
+        folder = tmp_path
+        folder.chmod(0o500)
+    try:
+        with pytest.raises(ValueError, match=f"{folder} is not writable"):
+            ev.check_output_file(folder / "eval.json")
+    finally:
+        tmp_path.chmod(0o700)

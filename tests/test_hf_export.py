@@ -369,3 +369,22 @@ def test_cli_eval_needs_one_model(bias_free_dir, capsys, argv, message) -> None:
     argv = [str(bias_free_dir) if a == "RUN" else a for a in argv]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_evaluate_hf_skips_lengths_past_a_learned_position_table(exported, bias_free_dir,
+                                                                   tiny_cache_dir) -> None:
+    from transformers import OPTConfig, OPTForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(exported)
+    data = load_run(bias_free_dir).train_config.data
+    kwargs = _eval_kwargs(tiny_cache_dir, tokenizer=tok, data=data, max_tokens=48)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_positions=16, n_embd=16, n_layer=1,
+                                      n_head=2))
+    short, long = hf.evaluate_hf(gpt2, lengths=[8, 32], **kwargs)
+    assert short["ppl"] is not None and long["ppl"] is None and "16 positions" in long["skipped"]
+    with pytest.raises(ValueError, match="position table"):
+        hf.evaluate_hf(gpt2, lengths=[17], **kwargs)
+    opt = OPTForCausalLM(OPTConfig(vocab_size=300, hidden_size=16, num_hidden_layers=1,
+                                   num_attention_heads=2, ffn_dim=32, max_position_embeddings=16,
+                                   word_embed_proj_dim=16))  # two offset rows before position 0
+    assert [r["ppl"] is None for r in hf.evaluate_hf(opt, lengths=[16, 17], **kwargs)] == [False, True]

@@ -150,6 +150,64 @@ def test_alibi_scaling_changes_outputs_only_past_train_len(rule: str) -> None:
     assert (model(long) - base_long).abs().max() > 1e-3
 
 
+# --- T5: one bias per forward, shared by the layers ---------------------------------------------
+
+
+def t5_bucket_scalar(distance: int, num_buckets: int, max_distance: int) -> int:
+    """T5's causal bucket of one query-key distance >= 0, in Python floats (Raffel et al. 2020)."""
+    exact = num_buckets // 2
+    if distance < exact:
+        return distance
+    log_ratio = math.log(distance / exact) / math.log(max_distance / exact)
+    return min(num_buckets - 1, exact + int(log_ratio * (num_buckets - exact)))
+
+
+def t5_gpt_reference(model: GPT, idx: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """The T5 model's logits in float64, with the bias gathered from ``table`` in every layer."""
+    cfg, (B, T) = model.config, idx.shape
+    H, C = cfg.n_heads, cfg.d_model
+    w = {name: t.detach().double() for name, t in model.state_dict().items()}
+    def layer_norm(x, name):
+        return F.layer_norm(x, (C,), w[f"{name}.weight"], w.get(f"{name}.bias"))
+    def linear(x, name):
+        return F.linear(x, w[f"{name}.weight"], w.get(f"{name}.bias"))
+    future = torch.ones(T, T, dtype=torch.bool).triu(1)
+    x = w["tok_emb.weight"][idx]
+    for layer in range(cfg.n_layers):
+        buckets = torch.tensor([
+            [t5_bucket_scalar(max(i - j, 0), cfg.t5_buckets, cfg.t5_max_distance) for j in range(T)]
+            for i in range(T)
+        ])
+        bias = table[buckets].permute(2, 0, 1)  # [H, T, T], this layer's own gather
+        p = f"blocks.{layer}."
+        q, k, v = linear(layer_norm(x, p + "ln_1"), p + "attn.qkv").split(C, dim=-1)
+        q, k, v = (t.reshape(B, T, H, C // H).transpose(1, 2) for t in (q, k, v))
+        scores = (q @ k.transpose(-1, -2) / math.sqrt(C // H) + bias).masked_fill(future, -math.inf)
+        y = (torch.softmax(scores, dim=-1) @ v).transpose(1, 2).reshape(B, T, C)
+        x = x + linear(y, p + "attn.proj")
+        x = x + linear(F.gelu(linear(layer_norm(x, p + "ln_2"), p + "mlp.fc")), p + "mlp.proj")
+    return linear(layer_norm(x, "ln_f"), "lm_head")
+
+
+def test_t5_shared_bias_equals_a_bias_per_layer_in_logits_and_gradients() -> None:
+    model = make_model("t5", n_layers=3, bias=True)
+    idx = tokens(2, 150)  # past one 128-query block of the attention
+    method, built = model.position, []
+    bias = method.bias
+    method.bias = lambda *args: built.append(args) or bias(*args)  # type: ignore[method-assign]
+    logits = model(idx)
+    assert built == [(150, 150)]  # once per forward, not once per layer
+    table = method.relative_bias.weight.detach().double().requires_grad_()
+    ref = t5_gpt_reference(model, idx, table)
+    torch.testing.assert_close(logits.double(), ref, atol=1e-4, rtol=1e-4)
+    weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(5))
+    (logits * weights).sum().backward()
+    (ref * weights.double()).sum().backward()
+    torch.testing.assert_close(
+        method.relative_bias.weight.grad.double(), table.grad, atol=1e-4, rtol=1e-4
+    )
+
+
 # --- parameters and state dict --------------------------------------------------------------------
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -16,7 +17,9 @@ from linbias.positions import (
     PositionMethod,
     causal_attention,
     make_position,
+    position_warnings,
     t5_bucket,
+    t5_untrained_buckets,
 )
 
 B, H, D = 2, 4, 8
@@ -43,8 +46,9 @@ def reference_attention(q, k, v, bias=None, key_padding_mask=None) -> torch.Tens
     visible = visible.expand(q.shape[0], 1, T, S)
     if key_padding_mask is not None:
         visible = visible & key_padding_mask[:, None, None, :]
-    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
-    return torch.nan_to_num(probs, nan=0.0) @ v  # a query with no visible key gives zeros
+    has_key = visible.any(-1, keepdim=True)  # a query with no visible key gives zeros
+    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")).masked_fill(~has_key, 0), -1)
+    return (probs @ v).masked_fill(~has_key, 0.0)
 
 
 # --- the registry and the interface ---------------------------------------------------------------
@@ -106,6 +110,28 @@ def test_causal_attention_padding_rows_are_zero_not_nan() -> None:
     assert torch.equal(out[0, :, :3], torch.zeros_like(out[0, :, :3]))
     ref = reference_attention(q, k, v, key_padding_mask=mask)
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("T, S", [(300, 300), (200, 330), (1, 300)])  # several query blocks
+def test_causal_attention_with_a_bias_matches_reference_and_its_gradients(
+    T: int, S: int, padded: bool
+) -> None:
+    q, k, v = (t.requires_grad_() for t in qkv(T, S))
+    bias = torch.randn(H, T, S, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    mask = torch.ones(B, S, dtype=torch.bool)
+    mask[1, :140] = False  # left padding that spans the first query block
+    mask = mask if padded else None
+    out = causal_attention(q, k, v, bias_HTS=bias, key_padding_mask=mask)
+    leaves = (q, k, v, bias)
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ref = reference_attention(*ref_leaves[:3], bias=ref_leaves[3], key_padding_mask=mask)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
+    out.backward(grad_out)
+    ref.backward(grad_out.double())
+    for got, want in zip(leaves, ref_leaves):
+        torch.testing.assert_close(got.grad.double(), want.grad, atol=1e-5, rtol=1e-5)
 
 
 # --- sinusoidal and learned -----------------------------------------------------------------------
@@ -229,6 +255,51 @@ def test_t5_attend_adds_bucketed_bias() -> None:
     out = method.attend(q, k, v)
     ref = reference_attention(q, k, v, bias=bias.detach())
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def t5_untrained_brute_force(train_len: int, num_buckets: int, max_distance: int) -> list[int]:
+    """Every distance one at a time, far past both lengths: buckets only distances >= L reach."""
+    def bucket(d: int) -> int:
+        return int(t5_reference_bucket(torch.tensor([-d]), num_buckets, max_distance))
+    trained = {bucket(d) for d in range(train_len)}
+    reached = {bucket(d) for d in range(train_len, 4 * max(train_len, max_distance))}
+    return sorted(reached - trained)
+
+
+@pytest.mark.parametrize(
+    "train_len, num_buckets, max_distance",
+    [(64, 32, 128), (512, 32, 128), (100, 32, 128), (113, 32, 128), (114, 32, 128),
+     (16, 32, 128), (5, 32, 128), (64, 32, 20), (40, 16, 300), (30, 8, 9)],
+)
+def test_t5_untrained_buckets_matches_brute_force(
+    train_len: int, num_buckets: int, max_distance: int
+) -> None:
+    got = t5_untrained_buckets(train_len, num_buckets, max_distance)
+    assert got == t5_untrained_brute_force(train_len, num_buckets, max_distance)
+
+
+def test_t5_untrained_buckets_quick_preset_and_paper() -> None:
+    # The quick preset trains at L=64: distance 63 is in bucket 26, distances from 67 on fill
+    # buckets 27..31, which training never reaches.
+    assert t5_untrained_buckets(64, 32, 128) == [27, 28, 29, 30, 31]
+    assert t5_untrained_buckets(512, 32, 128) == []  # the paper's L: every bucket is trained
+
+
+def test_position_warnings_name_the_buckets_and_fixes_that_work() -> None:
+    (message,) = position_warnings(cfg("t5", train_len=64, t5_max_distance=128))
+    assert "[27, 28, 29, 30, 31]" in message and "train_len=64" in message
+    assert "longer than 67 tokens" in message  # distance 67 is the first in bucket 27
+    max_distance = int(re.search(r"t5_max_distance <= (\d+)", message).group(1))
+    train_len = int(re.search(r"train_len >= (\d+)", message).group(1))
+    # Each fix is the loosest one: one step further and the warning is back.
+    assert position_warnings(cfg("t5", train_len=64, t5_max_distance=max_distance)) == []
+    assert position_warnings(cfg("t5", train_len=64, t5_max_distance=max_distance + 1))
+    assert position_warnings(cfg("t5", train_len=train_len, t5_max_distance=128)) == []
+    assert position_warnings(cfg("t5", train_len=train_len - 1, t5_max_distance=128))
+    assert position_warnings(cfg("t5", train_len=512)) == []
+    for name in POSITION_METHODS:  # no other method has such a gap
+        if name != "t5":
+            assert position_warnings(cfg(name, train_len=64)) == []
 
 
 # --- ALiBi ----------------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
+import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -9,10 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save
 
+import linbias.train as train_mod
+from linbias.cli import main
 from linbias.config import ModelConfig, model_config
 from linbias.data import split_of
-from linbias.train import RunError, TrainConfig, load_run, train
+from linbias.train import RUN_FORMAT, Diverged, RunError, TrainConfig, load_run, read_log, train
 
 LINES = [
     "def add(a, b):\n    return a + b\n",
@@ -185,3 +190,305 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, corpus):
     va = [json.loads(x).get("valid_loss") for x in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
     vb = [json.loads(x).get("valid_loss") for x in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
     assert va[1] is not None and abs(va[1] - vb[1]) < 1e-4
+
+
+# --- no silent wrong answers, no user files touched ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory, corpus, cache) -> Path:
+    """A run of 6 steps stopped after 3: checkpoint at step 3, log lines 1..3."""
+    mc, tc = _configs(corpus)
+    out = tmp_path_factory.mktemp("stopped") / "run"
+    return train(mc, tc, out, progress=False, cache_dir=cache, stop_after=3)
+
+
+@pytest.fixture
+def run_copy(tmp_path, stopped_run) -> Path:
+    return Path(shutil.copytree(stopped_run, tmp_path / "run"))
+
+
+def _resume(corpus, out, cache, **train_kwargs):
+    mc, tc = _configs(corpus)
+    return train(mc, tc, out, resume=True, progress=False, cache_dir=cache, **train_kwargs)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("lr", float("inf")), ("lr", float("nan")), ("lr", 0.0), ("lr", "0.1"),
+    ("min_lr_ratio", float("nan")), ("min_lr_ratio", 1.5), ("min_lr_ratio", "0.1"),
+    ("weight_decay", float("nan")), ("weight_decay", float("inf")), ("weight_decay", -0.1),
+    ("grad_clip", float("inf")), ("grad_clip", float("nan")), ("grad_clip", -1.0),
+])
+def test_train_config_rejects_non_finite_and_out_of_range_floats(field, value):
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(**{field: value})
+
+
+def test_train_config_accepts_the_edges_of_each_range():
+    tc = TrainConfig(min_lr_ratio=0, weight_decay=0.0, grad_clip=0.0, lr=1e-8)
+    assert TrainConfig(min_lr_ratio=1.0).min_lr_ratio == 1.0 and tc.grad_clip == 0.0
+
+
+def test_cli_rejects_an_infinite_lr_before_any_work(tmp_path, capsys):
+    assert main(["train", "--out", str(tmp_path / "run"), "--lr", "inf", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "lr must be a finite number" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("names", [("model.safetensors", "log.jsonl"), ("tokenizer.json",),
+                                   ("config.json",), (".hidden",)])
+def test_new_run_never_overwrites_files_in_out(tmp_path, corpus, names):
+    out = tmp_path / "mine"
+    out.mkdir()
+    for name in names:
+        (out / name).write_text(f"the user's {name}")
+    mc, tc = _configs(corpus)
+    with pytest.raises(RunError, match=rf"{names[0]}.*choose another --out"):
+        train(mc, tc, out, progress=False, cache_dir=tmp_path / "cache")
+    assert sorted(p.name for p in out.iterdir()) == sorted(names)
+    assert all((out / n).read_text() == f"the user's {n}" for n in names)
+    assert not (tmp_path / "cache").exists()  # refused before the tokenizer was trained
+
+
+def test_new_run_never_deletes_what_a_stale_checkpoint_json_names(tmp_path, corpus):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    out = tmp_path / "run"
+    out.mkdir()
+    for state in ("../victim.txt", str(victim)):
+        (out / "checkpoint.json").write_text(json.dumps({"step": 1, "state": state}))
+        with pytest.raises(RunError, match="not empty"):
+            train(*_configs(corpus), out, progress=False, cache_dir=tmp_path / "cache")
+    assert victim.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_out_that_is_a_file_is_refused_before_any_work(tmp_path, corpus, resume):
+    (tmp_path / "file").write_text("not a folder")
+    for out in [tmp_path / "file"] + ([] if resume else [tmp_path / "file" / "run"]):
+        with pytest.raises(RunError, match="is a file"):
+            train(*_configs(corpus), out, resume=resume, progress=False, cache_dir=tmp_path / "cache")
+    assert (tmp_path / "file").read_text() == "not a folder" and not (tmp_path / "cache").exists()
+
+
+def test_too_short_splits_are_refused_before_step_1(tmp_path, corpus):
+    root = tmp_path / "short_valid"
+    root.mkdir()
+    files = {"valid": 0, "train": 0}
+    for i in range(100_000):  # valid documents of a token or two, whether split by name or text
+        name, short, long = f"doc{i:05d}.py", f"x{i}", "".join(LINES) * 3 + f"# {i}\n"
+        if split_of(name) == split_of(short) == "valid" and files["valid"] < 3:
+            (root / name).write_text(short)
+            files["valid"] += 1
+        elif split_of(name) == split_of(long) == "train" and files["train"] < 40:
+            (root / name).write_text(long)
+            files["train"] += 1
+        if min(files.values()) == 3 and files["train"] == 40:
+            break
+    mc, tc = _configs(f"text:{root}")
+    with pytest.raises(RunError, match=r"valid split .* fewer than one window of train_len \+ 1 = 33"):
+        train(mc, tc, tmp_path / "a", progress=False, cache_dir=tmp_path / "cache")
+    long = ModelConfig.from_dict({**mc.to_dict(), "train_len": 1_000_000})
+    with pytest.raises(RunError, match="train split .* smaller --train-len"):
+        train(long, _configs(corpus)[1], tmp_path / "b", progress=False, cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def _finite_state(out: Path) -> bool:
+    ckpt = json.loads((out / "checkpoint.json").read_text())
+    tensors = load_file(str(out / ckpt["state"]))
+    return all(bool(torch.isfinite(t).all()) for t in tensors.values())
+
+
+def test_a_diverging_run_stops_and_keeps_its_last_finite_checkpoint(tmp_path, corpus):
+    # lr 1e10 leaves finite but huge weights after step 1; step 2's loss is not finite.
+    mc, tc = _configs(corpus, lr=1e10, warmup=0, save_every=1, grad_clip=0.0)
+    out = tmp_path / "run"
+    with pytest.raises(Diverged, match=r"step 2 .*checkpoint \(step 1\) is kept"):
+        train(mc, tc, out, progress=False, cache_dir=tmp_path / "cache")
+    assert json.loads((out / "checkpoint.json").read_text())["step"] == 1 and _finite_state(out)
+    assert [r["step"] for r in read_log(out)] == [1]
+    with pytest.raises(Diverged):  # a resume meets the same wall rather than reporting success
+        train(mc, tc, out, resume=True, progress=False, cache_dir=tmp_path / "cache")
+
+
+def test_cli_reports_divergence_in_one_line(tmp_path, corpus, capsys, monkeypatch):
+    monkeypatch.setenv("LINBIAS_CACHE", str(tmp_path / "cache"))
+    args = ["train", "--out", str(tmp_path / "run"), "--train-len", "32", "--n-layers", "1",
+            "--d-model", "32", "--n-heads", "2", "--data", corpus, "--vocab-size", "300",
+            "--steps", "4", "--batch-size", "4", "--warmup", "0", "--lr", "1e30", "--no-progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("linbias train: error: training diverged") and err.count("\n") == 1
+
+
+def test_a_non_finite_valid_loss_stops_before_the_checkpoint(tmp_path, corpus, monkeypatch):
+    monkeypatch.setattr(train_mod, "_valid_loss", lambda *a: float("nan"))
+    mc, tc = _configs(corpus, eval_every=4, save_every=2)
+    out = tmp_path / "run"
+    with pytest.raises(Diverged, match=r"step 4 \(valid loss nan\).*checkpoint \(step 2\)"):
+        train(mc, tc, out, progress=False, cache_dir=tmp_path / "cache")
+    assert json.loads((out / "checkpoint.json").read_text())["step"] == 2
+    assert [r["step"] for r in read_log(out)] == [1, 2, 3]
+
+
+def test_a_non_finite_gradient_norm_stops_before_the_update(tmp_path, corpus, monkeypatch):
+    real, calls = train_mod._clip_gradients, []
+
+    def inf_at_step_3(model, max_norm):
+        calls.append(1)
+        return float("inf") if len(calls) == 3 else real(model, max_norm)
+
+    monkeypatch.setattr(train_mod, "_clip_gradients", inf_at_step_3)
+    out = tmp_path / "run"
+    with pytest.raises(Diverged, match=r"step 3 .*gradient norm inf"):
+        train(*_configs(corpus), out, progress=False, cache_dir=tmp_path / "cache")
+    assert json.loads((out / "checkpoint.json").read_text())["step"] == 2 and _finite_state(out)
+
+
+def test_a_refused_resume_leaves_the_log_as_it_was(run_copy, corpus, cache):
+    log = run_copy / "log.jsonl"
+    log.write_text(log.read_text() + json.dumps({"step": 4, "train_loss": 5.0}) + "\n")
+    ckpt = json.loads((run_copy / "checkpoint.json").read_text())
+    state = run_copy / ckpt["state"]
+    tensors = load_file(str(state))
+    del tensors["rng.torch"]
+    state.write_bytes(save(tensors))
+    ckpt["sha256"] = hashlib.sha256(state.read_bytes()).hexdigest()
+    (run_copy / "checkpoint.json").write_text(json.dumps(ckpt))
+    before = log.read_bytes()
+    with pytest.raises(RunError, match="optimizer and RNG state"):
+        _resume(corpus, run_copy, cache)
+    assert log.read_bytes() == before
+
+
+def test_a_bad_log_line_is_refused_not_dropped(run_copy, corpus, cache):
+    log = run_copy / "log.jsonl"
+    lines = log.read_text().splitlines()
+    lines[1] = json.dumps({"step": "2", "train_loss": 5.0})
+    log.write_text("\n".join(lines) + "\n")
+    with pytest.raises(RunError, match=r"log.jsonl line 2 .*step must be an integer"):
+        _resume(corpus, run_copy, cache)
+    assert log.read_text().splitlines() == lines
+
+
+def test_a_resume_drops_only_a_torn_last_line(run_copy, corpus, cache):
+    log = run_copy / "log.jsonl"
+    log.write_text(log.read_text() + '{"step": 4, "train_lo')  # killed mid-write
+    _resume(corpus, run_copy, cache)
+    assert [r["step"] for r in read_log(run_copy)] == list(range(1, 7))
+    assert sorted(p.name for p in run_copy.glob("state-*")) == ["state-00000006.safetensors"]
+
+
+@pytest.mark.parametrize("text, problem", [
+    ('{"step": 1, "train_loss": 5.0}\n[1, 2]\n', "line 2 .*not a JSON object"),
+    ('{"step": 1, "train_loss": NaN}\n', "train_loss must be a finite number"),
+    ('{"step": 1, "train_loss": "5"}\n', "train_loss must be a finite number"),
+    ('{"step": 2, "train_loss": 5.0}\n{"step": 1, "train_loss": 5.0}\n', "step must be an integer > 2"),
+    ('{"step": true, "train_loss": 5.0}\n', "step must be an integer"),
+    ('{"step": 1, "train_loss": 5.0, "valid_loss": null}\n', "valid_loss"),
+    ('not json\n{"step": 1, "train_loss": 5.0}\n', "line 1"),
+])
+def test_read_log_rejects_records_of_the_wrong_shape(tmp_path, text, problem):
+    (tmp_path / "log.jsonl").write_text(text)
+    with pytest.raises(RunError, match=problem):
+        read_log(tmp_path)
+
+
+@pytest.mark.parametrize("change, problem", [
+    ({"step": "3"}, "step must be an integer"),
+    ({"step": True}, "step must be an integer"),
+    ({"step": 3.0}, "step must be an integer"),
+    ({"step": -1}, "step must be an integer"),
+    ({"state": "../victim.safetensors"}, "state must be 'state-00000003.safetensors'"),
+    ({"state": "/tmp/state-00000003.safetensors"}, "state must be"),
+    ({"state": 3}, "state must be"),
+    ({"sha256": "abc"}, "sha256 must be 64"),
+    ({"sha256": None}, "sha256 must be 64"),
+])
+def test_checkpoint_json_of_the_wrong_shape_is_refused(run_copy, corpus, cache, change, problem):
+    victim = run_copy.parent / "victim.safetensors"
+    victim.write_bytes(b"the user's")
+    ckpt = json.loads((run_copy / "checkpoint.json").read_text())
+    (run_copy / "checkpoint.json").write_text(json.dumps({**ckpt, **change}))
+    log = (run_copy / "log.jsonl").read_bytes()
+    with pytest.raises(RunError, match=rf"checkpoint.json is corrupt \({problem}"):
+        _resume(corpus, run_copy, cache)
+    assert victim.read_bytes() == b"the user's" and (run_copy / "log.jsonl").read_bytes() == log
+
+
+def test_a_checkpoint_past_the_last_step_is_refused(run_copy, corpus, cache):
+    ckpt = json.loads((run_copy / "checkpoint.json").read_text())
+    (run_copy / ckpt["state"]).rename(run_copy / "state-00000009.safetensors")
+    (run_copy / "checkpoint.json").write_text(json.dumps(
+        {**ckpt, "step": 9, "state": "state-00000009.safetensors"}))
+    with pytest.raises(RunError, match="past steps=6"):
+        _resume(corpus, run_copy, cache)
+
+
+@pytest.mark.parametrize("meta, problem", [
+    ([1, 2], "format None"),
+    ({"format": RUN_FORMAT, "model": [], "train": {}}, "'model' must be a JSON object"),
+    ({"format": RUN_FORMAT, "model": {}, "train": "fast"}, "'train' must be a JSON object"),
+    ({"format": RUN_FORMAT, "model": {"n_layerz": 2}, "train": {}}, "invalid configuration .*n_layerz"),
+])
+def test_config_json_of_the_wrong_shape_is_refused(run_copy, meta, problem):
+    (run_copy / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(RunError, match=rf"config.json.*{problem}"):
+        load_run(run_copy)
+
+
+def test_two_processes_stop_together_when_the_loss_diverges(tmp_path, corpus):
+    env = {**os.environ, "LINBIAS_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+         str(30500 + os.getpid() % 1000), "-m", "linbias", "train", "--out", str(tmp_path / "run"),
+         "--train-len", "32", "--n-layers", "1", "--d-model", "32", "--n-heads", "2", "--data",
+         corpus, "--vocab-size", "300", "--steps", "4", "--batch-size", "2", "--warmup", "0",
+         "--lr", "1e30", "--save-every", "1", "--no-progress"],
+        env=env, capture_output=True, text=True, timeout=180,  # a rank left waiting would hang
+    )
+    assert proc.returncode != 0
+    assert proc.stderr.count("linbias train: error: training diverged at step 2") == 2
+    assert json.loads((tmp_path / "run" / "checkpoint.json").read_text())["step"] == 1
+
+
+@pytest.mark.parametrize("recorded", ["text-other-0123456789abcdef", None])
+def test_a_run_is_resumed_and_evaluated_only_on_the_corpus_it_was_trained_on(
+        run_copy, corpus, cache, recorded):
+    from linbias.data import load_corpus
+    from linbias.evaluate import evaluate_run
+
+    meta = json.loads((run_copy / "config.json").read_text())
+    assert meta["corpus"] == load_corpus(corpus).name and load_run(run_copy).corpus == meta["corpus"]
+    if recorded is None:
+        del meta["corpus"]
+    else:
+        meta["corpus"] = recorded
+    (run_copy / "config.json").write_text(json.dumps(meta))
+    log = (run_copy / "log.jsonl").read_bytes()
+    message = "older linbias" if recorded is None else "not the one .* was trained on"
+    with pytest.raises(RunError, match=message):
+        _resume(corpus, run_copy, cache)
+    assert (run_copy / "log.jsonl").read_bytes() == log
+    with pytest.raises(RunError, match=message):
+        evaluate_run(run_copy, lengths=[32], cache_dir=cache, progress=False)
+
+
+def test_train_warns_when_t5_buckets_used_past_train_len_stay_untrained(tmp_path, corpus, cache):
+    import warnings as w
+
+    _, tc = _configs(corpus, steps=1, eval_every=0, save_every=0)
+    base = dict(position="t5", train_len=32, n_layers=1, d_model=32, n_heads=2)
+    with pytest.warns(UserWarning, match="t5_max_distance"):
+        train(model_config("tiny", **base), tc, tmp_path / "a", progress=False, cache_dir=cache)
+    with w.catch_warnings():
+        w.simplefilter("error")  # every bucket used past L is reached below L: no warning
+        train(model_config("tiny", **base, t5_max_distance=24), tc, tmp_path / "b",
+              progress=False, cache_dir=cache)

@@ -154,10 +154,12 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from linbias.evaluate import evaluate_run, format_table, write_json
+    from linbias.evaluate import check_output_file, evaluate_run, format_table, write_json
 
     if (args.run is None) == (args.hf is None):
         raise ValueError("give either a run directory or --hf PATH_OR_NAME (one of them, not both)")
+    if args.json is not None:
+        check_output_file(args.json)  # now, not after an evaluation that may take hours
     common = dict(lengths=args.lengths, split=args.split, mode=args.mode, stride=args.stride,
                   scalings=args.scaling, batch_size=args.batch_size, max_tokens=args.max_tokens,
                   per_position=args.per_position, progress=not args.no_progress)
@@ -229,10 +231,15 @@ def _reproduce_parser(sub: argparse._SubParsersAction) -> None:
                                   for k, v in REPRODUCE_PRESETS.items()))
     p.add_argument("--out", type=Path, default=None, help="report directory (default: reports/PRESET)")
     p.add_argument("--data", default="stdlib", help="corpus: stdlib, text:PATH or hf:NAME[:CONFIG]")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the first seed (default: 0)")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="seeds per method; tables and plots show the mean and min-max range "
+                   "(default: 1)")
     p.add_argument("--positions", type=_names, default=list(POSITIONS),
                    help=f"methods to compare (default: {','.join(POSITIONS)})")
-    p.add_argument("--force", action="store_true", help="retrain and re-evaluate everything")
+    p.add_argument("--force", action="store_true",
+                   help="retrain and re-evaluate everything, replacing runs of other settings; "
+                   "only folders that are provably linbias runs are ever deleted")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_run_reproduce)
 
@@ -241,7 +248,8 @@ def _run_reproduce(args: argparse.Namespace) -> int:
     from linbias.reproduce import reproduce
 
     out = args.out or Path("reports") / args.preset
-    reproduce(args.preset, out, data=args.data, seed=args.seed, positions=tuple(args.positions),
+    reproduce(args.preset, out, data=args.data, seed=args.seed, seeds=args.seeds,
+              positions=tuple(args.positions),
               force=args.force, progress=not args.no_progress)
     print((out / "report.md").read_text())
     return 0
@@ -271,8 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return args.func(args) or 0
-    except (ValueError, FileNotFoundError, ImportError, RuntimeError) as exc:
-        # Bad input: one clear line, not a traceback.
+    except (ValueError, OSError, ImportError, RuntimeError) as exc:
+        # Bad input or an unusable path (OSError names it): one clear line, not a traceback.
         print(f"linbias {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

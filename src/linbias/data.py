@@ -6,9 +6,11 @@ is deterministic and content-addressed:
 
 * A ``Corpus`` has three fixed splits, ``train``, ``valid`` and ``test``, and a ``name`` that ends
   in a fingerprint of its contents, so caches keyed by it go stale when the text changes.
-* Files are assigned to splits by a keyed hash of their path relative to the corpus root
-  (blake2b, never Python's per-process randomised ``hash``): about 98% / 1% / 1% by file, so a
-  file never straddles two splits and adding a file never moves another one.
+* Files are assigned to splits by a keyed hash of their content (blake2b, never Python's
+  per-process randomised ``hash``): about 98% / 1% / 1% by file, so a file never straddles two
+  splits, adding a file never moves another one, and the same text can never be in two splits,
+  however many paths reach it (symbolic or hard links, copies, a glob matching it twice). Of
+  byte-identical files only the first path (in sorted order) is kept; the repeats are counted.
 * A token stream is the split's documents in order, each followed by ``<|endoftext|>``.
 * ``get_batch`` is a pure function of ``(seed, step, rank, world_size)``: resuming at ``step``
   replays the same batches, and ``world_size`` ranks together see the one-process global batch.
@@ -20,8 +22,10 @@ Corpus specs (``load_corpus``):
   The ``test`` packages are kept: they are about 60% of the bytes (31 MB in all for CPython 3.11),
   and without them the ~1% held-out splits shrink to about 10k tokens each, too few to evaluate
   at several times the training length.
-* ``text:PATH``: a folder (recursive; hidden files and folders skipped) or a glob (``**``
-  recursive) are split by file like ``stdlib``. A single file is cut into three contiguous
+* ``text:PATH``: a folder (recursive) or a glob (``**`` recursive; ``..`` only before the first
+  wildcard) are split by file like ``stdlib``; hidden files and folders are skipped. Symbolic
+  links to files are read; links to folders are not followed (a link loop cannot hang the walk,
+  and a folder linked twice is not read twice). A single file is cut into three contiguous
   documents at the first line break after 98% and 99% of its characters (the convention of
   enwik8 and text8), so the held-out text is the file's own continuation.
 * ``hf:NAME[:CONFIG]``: a Hugging Face ``datasets`` dataset with its own train, validation and
@@ -29,27 +33,33 @@ Corpus specs (``load_corpus``):
   and are regrouped into articles at their `` = Title = `` headings.
 
 Files are read as strict UTF-8; empty files, files with a NUL byte and files that do not decode are
-skipped and counted in ``Corpus.describe()``.
+skipped and counted in ``Corpus.describe()``. So are paths that are not regular files once links
+are resolved (named pipes, sockets, devices, links to folders, broken links and link loops): reading
+a named pipe would block forever, so they are never opened, and a warning names a few.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
+import stat
 import sys
 import sysconfig
 import tempfile
+import warnings
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from functools import lru_cache
-from glob import glob
 from pathlib import Path
 from typing import BinaryIO, Literal, cast
 
 import numpy as np
 import tokenizers
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 __all__ = [
     "EOT",
@@ -72,7 +82,8 @@ SPLITS: tuple[Split, ...] = ("train", "valid", "test")
 EOT = "<|endoftext|>"
 
 # Bump when a rule changes, so names and cache keys built from them change too.
-_SPLIT_RULE = "blake2b-path-mod100:v1"
+_SPLIT_RULE = "blake2b-content-mod100:v2"
+_TOKENIZER_FORMAT = "bytelevel-bpe-split32:v2"
 _STREAM_FORMAT = "eot-after-each-doc:v1"
 _PACKAGE_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
 _HF_SPLITS: dict[Split, tuple[str, ...]] = {
@@ -103,11 +114,18 @@ class Corpus:
         name: a filesystem-safe identifier that changes when the contents change.
         load: returns the documents of one split (called at most once per split).
         skipped: files left out because they were empty, binary or not UTF-8.
+        duplicates: files left out because an earlier path held the same bytes.
+        not_regular: paths left out because they are not regular files once links are resolved.
     """
 
-    def __init__(self, name: str, load: Callable[[Split], list[str]], skipped: int = 0) -> None:
+    def __init__(
+        self, name: str, load: Callable[[Split], list[str]], skipped: int = 0, *,
+        duplicates: int = 0, not_regular: int = 0,
+    ) -> None:
         self.name = name
         self.skipped = skipped
+        self.duplicates = duplicates
+        self.not_regular = not_regular
         self._load = load
         self._docs: dict[Split, list[str]] = {}
 
@@ -129,9 +147,16 @@ class Corpus:
         return docs
 
     def describe(self) -> dict[str, dict[str, int]]:
-        """Documents and UTF-8 bytes per split, and the number of skipped files."""
+        """Documents and UTF-8 bytes per split, and what was left out.
+
+        Returns:
+            ``{split: {"documents", "bytes"}}`` and ``"skipped"``: ``files`` (empty, binary or not
+            UTF-8), ``duplicates`` (byte-identical to a kept file) and ``not_regular`` (named
+            pipes, sockets, devices, links to folders, broken links).
+        """
         out: dict[str, dict[str, int]] = {s: _stats(self._split(s)) for s in SPLITS}
-        out["skipped"] = {"files": self.skipped}
+        out["skipped"] = {"files": self.skipped, "duplicates": self.duplicates,
+                          "not_regular": self.not_regular}
         return out
 
     def _split(self, split: str) -> list[str]:
@@ -147,12 +172,13 @@ def _stats(docs: list[str]) -> dict[str, int]:
     return {"documents": len(docs), "bytes": sum(len(d.encode()) for d in docs)}
 
 
-def split_of(relpath: str) -> Split:
-    """The split of a file, from a stable hash of its ``/``-separated path relative to the root.
+def split_of(text: str) -> Split:
+    """The split of a document, from a stable hash of its text.
 
-    Buckets 0 and 1 of 100 are ``valid`` and ``test``; the other 98 are ``train``.
+    Hashing the content, not the path, is what keeps one text out of two splits whatever paths
+    reach it. Buckets 0 and 1 of 100 are ``valid`` and ``test``; the other 98 are ``train``.
     """
-    bucket = int(_digest(_SPLIT_RULE, relpath), 16) % 100
+    bucket = int(_digest(_SPLIT_RULE, text), 16) % 100
     return "valid" if bucket == 0 else "test" if bucket == 1 else "train"
 
 
@@ -166,8 +192,12 @@ def load_corpus(spec: str = "stdlib") -> Corpus:
         The corpus; file sources are read now, Hugging Face splits when first asked for.
 
     Raises:
-        ValueError: an unknown spec, or a source with no usable documents.
+        ValueError: a spec that is not a string, an unknown spec, or a source with no usable
+            documents.
     """
+    if not isinstance(spec, str):
+        raise ValueError(f"corpus spec must be a string, got {spec!r} ({type(spec).__name__}); "
+                         f"valid forms: {_SPECS}")
     kind, _, arg = spec.partition(":")
     if spec == "stdlib":
         return _stdlib_corpus()
@@ -182,23 +212,59 @@ def load_corpus(spec: str = "stdlib") -> Corpus:
 # --- file sources --------------------------------------------------------------------------------
 
 
-def _walk(root: Path, suffix: str = "", prune: frozenset[str] = frozenset()) -> list[Path]:
-    """Files under ``root`` ending in ``suffix``, sorted by relative path; hidden ones skipped."""
+def _walk(root: Path, keep: Callable[[tuple[str, ...], bool], bool]) -> list[Path]:
+    """Paths under ``root`` that ``keep(relative parts, is_folder)`` accepts, sorted by relative
+    path; hidden names are skipped. Links to folders are listed as paths, never descended into,
+    so a link loop cannot make the walk endless (``glob``'s ``**`` follows them, exponentially)."""
     found = []
     for top, dirs, files in os.walk(root):
-        dirs[:] = [d for d in dirs if d not in prune and not d.startswith(".")]
-        found += [Path(top, f) for f in files if f.endswith(suffix) and not f.startswith(".")]
+        base = Path(top).relative_to(root).parts
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and keep((*base, d), True))
+        links = [d for d in dirs if Path(top, d).is_symlink()]
+        dirs[:] = [d for d in dirs if d not in links]
+        found += [Path(top, f) for f in (*files, *links)
+                  if not f.startswith(".") and keep((*base, f), False)]
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
 def stdlib_files(root: Path | None = None) -> tuple[Path, list[Path]]:
     """The stdlib root and its ``.py`` files in sorted order, without installed packages."""
     root = Path(sysconfig.get_paths()["stdlib"]) if root is None else root
-    return root, _walk(root, ".py", _PACKAGE_DIRS)
+
+    def keep(parts: tuple[str, ...], folder: bool) -> bool:
+        return parts[-1] not in _PACKAGE_DIRS if folder else parts[-1].endswith(".py")
+
+    return root, _walk(root, keep)
 
 
-def _read_text(path: Path) -> str | None:
-    data = path.read_bytes()
+class _NotRegular(Exception):
+    """A path that is not a regular file once links are resolved."""
+
+
+def _read_regular(path: Path) -> bytes:
+    """The bytes of a regular file; ``_NotRegular`` for anything else, which is never read.
+
+    ``stat`` first (no side effects), then a non-blocking open checked again with ``fstat``, so a
+    named pipe swapped in between cannot block either.
+    """
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise _NotRegular
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except (FileNotFoundError, NotADirectoryError) as e:  # a broken link
+        raise _NotRegular from e
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENXIO):
+            raise _NotRegular from e  # a link loop; a socket
+        raise ValueError(f"cannot read {path} ({e}); fix its permissions or move it out of the "
+                         "corpus") from e
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise _NotRegular
+        return f.read()
+
+
+def _decode(data: bytes) -> str | None:
     if not data or b"\0" in data:
         return None
     try:
@@ -207,20 +273,60 @@ def _read_text(path: Path) -> str | None:
         return None
 
 
+def _read_text(path: Path) -> str | None:
+    """The file as strict UTF-8, or ``None`` if it is empty, binary or does not decode."""
+    return _decode(_read_regular(path))
+
+
+@dataclass
+class _Tally:
+    """What ``_files_corpus`` keeps and leaves out, path by path."""
+
+    splits: dict[Split, list[str]] = field(default_factory=lambda: {s: [] for s in SPLITS})
+    seen: set[str] = field(default_factory=set)  # content digests of the kept documents
+    unusable: int = 0
+    duplicates: int = 0
+    not_regular: list[str] = field(default_factory=list)
+
+
 def _files_corpus(label: str, root: Path, paths: list[Path]) -> Corpus:
-    splits: dict[Split, list[str]] = {s: [] for s in SPLITS}
+    tally = _Tally()
     fingerprint = hashlib.blake2b(_SPLIT_RULE.encode(), digest_size=8)
-    skipped = 0
     for path in paths:
-        rel, text = path.relative_to(root).as_posix(), _read_text(path)
-        if text is None:
-            skipped += 1
+        rel = path.relative_to(root).as_posix()
+        try:
+            text = _read_text(path)
+        except _NotRegular:
+            tally.not_regular.append(rel)
             continue
-        splits[split_of(rel)].append(text)
-        fingerprint.update(_digest(rel, text).encode())
-    if not any(splits.values()):
-        raise ValueError(f"corpus {label!r} has no documents ({skipped} skipped files in {root})")
-    return Corpus(f"{_slug(label)}-{fingerprint.hexdigest()}", splits.__getitem__, skipped)
+        if text is None:
+            tally.unusable += 1
+            continue
+        digest = _digest(text)
+        if digest in tally.seen:  # a link, a copy or a second match: same text, same document
+            tally.duplicates += 1
+            continue
+        tally.seen.add(digest)
+        tally.splits[split_of(text)].append(text)
+        fingerprint.update(_digest(rel, digest).encode())
+    if tally.not_regular:
+        _warn_not_regular(label, tally.not_regular)
+    if not any(tally.splits.values()):
+        raise ValueError(
+            f"corpus {label!r} has no documents ({tally.unusable} empty, binary or non-UTF-8 "
+            f"files, {len(tally.not_regular)} paths that are not regular files in {root})"
+        )
+    return Corpus(f"{_slug(label)}-{fingerprint.hexdigest()}", tally.splits.__getitem__,
+                  tally.unusable, duplicates=tally.duplicates, not_regular=len(tally.not_regular))
+
+
+def _warn_not_regular(label: str, rels: list[str], shown: int = 5) -> None:
+    more = f" and {len(rels) - shown} more" if len(rels) > shown else ""
+    warnings.warn(
+        f"corpus {label!r}: skipped {len(rels)} path(s) that are not regular files (named pipes, "
+        f"sockets, devices, links to folders, broken links): {', '.join(rels[:shown])}{more}",
+        stacklevel=5,  # the caller of load_corpus
+    )
 
 
 def _stdlib_corpus() -> Corpus:
@@ -242,15 +348,43 @@ def _glob_root(pattern: Path) -> Path:
     return Path(*fixed) if fixed else Path(".")
 
 
+def _match(parts: tuple[str, ...], pattern: tuple[str, ...], prefix: bool = False) -> bool:
+    """``parts`` match the glob ``pattern`` (``**`` is zero or more folders), or with ``prefix``
+    could still be the leading folders of a match."""
+    if not pattern:
+        return not parts
+    if not parts:
+        return prefix or all(p == "**" for p in pattern)
+    if pattern[0] == "**":
+        return _match(parts, pattern[1:], prefix) or _match(parts[1:], pattern, prefix)
+    return fnmatchcase(parts[0], pattern[0]) and _match(parts[1:], pattern[1:], prefix)
+
+
+def _glob_files(root: Path, pattern: tuple[str, ...]) -> list[Path]:
+    """Paths under ``root`` matching ``pattern`` (its parts below ``root``), each listed once."""
+
+    def keep(parts: tuple[str, ...], folder: bool) -> bool:
+        return _match(parts, pattern, prefix=True) if folder else _match(parts, pattern)
+
+    return _walk(root, keep) if root.is_dir() else []
+
+
 def _text_corpus(arg: str) -> Corpus:
     path = Path(arg).expanduser()
     if path.is_file():
         return _single_file_corpus(f"text-{path.stem}", path)
     if path.is_dir():
-        return _files_corpus(f"text-{path.resolve().name}", path, _walk(path))
+        return _files_corpus(f"text-{path.resolve().name}", path, _walk(path, lambda *_: True))
+    if path.exists():
+        raise ValueError(f"text corpus {arg!r} is not a regular file or a folder (a named pipe, "
+                         "socket or device?); give a file, a folder or a glob")
     if _magic(arg):
         root = _glob_root(path)
-        paths = sorted(Path(p) for p in glob(str(path), recursive=True) if Path(p).is_file())
+        pattern = path.parts[len(root.parts):]
+        if ".." in pattern:  # the walk below root never climbs back up
+            raise ValueError(f"text corpus {arg!r}: '..' after a wildcard is not supported; "
+                             "put it before the first wildcard")
+        paths = _glob_files(root, pattern)
         if paths:
             return _files_corpus(f"text-{root.resolve().name}", root, paths)
     raise ValueError(f"text corpus {arg!r}: no such file or folder, and no file matches the glob")
@@ -338,22 +472,27 @@ def train_tokenizer(
     """Train a byte-level BPE tokenizer (GPT-2 style) on the corpus's train split.
 
     Every byte is in the initial alphabet, so any text round-trips; ``<|endoftext|>`` is token 0.
+    Pre-tokens are GPT-2's, with runs cut at ``_MAX_RUN`` characters (see ``_PRE_TOKEN``).
 
     Args:
         corpus: the corpus; only its train split is read.
         vocab_size: total vocabulary, special token and the 256 bytes included.
         cache_dir: if given, the tokenizer is loaded from / saved to a file keyed by the corpus
-            name, vocab size and ``tokenizers`` version.
+            name, vocab size, pre-tokenizer and ``tokenizers`` version. A cached file that does not
+            load (truncated, say) is rebuilt with a warning.
 
     Returns:
         The trained tokenizer; the same corpus and vocab size give the same tokenizer.
     """
-    key = _digest(corpus.name, str(vocab_size), tokenizers.__version__)
+    key = _digest(corpus.name, str(vocab_size), tokenizers.__version__, _TOKENIZER_FORMAT)
     path = None
     if cache_dir is not None:
-        path = Path(cache_dir) / f"tokenizer-{corpus.name}-{vocab_size}-{key}.json"
+        path = _cache_folder(cache_dir) / f"tokenizer-{corpus.name}-{vocab_size}-{key}.json"
     if path is not None and path.exists():
-        return load_tokenizer(path)
+        try:
+            return load_tokenizer(path)
+        except ValueError as e:
+            warnings.warn(f"rebuilding a cached tokenizer that does not load: {e}", stacklevel=2)
     tokenizer = _new_byte_level_bpe()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -368,9 +507,28 @@ def train_tokenizer(
     return tokenizer
 
 
+# GPT-2's pre-tokenizer regex (the one ByteLevel(use_regex=True) applies) with every run bounded
+# to _MAX_RUN characters. BPE training costs grow with the square of a pre-token's length, so text
+# without spaces (CJK, minified code, base64) made one pre-token of a whole document: 6 s for 150k
+# characters, 24 s for 300k. Bounded runs make it linear; ordinary words and indents are far
+# shorter, so they split as before.
+_MAX_RUN = 32
+_PRE_TOKEN = (
+    rf"'s|'t|'re|'ve|'m|'ll|'d| ?\p{{L}}{{1,{_MAX_RUN}}}| ?\p{{N}}{{1,{_MAX_RUN}}}"
+    rf"| ?[^\s\p{{L}}\p{{N}}]{{1,{_MAX_RUN}}}|\s{{1,{_MAX_RUN}}}(?!\S)|\s{{1,{_MAX_RUN}}}"
+)
+
+
+def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_PRE_TOKEN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),  # bytes -> characters
+    ])
+
+
 def _new_byte_level_bpe() -> Tokenizer:
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.pre_tokenizer = _pre_tokenizer()
     tokenizer.decoder = decoders.ByteLevel()
     return tokenizer
 
@@ -381,8 +539,24 @@ def save_tokenizer(tokenizer: Tokenizer, path: Path) -> None:
 
 
 def load_tokenizer(path: Path) -> Tokenizer:
-    """Read a tokenizer written by ``save_tokenizer`` (or any ``tokenizer.json``)."""
-    return Tokenizer.from_str(Path(path).read_text(encoding="utf-8"))
+    """Read a tokenizer written by ``save_tokenizer`` (or any ``tokenizer.json``).
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: the file is not a readable tokenizer (truncated, corrupt, another JSON file,
+            a folder); the message names it.
+    """
+    path = Path(path)
+    try:
+        return Tokenizer.from_str(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exception for bad JSON
+        raise ValueError(
+            f"{path} is not a readable tokenizer file ({type(e).__name__}: {e}); it may be "
+            "truncated or another file: restore it from a copy, or delete it if it is a cache "
+            "entry (it is rebuilt)"
+        ) from e
 
 
 @lru_cache(maxsize=1)
@@ -421,9 +595,29 @@ def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
 
 
 def default_cache_dir() -> Path:
-    """``$LINBIAS_CACHE`` if set, else ``~/.cache/linbias``."""
+    """``$LINBIAS_CACHE`` if set, else ``~/.cache/linbias``.
+
+    Raises:
+        ValueError: ``$LINBIAS_CACHE`` names something that is not a folder.
+    """
     env = os.environ.get("LINBIAS_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "linbias"
+    if env:
+        return _cache_folder(Path(env).expanduser(), "LINBIAS_CACHE")
+    return Path.home() / ".cache" / "linbias"
+
+
+def _cache_folder(path: str | Path, what: str = "the cache folder") -> Path:
+    """``path``, checked to be a folder or absent (it is created on first write)."""
+    path = Path(path)
+    for ancestor in (path, *path.parents):
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                raise ValueError(
+                    f"{what} {str(path)!r} cannot be a cache folder: {ancestor} is a file; "
+                    "point it at a folder (or unset LINBIAS_CACHE for ~/.cache/linbias)"
+                )
+            break
+    return path
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
@@ -500,12 +694,26 @@ def token_stream(
     # The default separator adds nothing to the key, so streams cached before it existed stay valid.
     extra = () if eot == EOT else (eot,)
     key = _digest(_STREAM_FORMAT, corpus.name, tokenizer.to_str(), split, *extra)
-    path = Path(cache_dir) / f"tokens-{corpus.name}-{split}-{key}.npy"
-    if not path.exists():
-        dtype = np.uint16 if tokenizer.get_vocab_size() <= 1 << 16 else np.uint32
-        ids = _encode_documents(tokenizer, corpus.documents(split), dtype, eot)
-        atomic_write(path, lambda f: np.save(f, ids, allow_pickle=False))
+    path = _cache_folder(cache_dir) / f"tokens-{corpus.name}-{split}-{key}.npy"
+    dtype = np.uint16 if tokenizer.get_vocab_size() <= 1 << 16 else np.uint32
+    if path.exists():
+        stream = _load_stream(path, dtype)
+        if stream is not None:
+            return stream
+        warnings.warn(f"rebuilding the cached token stream {path}: it does not load as a 1-D "
+                      f"{np.dtype(dtype).name} array", stacklevel=2)
+    ids = _encode_documents(tokenizer, corpus.documents(split), dtype, eot)
+    atomic_write(path, lambda f: np.save(f, ids, allow_pickle=False))
     return np.load(path, mmap_mode="r")
+
+
+def _load_stream(path: Path, dtype: type[np.integer]) -> np.ndarray | None:
+    """The cached stream, or ``None`` if the file is not a whole 1-D array of ``dtype``."""
+    try:
+        stream = np.load(path, mmap_mode="r")
+    except (ValueError, OSError, EOFError):  # truncated header or data, not an .npy at all
+        return None
+    return stream if stream.ndim == 1 and stream.dtype == dtype else None
 
 
 # --- batches -------------------------------------------------------------------------------------

@@ -21,6 +21,11 @@ is the total NLL in bits over the UTF-8 bytes of the scored tokens, comparable a
 Position interpolation for ALiBi (Al-Khateeb et al. 2023, arXiv 2310.13017) is evaluated by
 setting a scaling rule on the model (``GPT.set_scaling``) for the duration of an evaluation.
 
+A diverged model's loss is not finite: its records keep ``nan``/``inf`` (never a made-up
+perplexity), ``format_table`` says the loss is not finite, and ``write_json``, since JSON has no
+NaN or Infinity, writes such a number as ``null`` and lists its key in the record's
+``"non_finite"``.
+
 The core, ``evaluate_stream``, takes any logits function ``[B, T] -> [B, T, V]``, so the same
 protocols serve models from other libraries. Shape suffixes: ``B`` windows in a batch, ``T``
 window length, ``V`` vocabulary, ``K`` windows, ``N`` scored tokens of a batch.
@@ -30,8 +35,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -49,9 +56,12 @@ from linbias.data import (
     token_byte_lengths,
     token_stream,
 )
-from linbias.train import Run, load_run
+from linbias.train import Run, check_corpus, load_run
 
-__all__ = ["MODES", "Mode", "evaluate_run", "evaluate_stream", "format_table", "write_json"]
+__all__ = [
+    "MODES", "Mode", "check_output_file", "evaluate_run", "evaluate_stream", "format_table",
+    "json_record", "write_json",
+]
 
 Mode = Literal["nonoverlapping", "sliding"]
 MODES: tuple[str, ...] = ("nonoverlapping", "sliding")
@@ -92,6 +102,8 @@ def _windows(n_targets: int, eval_len: int, stride: int) -> _Windows:
 def _resolve_stride(mode: str, eval_len: int, stride: int | None) -> int:
     if mode not in MODES:
         raise ValueError(f"unknown evaluation mode {mode!r}; valid modes: {', '.join(MODES)}")
+    if stride is not None:  # typed first: 8.0 or True must not pass a comparison with eval_len
+        check_int("stride", stride, 1)
     if mode == "nonoverlapping":
         if stride is not None and stride != eval_len:
             raise ValueError(
@@ -178,6 +190,8 @@ def _score_batch(
 
 
 def _ppl(mean_nll: float) -> float:
+    if math.isnan(mean_nll):
+        return math.nan  # a nan loss is not an infinite perplexity
     return math.exp(mean_nll) if mean_nll < 700 else math.inf  # exp overflows past ~709
 
 
@@ -281,7 +295,7 @@ def check_request(
 ) -> None:
     """Every protocol argument checked before any evaluation starts, so a typo never costs a long
     run (the model-specific checks, such as which scaling rules apply, are the caller's)."""
-    if isinstance(lengths, (int, str)) or not lengths:
+    if not _ordered(lengths) or len(list(lengths)) == 0:
         raise ValueError(f"lengths must be a non-empty list of positive integers, got {lengths!r}")
     for length in lengths:
         check_int("eval_len", length, 1)
@@ -289,8 +303,18 @@ def check_request(
     check_int("batch_size", batch_size, 1)
     if max_tokens is not None:
         check_int("max_tokens", max_tokens, 1)
-    if isinstance(scalings, str) or not scalings:
+    if not _ordered(scalings) or not list(scalings) or not all(
+        isinstance(rule, str) for rule in scalings
+    ):
         raise ValueError(f"scalings must be a non-empty list of rule names, got {scalings!r}")
+
+
+def _ordered(values: Any) -> bool:
+    """A list-like of values: a string or bytes would be read letter by letter, a set or dict in
+    no fixed order, and an iterator would be used up by the checks."""
+    return isinstance(values, Iterable) and not isinstance(
+        values, (str, bytes, bytearray, Set, Mapping, Iterator)
+    ) and not (isinstance(values, np.ndarray) and values.ndim != 1)
 
 
 def _check_scalings(model: Any, scalings: Sequence[str]) -> None:
@@ -367,6 +391,7 @@ def evaluate_run(
         model.to(device)
     model_device = next(model.parameters()).device
     corpus = load_corpus(run.train_config.data)
+    check_corpus(run.path, run.corpus, corpus)  # held-out text must still be held out
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     stream = token_stream(corpus, run.tokenizer, split, cache)
     n_targets = len(stream) - 1 if max_tokens is None else min(len(stream) - 1, max_tokens)
@@ -418,16 +443,43 @@ def _number(value: float | None, digits: int) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _finite(value: Any) -> bool:
+    return not isinstance(value, float) or math.isfinite(value)
+
+
 def _row(r: dict[str, Any]) -> list[str]:
     mode = r["mode"] if r["mode"] == "nonoverlapping" else f"{r['mode']} S={r['stride']}"
-    ppl = "skipped" if r.get("skipped") else _number(r["ppl"], 3)
+    if r.get("skipped"):
+        ppl = "skipped"
+    elif not _finite(r.get("nll")):
+        ppl = "not finite"  # never "inf" for a nan loss: the note below the table says why
+    elif not _finite(r["ppl"]):
+        ppl = "overflow"
+    else:
+        ppl = _number(r["ppl"], 3)
+    bpb = _number(r["bpb"], 4) if _finite(r["bpb"]) else "not finite"
     return [str(r.get("position", "-")), str(r.get("scaling", "none")),
-            str(r.get("train_len", "-")), str(r["eval_len"]), mode, ppl, _number(r["bpb"], 4),
+            str(r.get("train_len", "-")), str(r["eval_len"]), mode, ppl, bpb,
             str(r["tokens"]), _number(r["seconds"], 1)]
 
 
+def _note(r: dict[str, Any]) -> str | None:
+    """Why a row has no usable perplexity, or ``None``."""
+    where = f"L'={r['eval_len']} ({r.get('scaling', 'none')})"
+    if r.get("skipped"):
+        return f"skipped {where}: {r['skipped']}"
+    if not _finite(r.get("nll")):
+        return (f"{where}: the model's loss is not finite (mean nll {r['nll']}): its weights or "
+                "logits hold inf or nan (a diverged run?), so it has no perplexity")
+    if not _finite(r["ppl"]):
+        return (f"{where}: perplexity exp({r['nll']:.1f}) overflows a float; the loss itself is "
+                "finite: compare nll or bpb")
+    return None
+
+
 def format_table(records: Sequence[dict[str, Any]]) -> str:
-    """The records as an aligned text table, one row each; skip reasons are listed below it.
+    """The records as an aligned text table, one row each; below it, why a row was skipped or
+    has no perplexity (a loss that is not finite, a perplexity past the float range).
 
     Columns: position, scaling, L (train_len), L' (eval_len), mode (with the stride when
     sliding), ppl, bpb, tokens (scored), s (seconds).
@@ -440,12 +492,66 @@ def format_table(records: Sequence[dict[str, Any]]) -> str:
                   for c, (cell, w) in enumerate(zip(row, widths))).rstrip()
         for row in rows
     ]
-    lines += [f"skipped L'={r['eval_len']} ({r.get('scaling', 'none')}): {r['skipped']}"
-              for r in records if r.get("skipped")]
+    lines += [note for note in map(_note, records) if note is not None]
     return "\n".join(lines)
 
 
+def json_record(record: dict[str, Any]) -> dict[str, Any]:
+    """The record with each non-finite number as ``None``, its key listed in ``non_finite``: what
+    JSON can hold (it has no NaN or Infinity)."""
+    out: dict[str, Any] = {}
+    non_finite = []
+    for key, value in record.items():
+        if isinstance(value, list):  # per_position
+            bad = not all(map(_finite, value))
+            out[key] = [v if _finite(v) else None for v in value] if bad else value
+        else:
+            bad = not _finite(value)
+            out[key] = None if bad else value
+        if bad:
+            non_finite.append(key)
+    return {**out, "non_finite": non_finite} if non_finite else out
+
+
 def write_json(records: Sequence[dict[str, Any]], path: str | Path) -> None:
-    """Write ``{"results": records}`` to ``path`` atomically (a reader never sees half a file)."""
-    text = json.dumps({"results": list(records)}, indent=2) + "\n"
-    atomic_write_text(Path(path), text)
+    """Write ``{"results": records}`` to ``path`` atomically (a reader never sees half a file).
+
+    JSON has no NaN or Infinity, so a non-finite number (a diverged model's loss, a perplexity past
+    the float range) is written as ``null`` and its key listed in the record's ``"non_finite"``;
+    the file is always strict JSON.
+
+    Raises:
+        ValueError: ``path`` is a folder or cannot be written (see ``check_output_file``).
+    """
+    check_output_file(path)
+    results = [json_record(dict(r)) for r in records]
+    text = json.dumps({"results": results}, indent=2, allow_nan=False) + "\n"
+    try:
+        atomic_write_text(Path(path), text)
+    except OSError as e:
+        raise ValueError(f"cannot write the results to {path} ({e}); choose another path") from e
+
+
+def check_output_file(path: str | Path) -> None:
+    """Raise ``ValueError`` unless a file can be written at ``path``: call it before a long
+    evaluation, so that a bad ``--json`` is reported before the work, not after.
+
+    The file is written beside itself and renamed (``atomic_write``), so what must be writable is
+    the nearest existing folder above it; missing folders are created then.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"cannot write results to {path}: it is a folder; give a file name, "
+                         f"e.g. {path / 'eval.json'}")
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"cannot write results to {path}: {ancestor} is a file, not a folder")
+    try:  # a real probe: permissions, read-only mounts and ACLs all answer here
+        fd, probe = tempfile.mkstemp(dir=ancestor, prefix=".linbias-probe-", suffix=".tmp")
+    except OSError as e:
+        raise ValueError(f"cannot write results to {path}: {ancestor} is not writable ({e}); "
+                         "choose another path") from e
+    os.close(fd)
+    os.unlink(probe)

@@ -810,6 +810,7 @@ def evaluate_hf(
     stream = token_stream(load_corpus(data), backend, split, cache, eot=eos)
     byte_lengths = _hf_byte_lengths(backend)
     n_targets = len(stream) - 1 if max_tokens is None else min(len(stream) - 1, max_tokens)
+    table = None if family in FAMILIES else _position_table_rows(model)
     if device is not None:
         model.to(device)
     model_device = next(model.parameters()).device
@@ -821,7 +822,7 @@ def evaluate_hf(
     model.eval()
     try:
         for eval_len in map(int, lengths):
-            reason = _hf_skip_reason(eval_len, n_targets, split, max_tokens)
+            reason = _hf_skip_reason(eval_len, n_targets, split, max_tokens, table)
             if reason is not None and len(lengths) == 1:
                 raise ValueError(reason)
             for rule in scalings:
@@ -953,9 +954,25 @@ def _types(component: dict | None) -> set[str]:
     return {component.get("type", "")}.union(*(_types(c) for c in inner))
 
 
+# Names transformers gives learned absolute position tables (GPT-2, GPT-Neo, OPT, BERT-like).
+_POSITION_TABLES = ("wpe", "embed_positions", "position_embeddings")
+
+
+def _position_table_rows(model: PreTrainedModel) -> int | None:
+    """Positions a learned absolute position table holds (OPT's first rows are an offset), or
+    None if the model has none: such a model cannot run windows longer than the table."""
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in _POSITION_TABLES and isinstance(module, torch.nn.Embedding):
+            return module.num_embeddings - int(getattr(module, "offset", 0))
+    return None
+
+
 def _hf_skip_reason(
-    eval_len: int, n_targets: int, split: str, max_tokens: int | None
+    eval_len: int, n_targets: int, split: str, max_tokens: int | None, table: int | None = None
 ) -> str | None:
+    if table is not None and eval_len > table:
+        return (f"eval_len={eval_len} is past the model's learned position table ({table} "
+                "positions): it has no position for the later tokens")
     if n_targets >= eval_len:
         return None
     where = f"the {split} split" + (f" with max_tokens={max_tokens}" if max_tokens else "")

@@ -67,7 +67,12 @@ class CausalSelfAttention(nn.Module):
         object.__setattr__(self, "position", position)
 
     def forward(
-        self, x_BTC: Tensor, pos_T: Tensor, cache: KVCache | None, key_padding_mask: Tensor | None
+        self,
+        x_BTC: Tensor,
+        pos_T: Tensor,
+        cache: KVCache | None,
+        key_padding_mask: Tensor | None,
+        state: Tensor | None = None,
     ) -> Tensor:
         B, T, C = x_BTC.shape
         H, D = self.n_heads, C // self.n_heads
@@ -77,7 +82,9 @@ class CausalSelfAttention(nn.Module):
         k_BHSD, v_BHSD = k_BHTD, v_BHTD
         if cache is not None:
             k_BHSD, v_BHSD = cache.update(self.layer, k_BHTD, v_BHTD)
-        y_BHTD = self.position.attend(q_BHTD, k_BHSD, v_BHSD, key_padding_mask=key_padding_mask)
+        y_BHTD = self.position.attend(
+            q_BHTD, k_BHSD, v_BHSD, key_padding_mask=key_padding_mask, state=state
+        )
         y_BTC = y_BHTD.transpose(1, 2).reshape(B, T, C)
         return self.dropout(self.proj(y_BTC))
 
@@ -106,9 +113,14 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(
-        self, x_BTC: Tensor, pos_T: Tensor, cache: KVCache | None, key_padding_mask: Tensor | None
+        self,
+        x_BTC: Tensor,
+        pos_T: Tensor,
+        cache: KVCache | None,
+        key_padding_mask: Tensor | None,
+        state: Tensor | None = None,
     ) -> Tensor:
-        x_BTC = x_BTC + self.attn(self.ln_1(x_BTC), pos_T, cache, key_padding_mask)
+        x_BTC = x_BTC + self.attn(self.ln_1(x_BTC), pos_T, cache, key_padding_mask, state)
         return x_BTC + self.mlp(self.ln_2(x_BTC))
 
 
@@ -187,8 +199,10 @@ class GPT(nn.Module):
                 f"got {tuple(key_padding_mask.shape)}"
             )
         x_BTC = self.drop(self.position.embed(self.tok_emb(idx), pos))
+        # Once per forward, not per layer: e.g. T5's bias, one table shared by all layers.
+        state = self.position.prepare(T, start + T, idx.device)
         for block in self.blocks:
-            x_BTC = block(x_BTC, pos, cache, key_padding_mask)
+            x_BTC = block(x_BTC, pos, cache, key_padding_mask, state)
         return self.lm_head(self.ln_f(x_BTC))
 
     @torch.no_grad()

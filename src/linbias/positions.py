@@ -1,11 +1,12 @@
 """Position methods behind one interface, as compared in the ALiBi paper (Press et al. 2022).
 
-A ``PositionMethod`` has three hooks, each a no-op or plain causal attention by default; a method
+A ``PositionMethod`` has four hooks, each a no-op or plain causal attention by default; a method
 overrides only the ones it needs:
 
-- ``embed``  adds to the token embeddings (sinusoidal, Vaswani et al. 2017; learned absolute),
-- ``rotate`` rotates queries and keys (rotary, Su et al. 2021, "RoFormer"),
-- ``attend`` adds a score bias (T5, Raffel et al. 2020; ALiBi, Press et al. 2022).
+- ``embed``   adds to the token embeddings (sinusoidal, Vaswani et al. 2017; learned absolute),
+- ``rotate``  rotates queries and keys (rotary, Su et al. 2021, "RoFormer"),
+- ``prepare`` computes, once per forward, state that every layer's ``attend`` shares (T5's bias),
+- ``attend``  adds a score bias (T5, Raffel et al. 2020; ALiBi, Press et al. 2022).
 
 Each method declares ``max_len`` (``None``: any length) and the scaling rules it accepts, so the
 training length is never a hidden cap. ``none`` is NoPE: the causal mask is the only position cue.
@@ -43,6 +44,8 @@ __all__ = [
     "rotary_angles",
     "apply_rotary",
     "t5_bucket",
+    "t5_untrained_buckets",
+    "position_warnings",
 ]
 
 Tensor = torch.Tensor
@@ -81,11 +84,76 @@ def causal_attention(
     # zero its output.
     has_key = visible.any(-1, keepdim=True)
     visible = visible | ~has_key
-    mask = visible
-    if bias_HTS is not None:
-        mask = bias_HTS.to(q_BHTD.dtype).masked_fill(~visible, float("-inf"))
-    out = F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSD, attn_mask=mask)
+    if bias_HTS is not None and bias_HTS.requires_grad:  # fused kernels give a mask no gradient
+        bias_HTS = bias_HTS.to(q_BHTD.dtype)
+        out = _LearnedBiasAttention.apply(q_BHTD, k_BHSD, v_BHSD, bias_HTS, ~visible)
+    else:
+        mask = visible
+        if bias_HTS is not None:
+            # [B or 1, H, T, S]: four dimensions, or PyTorch skips its fused kernel.
+            mask = bias_HTS.to(q_BHTD.dtype).masked_fill(~visible, float("-inf"))
+        out = F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSD, attn_mask=mask)
     return out if key_padding_mask is None else out.masked_fill(~has_key, 0.0)
+
+
+# Query rows per block of _LearnedBiasAttention: on CPU the scores of 128 rows stay in cache, and
+# T5 training at the ALiBi paper's L=512 ran fastest at this size.
+_QUERY_BLOCK = 128
+
+
+class _LearnedBiasAttention(torch.autograd.Function):
+    """``softmax(q k^T / sqrt(D) + bias) v`` over visible keys, and its gradients, the bias's too.
+
+    PyTorch's own fallback for a mask that needs a gradient computes every score and checks every
+    row for NaN. Here queries go in blocks, each over the keys up to its last query only, which
+    skips the causally hidden half of the work; the backward pass is the usual softmax one. Batch
+    and heads are flattened (``N = B * H``) so that products accumulate in place (``baddbmm_``).
+    """
+
+    @staticmethod
+    def forward(
+        ctx, q_BHTD: Tensor, k_BHSD: Tensor, v_BHSD: Tensor, bias_HTS: Tensor, hidden: Tensor
+    ) -> Tensor:
+        """``hidden``: bool ``[B or 1, 1, T, S]``, True where a query must not see a key."""
+        B, H, T, D = q_BHTD.shape
+        S = k_BHSD.shape[-2]
+        # Contiguous once, not once per block inside each matmul; q pre-scaled by 1/sqrt(D).
+        q_NTD = q_BHTD.reshape(B * H, T, D) * D**-0.5
+        k_NSD, v_NSD = k_BHSD.reshape(B * H, S, D), v_BHSD.reshape(B * H, S, D)
+        out_NTD = q_NTD.new_zeros(B * H, T, D)
+        blocks, probs = [], []
+        for t0 in range(0, T, _QUERY_BLOCK):
+            t1 = min(T, t0 + _QUERY_BLOCK)
+            s1 = S - T + t1  # keys 0..s1-1 are all that queries t0..t1-1 can see
+            mask = bias_HTS[:, t0:t1, :s1].masked_fill(hidden[..., t0:t1, :s1], float("-inf"))
+            scores = (q_NTD[:, t0:t1] @ k_NSD[:, :s1].transpose(1, 2)).view(B, H, t1 - t0, s1)
+            p = torch.softmax(scores.add_(mask), dim=-1).view(B * H, t1 - t0, s1)
+            out_NTD[:, t0:t1].baddbmm_(p, v_NSD[:, :s1])
+            blocks.append((t0, t1, s1))
+            probs.append(p)
+        ctx.save_for_backward(q_NTD, k_NSD, v_NSD, out_NTD, *probs)
+        ctx.blocks, ctx.bias_shape = blocks, bias_HTS.shape
+        return out_NTD.view(B, H, T, D)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_BHTD: Tensor) -> tuple[Tensor | None, ...]:
+        q_scaled, k, v, out, *probs = ctx.saved_tensors
+        B, H, T, D = grad_BHTD.shape
+        grad_NTD = grad_BHTD.reshape(B * H, T, D)
+        dq, dk, dv = torch.zeros_like(q_scaled), torch.zeros_like(k), torch.zeros_like(v)
+        dbias = q_scaled.new_zeros(ctx.bias_shape)  # hidden keys get 0: their p_ij is 0
+        # d score_ij = p_ij (d p_ij - sum_k p_ik d p_ik), and sum_k p_ik d p_ik = grad_i . out_i
+        row_dot = (grad_NTD * out).sum(-1, keepdim=True)
+        for (t0, t1, s1), p in zip(ctx.blocks, probs):
+            grad = grad_NTD[:, t0:t1]
+            dv[:, :s1].baddbmm_(p.transpose(1, 2), grad)
+            dscores = (grad @ v[:, :s1].transpose(1, 2)).sub_(row_dot[:, t0:t1]).mul_(p)
+            dbias[:, t0:t1, :s1] = dscores.view(B, H, t1 - t0, s1).sum(0)  # one bias per batch
+            dq[:, t0:t1].baddbmm_(dscores, k[:, :s1])
+            dk[:, :s1].baddbmm_(dscores.transpose(1, 2), q_scaled[:, t0:t1])
+        grads = (dq.mul_(D**-0.5), dk, dv)
+        return *(g.view(B, H, -1, D) for g in grads), dbias, None
 
 
 def rotary_angles(pos: Tensor, head_dim: int, base: float = 10000.0) -> Tensor:
@@ -124,6 +192,27 @@ def t5_bucket(distance: Tensor, num_buckets: int = 32, max_distance: int = 128) 
     log_ratio = torch.log(n.float().clamp(min=1) / max_exact) / math.log(max_distance / max_exact)
     large = (max_exact + (log_ratio * (num_buckets - max_exact)).long()).clamp(max=num_buckets - 1)
     return torch.where(n < max_exact, n, large)
+
+
+def t5_untrained_buckets(
+    train_len: int, num_buckets: int = 32, max_distance: int = 128
+) -> list[int]:
+    """The T5 buckets that inputs longer than ``train_len`` use but training never reaches.
+
+    Training at length ``L`` sees distances ``0..L-1`` only; a bucket reached solely by distances
+    ``>= L`` never gets a gradient, yet inputs long enough to reach it use it.
+
+    Returns:
+        Those buckets, ascending; empty when ``t5_bucket(L - 1)`` is already the last bucket.
+    """
+    buckets = _t5_buckets_by_distance(train_len, num_buckets, max_distance)
+    trained = set(buckets[:train_len].tolist())
+    return sorted(set(buckets[train_len:].tolist()) - trained)
+
+
+def _t5_buckets_by_distance(train_len: int, num_buckets: int, max_distance: int) -> Tensor:
+    # Distances from max_distance on share the last bucket, so this range reaches every bucket.
+    return t5_bucket(torch.arange(2 * max(train_len, max_distance)), num_buckets, max_distance)
 
 
 # --- the interface -------------------------------------------------------------------------------
@@ -172,6 +261,21 @@ class PositionMethod(nn.Module):
         """Rotate the new queries and keys before keys are cached (default: unchanged)."""
         return q_BHTD, k_BHTD
 
+    @classmethod
+    def config_warnings(cls, config: ModelConfig) -> list[str]:
+        """What in ``config`` will spoil inputs longer than ``train_len`` (default: nothing)."""
+        return []
+
+    def prepare(self, q_len: int, k_len: int, device: torch.device) -> Tensor | None:
+        """State for one forward pass, handed to every layer's ``attend`` (default: none).
+
+        The model calls it once per forward, so work that is the same in every layer is done once.
+
+        Args:
+            q_len, k_len: ``T`` new tokens and ``S`` keys (cached plus new) of this forward.
+        """
+        return None
+
     def attend(
         self,
         q_BHTD: Tensor,
@@ -179,11 +283,14 @@ class PositionMethod(nn.Module):
         v_BHSD: Tensor,
         *,
         key_padding_mask: Tensor | None = None,
+        state: Tensor | None = None,
     ) -> Tensor:
         """Causal attention of the ``T`` queries over all ``S`` keys (default: no bias).
 
         Args:
             key_padding_mask: ``[B, S]`` bool, True = real token.
+            state: what ``prepare(T, S, device)`` returned for this forward; ``None`` when
+                ``attend`` is called on its own, in which case a method computes it itself.
 
         Returns:
             ``[B, H, T, D]``.
@@ -268,7 +375,9 @@ class RotaryPositions(PositionMethod):
 class T5Positions(PositionMethod):
     """T5 relative bias (Raffel et al. 2020): a learned scalar per head per distance bucket.
 
-    One instance is shared by all layers, as in T5. Distances are query index minus key index.
+    One table is shared by all layers, as in T5, so the ``[H, T, S]`` bias is gathered once per
+    forward (``prepare``), not once per layer. Distances are query index minus key index.
+    ``config_warnings`` flags buckets that only distances ``>= train_len`` reach.
     """
 
     name = "t5"
@@ -285,6 +394,34 @@ class T5Positions(PositionMethod):
         buckets_TS = t5_bucket(i - j, self.config.t5_buckets, self.config.t5_max_distance)
         return self.relative_bias(buckets_TS).permute(2, 0, 1)
 
+    @classmethod
+    def config_warnings(cls, config: ModelConfig) -> list[str]:
+        L, N, D = config.train_len, config.t5_buckets, config.t5_max_distance
+        untrained = t5_untrained_buckets(L, N, D)
+        if not untrained:
+            return []
+        buckets = _t5_buckets_by_distance(L, N, D)
+        first = int((buckets == untrained[0]).nonzero()[0])  # the shortest distance using one
+        # Either fix makes distance L - 1 reach the last bucket, which all farther ones share.
+        fixes = [f"train_len >= {int((buckets == N - 1).nonzero()[0]) + 1}"]
+        # The largest max_distance that works, by bisection: a smaller one only moves each
+        # distance into the same or a later bucket.
+        works, fails = N // 2, D  # N // 2 is below every valid max_distance
+        while fails - works > 1:
+            mid = (works + fails) // 2
+            works, fails = (works, mid) if t5_untrained_buckets(L, N, mid) else (mid, fails)
+        if works > N // 2:
+            fixes.insert(0, f"t5_max_distance <= {works}")
+        return [
+            f"t5 buckets {untrained} (of t5_buckets={N}, t5_max_distance={D}) are reached only "
+            f"by distances >= train_len={L}: training never gives them a gradient, yet inputs "
+            f"longer than {first} tokens use them; use {' or '.join(fixes)}"
+        ]
+
+    def prepare(self, q_len: int, k_len: int, device: torch.device) -> Tensor:
+        # One gather per forward; autograd sums every layer's gradient into the one table.
+        return self.bias(q_len, k_len)
+
     def attend(
         self,
         q_BHTD: Tensor,
@@ -292,8 +429,9 @@ class T5Positions(PositionMethod):
         v_BHSD: Tensor,
         *,
         key_padding_mask: Tensor | None = None,
+        state: Tensor | None = None,
     ) -> Tensor:
-        bias_HTS = self.bias(q_BHTD.shape[-2], k_BHSD.shape[-2])
+        bias_HTS = self.bias(q_BHTD.shape[-2], k_BHSD.shape[-2]) if state is None else state
         return causal_attention(
             q_BHTD, k_BHSD, v_BHSD, bias_HTS=bias_HTS, key_padding_mask=key_padding_mask
         )
@@ -327,6 +465,7 @@ class AlibiPositions(PositionMethod):
         v_BHSD: Tensor,
         *,
         key_padding_mask: Tensor | None = None,
+        state: Tensor | None = None,
     ) -> Tensor:
         L = self.config.train_len
         if self.scaling == "none" or key_padding_mask is None:
@@ -353,14 +492,28 @@ POSITION_METHODS: dict[str, type[PositionMethod]] = {
 }
 
 
+def _method_class(name: str) -> type[PositionMethod]:
+    if name not in POSITION_METHODS:
+        raise ValueError(f"unknown position method {name!r}; valid: {', '.join(POSITION_METHODS)}")
+    return POSITION_METHODS[name]
+
+
 def make_position(config: ModelConfig) -> PositionMethod:
     """The position method named by ``config.position``.
 
     Raises:
         ValueError: unknown name (the message lists the registered ones).
     """
-    if config.position not in POSITION_METHODS:
-        raise ValueError(
-            f"unknown position method {config.position!r}; valid: {', '.join(POSITION_METHODS)}"
-        )
-    return POSITION_METHODS[config.position](config)
+    return _method_class(config.position)(config)
+
+
+def position_warnings(config: ModelConfig) -> list[str]:
+    """Warnings about ``config``'s position method, e.g. T5 buckets that training never reaches.
+
+    Returns:
+        One message per problem; empty when there is none.
+
+    Raises:
+        ValueError: unknown position method (the message lists the registered ones).
+    """
+    return _method_class(config.position).config_warnings(config)

@@ -5,32 +5,54 @@ and seeds, evaluates each at ``L, 2L, 4L, 8L, 16L`` with and without each scalin
 supports (ALiBi's slope rules, Al-Khateeb et al. 2023; rotary's position interpolation), and
 writes ``results.json``, ``report.md`` and ``ppl_vs_length.png``. Finished runs and evaluations are
 reused when the command is repeated.
+
+What it may touch: every argument is checked, and every run folder ``OUT/runs/METHOD`` is
+classified, before anything is written or removed. A folder that is not provably a linbias run (a
+``config.json`` of format ``linbias-run/1`` and only the files a run writes, see
+``train.check_run_dir``) is never deleted, with or without ``--force``: it is an error that names
+it. A run trained with other settings is an error too; ``--force`` replaces it, file by file, as
+it replaces any provable run. The one run replaced without ``--force`` is a matching one that
+never saved a checkpoint: nothing of it can be resumed. The three report files are replaced only
+when they carry the signature this module writes.
 """
 
 from __future__ import annotations
 
 import json
 import platform
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Literal, Optional
 
 import torch
 
-from linbias.config import POSITIONS, ConfigBase, model_config
-from linbias.data import atomic_write_text, load_corpus
-from linbias.evaluate import evaluate_run
+from linbias.config import POSITIONS, ConfigBase, ModelConfig, check_int, model_config
+from linbias.data import Corpus, atomic_write_text, load_corpus
+from linbias.evaluate import evaluate_run, json_record
 from linbias.positions import POSITION_METHODS
 from linbias.report import (
+    aggregate,
     beyond_table,
     describe_finding,
     finding,
     markdown_table,
     plot_ppl_vs_length,
 )
-from linbias.train import ConfigMismatch, TrainConfig, check_resume, load_run, read_configs, train
+from linbias.train import (
+    ConfigMismatch,
+    RunError,
+    TrainConfig,
+    check_resume,
+    check_run_dir,
+    check_writable,
+    load_run,
+    read_checkpoint,
+    read_configs,
+    read_log,
+    remove_run,
+    train,
+)
 
 __all__ = ["ReproducePreset", "REPRODUCE_PRESETS", "reproduce"]
 
@@ -47,12 +69,18 @@ class ReproducePreset(ConfigBase):
         lr: peak learning rate.
         warmup: warmup steps.
         vocab_size: BPE vocabulary size.
-        bf16: bfloat16 autocast in training (evaluation runs in float32).
+        bf16: bfloat16 autocast in training (evaluation runs in float32). Off in every preset:
+            bf16 is fast only on CPUs with native bf16 instructions (emulated elsewhere, many
+            times slower), and float32 gives the same numbers on every CPU up to rounding.
+        t5_max_distance: T5's ``max_distance`` for this L (``None``: the model default, 128). T5
+            ran it at L/4; every bucket used past L must be reached by some distance below L,
+            or it is never trained (``positions.t5_untrained_buckets``).
         multiples: evaluation lengths as multiples of L.
         eval_tokens: tokens scored per evaluation (a prefix of the split; 0 means all).
         eval_batch_size: windows per forward when evaluating.
-        expected_minutes: wall time on a 2-core CPU, end to end (measured for ``quick``;
-            estimated from the measured step time for ``paper-small``).
+        expected_minutes: wall time of one seed on a 2-core CPU, end to end (measured for
+            ``quick`` with AVX2 kernels only; estimated from the measured step time for
+            ``paper-small``).
     """
 
     model: str
@@ -63,6 +91,7 @@ class ReproducePreset(ConfigBase):
     warmup: int = 50
     vocab_size: int = 4096
     bf16: bool = False
+    t5_max_distance: Optional[int] = None
     multiples: tuple[int, ...] = (1, 2, 4, 8, 16)
     eval_tokens: int = 0
     eval_batch_size: int = 8
@@ -70,10 +99,12 @@ class ReproducePreset(ConfigBase):
 
 
 REPRODUCE_PRESETS: dict[str, ReproducePreset] = {
+    # T5's max_distance: L/4 as in T5 would be 16, which 32 buckets cannot hold (their log-spaced
+    # half starts at 16); L/2 is the nearest that keeps every bucket used past L trained.
     "quick": ReproducePreset(model="tiny", train_len=64, steps=2000, batch_size=16, lr=2e-3,
-                             warmup=100, vocab_size=2048, bf16=True, expected_minutes=8),
+                             warmup=100, vocab_size=2048, t5_max_distance=32, expected_minutes=8),
     "paper-small": ReproducePreset(model="small", train_len=256, steps=5000, batch_size=32,
-                                   lr=1e-3, warmup=250, bf16=True, expected_minutes=810),
+                                   lr=1e-3, warmup=250, t5_max_distance=64, expected_minutes=810),
 }
 
 
@@ -81,40 +112,76 @@ def _rules(position: str) -> list[str]:
     return list(POSITION_METHODS[position].scaling_rules)
 
 
-def _finished(run_dir: Path, steps: int) -> bool:
-    try:
-        return json.loads((run_dir / "checkpoint.json").read_text()).get("step") == steps
-    except (OSError, json.JSONDecodeError):
-        return False
+# reproduce's own file in a run directory: a run holding it is still provably a run.
+_EVAL_FILE = "eval.json"
+
+Action = Literal["train", "resume", "reuse", "restart", "replace"]
+_SAY: dict[str, str] = {
+    "train": "training", "resume": "resuming from its last checkpoint",
+    "reuse": "reusing the finished run", "restart": "restarting (it never saved a checkpoint)",
+    "replace": "retraining (--force)",
+}
 
 
-def _train_one(position: str, p: ReproducePreset, data: str, seed: int, run_dir: Path,
-               force: bool, cache_dir: Optional[Path], progress: bool,
-               log: Callable[[str], None]) -> dict[str, Any]:
-    mc = model_config(p.model, position=position, train_len=p.train_len)
+def _configs(position: str, p: ReproducePreset, data: str, seed: int) -> tuple[ModelConfig, TrainConfig]:
+    t5 = {} if p.t5_max_distance is None else {"t5_max_distance": p.t5_max_distance}
+    mc = model_config(p.model, position=position, train_len=p.train_len, **t5)
     tc = TrainConfig(data=data, vocab_size=p.vocab_size, steps=p.steps, batch_size=p.batch_size,
                      lr=p.lr, warmup=p.warmup, seed=seed, bf16=p.bf16, eval_every=0, eval_batches=8,
                      save_every=max(1, p.steps // 4), log_every=10)
-    if force and run_dir.exists():
-        shutil.rmtree(run_dir)
-    if (run_dir / "config.json").is_file():
-        try:
-            check_resume(run_dir, mc, tc)
-        except ConfigMismatch as exc:  # a run of another preset, corpus or seed: not reusable
-            log(f"[{position}] retraining: {exc}")
-            shutil.rmtree(run_dir)
+    return mc, tc
+
+
+def _plan(run_dir: Path, mc: ModelConfig, tc: TrainConfig, force: bool) -> Action:
+    """What to do with ``run_dir``, decided before anything is written; an error for a folder
+    that may not be touched."""
+    empty = run_dir.is_dir() and not run_dir.is_symlink() and not any(run_dir.iterdir())
+    if empty or not (run_dir.exists() or run_dir.is_symlink()):
+        return "train"
+    try:
+        check_run_dir(run_dir, extra=(_EVAL_FILE,))
+    except RunError as exc:
+        raise RunError(f"{exc}; reproduce deletes only its own runs, so it stops here: move it "
+                       "away or choose another --out") from exc
+    if force:
+        return "replace"
+    try:
+        check_resume(run_dir, mc, tc)
+        if not (run_dir / "checkpoint.json").exists():
+            return "restart"
+        step = read_checkpoint(run_dir).step
+        if step == tc.steps:
+            _final_record(run_dir, tc.steps)
+    except ConfigMismatch as exc:
+        raise RunError(f"{run_dir} holds a linbias run trained with other settings "
+                       f"({', '.join(exc.differences)}): pass --force to replace it, or choose "
+                       "another --out") from exc
+    except RunError as exc:
+        raise RunError(f"{exc}; pass --force to replace this run, or choose another --out") from exc
+    return "reuse" if step == tc.steps else "resume"
+
+
+def _final_record(run_dir: Path, steps: int) -> dict[str, Any]:
+    lines = read_log(run_dir)
+    if not lines or lines[-1]["step"] != steps or "valid_loss" not in lines[-1]:
+        raise RunError(f"{run_dir / 'log.jsonl'} does not end with the record of step {steps} "
+                       "and its valid_loss")
+    return lines[-1]
+
+
+def _train_one(position: str, mc: ModelConfig, tc: TrainConfig, action: Action, run_dir: Path,
+               cache_dir: Optional[Path], progress: bool) -> dict[str, Any]:
     start = time.perf_counter()
-    if not _finished(run_dir, p.steps):
-        resume = (run_dir / "checkpoint.json").is_file()
-        if not resume and run_dir.exists():  # a run that never saved a checkpoint
-            shutil.rmtree(run_dir)
-        train(mc, tc, run_dir, resume=resume, progress=progress, cache_dir=cache_dir)
+    if action in ("restart", "replace"):
+        remove_run(run_dir, extra=(_EVAL_FILE,))
+    if action != "reuse":
+        train(mc, tc, run_dir, resume=action == "resume", progress=progress, cache_dir=cache_dir)
     saved_mc, saved_tc = read_configs(run_dir)
-    lines = [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines() if x]
+    last = _final_record(run_dir, saved_tc.steps)
     return {
         "position": position, "steps": saved_tc.steps, "train_len": saved_mc.train_len,
         "tokens": saved_tc.steps * saved_tc.batch_size * saved_mc.train_len,
-        "final_train_loss": lines[-1]["train_loss"], "final_valid_loss": lines[-1].get("valid_loss"),
+        "final_train_loss": last["train_loss"], "final_valid_loss": last["valid_loss"],
         "seconds_this_invocation": round(time.perf_counter() - start, 1), "run": str(run_dir),
     }
 
@@ -127,9 +194,10 @@ def _evaluate_one(run_dir: Path, p: ReproducePreset, force: bool, cache_dir: Opt
     if cached.is_file() and not force:
         try:
             saved = json.loads(cached.read_text())
-        except json.JSONDecodeError:  # unreadable: evaluate again
-            saved = {}
-        if saved.get("settings") == settings:
+        except ValueError:  # unreadable (not JSON, not UTF-8): evaluate again
+            saved = None
+        if isinstance(saved, dict) and saved.get("settings") == settings and \
+                isinstance(saved.get("results"), list):
             return saved["results"]
     run = load_run(run_dir)
     records = evaluate_run(
@@ -137,8 +205,19 @@ def _evaluate_one(run_dir: Path, p: ReproducePreset, force: bool, cache_dir: Opt
         scalings=_rules(run.config.position), batch_size=p.eval_batch_size,
         max_tokens=p.eval_tokens or None, per_position=True, cache_dir=cache_dir, progress=progress,
     )
-    atomic_write_text(cached, json.dumps({"settings": settings, "results": records}, indent=1))
+    records = [json_record(r) for r in records]  # strict JSON: a non-finite number becomes null
+    atomic_write_text(cached, json.dumps({"settings": settings, "results": records}, indent=1,
+                                         allow_nan=False))
     return records
+
+
+def _run_dir(out: Path, position: str, seed: int) -> Path:
+    return out / "runs" / f"{position}-seed{seed}"
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
 
 
 def reproduce(
@@ -147,6 +226,7 @@ def reproduce(
     *,
     data: str = "stdlib",
     seed: int = 0,
+    seeds: int = 1,
     positions: tuple[str, ...] = POSITIONS,
     force: bool = False,
     cache_dir: str | Path | None = None,
@@ -157,37 +237,59 @@ def reproduce(
 
     Args:
         preset: a key of ``REPRODUCE_PRESETS``.
-        out: the report directory (runs go to ``out/runs/POSITION``).
+        out: the report directory (runs go to ``out/runs/POSITION-seedN``).
         data: corpus spec (default: the Python standard library, no download).
-        seed: the same seed for every method.
+        seed: the first seed; every method is trained with the same seeds.
+        seeds: how many seeds per method (``seed`` .. ``seed + seeds - 1``); tables, plots and
+            the finding use the mean over seeds and show their min-max range.
         positions: which methods to compare.
-        force: retrain and re-evaluate even where finished results exist.
+        force: retrain and re-evaluate even where finished results exist, and replace a run
+            trained with other settings. Only folders that provably are linbias runs are
+            replaced (see the module docstring); anything else in ``out/runs`` is an error.
         cache_dir: tokenizer and token-stream cache.
         progress: progress bars.
         log: where one-line progress messages go.
 
     Returns:
         The content of ``results.json``.
+
+    Raises:
+        ValueError: an invalid argument, or (``RunError``) a file or folder in the way, named,
+            with the flag that fixes it; all raised before anything is written or removed.
     """
-    if preset not in REPRODUCE_PRESETS:
-        raise ValueError(f"unknown reproduce preset {preset!r}; valid: {', '.join(REPRODUCE_PRESETS)}")
-    unknown = sorted(set(positions) - set(POSITIONS))
-    if unknown:
-        raise ValueError(f"unknown position methods {unknown}; valid: {', '.join(POSITIONS)}")
-    p, out = REPRODUCE_PRESETS[preset], Path(out)
+    p, corpus = _check_arguments(preset, data, seed, positions)
+    check_int("seeds", seeds)
+    out = Path(out)
     cache = Path(cache_dir) if cache_dir is not None else None
+    _check_out(out)
+    jobs = [(position, s) for s in range(seed, seed + seeds) for position in positions]
+    configs = {job: _configs(job[0], p, data, job[1]) for job in jobs}
+    plans = {job: _plan(_run_dir(out, *job), *configs[job], force) for job in jobs}
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    training, records = [], []
-    for position in positions:
-        run_dir = out / "runs" / position
-        log(f"[{position}] training ({p.steps} steps of {p.batch_size} x {p.train_len} tokens)")
-        training.append(_train_one(position, p, data, seed, run_dir, force, cache, progress, log))
-        log(f"[{position}] evaluating at {', '.join(str(m * p.train_len) for m in p.multiples)}")
-        records += _evaluate_one(run_dir, p, force, cache, progress)
+    todo = sum(plan != "reuse" for plan in plans.values())
+    log(f"{len(jobs)} models ({len(positions)} methods x {seeds} seeds), {todo} to train: about "
+        f"{_duration(60 * p.expected_minutes * todo / len(positions))} on 2 CPU cores "
+        f"(measured with AVX2 kernels, float32)")
+    training, records, trained_seconds, trained = [], [], 0.0, 0
+    for n, job in enumerate(jobs):
+        (position, s), run_dir, job_start = job, _run_dir(out, *job), time.perf_counter()
+        log(f"[{position} seed {s}] {_SAY[plans[job]]} "
+            f"({p.steps} steps of {p.batch_size} x {p.train_len} tokens)")
+        training.append({**_train_one(position, *configs[job], plans[job], run_dir, cache,
+                                      progress), "seed": s})
+        log(f"[{position} seed {s}] evaluating at "
+            f"{', '.join(str(m * p.train_len) for m in p.multiples)}")
+        records += [{**r, "seed": s} for r in _evaluate_one(run_dir, p, force, cache, progress)]
+        if plans[job] != "reuse":
+            trained_seconds, trained = trained_seconds + time.perf_counter() - job_start, trained + 1
+        left = sum(plans[j] != "reuse" for j in jobs[n + 1:])
+        if left:  # the whole job's ETA, from this machine's pace so far
+            log(f"{n + 1} of {len(jobs)} models done after {_duration(time.perf_counter() - started)}; "
+                f"about {_duration(trained_seconds / max(trained, 1) * left)} left")
     results = {
-        "preset": {"name": preset, **p.to_dict()}, "data": data, "seed": seed,
-        "corpus": load_corpus(data).describe(), "machine": _machine(),
+        "preset": {"name": preset, **p.to_dict()}, "data": data, "seed": seed, "seeds": seeds,
+        "corpus": corpus.describe(), "machine": _machine(p),
         "seconds": round(time.perf_counter() - started, 1), "training": training,
         "finding": finding(records, p.train_len), "results": records,
     }
@@ -196,15 +298,65 @@ def reproduce(
     return results
 
 
-def _machine() -> dict[str, Any]:
+def _check_arguments(preset: str, data: str, seed: int,
+                     positions: tuple[str, ...]) -> tuple[ReproducePreset, Corpus]:
+    if preset not in REPRODUCE_PRESETS:
+        raise ValueError(f"unknown reproduce preset {preset!r}; valid: {', '.join(REPRODUCE_PRESETS)}")
+    unknown = sorted(set(positions) - set(POSITIONS))
+    if unknown or not positions:
+        raise ValueError(f"unknown position methods {unknown}; valid: {', '.join(POSITIONS)}"
+                         if unknown else f"no position methods given; valid: {', '.join(POSITIONS)}")
+    if len(set(positions)) != len(positions):
+        raise ValueError(f"positions must not repeat a method, got {list(positions)}")
+    check_int("seed", seed, low=0)
+    return REPRODUCE_PRESETS[preset], load_corpus(data)  # an unknown or empty corpus fails here
+
+
+def _is_results(head: bytes) -> bool:
+    try:
+        obj = json.loads(head)
+    except ValueError:  # not JSON, or not UTF-8
+        return False
+    return isinstance(obj, dict) and {"preset", "finding", "results"} <= obj.keys()
+
+
+_REPORT_TITLE = "# Train short, test long — preset"
+
+# The signature of each report file this module writes: only such a file is ever replaced.
+_REPORT_FILES: dict[str, Callable[[bytes], bool]] = {
+    "results.json": _is_results,
+    "report.md": lambda head: head.startswith(_REPORT_TITLE.encode()),
+    # matplotlib names itself in a tEXt chunk right after the PNG header.
+    "ppl_vs_length.png": lambda head: head.startswith(b"\x89PNG\r\n\x1a\n")
+    and b"Matplotlib" in head[:256],
+}
+
+
+def _check_out(out: Path) -> None:
+    """``out`` can hold the report: every file or folder reproduce would replace is its own."""
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out} is a file, not a directory; choose another --out")
+    check_writable(out)
+    if (out / "runs").exists() and not (out / "runs").is_dir():
+        raise RunError(f"{out / 'runs'} is a file, not the runs folder; choose another --out")
+    for name, ours in _REPORT_FILES.items():
+        path = out / name
+        if path.is_symlink() or path.exists() and not (path.is_file() and ours(path.read_bytes())):
+            raise RunError(f"{path} was not written by linbias reproduce, and would be replaced: "
+                           "move it away or choose another --out")
+
+
+def _machine(p: ReproducePreset) -> dict[str, Any]:
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "precision": "bfloat16 autocast" if p.bf16 else "float32",
             "threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version()}
 
 
 def _write_report(out: Path, results: dict[str, Any], p: ReproducePreset) -> None:
-    atomic_write_text(out / "results.json", json.dumps(results, indent=1) + "\n")
-    plot_ppl_vs_length(results["results"], p.train_len, out / "ppl_vs_length.png",
+    atomic_write_text(out / "results.json", json.dumps(results, indent=1, allow_nan=False) + "\n")
+    plot_ppl_vs_length(aggregate(results["results"]), p.train_len, out / "ppl_vs_length.png",
                        title=f"Train short (L={p.train_len}), test long — preset {results['preset']['name']}")
     atomic_write_text(out / "report.md", _report_md(results, p))
 
@@ -214,23 +366,30 @@ def _report_md(results: dict[str, Any], p: ReproducePreset) -> str:
     corpus = results["corpus"]
     tokens = t[0]["tokens"] if t else 0
     m = results["machine"]
-    return f"""# Train short, test long — preset `{results['preset']['name']}`
+    combined = aggregate(results["results"])
+    seeds = results.get("seeds", 1)
+    first = results["seed"]
+    seed_words = (f"seed {first} for every method" if seeds == 1 else
+                  f"seeds {first}-{first + seeds - 1} for every method ({seeds} models each)")
+    spread = ("" if seeds == 1 else f" Each cell is the mean over {seeds} seeds, with their "
+              "min-max range in brackets; the plot's bands show the same range.")
+    return f"""{_REPORT_TITLE} `{results['preset']['name']}`
 
-Perplexity on the validation split (non-overlapping windows of L'), one model per position method,
-all trained at L = {p.train_len} tokens.
+Perplexity on the validation split (non-overlapping windows of L'), every position method
+trained at L = {p.train_len} tokens.{spread}
 
-{markdown_table(results['results'], p.train_len)}
+{markdown_table(combined, p.train_len)}
 
 ![perplexity against evaluation length](ppl_vs_length.png)
 
 ## The paper's finding (Press et al. 2022, figure 1)
 
-{describe_finding(results['finding'], results['results'])}
+{describe_finding(results['finding'], combined)}
 
 Where the loss goes: mean loss (nats) per token at L' = 4L, by position inside the window. Tokens
 before L/2 are left out (they have little context whatever the method: the early-token curse).
 
-{beyond_table(results['results'], p.train_len)}
+{beyond_table(combined, p.train_len)}
 
 ## How it was made
 
@@ -239,13 +398,14 @@ before L/2 are left out (they have little context whatever the method: the early
   ({corpus['valid']['bytes']:,} bytes); byte-level BPE, vocabulary {p.vocab_size}.
 - Model: preset `{p.model}`; each method trained {p.steps} steps x {p.batch_size} sequences x
   {p.train_len} tokens = {tokens:,} tokens, AdamW, peak lr {p.lr}, warmup {p.warmup}, cosine
-  decay, seed {results['seed']} for every method.
+  decay, {seed_words}; {m.get('precision', 'float32')} throughout.
 - Evaluation: {f'the first {p.eval_tokens}' if p.eval_tokens else 'all'} tokens of the validation split, non-overlapping
   windows of L' = {', '.join(f'{k}L' for k in p.multiples)}; every scored token counted.
   `learned` is evaluated only where its table reaches. Rules: ALiBi slopes x L/L' (`linear`,
   Al-Khateeb et al. 2023), x sqrt(L/L') (`sqrt`), x log L / log L' (`log`); rotary positions
   x L/L' (`linear`, Chen et al. 2023). Rules act only when L' > L.
-- Machine: {m['processor']}, {m['threads']} threads, torch {m['torch']}, Python {m['python']}.
+- Machine: {m['processor']}, PyTorch CPU capability {m.get('cpu_capability', '?')},
+  {m['threads']} threads, torch {m['torch']}, Python {m['python']}.
   Total time of this invocation: {results['seconds']:.0f} s (finished runs are reused).
-- Reproduce: `linbias reproduce --preset {results['preset']['name']} --out OUT`.
+- Reproduce: `linbias reproduce --preset {results['preset']['name']} --seeds {seeds} --out OUT`.
 """

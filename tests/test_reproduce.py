@@ -1,0 +1,206 @@
+"""reproduce touches only what it can prove it wrote, and checks every argument first."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+import linbias.reproduce as reproduce_mod
+from linbias.data import split_of
+from linbias.reproduce import ReproducePreset, reproduce
+from linbias.train import RunError
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("corpus")
+    counts = {"train": 0, "valid": 0, "test": 0}
+    i = 0
+    while min(counts.values()) < 2 or counts["train"] < 30:
+        text = f"def f{i}(x):\n    return x * {i} + {i % 7}\n" * 30
+        split = split_of(text)  # a file's split follows its text or its name: make them agree
+        if split == split_of(f"f{i}.py") and (split == "train" or counts[split] < 2):
+            (root / f"f{i}.py").write_text(text)
+            counts[split] += 1
+        i += 1
+    return f"text:{root}"
+
+
+@pytest.fixture
+def run(tmp_path_factory, corpus, monkeypatch):
+    """``run(out, **kwargs)``: reproduce a 2-step ALiBi-only experiment into ``out``."""
+    preset = ReproducePreset(model="tiny", train_len=16, steps=2, batch_size=2, warmup=1,
+                             vocab_size=300, multiples=(1,), eval_tokens=64)
+    monkeypatch.setitem(reproduce_mod.REPRODUCE_PRESETS, "unit", preset)
+    cache = tmp_path_factory.getbasetemp() / "reproduce_cache"
+
+    def run(out: Path, preset: str = "unit", **kwargs):
+        defaults = dict(data=corpus, cache_dir=cache, progress=False, log=lambda s: None,
+                        positions=("alibi",))
+        return reproduce(preset, out, **{**defaults, **kwargs})
+    return run
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_a_users_folder_in_runs_is_never_deleted(tmp_path, run, force):
+    mine = tmp_path / "report" / "runs" / "alibi-seed0"
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("my notes")
+    with pytest.raises(RunError, match=r"runs/alibi-seed0.*config.json is missing.*choose another --out"):
+        run(tmp_path / "report", force=force)
+    assert _files(tmp_path / "report") == {"runs/alibi-seed0/notes.txt": b"my notes"}
+
+
+def test_a_run_of_other_settings_is_an_error_and_force_replaces_it(tmp_path, run, monkeypatch):
+    out = tmp_path / "report"
+    run(out)
+    longer = dataclasses.replace(reproduce_mod.REPRODUCE_PRESETS["unit"], steps=3)
+    monkeypatch.setitem(reproduce_mod.REPRODUCE_PRESETS, "unit-3", longer)
+    before = _files(out)
+    with pytest.raises(RunError, match=r"runs/alibi-seed0 holds a linbias run trained with other "
+                                       r"settings \(steps \(saved 2, given 3\)\).*--force"):
+        run(out, preset="unit-3")
+    assert _files(out) == before
+    run(out, preset="unit-3", force=True)
+    assert json.loads((out / "runs/alibi-seed0/config.json").read_text())["train"]["steps"] == 3
+
+    (out / "runs/alibi-seed0/notes.txt").write_text("my notes")  # now not only a run
+    before = _files(out)
+    with pytest.raises(RunError, match=r"files a linbias run does not write: notes.txt"):
+        run(out, force=True)
+    assert _files(out) == before
+
+
+def test_a_run_that_never_saved_a_checkpoint_is_restarted(tmp_path, run):
+    out = tmp_path / "report"
+    run(out)
+    for name in ("checkpoint.json", "model.safetensors", "eval.json"):
+        (out / "runs/alibi-seed0" / name).unlink()
+    for state in (out / "runs/alibi-seed0").glob("state-*"):
+        state.unlink()
+    results = run(out)
+    assert results["training"][0]["steps"] == 2 and (out / "runs/alibi-seed0/checkpoint.json").is_file()
+
+
+@pytest.mark.parametrize("bad", [
+    dict(preset="huge"), dict(positions=("alibi", "xpos")), dict(positions=()),
+    dict(positions=("alibi", "alibi")), dict(seed=-1), dict(seed=1.5), dict(data="nosuch:corpus"),
+])
+def test_every_argument_is_checked_before_anything_is_removed(tmp_path, run, bad):
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "runs" / "alibi-seed0").mkdir(parents=True)
+    meta = {"format": "linbias-run/1", "model": {}, "train": {}}  # a run --force may replace
+    (out / "runs" / "alibi-seed0" / "config.json").write_text(json.dumps(meta))
+    before = _files(out)
+    with pytest.raises(ValueError):
+        run(out, force=True, **bad)
+    assert _files(out) == before
+    with pytest.raises(ValueError):
+        run(tmp_path / "new", **bad)
+    assert not (tmp_path / "new").exists()
+
+
+def test_out_that_is_a_file_is_refused(tmp_path, run):
+    (tmp_path / "file").write_text("mine")
+    for out in (tmp_path / "file", tmp_path / "file" / "report"):
+        with pytest.raises(RunError, match="is a file.*choose another --out"):
+            run(out)
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+@pytest.mark.parametrize("name", ["report.md", "results.json", "ppl_vs_length.png"])
+def test_a_report_file_reproduce_did_not_write_is_not_replaced(tmp_path, run, name):
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / name).write_text("{}")
+    with pytest.raises(RunError, match=rf"{name} was not written by linbias reproduce"):
+        run(out)
+    assert _files(out) == {name: b"{}"}
+
+
+def test_its_own_report_files_are_replaced(tmp_path, run):
+    out = tmp_path / "report"
+    run(out)
+    (out / "results.json").write_text((out / "results.json").read_text().replace('"seed": 0', '"seed": 7'))
+    run(out)
+    assert json.loads((out / "results.json").read_text())["seed"] == 0
+
+
+def test_reproduce_end_to_end_reuses_and_forces(tmp_path, corpus, monkeypatch):
+    preset = ReproducePreset(model="tiny", train_len=16, steps=4, batch_size=2, warmup=1,
+                             vocab_size=300, multiples=(1, 2, 4), eval_tokens=256)
+    monkeypatch.setitem(reproduce_mod.REPRODUCE_PRESETS, "unit", preset)
+    out = tmp_path / "report"
+    kwargs = dict(data=corpus, cache_dir=tmp_path / "cache", progress=False, log=lambda s: None)
+    results = reproduce("unit", out, **kwargs)
+
+    assert {p.name for p in out.iterdir()} >= {"results.json", "report.md", "ppl_vs_length.png", "runs"}
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["finding"] == results["finding"]
+    keys = {"position", "scaling", "train_len", "eval_len", "mode", "stride", "ppl", "bpb", "tokens", "seconds"}
+    assert all(keys <= set(r) for r in saved["results"])
+    got = {(r["position"], r["scaling"], r["eval_len"]) for r in saved["results"]}
+    for rule in ("none", "linear", "sqrt", "log"):
+        assert {("alibi", rule, n) for n in (16, 32, 64)} <= got
+    assert ("rotary", "linear", 64) in got and ("t5", "none", 32) in got
+    learned = {r["eval_len"]: r for r in saved["results"] if r["position"] == "learned"}
+    assert learned[16]["ppl"] is not None and learned[32]["ppl"] is None and learned[32]["skipped"]
+    assert len(saved["training"]) == 6 and all(t["tokens"] == 4 * 2 * 16 for t in saved["training"])
+    report = (out / "report.md").read_text()
+    assert "| alibi + linear |" in report and "How it was made" in report
+    assert "Where the loss goes" in report and "| alibi + linear | " in report.split("Where the loss goes")[1]
+
+    calls = []
+    for name in ("train", "evaluate_run"):
+        real = getattr(reproduce_mod, name)
+        monkeypatch.setattr(reproduce_mod, name,
+                            lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    again = reproduce("unit", out, **kwargs)
+    assert calls == [] and again["results"] == results["results"]
+    reproduce("unit", out, force=True, positions=("alibi",), **kwargs)
+    assert calls == ["train", "evaluate_run"]
+
+
+def test_reproduce_rejects_unknown_names(tmp_path):
+    with pytest.raises(ValueError, match="quick"):
+        reproduce("huge", tmp_path)
+    with pytest.raises(ValueError, match="alibi"):
+        reproduce("quick", tmp_path, positions=("xpos",))
+
+
+def test_seeds_train_each_method_per_seed_and_report_the_mean(tmp_path, run):
+    out = tmp_path / "report"
+    lines = []
+    results = run(out, seeds=2, seed=3, log=lines.append)
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["alibi-seed3", "alibi-seed4"]
+    assert [t["seed"] for t in results["training"]] == [3, 4]
+    assert {r["seed"] for r in results["results"]} == {3, 4}
+    one = {r["seed"]: r["ppl"] for r in results["results"] if r["scaling"] == "none"}
+    mean = (one[3] + one[4]) / 2
+    f = results["finding"]["alibi"]
+    assert f["ppl_at_L"] == pytest.approx(mean)
+    report = (out / "report.md").read_text()
+    low, high = sorted(one.values())
+    assert f"| alibi | {mean:.2f} ({low:.2f}–{high:.2f}) |" in report
+    assert "mean over 2 seeds" in report and "--seeds 2" in report
+    assert results["machine"]["precision"] == "float32"
+    assert results["machine"]["cpu_capability"] in report
+    assert any("2 models" in x and "to train" in x for x in lines)
+    assert any("1 of 2 models done" in x and "left" in x for x in lines)
+    with pytest.raises(ValueError, match="seeds"):
+        run(out, seeds=0)
+
+
+def test_presets_are_float32_and_keep_every_t5_bucket_trained():
+    from linbias.positions import t5_untrained_buckets
+
+    for name, p in reproduce_mod.REPRODUCE_PRESETS.items():
+        assert not p.bf16, name  # the numbers must not depend on the CPU's bf16 support
+        mc = reproduce_mod._configs("t5", p, "stdlib", 0)[0]
+        assert t5_untrained_buckets(mc.train_len, mc.t5_buckets, mc.t5_max_distance) == [], name
