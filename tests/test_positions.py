@@ -127,6 +127,9 @@ def test_causal_attention_with_a_bias_matches_reference_and_its_gradients(
     ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
     ref = reference_attention(*ref_leaves[:3], bias=ref_leaves[3], key_padding_mask=mask)
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # no gradient wanted: PyTorch's fused kernel instead, same numbers
+        out_no_grad = causal_attention(q, k, v, bias_HTS=bias, key_padding_mask=mask)
+    torch.testing.assert_close(out_no_grad.double(), ref.detach(), atol=1e-5, rtol=1e-5)
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
     out.backward(grad_out)
     ref.backward(grad_out.double())

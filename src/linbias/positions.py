@@ -106,8 +106,8 @@ class _LearnedBiasAttention(torch.autograd.Function):
 
     PyTorch's own fallback for a mask that needs a gradient computes every score and checks every
     row for NaN. Here queries go in blocks, each over the keys up to its last query only, which
-    skips the causally hidden half of the work; the backward pass is the usual softmax one. Batch
-    and heads are flattened (``N = B * H``) so that products accumulate in place (``baddbmm_``).
+    skips the causally hidden half of the work; the backward pass is the usual softmax one,
+    accumulating key and value gradients in place.
     """
 
     @staticmethod
@@ -115,45 +115,43 @@ class _LearnedBiasAttention(torch.autograd.Function):
         ctx, q_BHTD: Tensor, k_BHSD: Tensor, v_BHSD: Tensor, bias_HTS: Tensor, hidden: Tensor
     ) -> Tensor:
         """``hidden``: bool ``[B or 1, 1, T, S]``, True where a query must not see a key."""
-        B, H, T, D = q_BHTD.shape
-        S = k_BHSD.shape[-2]
-        # Contiguous once, not once per block inside each matmul; q pre-scaled by 1/sqrt(D).
-        q_NTD = q_BHTD.reshape(B * H, T, D) * D**-0.5
-        k_NSD, v_NSD = k_BHSD.reshape(B * H, S, D), v_BHSD.reshape(B * H, S, D)
-        out_NTD = q_NTD.new_zeros(B * H, T, D)
+        T, S = q_BHTD.shape[-2], k_BHSD.shape[-2]
+        # Contiguous once here, not once per block inside each matmul; q pre-scaled by 1/sqrt(D).
+        q_BHTD = (q_BHTD * q_BHTD.shape[-1] ** -0.5).contiguous()
+        k_BHSD, v_BHSD = k_BHSD.contiguous(), v_BHSD.contiguous()
+        out_BHTD = q_BHTD.new_empty(q_BHTD.shape)
         blocks, probs = [], []
         for t0 in range(0, T, _QUERY_BLOCK):
             t1 = min(T, t0 + _QUERY_BLOCK)
             s1 = S - T + t1  # keys 0..s1-1 are all that queries t0..t1-1 can see
             mask = bias_HTS[:, t0:t1, :s1].masked_fill(hidden[..., t0:t1, :s1], float("-inf"))
-            scores = (q_NTD[:, t0:t1] @ k_NSD[:, :s1].transpose(1, 2)).view(B, H, t1 - t0, s1)
-            p = torch.softmax(scores.add_(mask), dim=-1).view(B * H, t1 - t0, s1)
-            out_NTD[:, t0:t1].baddbmm_(p, v_NSD[:, :s1])
+            scores = q_BHTD[..., t0:t1, :] @ k_BHSD[..., :s1, :].transpose(-1, -2)
+            p = torch.softmax(scores.add_(mask), dim=-1)
+            out_BHTD[..., t0:t1, :] = p @ v_BHSD[..., :s1, :]
             blocks.append((t0, t1, s1))
             probs.append(p)
-        ctx.save_for_backward(q_NTD, k_NSD, v_NSD, out_NTD, *probs)
+        ctx.save_for_backward(q_BHTD, k_BHSD, v_BHSD, out_BHTD, *probs)
         ctx.blocks, ctx.bias_shape = blocks, bias_HTS.shape
-        return out_NTD.view(B, H, T, D)
+        return out_BHTD
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_BHTD: Tensor) -> tuple[Tensor | None, ...]:
         q_scaled, k, v, out, *probs = ctx.saved_tensors
-        B, H, T, D = grad_BHTD.shape
-        grad_NTD = grad_BHTD.reshape(B * H, T, D)
-        dq, dk, dv = torch.zeros_like(q_scaled), torch.zeros_like(k), torch.zeros_like(v)
+        grad_BHTD = grad_BHTD.contiguous()
+        dq, dk, dv = torch.empty_like(q_scaled), torch.zeros_like(k), torch.zeros_like(v)
         dbias = q_scaled.new_zeros(ctx.bias_shape)  # hidden keys get 0: their p_ij is 0
         # d score_ij = p_ij (d p_ij - sum_k p_ik d p_ik), and sum_k p_ik d p_ik = grad_i . out_i
-        row_dot = (grad_NTD * out).sum(-1, keepdim=True)
+        row_dot = (grad_BHTD * out).sum(-1, keepdim=True)
         for (t0, t1, s1), p in zip(ctx.blocks, probs):
-            grad = grad_NTD[:, t0:t1]
-            dv[:, :s1].baddbmm_(p.transpose(1, 2), grad)
-            dscores = (grad @ v[:, :s1].transpose(1, 2)).sub_(row_dot[:, t0:t1]).mul_(p)
-            dbias[:, t0:t1, :s1] = dscores.view(B, H, t1 - t0, s1).sum(0)  # one bias per batch
-            dq[:, t0:t1].baddbmm_(dscores, k[:, :s1])
-            dk[:, :s1].baddbmm_(dscores.transpose(1, 2), q_scaled[:, t0:t1])
-        grads = (dq.mul_(D**-0.5), dk, dv)
-        return *(g.view(B, H, -1, D) for g in grads), dbias, None
+            grad = grad_BHTD[..., t0:t1, :]
+            dv[..., :s1, :] += p.transpose(-1, -2) @ grad
+            dscores = (grad @ v[..., :s1, :].transpose(-1, -2)).sub_(row_dot[..., t0:t1, :])
+            dscores = dscores.mul_(p)
+            dbias[:, t0:t1, :s1] = dscores.sum(0)  # one bias for the whole batch
+            dq[..., t0:t1, :] = dscores @ k[..., :s1, :]
+            dk[..., :s1, :] += dscores.transpose(-1, -2) @ q_scaled[..., t0:t1, :]
+        return dq.mul_(q_scaled.shape[-1] ** -0.5), dk, dv, dbias, None
 
 
 def rotary_angles(pos: Tensor, head_dim: int, base: float = 10000.0) -> Tensor:

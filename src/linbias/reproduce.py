@@ -78,9 +78,8 @@ class ReproducePreset(ConfigBase):
         multiples: evaluation lengths as multiples of L.
         eval_tokens: tokens scored per evaluation (a prefix of the split; 0 means all).
         eval_batch_size: windows per forward when evaluating.
-        expected_minutes: wall time of one seed on a 2-core CPU, end to end (measured for
-            ``quick`` with AVX2 kernels only; estimated from the measured step time for
-            ``paper-small``).
+        expected_minutes: wall time of one seed on 2 idle CPU cores, end to end, estimated from
+            measured training speed (float32).
     """
 
     model: str
@@ -101,8 +100,8 @@ class ReproducePreset(ConfigBase):
 REPRODUCE_PRESETS: dict[str, ReproducePreset] = {
     # T5's max_distance: L/4 as in T5 would be 16, which 32 buckets cannot hold (their log-spaced
     # half starts at 16); L/2 is the nearest that keeps every bucket used past L trained.
-    "quick": ReproducePreset(model="tiny", train_len=64, steps=2000, batch_size=16, lr=2e-3,
-                             warmup=100, vocab_size=2048, t5_max_distance=32, expected_minutes=8),
+    "quick": ReproducePreset(model="tiny", train_len=64, steps=1200, batch_size=16, lr=2e-3,
+                             warmup=100, vocab_size=2048, t5_max_distance=32, expected_minutes=9),
     "paper-small": ReproducePreset(model="small", train_len=256, steps=5000, batch_size=32,
                                    lr=1e-3, warmup=250, t5_max_distance=64, expected_minutes=810),
 }
@@ -268,9 +267,10 @@ def reproduce(
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     todo = sum(plan != "reuse" for plan in plans.values())
-    log(f"{len(jobs)} models ({len(positions)} methods x {seeds} seeds), {todo} to train: about "
-        f"{_duration(60 * p.expected_minutes * todo / len(positions))} on 2 CPU cores "
-        f"(measured with AVX2 kernels, float32)")
+    log(f"{len(jobs)} models ({len(positions)} methods x {seeds} seed{'s' * (seeds > 1)}), "
+        f"{todo} to train: about "
+        f"{_duration(60 * p.expected_minutes * todo / len(positions))} on 2 idle CPU cores "
+        f"(float32; the pace below updates this)")
     training, records, trained_seconds, trained = [], [], 0.0, 0
     for n, job in enumerate(jobs):
         (position, s), run_dir, job_start = job, _run_dir(out, *job), time.perf_counter()
