@@ -101,3 +101,17 @@ def test_a_cache_that_is_a_file_is_one_clear_line(tmp_path, capsys, monkeypatch)
     assert main(["train", "--out", str(tmp_path / "run"), "--data", f"text:{tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert "LINBIAS_CACHE" in err and "cannot be a cache folder" in err
+
+
+def test_eval_a_run_on_another_corpus(tiny_alibi_run, tiny_cache_dir, tmp_path, capsys,
+                                      monkeypatch):
+    monkeypatch.setenv("LINBIAS_CACHE", str(tiny_cache_dir))
+    prose = tmp_path / "prose.txt"
+    prose.write_text("".join(f"Line {i} of a story.\n" for i in range(3000)))
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(tiny_alibi_run), "--lengths", "32", "--data", f"text:{prose}",
+                 "--json", str(out), "--no-progress"]) == 0
+    (record,) = json.loads(out.read_text())["results"]
+    assert record["data"] == f"text:{prose}" and record["tokens"] > 0
+    assert main(["eval", str(tiny_alibi_run), "--lengths", "32", "--train-len", "8"]) == 2
+    assert "--train-len applies to --hf models" in capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -142,6 +143,54 @@ def test_single_file_is_cut_into_contiguous_splits(tmp_path: Path) -> None:
     assert train[0] + valid[0] + test[0] == text
     assert train[0].endswith("\n") and valid[0].endswith("\n")
     assert 0.975 < len(train[0]) / len(text) < 0.985
+
+
+def _books(root: Path, n: int = 40, lines: int = 400, grow: int = 17) -> list[str]:
+    """``n`` files of unique numbered lines, ``grow`` more lines in each."""
+    root.mkdir(parents=True, exist_ok=True)
+    books = []
+    for b in range(n):
+        text = "".join(f"book {b} line {i}: {' '.join(WORDS[: 1 + (b + i) % 9])}\n"
+                       for i in range(lines + grow * b))
+        (root / f"book{b:02d}.txt").write_text(text, encoding="utf-8")
+        books.append(text)
+    return books
+
+
+def test_few_large_files_are_split_inside_each_document(tmp_path: Path) -> None:
+    books = _books(tmp_path / "books")
+    c = load_corpus(f"text:{tmp_path / 'books'}")
+    assert c.split_by == "document" and c.describe()["split_by"] == "document"
+    train, valid, test = (c.documents(s) for s in SPLITS)
+    assert len(train) == len(valid) == len(test) == len(books)  # every split non-empty, per book
+    for book, a, b, t in zip(books, train, valid, test):  # contiguous pieces, in order
+        assert a + b + t == book and a.endswith("\n") and b.endswith("\n")
+        assert 0.975 < len(a) / len(book) < 0.985
+    lines = {s: {m for doc in c.documents(s) for m in re.findall(r"book \d+ line \d+:", doc)}
+             for s in SPLITS}
+    assert not lines["train"] & lines["valid"] and not lines["train"] & lines["test"]
+    assert not lines["valid"] & lines["test"]  # no text in two splits
+    # the same split in another process (no per-process hashing), and a name of its own
+    code = ("from linbias.data import load_corpus; c = load_corpus(" + repr(f"text:{tmp_path / 'books'}")
+            + "); print(c.name, [len(d) for s in ('train', 'valid', 'test') for d in c.documents(s)])")
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout == f"{c.name} {[len(d) for s in SPLITS for d in c.documents(s)]}\n"
+
+
+def test_by_file_split_is_kept_when_the_held_out_splits_are_large_enough(
+    tmp_path: Path, corpus: data.Corpus
+) -> None:
+    assert corpus.split_by == "file"  # 400 small files
+    books = _books(tmp_path / "books", n=1000, lines=5, grow=0)  # many files: whole documents
+    c = load_corpus(f"text:{tmp_path / 'books'}")
+    assert c.split_by == "file"
+    assert sorted(d for s in SPLITS for d in c.documents(s)) == sorted(books)
+    # one file more that tips valid under half its expected 1% of the text: cut inside instead
+    (tmp_path / "books" / "huge.txt").write_text("".join(f"huge {i}\n" for i in range(40_000)))
+    c = load_corpus(f"text:{tmp_path / 'books'}")
+    assert c.split_by == "document" and all(c.documents(s) for s in SPLITS)
+    assert load_corpus(f"text:{tmp_path / 'books'}").name == c.name
 
 
 def test_name_tracks_contents(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from linbias.evaluate import evaluate_run, evaluate_stream, format_table, write_
 from linbias.model import GPT
 from linbias.train import Run, RunError, load_run
 
-RECORD_KEYS = {"position", "scaling", "train_len", "split", "skipped", "eval_len", "mode",
+RECORD_KEYS = {"position", "scaling", "train_len", "data", "split", "skipped", "eval_len", "mode",
                "stride", "ppl", "bpb", "nll", "tokens", "bytes", "seconds"}
 
 
@@ -202,6 +202,23 @@ def test_evaluate_run_matches_evaluate_stream(tiny_alibi_run, run, stream, byte_
         direct = _eval(run, stream, byte_lengths, eval_len=r["eval_len"])
         assert r["nll"] == pytest.approx(direct["nll"], rel=1e-6)
         assert r["tokens"] == len(stream) - 1
+
+
+def test_evaluate_run_on_another_corpus_with_the_runs_tokenizer(tiny_alibi_run, run, tmp_path,
+                                                                 tiny_cache_dir) -> None:
+    """A model trained on one corpus measured on another: that corpus's split, this tokenizer."""
+    prose = tmp_path / "prose.txt"
+    prose.write_text("".join(f"Line {i} of a story that goes on and on.\n" for i in range(3000)))
+    spec = f"text:{prose}"
+    (r,) = evaluate_run(tiny_alibi_run, lengths=[32], data=spec, cache_dir=tiny_cache_dir,
+                        progress=False)
+    other = token_stream(load_corpus(spec), run.tokenizer, "valid", tiny_cache_dir)
+    direct = _eval(run, other, token_byte_lengths(run.tokenizer), eval_len=32)
+    assert r["data"] == spec and r["tokens"] == len(other) - 1
+    assert r["nll"] == pytest.approx(direct["nll"], rel=1e-6)
+    assert r["bytes"] == direct["bytes"]
+    (own,) = evaluate_run(tiny_alibi_run, lengths=[32], cache_dir=tiny_cache_dir, progress=False)
+    assert own["data"] == run.train_config.data and own["nll"] != r["nll"]
 
 
 def test_scaling_changes_alibi_only_past_train_len(run, tiny_cache_dir) -> None:

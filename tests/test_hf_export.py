@@ -165,6 +165,7 @@ def test_exported_tokenizer_encodes_like_the_run(exported: Path, bias_free_dir: 
         (dict(position="rotary"), "only ALiBi models"),
         (dict(alibi_max_bias=4.0), "alibi_bias_max=8"),
         (dict(d_ff=96), "4 \\* d_model"),
+        (dict(embedding="fairseq"), "sqrt\\(d_model\\)"),
     ],
 )
 def test_inexact_models_are_refused(tiny_alibi_run, tmp_path, config, message) -> None:

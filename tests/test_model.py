@@ -251,6 +251,36 @@ def test_init_and_weight_tying() -> None:
     assert model.num_params() == sum(p.numel() for p in set(model.parameters()))
 
 
+@pytest.mark.parametrize("name", ["sinusoidal", "learned", "alibi"])
+def test_fairseq_embedding_convention(name: str) -> None:
+    """fairseq's transformer LM: tokens at std C^-0.5 times sqrt(C), a learned table at C^-0.5,
+    sinusoids unscaled; every other weight as in the gpt2 convention."""
+    C = 64
+    torch.manual_seed(0)
+    gpt2 = GPT(tiny(name, d_model=C, n_layers=4))
+    torch.manual_seed(0)
+    model = GPT(tiny(name, d_model=C, n_layers=4, embedding="fairseq")).eval()
+    assert model.lm_head.weight is model.tok_emb.weight
+    big = ("tok_emb.weight", "position.table.weight")
+    for (n, p), (n2, p2) in zip(model.named_parameters(), gpt2.named_parameters()):
+        assert n == n2
+        if n in big:
+            assert p.std().item() == pytest.approx(C**-0.5, rel=0.15), n
+        else:
+            assert p.shape == p2.shape and p.std().item() == pytest.approx(p2.std().item(), rel=0.3), n
+    idx = tokens(2, 10)
+    x = model.tok_emb(idx) * math.sqrt(C)
+    if name == "sinusoidal":  # unscaled PE, independently of positions.py
+        pos = torch.arange(10, dtype=torch.float64)[:, None]
+        inv = 10000 ** (-torch.arange(0, C, 2, dtype=torch.float64) / C)
+        x = x + torch.stack(((pos * inv).sin(), (pos * inv).cos()), -1).flatten(-2).float()
+    elif name == "learned":
+        x = x + model.position.table.weight[:10]
+    for block in model.blocks:
+        x = block(x, torch.arange(10), None, None, model.position.prepare(10, 10, x.device))
+    torch.testing.assert_close(model(idx), model.lm_head(model.ln_f(x)), atol=1e-5, rtol=1e-5)
+
+
 # --- padding --------------------------------------------------------------------------------------
 
 

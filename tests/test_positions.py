@@ -151,6 +151,9 @@ def test_sinusoidal_matches_vaswani_formula() -> None:
             ref[t, i + 1] = math.cos(p / 10000 ** (i / C))
     # scaled by the token-embedding init std, keeping Vaswani et al.'s PE-to-token ratio
     torch.testing.assert_close(out[0].double(), ref * 0.02, atol=2e-5, rtol=0)
+    # fairseq's convention: unit-scale tokens, so PE is added as it is
+    out = make_position(cfg("sinusoidal", embedding="fairseq")).embed(torch.zeros(1, len(pos), C), pos)
+    torch.testing.assert_close(out[0].double(), ref, atol=1e-3, rtol=0)  # float32 angles near 10^4
 
 
 def test_learned_adds_table_rows_and_refuses_to_extrapolate() -> None:

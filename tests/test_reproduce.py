@@ -90,6 +90,7 @@ def test_a_run_that_never_saved_a_checkpoint_is_restarted(tmp_path, run):
 @pytest.mark.parametrize("bad", [
     dict(preset="huge"), dict(positions=("alibi", "xpos")), dict(positions=()),
     dict(positions=("alibi", "alibi")), dict(seed=-1), dict(seed=1.5), dict(data="nosuch:corpus"),
+    dict(embedding="bert"),
 ])
 def test_every_argument_is_checked_before_anything_is_removed(tmp_path, run, bad):
     out = tmp_path / "report"
@@ -204,3 +205,13 @@ def test_presets_are_float32_and_keep_every_t5_bucket_trained():
         assert not p.bf16, name  # the numbers must not depend on the CPU's bf16 support
         mc = reproduce_mod._configs("t5", p, "stdlib", 0)[0]
         assert t5_untrained_buckets(mc.train_len, mc.t5_buckets, mc.t5_max_distance) == [], name
+
+
+def test_the_embedding_convention_replaces_the_presets_and_is_reported(tmp_path, run, corpus):
+    results = run(tmp_path / "report", embedding="fairseq")
+    saved = json.loads((tmp_path / "report/runs/alibi-seed0/config.json").read_text())
+    assert saved["model"]["embedding"] == "fairseq" and results["preset"]["embedding"] == "fairseq"
+    report = (tmp_path / "report/report.md").read_text()
+    assert f"--preset unit --seeds 1 --data {corpus} --embedding fairseq --out OUT" in report
+    assert "`fairseq` convention" in report and "whole files split about 98/1/1%" in report
+    assert results["corpus"]["split_by"] == "file"

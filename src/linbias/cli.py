@@ -12,10 +12,10 @@ import re
 import sys
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import linbias
-from linbias.config import POSITIONS, PRESETS, ModelConfig, model_config
+from linbias.config import POSITIONS, PRESETS, Embedding, ModelConfig, model_config
 
 
 # --- dataclass fields as flags -------------------------------------------------------------------
@@ -134,9 +134,9 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
     hf.add_argument("--train-len", type=int, default=None,
                     help="its training length L for the scaling rules (default: MPT max_seq_len, "
                     "Falcon max_position_embeddings; BLOOM needs it)")
-    hf.add_argument("--data", default=None,
-                    help="corpus: stdlib, text:PATH or hf:NAME[:CONFIG] (default: stdlib; a run "
-                    "uses its own)")
+    p.add_argument("--data", default=None,
+                   help="corpus to evaluate on, encoded with the model's own tokenizer: stdlib, "
+                   "text:PATH or hf:NAME[:CONFIG] (default: a run's own corpus; stdlib for --hf)")
     p.add_argument("--lengths", type=_ints, required=True, help="evaluation lengths L', e.g. 128,256,512")
     p.add_argument("--split", choices=("valid", "test", "train"), default="valid")
     p.add_argument("--mode", choices=("nonoverlapping", "sliding"), default="nonoverlapping")
@@ -168,10 +168,10 @@ def _run_eval(args: argparse.Namespace) -> int:
 
         records = evaluate_hf(args.hf, train_len=args.train_len, data=args.data or "stdlib",
                               **common)
-    elif args.train_len is not None or args.data is not None:
-        raise ValueError("--train-len and --data apply to --hf models; a run has its own")
+    elif args.train_len is not None:
+        raise ValueError("--train-len applies to --hf models; a run has its own (config.json)")
     else:
-        records = evaluate_run(args.run, **common)
+        records = evaluate_run(args.run, data=args.data, **common)
     print(format_table(records))
     if args.per_position:
         print(_per_position_summary(records))
@@ -237,6 +237,9 @@ def _reproduce_parser(sub: argparse._SubParsersAction) -> None:
                    "(default: 1)")
     p.add_argument("--positions", type=_names, default=list(POSITIONS),
                    help=f"methods to compare (default: {','.join(POSITIONS)})")
+    p.add_argument("--embedding", choices=get_args(Embedding), default=None,
+                   help="token embedding convention (default: the preset's, gpt2): gpt2 (std "
+                   "0.02, unscaled) or fairseq (std d^-0.5, times sqrt(d), as the paper's code)")
     p.add_argument("--force", action="store_true",
                    help="retrain and re-evaluate everything, replacing runs of other settings; "
                    "only folders that are provably linbias runs are ever deleted")
@@ -249,7 +252,7 @@ def _run_reproduce(args: argparse.Namespace) -> int:
 
     out = args.out or Path("reports") / args.preset
     reproduce(args.preset, out, data=args.data, seed=args.seed, seeds=args.seeds,
-              positions=tuple(args.positions),
+              positions=tuple(args.positions), embedding=args.embedding,
               force=args.force, progress=not args.no_progress)
     print((out / "report.md").read_text())
     return 0

@@ -22,12 +22,13 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 __all__ = [
-    "INIT_STD", "ConfigBase", "ModelConfig", "POSITIONS", "PRESETS", "Position", "check_int",
+    "INIT_STD", "ConfigBase", "Embedding", "ModelConfig", "POSITIONS", "PRESETS", "Position", "check_int",
     "check_positive_float", "model_config",
 ]
 
 Position = Literal["none", "sinusoidal", "learned", "rotary", "t5", "alibi"]
 POSITIONS: tuple[str, ...] = get_args(Position)
+Embedding = Literal["gpt2", "fairseq"]
 
 _C = TypeVar("_C", bound="ConfigBase")
 
@@ -230,6 +231,11 @@ class ModelConfig(ConfigBase):
         rotary_base: RoPE frequency base (RoFormer: 10000).
         t5_buckets: T5 relative-position buckets (T5: 32).
         t5_max_distance: distance at which T5's log-spaced buckets end (T5: 128).
+        embedding: how token embeddings are scaled. ``"gpt2"``: initialised with std
+            ``INIT_STD`` (0.02) and used as they are; sinusoids are scaled by ``INIT_STD`` to keep
+            their ratio to the tokens. ``"fairseq"`` (the ALiBi paper's code, after Vaswani et
+            al.): initialised with std ``d_model^-0.5`` and multiplied by ``sqrt(d_model)``;
+            sinusoids are added unscaled and a learned table starts at std ``d_model^-0.5``.
     """
 
     vocab_size: int = 4096
@@ -246,6 +252,7 @@ class ModelConfig(ConfigBase):
     rotary_base: float = 10000.0
     t5_buckets: int = 32
     t5_max_distance: int = 128
+    embedding: Embedding = "gpt2"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_layers", "n_heads", "d_model", "train_len", "t5_buckets",

@@ -28,6 +28,11 @@ Corpus specs (``load_corpus``):
   and a folder linked twice is not read twice). A single file is cut into three contiguous
   documents at the first line break after 98% and 99% of its characters (the convention of
   enwik8 and text8), so the held-out text is the file's own continuation.
+* Too few files for a by-file split (valid or test would get less than half of its expected 1% of
+  the characters, e.g. a folder of 40 books): every document is cut as a single file is, its
+  first 98% to train, the next 1% to valid, the last 1% to test, if that holds out more text than
+  the by-file split. No text is in two splits either way; ``Corpus.split_by`` and ``describe()``
+  say which split was used.
 * ``hf:NAME[:CONFIG]``: a Hugging Face ``datasets`` dataset with its own train, validation and
   test splits and a ``text`` column; each row is a document, except WikiText, whose rows are lines
   and are regrouped into articles at their `` = Title = `` headings.
@@ -54,7 +59,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from functools import lru_cache
 from pathlib import Path
-from typing import BinaryIO, Literal, cast
+from typing import Any, BinaryIO, Literal, cast
 
 import numpy as np
 import tokenizers
@@ -79,6 +84,7 @@ __all__ = [
 
 Split = Literal["train", "valid", "test"]
 SPLITS: tuple[Split, ...] = ("train", "valid", "test")
+SplitBy = Literal["file", "document", "source"]
 EOT = "<|endoftext|>"
 
 # Bump when a rule changes, so names and cache keys built from them change too.
@@ -116,13 +122,17 @@ class Corpus:
         skipped: files left out because they were empty, binary or not UTF-8.
         duplicates: files left out because an earlier path held the same bytes.
         not_regular: paths left out because they are not regular files once links are resolved.
+        split_by: how the splits were made: ``"file"`` (whole documents by content hash),
+            ``"document"`` (each document cut 98/1/1% in order) or ``"source"`` (the dataset's own
+            splits).
     """
 
     def __init__(
         self, name: str, load: Callable[[Split], list[str]], skipped: int = 0, *,
-        duplicates: int = 0, not_regular: int = 0,
+        duplicates: int = 0, not_regular: int = 0, split_by: SplitBy = "file",
     ) -> None:
         self.name = name
+        self.split_by = split_by
         self.skipped = skipped
         self.duplicates = duplicates
         self.not_regular = not_regular
@@ -141,20 +151,22 @@ class Corpus:
         docs = self._split(split)
         if not docs:
             raise ValueError(
-                f"split {split!r} of corpus {self.name!r} is empty; by-file splits put about 1% "
-                "of files in valid and in test, so a folder needs a few hundred files"
+                f"split {split!r} of corpus {self.name!r} is empty: its documents are too short to "
+                "hold out 1% of each (split inside documents); give more text"
             )
         return docs
 
-    def describe(self) -> dict[str, dict[str, int]]:
-        """Documents and UTF-8 bytes per split, and what was left out.
+    def describe(self) -> dict[str, Any]:
+        """Documents and UTF-8 bytes per split, how they were split, and what was left out.
 
         Returns:
-            ``{split: {"documents", "bytes"}}`` and ``"skipped"``: ``files`` (empty, binary or not
-            UTF-8), ``duplicates`` (byte-identical to a kept file) and ``not_regular`` (named
-            pipes, sockets, devices, links to folders, broken links).
+            ``{split: {"documents", "bytes"}}``, ``"split_by"`` (see the class) and ``"skipped"``:
+            ``files`` (empty, binary or not UTF-8), ``duplicates`` (byte-identical to a kept
+            file) and ``not_regular`` (named pipes, sockets, devices, links to folders, broken
+            links).
         """
-        out: dict[str, dict[str, int]] = {s: _stats(self._split(s)) for s in SPLITS}
+        out: dict[str, Any] = {s: _stats(self._split(s)) for s in SPLITS}
+        out["split_by"] = self.split_by
         out["skipped"] = {"files": self.skipped, "duplicates": self.duplicates,
                           "not_regular": self.not_regular}
         return out
@@ -282,6 +294,7 @@ def _read_text(path: Path) -> str | None:
 class _Tally:
     """What ``_files_corpus`` keeps and leaves out, path by path."""
 
+    documents: list[str] = field(default_factory=list)
     splits: dict[Split, list[str]] = field(default_factory=lambda: {s: [] for s in SPLITS})
     seen: set[str] = field(default_factory=set)  # content digests of the kept documents
     unusable: int = 0
@@ -307,17 +320,47 @@ def _files_corpus(label: str, root: Path, paths: list[Path]) -> Corpus:
             tally.duplicates += 1
             continue
         tally.seen.add(digest)
+        tally.documents.append(text)
         tally.splits[split_of(text)].append(text)
         fingerprint.update(_digest(rel, digest).encode())
     if tally.not_regular:
         _warn_not_regular(label, tally.not_regular)
-    if not any(tally.splits.values()):
+    if not tally.documents:
         raise ValueError(
             f"corpus {label!r} has no documents ({tally.unusable} empty, binary or non-UTF-8 "
             f"files, {len(tally.not_regular)} paths that are not regular files in {root})"
         )
-    return Corpus(f"{_slug(label)}-{fingerprint.hexdigest()}", tally.splits.__getitem__,
-                  tally.unusable, duplicates=tally.duplicates, not_regular=len(tally.not_regular))
+    splits, split_by = tally.splits, "file"
+    if _held_out(splits) < _MIN_HELD_OUT * sum(len(d) for d in tally.documents):
+        cut = _cut_documents(tally.documents)
+        if _held_out(cut) > _held_out(splits):
+            splits, split_by = cut, "document"
+            fingerprint.update(b"cut-inside-documents")
+    return Corpus(f"{_slug(label)}-{fingerprint.hexdigest()}", splits.__getitem__, tally.unusable,
+                  duplicates=tally.duplicates, not_regular=len(tally.not_regular),
+                  split_by=split_by)
+
+
+# A by-file split is kept when valid and test each get at least this share of the characters
+# (half of the 1% expected). Otherwise documents are cut inside, if that holds out more text.
+_MIN_HELD_OUT = 0.005
+
+
+def _held_out(splits: dict[Split, list[str]]) -> int:
+    """Characters in the smaller of the two held-out splits."""
+    return min(sum(len(d) for d in splits[s]) for s in ("valid", "test"))
+
+
+def _cut_documents(docs: list[str]) -> dict[Split, list[str]]:
+    """Each document cut as a single file is: its first 98% to train, then 1% valid, 1% test."""
+    splits: dict[Split, list[str]] = {s: [] for s in SPLITS}
+    for text in docs:
+        a = _cut(text, 0.98)
+        b = max(a, _cut(text, 0.99))
+        for split, piece in (("train", text[:a]), ("valid", text[a:b]), ("test", text[b:])):
+            if piece:
+                splits[split].append(piece)
+    return splits
 
 
 def _warn_not_regular(label: str, rels: list[str], shown: int = 5) -> None:
@@ -401,12 +444,8 @@ def _single_file_corpus(label: str, path: Path) -> Corpus:
     text = _read_text(path)
     if not text:
         raise ValueError(f"text corpus {str(path)!r} is empty, binary or not UTF-8")
-    a = _cut(text, 0.98)
-    b = max(a, _cut(text, 0.99))
-    pieces = {"train": text[:a], "valid": text[a:b], "test": text[b:]}
-    splits = {s: [p] if p else [] for s, p in pieces.items()}
     name = f"{_slug(label)}-{_digest(_SPLIT_RULE, 'single-file', text)}"
-    return Corpus(name, splits.__getitem__)
+    return Corpus(name, _cut_documents([text]).__getitem__, split_by="document")
 
 
 # --- Hugging Face datasets -----------------------------------------------------------------------
@@ -436,7 +475,7 @@ def _hf_corpus(name: str, config: str | None) -> Corpus:
             raise ValueError(f"dataset {name!r} has no 'text' column; it has {rows.column_names}")
         return [d for d in regroup(rows["text"]) if d]
 
-    return Corpus(_slug(f"hf-{name}-{config or 'default'}-{fingerprint}"), load)
+    return Corpus(_slug(f"hf-{name}-{config or 'default'}-{fingerprint}"), load, split_by="source")
 
 
 def _hf_split_name(dataset: object, split: Split, name: str) -> str:

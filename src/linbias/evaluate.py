@@ -351,16 +351,17 @@ def evaluate_run(
     batch_size: int = 8,
     max_tokens: int | None = None,
     per_position: bool = False,
+    data: str | None = None,
     cache_dir: str | Path | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Evaluate a trained run on its corpus's held-out split at several lengths and scaling rules.
+    """Evaluate a trained run on a held-out split at several lengths and scaling rules.
 
     Args:
         run_or_path: a ``Run`` or a run directory (loaded with ``linbias.train.load_run``).
         lengths: evaluation lengths ``L'``, in the order the records are returned.
-        split: ``valid`` or ``test`` (or ``train``) of the run's corpus (``train_config.data``).
+        split: ``valid`` or ``test`` (or ``train``) of the corpus.
         mode: ``nonoverlapping`` or ``sliding`` (see ``evaluate_stream``).
         stride: the sliding stride ``S``, ``1 <= S <= min(lengths)``.
         scalings: length-scaling rules, each set with ``model.set_scaling`` for its evaluations
@@ -368,6 +369,9 @@ def evaluate_run(
         batch_size: windows per forward.
         max_tokens: score only the first ``max_tokens`` tokens of the split (``None``: all).
         per_position: add the mean NLL by position inside the window to each record.
+        data: the corpus spec (``linbias.data.load_corpus``), encoded with the run's tokenizer;
+            ``None``: the run's own corpus (``train_config.data``), which must be unchanged since
+            training so that held-out text is still held out.
         cache_dir: where token streams are cached (default ``linbias.data.default_cache_dir()``).
         device: where the model runs (default: where it is, the CPU after ``load_run``).
         progress: show progress bars.
@@ -390,13 +394,15 @@ def evaluate_run(
     if device is not None:
         model.to(device)
     model_device = next(model.parameters()).device
-    corpus = load_corpus(run.train_config.data)
-    check_corpus(run.path, run.corpus, corpus)  # held-out text must still be held out
+    spec = run.train_config.data if data is None else data
+    corpus = load_corpus(spec)
+    if spec == run.train_config.data:
+        check_corpus(run.path, run.corpus, corpus)  # held-out text must still be held out
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     stream = token_stream(corpus, run.tokenizer, split, cache)
     n_targets = len(stream) - 1 if max_tokens is None else min(len(stream) - 1, max_tokens)
     byte_lengths = token_byte_lengths(run.tokenizer)
-    where = f"the {split} split"
+    where = f"the {split} split of {spec}"
     if max_tokens is not None:
         where += f" with max_tokens={max_tokens}"
 
@@ -411,7 +417,8 @@ def evaluate_run(
             raise ValueError(reason)
         for rule in scalings:
             head = {"position": run.config.position, "scaling": rule,
-                    "train_len": run.config.train_len, "split": split, "skipped": reason}
+                    "train_len": run.config.train_len, "data": spec, "split": split,
+                    "skipped": reason}
             if reason is not None:
                 records.append({**head, **skipped_record(int(eval_len), mode, stride, per_position)})
                 continue

@@ -644,6 +644,12 @@ def _mpt_tensors(model: torch.nn.Module, config: ModelConfig) -> dict[str, torch
             f"this run uses {config.position!r} positions; only ALiBi models map onto the ALiBi "
             f"architectures of transformers (MPT, BLOOM), so only position='alibi' exports"
         )
+    if config.embedding != "gpt2":
+        raise ValueError(
+            f"embedding={config.embedding!r} cannot be exported: it multiplies token embeddings "
+            f"by sqrt(d_model), which MPT does not, and the tied output layer must not be scaled; "
+            f"only embedding='gpt2' runs export"
+        )
     if config.alibi_max_bias != 8:
         raise ValueError(
             f"alibi_max_bias={config.alibi_max_bias:g} cannot be exported: transformers' MptModel "
@@ -827,7 +833,7 @@ def evaluate_hf(
                 raise ValueError(reason)
             for rule in scalings:
                 head = {"position": family, "scaling": rule, "train_len": train_len,
-                        "split": split, "skipped": reason}
+                        "data": data, "split": split, "skipped": reason}
                 if reason is not None:
                     records.append({**head, **skipped_record(eval_len, mode, stride, per_position)})
                     continue

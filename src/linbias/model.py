@@ -150,6 +150,14 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=INIT_STD / math.sqrt(2 * config.n_layers))
+        # fairseq: token embeddings stored at std C^-0.5 (so a tied output layer starts small)
+        # and multiplied by sqrt(C) on the way in; a learned position table at std C^-0.5 too.
+        self.emb_scale = 1.0
+        if config.embedding == "fairseq":
+            self.emb_scale = math.sqrt(config.d_model)
+            for name, p in self.named_parameters():
+                if name in ("tok_emb.weight", "position.table.weight"):
+                    nn.init.normal_(p, mean=0.0, std=config.d_model**-0.5)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -198,7 +206,7 @@ class GPT(nn.Module):
                 f"key_padding_mask must have shape [{B}, {start + T}] (cached plus new tokens), "
                 f"got {tuple(key_padding_mask.shape)}"
             )
-        x_BTC = self.drop(self.position.embed(self.tok_emb(idx), pos))
+        x_BTC = self.drop(self.position.embed(self.tok_emb(idx) * self.emb_scale, pos))
         # Once per forward, not per layer: e.g. T5's bias, one table shared by all layers.
         state = self.position.prepare(T, start + T, idx.device)
         for block in self.blocks:

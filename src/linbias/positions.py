@@ -310,8 +310,10 @@ class SinusoidalPositions(PositionMethod):
 
     ``PE[pos, 2i] = sin(pos / 10000^(2i/C))``, ``PE[pos, 2i+1] = cos(...)``. Vaswani et al. and
     fairseq (the ALiBi paper's code) add PE to token embeddings of unit scale (initialised with std
-    ``C^-0.5``, multiplied by ``sqrt(C)``): PE's RMS is 0.71 of the tokens'. This model's token
-    embeddings start at std ``INIT_STD``, so PE is scaled by ``INIT_STD`` to keep that ratio.
+    ``C^-0.5``, multiplied by ``sqrt(C)``): PE's RMS is 0.71 of the tokens'. With
+    ``embedding="fairseq"`` that is what happens. With ``"gpt2"`` token embeddings start at std
+    ``INIT_STD``, so PE is scaled by ``INIT_STD`` to keep the initial ratio; the tokens may then
+    grow in training while PE stays at its scale.
     """
 
     name = "sinusoidal"
@@ -320,7 +322,8 @@ class SinusoidalPositions(PositionMethod):
         C = x_BTC.shape[-1]
         angles = rotary_angles(pos_T, C, base=10000.0)  # [..., T, ceil(C/2)]: same frequencies
         pe = torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)[..., :C]
-        return x_BTC + (pe * INIT_STD).to(x_BTC.dtype)
+        scale = 1.0 if self.config.embedding == "fairseq" else INIT_STD
+        return x_BTC + (pe * scale).to(x_BTC.dtype)
 
 
 class LearnedPositions(PositionMethod):

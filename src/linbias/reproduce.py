@@ -27,7 +27,14 @@ from typing import Any, Callable, Literal, Optional
 
 import torch
 
-from linbias.config import POSITIONS, ConfigBase, ModelConfig, check_int, model_config
+from linbias.config import (
+    POSITIONS,
+    ConfigBase,
+    Embedding,
+    ModelConfig,
+    check_int,
+    model_config,
+)
 from linbias.data import Corpus, atomic_write_text, load_corpus
 from linbias.evaluate import evaluate_run, json_record
 from linbias.positions import POSITION_METHODS
@@ -75,6 +82,8 @@ class ReproducePreset(ConfigBase):
         t5_max_distance: T5's ``max_distance`` for this L (``None``: the model default, 128). T5
             ran it at L/4; every bucket used past L must be reached by some distance below L,
             or it is never trained (``positions.t5_untrained_buckets``).
+        embedding: token embedding convention (``ModelConfig.embedding``): ``"gpt2"`` or
+            ``"fairseq"`` (the paper's code).
         multiples: evaluation lengths as multiples of L.
         eval_tokens: tokens scored per evaluation (a prefix of the split; 0 means all).
         eval_batch_size: windows per forward when evaluating.
@@ -91,6 +100,7 @@ class ReproducePreset(ConfigBase):
     vocab_size: int = 4096
     bf16: bool = False
     t5_max_distance: Optional[int] = None
+    embedding: Embedding = "gpt2"
     multiples: tuple[int, ...] = (1, 2, 4, 8, 16)
     eval_tokens: int = 0
     eval_batch_size: int = 8
@@ -124,7 +134,8 @@ _SAY: dict[str, str] = {
 
 def _configs(position: str, p: ReproducePreset, data: str, seed: int) -> tuple[ModelConfig, TrainConfig]:
     t5 = {} if p.t5_max_distance is None else {"t5_max_distance": p.t5_max_distance}
-    mc = model_config(p.model, position=position, train_len=p.train_len, **t5)
+    mc = model_config(p.model, position=position, train_len=p.train_len, embedding=p.embedding,
+                      **t5)
     tc = TrainConfig(data=data, vocab_size=p.vocab_size, steps=p.steps, batch_size=p.batch_size,
                      lr=p.lr, warmup=p.warmup, seed=seed, bf16=p.bf16, eval_every=0, eval_batches=8,
                      save_every=max(1, p.steps // 4), log_every=10)
@@ -227,6 +238,7 @@ def reproduce(
     seed: int = 0,
     seeds: int = 1,
     positions: tuple[str, ...] = POSITIONS,
+    embedding: Optional[str] = None,
     force: bool = False,
     cache_dir: str | Path | None = None,
     progress: bool = True,
@@ -242,6 +254,7 @@ def reproduce(
         seeds: how many seeds per method (``seed`` .. ``seed + seeds - 1``); tables, plots and
             the finding use the mean over seeds and show their min-max range.
         positions: which methods to compare.
+        embedding: replaces the preset's embedding convention (``"gpt2"`` or ``"fairseq"``).
         force: retrain and re-evaluate even where finished results exist, and replace a run
             trained with other settings. Only folders that provably are linbias runs are
             replaced (see the module docstring); anything else in ``out/runs`` is an error.
@@ -257,6 +270,8 @@ def reproduce(
             with the flag that fixes it; all raised before anything is written or removed.
     """
     p, corpus = _check_arguments(preset, data, seed, positions)
+    if embedding is not None:
+        p = ReproducePreset.from_dict({**p.to_dict(), "embedding": embedding})  # checks the name
     check_int("seeds", seeds)
     out = Path(out)
     cache = Path(cache_dir) if cache_dir is not None else None
@@ -361,6 +376,25 @@ def _write_report(out: Path, results: dict[str, Any], p: ReproducePreset) -> Non
     atomic_write_text(out / "report.md", _report_md(results, p))
 
 
+_SPLIT_WORDS = {
+    "file": "whole files split about 98/1/1% by a hash of their content",
+    "document": "every document cut in order, its first 98% to train, the next 1% to valid, the "
+    "last 1% to test (too few files to split by file)",
+    "source": "the dataset's own splits",
+}
+
+
+def _command(results: dict[str, Any], p: ReproducePreset) -> str:
+    """The command line that reproduces ``results``."""
+    name = results["preset"]["name"]
+    flags = [f"--preset {name}", f"--seeds {results.get('seeds', 1)}"]
+    if results["data"] != "stdlib":
+        flags.append(f"--data {results['data']}")
+    if name in REPRODUCE_PRESETS and p.embedding != REPRODUCE_PRESETS[name].embedding:
+        flags.append(f"--embedding {p.embedding}")
+    return "linbias reproduce " + " ".join(flags) + " --out OUT"
+
+
 def _report_md(results: dict[str, Any], p: ReproducePreset) -> str:
     t = results["training"]
     corpus = results["corpus"]
@@ -395,10 +429,12 @@ before L/2 are left out (they have little context whatever the method: the early
 
 - Corpus: `{results['data']}` — train {corpus['train']['documents']} documents
   ({corpus['train']['bytes']:,} bytes), valid {corpus['valid']['documents']} documents
-  ({corpus['valid']['bytes']:,} bytes); byte-level BPE, vocabulary {p.vocab_size}.
+  ({corpus['valid']['bytes']:,} bytes), {_SPLIT_WORDS.get(corpus.get('split_by', 'file'), '?')};
+  byte-level BPE, vocabulary {p.vocab_size}.
 - Model: preset `{p.model}`; each method trained {p.steps} steps x {p.batch_size} sequences x
   {p.train_len} tokens = {tokens:,} tokens, AdamW, peak lr {p.lr}, warmup {p.warmup}, cosine
-  decay, {seed_words}; {m.get('precision', 'float32')} throughout.
+  decay, {seed_words}; {m.get('precision', 'float32')} throughout; token embeddings of the
+  `{p.embedding}` convention.
 - Evaluation: {f'the first {p.eval_tokens}' if p.eval_tokens else 'all'} tokens of the validation split, non-overlapping
   windows of L' = {', '.join(f'{k}L' for k in p.multiples)}; every scored token counted.
   `learned` is evaluated only where its table reaches. Rules: ALiBi slopes x L/L' (`linear`,
@@ -407,5 +443,5 @@ before L/2 are left out (they have little context whatever the method: the early
 - Machine: {m['processor']}, PyTorch CPU capability {m.get('cpu_capability', '?')},
   {m['threads']} threads, torch {m['torch']}, Python {m['python']}.
   Total time of this invocation: {results['seconds']:.0f} s (finished runs are reused).
-- Reproduce: `linbias reproduce --preset {results['preset']['name']} --seeds {seeds} --out OUT`.
+- Reproduce: `{_command(results, p)}`.
 """
