@@ -221,6 +221,24 @@ def test_evaluate_run_on_another_corpus_with_the_runs_tokenizer(tiny_alibi_run, 
     assert own["data"] == run.train_config.data and own["nll"] != r["nll"]
 
 
+@pytest.mark.parametrize("rule", ["none", "linear"])
+def test_run_model_left_padding_changes_no_logit(run, rule) -> None:
+    """The adapter every evaluation loop uses: a left-padded row gives its unpadded logits."""
+    model = ev.RunModel(run)
+    rows = [torch.randint(0, 300, (n,), generator=torch.Generator().manual_seed(n)) for n in (40, 70)]
+    T = max(len(r) for r in rows)
+    ids_BT = torch.zeros(2, T, dtype=torch.long)
+    mask_BT = torch.zeros(2, T, dtype=torch.bool)
+    for b, r in enumerate(rows):
+        ids_BT[b, T - len(r):], mask_BT[b, T - len(r):] = r, True
+    with torch.no_grad(), model.under(rule):
+        padded = model.logits(ids_BT, mask_BT)
+        for b, r in enumerate(rows):
+            alone = model.logits(r[None])[0]
+            torch.testing.assert_close(padded[b, T - len(r):], alone, atol=1e-5, rtol=1e-5)
+    assert run.model.position.scaling == "none"  # restored after the block
+
+
 def test_scaling_changes_alibi_only_past_train_len(run, tiny_cache_dir) -> None:
     run.model.set_scaling("log")  # a rule set before the call is put back after it
     records = evaluate_run(run, lengths=[16, 32, 96], scalings=("none", "linear", "sqrt"),

@@ -363,7 +363,7 @@ def test_cli_export_and_eval(bias_free_dir, tiny_alibi_run, tmp_path, monkeypatc
     [
         (["eval", "--lengths", "16"], "either a run directory or --hf"),
         (["eval", "RUN", "--hf", "x", "--lengths", "16"], "either a run directory or --hf"),
-        (["eval", "RUN", "--train-len", "8", "--lengths", "16"], "apply to --hf models"),
+        (["eval", "RUN", "--train-len", "8", "--lengths", "16"], "applies to --hf models"),
     ],
 )
 def test_cli_eval_needs_one_model(bias_free_dir, capsys, argv, message) -> None:

@@ -39,9 +39,10 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Set
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -59,8 +60,8 @@ from linbias.data import (
 from linbias.train import Run, check_corpus, load_run
 
 __all__ = [
-    "MODES", "Mode", "check_output_file", "evaluate_run", "evaluate_stream", "format_table",
-    "json_record", "write_json",
+    "MODES", "EvalModel", "Mode", "RunModel", "check_output_file", "evaluate_model",
+    "evaluate_run", "evaluate_stream", "format_table", "json_record", "write_json",
 ]
 
 Mode = Literal["nonoverlapping", "sliding"]
@@ -317,27 +318,129 @@ def _ordered(values: Any) -> bool:
     ) and not (isinstance(values, np.ndarray) and values.ndim != 1)
 
 
-def _check_scalings(model: Any, scalings: Sequence[str]) -> None:
-    previous = model.position.scaling
-    try:
-        for rule in scalings:
-            model.set_scaling(rule)  # the position method's own error for a rule it lacks
-    finally:
-        model.set_scaling(previous)
+# --- one loop over lengths and rules, for any model -----------------------------------------------
 
 
-def _skip_reason(run: Run, eval_len: int, n_targets: int, where: str) -> str | None:
-    max_len = run.model.position.max_len
-    if max_len is not None and eval_len > max_len:
+class EvalModel(Protocol):
+    """What the evaluation loops need of a model: a linbias run (``RunModel``) and a transformers
+    model (``linbias.hf.HFModel``) are two adapters of it.
+
+    Attributes:
+        position: recorded as each record's ``position`` (a method name or a model family).
+        train_len: the training length L the rules count from (``None`` if unknown).
+        max_len: the longest window the model can represent (``None``: unbounded).
+    """
+
+    position: str
+    train_len: int | None
+    max_len: int | None
+
+    def logits(self, ids_BT: torch.Tensor, mask_BT: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, T, V]`` next-token logits; ``mask_BT`` marks real tokens of left-padded rows."""
+        ...
+
+    def check_rules(self, rules: Sequence[str]) -> None:
+        """ValueError for a rule the model cannot run, before any work."""
+        ...
+
+    def under(self, rule: str) -> AbstractContextManager[Any]:
+        """The model with scaling ``rule`` for the duration of a ``with`` block."""
+        ...
+
+
+class RunModel:
+    """A linbias run as an ``EvalModel``. Left-padded rows get positions that start at 0 at their
+    first real token, so padding changes nothing (``GPT.forward``)."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self.position: str = run.config.position
+        self.train_len: int | None = run.config.train_len
+        self.max_len: int | None = run.model.position.max_len
+
+    def logits(self, ids_BT: torch.Tensor, mask_BT: torch.Tensor | None = None) -> torch.Tensor:
+        device = next(self.run.model.parameters()).device
+        if mask_BT is None:
+            return self.run.model(ids_BT.to(device))
+        mask_BT = mask_BT.to(device)
+        pos_BT = (mask_BT.long().cumsum(-1) - 1).clamp(min=0)
+        return self.run.model(ids_BT.to(device), pos=pos_BT, key_padding_mask=mask_BT)
+
+    def check_rules(self, rules: Sequence[str]) -> None:
+        for rule in rules:
+            with self.under(rule):  # the position method's own error for a rule it lacks
+                pass
+
+    @contextmanager
+    def under(self, rule: str) -> Iterator[RunModel]:
+        previous = self.run.model.position.scaling
+        try:
+            self.run.model.set_scaling(rule)
+            yield self
+        finally:
+            self.run.model.set_scaling(previous)
+
+
+def skip_reason(model: EvalModel, eval_len: int, n_targets: int, where: str) -> str | None:
+    """Why ``eval_len`` cannot be evaluated (``None`` if it can)."""
+    if model.max_len is not None and eval_len > model.max_len:
         return (
-            f"{run.config.position!r} positions cannot represent L'={eval_len}: the method "
-            f"stops at {max_len} positions and cannot extrapolate past them"
+            f"{model.position!r} cannot represent L'={eval_len}: its position table has "
+            f"{model.max_len} positions and it cannot extrapolate past them"
         )
     if n_targets < eval_len:
-        return (
-            f"eval_len={eval_len} needs at least {eval_len} scored tokens; {where} has {n_targets}"
-        )
+        return f"eval_len={eval_len} needs at least {eval_len} scored tokens; {where} has {n_targets}"
     return None
+
+
+def evaluate_model(
+    model: EvalModel,
+    stream: np.ndarray,
+    byte_lengths: np.ndarray | None,
+    *,
+    lengths: Sequence[int],
+    scalings: Sequence[str],
+    data: str,
+    split: str,
+    mode: Mode = "nonoverlapping",
+    stride: int | None = None,
+    batch_size: int = 8,
+    max_tokens: int | None = None,
+    per_position: bool = False,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """``evaluate_stream`` at each length and rule: the one loop behind ``evaluate_run`` and
+    ``linbias.hf.evaluate_hf``.
+
+    ``stream`` is the ``split`` of corpus ``data``, as recorded. Records hold ``position``,
+    ``scaling``, ``train_len``, ``data``, ``split``, ``skipped`` and ``evaluate_stream``'s keys.
+    With several lengths, one that cannot be evaluated is skipped (numbers ``None``); with a
+    single length it is an error.
+    """
+    check_request(lengths, mode, stride, scalings, batch_size, max_tokens)
+    model.check_rules(scalings)
+    n_targets = len(stream) - 1 if max_tokens is None else min(len(stream) - 1, max_tokens)
+    where = f"the {split} split of {data}" + (
+        f" with max_tokens={max_tokens}" if max_tokens is not None else "")
+    records = []
+    for eval_len in map(int, lengths):
+        reason = skip_reason(model, eval_len, n_targets, where)
+        if reason is not None and len(lengths) == 1:
+            raise ValueError(reason)
+        for rule in scalings:
+            first = {"position": model.position, "scaling": rule, "train_len": model.train_len,
+                     "data": data, "split": split, "skipped": reason}
+            if reason is not None:
+                records.append({**first, **_skipped_record(eval_len, mode, stride, per_position)})
+                continue
+            with model.under(rule):
+                result = evaluate_stream(
+                    model.logits, stream, byte_lengths, eval_len=eval_len, mode=mode,
+                    stride=stride, batch_size=batch_size, max_tokens=max_tokens,
+                    per_position=per_position, progress=progress,
+                )
+            records.append({**first, **result})
+    return records
 
 
 def evaluate_run(
@@ -389,53 +492,25 @@ def evaluate_run(
     """
     check_request(lengths, mode, stride, scalings, batch_size, max_tokens)
     run = run_or_path if isinstance(run_or_path, Run) else load_run(run_or_path)
-    model = run.model
-    _check_scalings(model, scalings)
     if device is not None:
-        model.to(device)
-    model_device = next(model.parameters()).device
+        run.model.to(device)
+    model = RunModel(run)
+    model.check_rules(scalings)  # before the corpus is read
     spec = run.train_config.data if data is None else data
     corpus = load_corpus(spec)
     if spec == run.train_config.data:
         check_corpus(run.path, run.corpus, corpus)  # held-out text must still be held out
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     stream = token_stream(corpus, run.tokenizer, split, cache)
-    n_targets = len(stream) - 1 if max_tokens is None else min(len(stream) - 1, max_tokens)
-    byte_lengths = token_byte_lengths(run.tokenizer)
-    where = f"the {split} split of {spec}"
-    if max_tokens is not None:
-        where += f" with max_tokens={max_tokens}"
-
-    def logits_fn(idx_BT: torch.Tensor) -> torch.Tensor:
-        return model(idx_BT.to(model_device))
-
-    records = []
-    previous = model.position.scaling
-    for eval_len in lengths:
-        reason = _skip_reason(run, int(eval_len), n_targets, where)
-        if reason is not None and len(lengths) == 1:
-            raise ValueError(reason)
-        for rule in scalings:
-            head = {"position": run.config.position, "scaling": rule,
-                    "train_len": run.config.train_len, "data": spec, "split": split,
-                    "skipped": reason}
-            if reason is not None:
-                records.append({**head, **skipped_record(int(eval_len), mode, stride, per_position)})
-                continue
-            try:
-                model.set_scaling(rule)
-                result = evaluate_stream(
-                    logits_fn, stream, byte_lengths, eval_len=int(eval_len), mode=mode,
-                    stride=stride, batch_size=batch_size, max_tokens=max_tokens,
-                    per_position=per_position, progress=progress,
-                )
-            finally:
-                model.set_scaling(previous)
-            records.append({**head, **result})
-    return records
+    return evaluate_model(
+        model, stream, token_byte_lengths(run.tokenizer), lengths=lengths, scalings=scalings,
+        data=spec, split=split, mode=mode, stride=stride,
+        batch_size=batch_size, max_tokens=max_tokens, per_position=per_position,
+        progress=progress,
+    )
 
 
-def skipped_record(eval_len: int, mode: str, stride: int | None, per_position: bool) -> dict[str, Any]:
+def _skipped_record(eval_len: int, mode: str, stride: int | None, per_position: bool) -> dict[str, Any]:
     out = {"eval_len": eval_len, "mode": mode, "stride": eval_len if stride is None else stride,
            "ppl": None, "bpb": None, "nll": None, "tokens": 0, "bytes": None, "seconds": 0.0}
     return {**out, "per_position": None} if per_position else out

@@ -93,7 +93,7 @@ import linbias
 from linbias.alibi import interpolate_slopes, scaling_factor
 from linbias.config import ModelConfig
 from linbias.data import EOT, default_cache_dir, load_corpus, token_byte_lengths, token_stream
-from linbias.evaluate import Mode, check_request, evaluate_stream, skipped_record
+from linbias.evaluate import Mode, check_request, evaluate_model
 from linbias.train import Run, load_run
 
 __all__ = [
@@ -809,44 +809,72 @@ def evaluate_hf(
             or an eos token; with a single length, a length that would be skipped.
     """
     model, tokenizer = _load_hf(model_or_path, tokenizer)
-    family, train_len = _check_hf_request(model, train_len, lengths, scalings, mode, stride,
-                                          batch_size, max_tokens)
+    check_request(lengths, mode, stride, scalings, batch_size, max_tokens)
+    adapter = HFModel(model, train_len)
+    adapter.check_rules(scalings)
     backend, eos = _fast_backend(tokenizer)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     stream = token_stream(load_corpus(data), backend, split, cache, eot=eos)
-    byte_lengths = _hf_byte_lengths(backend)
-    n_targets = len(stream) - 1 if max_tokens is None else min(len(stream) - 1, max_tokens)
-    table = None if family in FAMILIES else _position_table_rows(model)
     if device is not None:
         model.to(device)
-    model_device = next(model.parameters()).device
-
-    def logits_fn(idx_BT: torch.Tensor) -> torch.Tensor:
-        return model(input_ids=idx_BT.to(model_device), use_cache=False).logits
-
-    records, training = [], model.training
+    training = model.training
     model.eval()
     try:
-        for eval_len in map(int, lengths):
-            reason = _hf_skip_reason(eval_len, n_targets, split, max_tokens, table)
-            if reason is not None and len(lengths) == 1:
-                raise ValueError(reason)
-            for rule in scalings:
-                head = {"position": family, "scaling": rule, "train_len": train_len,
-                        "data": data, "split": split, "skipped": reason}
-                if reason is not None:
-                    records.append({**head, **skipped_record(eval_len, mode, stride, per_position)})
-                    continue
-                with _scaled(model, family, train_len, rule):
-                    result = evaluate_stream(
-                        logits_fn, stream, byte_lengths, eval_len=eval_len, mode=mode,
-                        stride=stride, batch_size=batch_size, max_tokens=max_tokens,
-                        per_position=per_position, progress=progress,
-                    )
-                records.append({**head, **result})
+        return evaluate_model(
+            adapter, stream, _hf_byte_lengths(backend), lengths=lengths, scalings=scalings,
+            data=data, split=split, mode=mode, stride=stride,
+            batch_size=batch_size, max_tokens=max_tokens, per_position=per_position,
+            progress=progress,
+        )
     finally:
         model.train(training)
-    return records
+
+
+class HFModel:
+    """A transformers causal LM as a ``linbias.evaluate.EvalModel``: ``position`` is its family
+    (e.g. ``"mpt"``), rules go through ``extended`` (see ``evaluate_hf``), and a learned absolute
+    position table (GPT-2, OPT) is its ``max_len``.
+
+    Raises:
+        ValueError: a ``train_len`` that is not a positive integer, or BLOOM without one when a rule
+            needs it.
+    """
+
+    def __init__(self, model: PreTrainedModel, train_len: int | None = None) -> None:
+        self.model = model
+        base = _base_model(model)
+        try:
+            self.position = _family(model, base)
+        except ValueError as exc:
+            self.position, self._not_alibi = model.config.model_type, exc
+        else:
+            self._not_alibi = None
+            if train_len is None and self.position != "bloom":
+                train_len = _default_train_len(self.position, base)
+        if train_len is not None:
+            scaling_factor(train_len, train_len, "none")  # a positive integer
+        self.train_len = train_len
+        self.max_len = None if self._not_alibi is None else _position_table_rows(model)
+
+    def logits(self, ids_BT: torch.Tensor, mask_BT: torch.Tensor | None = None) -> torch.Tensor:
+        device = next(self.model.parameters()).device
+        extra = {} if mask_BT is None else {"attention_mask": mask_BT.long().to(device)}
+        return self.model(input_ids=ids_BT.to(device), use_cache=False, **extra).logits
+
+    def check_rules(self, rules: Sequence[str]) -> None:
+        for rule in rules:
+            scaling_factor(1, 1, rule)  # unknown rule: the message lists the valid ones
+        if set(rules) - {"none"}:
+            if self._not_alibi is not None:
+                raise self._not_alibi  # the message names the supported families
+            if self.train_len is None:
+                _default_train_len(self.position, _base_model(self.model))  # BLOOM: asks for it
+
+    def under(self, rule: str) -> AbstractContextManager:
+        """The model under ``rule``: as it is for ``"none"``, except MPT (see ``evaluate_hf``)."""
+        if rule == "none" and self.position != "mpt":
+            return nullcontext(self.model)
+        return extended(self.model, self.train_len, rule)
 
 
 def _load_hf(
@@ -878,38 +906,6 @@ def _from_pretrained(cls: Any, source: str, what: str) -> Any:
             f"Face cache (offline, e.g. with HF_HUB_OFFLINE=1, only the cache is used). Pass a "
             f"local directory, such as one written by 'linbias export'. ({exc})"
         ) from exc
-
-
-def _check_hf_request(
-    model: PreTrainedModel, train_len: int | None, lengths: Sequence[int], scalings: Sequence[str],
-    mode: str, stride: int | None, batch_size: int, max_tokens: int | None,
-) -> tuple[str, int | None]:
-    """Every argument checked before any evaluation starts; returns ``(family, train_len)``."""
-    check_request(lengths, mode, stride, scalings, batch_size, max_tokens)
-    for rule in scalings:
-        scaling_factor(1, 1, rule)  # unknown rule: the message lists the valid ones
-    base, rules = _base_model(model), set(scalings) - {"none"}
-    try:
-        family = _family(model, base)
-    except ValueError:
-        if rules:
-            raise  # the message names the supported families
-        family = model.config.model_type
-    else:
-        if train_len is None and (family != "bloom" or rules):
-            train_len = _default_train_len(family, base)  # BLOOM: asks for train_len
-    if train_len is not None:
-        scaling_factor(train_len, train_len, "none")  # a positive integer
-    return family, train_len
-
-
-def _scaled(
-    model: PreTrainedModel, family: str, train_len: int | None, rule: str
-) -> AbstractContextManager:
-    """The model under ``rule``: as it is for ``"none"``, except MPT (see ``evaluate_hf``)."""
-    if rule == "none" and family != "mpt":
-        return nullcontext(model)
-    return extended(model, train_len, rule)
 
 
 def _fast_backend(tokenizer: PreTrainedTokenizerBase) -> tuple[Tokenizer, str]:
@@ -973,13 +969,3 @@ def _position_table_rows(model: PreTrainedModel) -> int | None:
     return None
 
 
-def _hf_skip_reason(
-    eval_len: int, n_targets: int, split: str, max_tokens: int | None, table: int | None = None
-) -> str | None:
-    if table is not None and eval_len > table:
-        return (f"eval_len={eval_len} is past the model's learned position table ({table} "
-                "positions): it has no position for the later tokens")
-    if n_targets >= eval_len:
-        return None
-    where = f"the {split} split" + (f" with max_tokens={max_tokens}" if max_tokens else "")
-    return f"eval_len={eval_len} needs at least {eval_len} scored tokens; {where} has {n_targets}"
