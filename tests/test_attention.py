@@ -65,6 +65,7 @@ def test_many_blocks_match_reference(monkeypatch, causal, padded):
 @pytest.mark.parametrize("causal", [True, False])
 def test_gradcheck(monkeypatch, backend, causal):
     monkeypatch.setattr(attention, "_BIAS_BUDGET", 1.0)  # several blocks, so merges are checked
+    monkeypatch.setattr(attention, "_DECODE_MAX_QUERIES", 0)  # sdpa: segments, not the decode path
     q, k, v = _inputs(1, 4, 2, 6, 9, 3, dtype=torch.float64, grad=True)
     kpm = torch.tensor([[False, False, True, True, True, True, True, True, True]])
     slopes = alibi_slopes(4).double()
@@ -317,6 +318,118 @@ def test_decoding_step_builds_bias_in_linear_memory():
     assert mode.largest <= H * T * D
     ref = naive_alibi_attention(q, k, v, alibi_slopes(H))
     assert (out.double() - ref).abs().max() < 1e-5
+
+
+# --- decode-shaped calls: a few queries against a KV cache ---------------------------------------
+
+
+def _cache_slice(B, Hkv, Lk, D, dtype):
+    """Keys as a decoder holds them: a slice of a longer ``[B, T, Hkv, D]`` cache, as
+    ``[B, Hkv, Lk, D]`` (strided: neither contiguous nor starting a row at every D)."""
+    cache = torch.randn(B, Lk + 7, Hkv, D, dtype=dtype)
+    return cache[:, 3 : 3 + Lk].transpose(1, 2)
+
+
+def _decode_padding(Lk):
+    """Three rows: no padding, left padding, and every key padded (its queries see nothing)."""
+    mask = torch.ones(3, Lk, dtype=torch.bool)
+    mask[1, : Lk // 2] = False
+    mask[2] = False
+    return mask
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("strided", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("Hkv", [1, 2, 4])
+@pytest.mark.parametrize("Lq", [1, 2, 4])
+def test_decode_matches_float64_reference(Lq, Hkv, causal, padded, strided, dtype, tol):
+    B, H, Lk, D = 3, 4, 45, 16
+    q = torch.randn(B, H, Lq, D, dtype=dtype)
+    if strided:
+        k, v = _cache_slice(B, Hkv, Lk, D, dtype), _cache_slice(B, Hkv, Lk, D, dtype)
+    else:
+        k, v = _inputs(B, Hkv, Hkv, 1, Lk, D, dtype)[1:]
+    kpm = _decode_padding(Lk) if padded else None
+    slopes = alibi_slopes(H)
+    with mock.patch.object(attention, "_decode", wraps=attention._decode) as decode:
+        out = alibi_attention(q, k, v, slopes, causal=causal, key_padding_mask=kpm)
+    assert decode.call_count == 1
+    ref = naive_alibi_attention(q, k, v, slopes, causal=causal, key_padding_mask=kpm)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert (out.double() - ref).abs().max() < tol
+    if padded:
+        assert torch.all(out[2] == 0)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("Lq,Hkv", [(1, 4), (3, 2), (2, 1)])
+def test_decode_gradcheck(Lq, Hkv, causal):
+    q = torch.randn(3, 4, Lq, 3, dtype=torch.float64, requires_grad=True)
+    k = _cache_slice(3, Hkv, 9, 3, torch.float64).requires_grad_()
+    v = _cache_slice(3, Hkv, 9, 3, torch.float64).requires_grad_()
+    kpm = _decode_padding(9)
+    slopes = alibi_slopes(4).double()
+    slopes[1] = 0.0  # a zero slope must not turn masked keys into nan
+
+    def f(q, k, v):
+        return alibi_attention(q, k, v, slopes, causal=causal, key_padding_mask=kpm, backend="sdpa")
+
+    assert torch.autograd.gradcheck(f, (q, k, v))
+
+
+@pytest.mark.parametrize("Lq,uses_decode", [(1, True), (8, True), (9, False)])
+def test_auto_takes_the_decode_path_for_a_few_queries(Lq, uses_decode):
+    q, k, v = _inputs(1, 4, 2, Lq, 40, 8)
+    with mock.patch.object(attention, "_decode", wraps=attention._decode) as decode:
+        alibi_attention(q, k, v, alibi_slopes(4), backend="auto")
+    assert decode.called == uses_decode
+    slopes = alibi_slopes(4).requires_grad_()  # learnt slopes: blocked, which differentiates them
+    with mock.patch.object(attention, "_decode", wraps=attention._decode) as decode:
+        out = alibi_attention(q[:, :, :1], k, v, slopes, backend="auto")
+    assert not decode.called and out.requires_grad
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_decode_builds_nothing_larger_than_its_bias(padded):
+    # One query over T keys: the bias is [B or 1, H, 1, T], O(T); grouped keys are never expanded
+    # (an expanded cache would be H * T * D).
+    B, H, Hkv, T, D = 2, 8, 2, 20000, 8
+    q, k, v = _inputs(B, H, Hkv, 1, T, D)
+    kpm = _left_padding(B, T) if padded else None
+    with _LargestTensor() as mode:
+        out = alibi_attention(q, k, v, alibi_slopes(H), key_padding_mask=kpm)
+    assert mode.largest <= (B if padded else 1) * H * T
+    ref = naive_alibi_attention(q, k, v, alibi_slopes(H), key_padding_mask=kpm)
+    assert (out.double() - ref).abs().max() < 1e-5
+
+
+class _Ops(TorchDispatchMode):
+    """Records the name of every aten op."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_decode_step_is_a_handful_of_ops():
+    # The fixed cost of a decoding step, pinned without timing: before, 20 ops per call, among
+    # them a finiteness check of the slopes (isfinite as abs, ne, eq, mul; all; a read back) and
+    # a max over them read back too; now one arange, one multiply, one kernel call and views.
+    q, k, v = _inputs(1, 8, 8, 1, 64, 16)
+    slopes = alibi_slopes(8)
+    with _Ops() as mode:
+        alibi_attention(q, k, v, slopes)
+    assert sum("flash_attention" in op for op in mode.ops) == 1
+    assert not {"isfinite", "all", "max", "abs", "clone", "_to_copy"} & {
+        op.split(".")[0] for op in mode.ops
+    }
+    assert len(mode.ops) <= 10, mode.ops
 
 
 def test_auto_picks_sdpa_on_cpu():

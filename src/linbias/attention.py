@@ -9,7 +9,8 @@ for any centre ``c``. That per-key bias is a ``[1, H, 1, Lk]`` mask, which PyTor
 attention kernel broadcasts over the queries under its own causal mask, so no ``H x Lq x Lk``
 tensor is ever built. The per-key values grow with the distance from ``c``, which costs float
 precision on the logits that matter (those near the diagonal), so queries are processed in
-blocks, each with its own centre.
+blocks, each with its own centre. A decoding step (a few queries against a KV cache) skips all
+that: its whole ``[H, Lq, Lk]`` bias is linear in the context, and one kernel call takes it.
 """
 
 from __future__ import annotations
@@ -273,9 +274,55 @@ def _kernel_layout(x: Tensor, dtype: torch.dtype) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+# --- sdpa, decode-shaped calls: the whole bias, one kernel call --------------------------------
+#
+# A decoding step has one query (or a few) against a long KV cache. Its whole bias is
+# ``[B or 1, H, Lq, Lk]``, linear in the context (for one query it is exactly the per-key bias the
+# segments above would build), so the segment machinery buys nothing: its fixed cost per call
+# (a block size read from the slopes, segment bookkeeping, slicing, the raw kernel's dispatch) was
+# as long as the kernel itself at a 1k-token cache. This is part of the sdpa backend, not a backend
+# of its own: the same kernel, device and gradients, only cheaper for a few queries. Grouped heads
+# fold into query rows (``[B, Hkv, group * Lq, D]`` against the unexpanded cache), so the cache is
+# never copied per group. The bias is the exact ``m * (j - i)``, not a folded one: no precision
+# is lost.
+
+# At most 8 queries: the bias then holds at most 8 H Lk floats, an eighth of what the kernel
+# reads from a D = 64 key cache of as many heads.
+_DECODE_MAX_QUERIES = 8
+
+
+def _decode(c: _Call, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """``[B, H, Lq, D]`` from inputs already in the kernel's layout and working dtype."""
+    B, H, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    j_minus_i = torch.arange(Lq - Lk, Lq, device=q.device, dtype=q.dtype)  # [Lk], first query
+    if Lq > 1:
+        j_minus_i = j_minus_i - torch.arange(Lq, device=q.device, dtype=q.dtype).view(-1, 1)
+    # [1, Hkv, group, Lq, Lk]: head h = kv_head * group + g, as in _expand_kv.
+    bias = c.slopes.view(1, Hkv, H // Hkv, 1, 1) * (j_minus_i if c.causal else -j_minus_i.abs())
+    hidden = (j_minus_i > 0) if c.causal and Lq > 1 else None  # [Lq, Lk] future keys
+    has_key = None
+    if c.key_padding_mask is not None:
+        pad = ~c.key_padding_mask[:, None, :]  # [B, 1, Lk]
+        hidden = pad if hidden is None else pad | hidden  # [B, Lq or 1, Lk]
+        # A row that sees no key sees every key instead (no NaN, in either pass), then gets zeros.
+        has_key = ~hidden.all(-1, keepdim=True)  # [B, Lq or 1, 1]
+        hidden = (hidden & has_key)[:, None, None]  # [B, 1, 1, Lq or 1, Lk]
+    if hidden is not None:  # after the product: a zero slope times -inf would be nan
+        bias = bias.masked_fill(hidden, float("-inf"))
+    rows = H // Hkv * Lq
+    out = F.scaled_dot_product_attention(
+        q.reshape(B, Hkv, rows, D), k, v, attn_mask=bias.flatten(2, 3), scale=c.scale
+    ).reshape(B, H, Lq, D)
+    return out if has_key is None else out.masked_fill(~has_key[:, None], 0.0)
+
+
 def _sdpa(c: _Call) -> Tensor:
     # Half-precision inputs run in fp32 (the dtype of c.slopes): the bias needs its mantissa.
     H, dtype, work = c.q.shape[1], c.q.dtype, c.slopes.dtype
+    if c.q.shape[2] <= _DECODE_MAX_QUERIES:
+        out = _decode(c, *(_kernel_layout(t, work) for t in (c.q, c.k, c.v)))
+        return out if out.dtype == dtype else out.to(dtype)
     q, k, v = (_kernel_layout(t, work) for t in (c.q, _expand_kv(c.k, H), _expand_kv(c.v, H)))
     if c.needs_grad:
         out = _BiasAttention.apply(q, k, v, c)
@@ -435,6 +482,19 @@ def _check_types(
         raise TypeError(f"causal must be True or False, got {causal!r}")
 
 
+def _check_slopes(slopes: Tensor, n_heads: int) -> None:
+    # check_slopes reads the values with several small kernels (about as long as a decoding step
+    # over a 1k-token cache). Slopes that pass this one read of the values pass check_slopes too;
+    # any others go to check_slopes, the one home of the rules and their messages.
+    if (
+        isinstance(slopes, torch.Tensor) and slopes.dtype.is_floating_point
+        and slopes.shape == (n_heads,)
+        and (slopes.device.type != "cpu" or all(map(math.isfinite, slopes.tolist())))
+    ):
+        return
+    check_slopes(slopes, n_heads)
+
+
 def _check(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, key_padding_mask: Optional[Tensor]):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(
@@ -464,7 +524,7 @@ def _check(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, key_padding_mask: Op
         raise ValueError(
             f"more queries ({Lq}) than keys ({Lk}): queries are the last Lq key positions"
         )
-    check_slopes(slopes, H)
+    _check_slopes(slopes, H)
     if slopes.device != q.device and slopes.device.type != "cpu":
         raise ValueError(f"slopes are on {slopes.device} but q is on {q.device}")
     if key_padding_mask is not None:
@@ -538,10 +598,12 @@ def alibi_attention(
         q, k, v, slopes.to(q.device, torch.promote_types(q.dtype, torch.float32)), causal,
         _scale(scale, q.shape[-1]), key_padding_mask,
     )
-    name = _auto(call) if backend == "auto" else backend
-    if name not in BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; valid: auto, {', '.join(BACKENDS)}")
-    reason = BACKENDS[name].unavailable(call)
+    if backend == "auto":  # _auto picks only a backend that can run the call
+        return BACKENDS[_auto(call)].run(call)
+    if backend not in BACKENDS:
+        valid = ", ".join(BACKENDS)
+        raise ValueError(f"unknown attention backend {backend!r}; valid: auto, {valid}")
+    reason = BACKENDS[backend].unavailable(call)
     if reason is not None:
-        raise RuntimeError(f"attention backend {name!r} cannot run this call: {reason}")
-    return BACKENDS[name].run(call)
+        raise RuntimeError(f"attention backend {backend!r} cannot run this call: {reason}")
+    return BACKENDS[backend].run(call)

@@ -33,9 +33,15 @@ def _field_help(cls: type) -> dict[str, str]:
     return {k: v.replace("%", "%%") for k, v in out.items()}
 
 
-def _scalar_type(cls: type, name: str) -> type:
-    hint = typing.get_type_hints(cls)[name]
+def _unoptional(hint: Any) -> Any:
+    """``X`` for ``X | None`` (``Optional[X]``), else the hint itself."""
     args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if len(args) == 1 and type(None) in typing.get_args(hint) else hint
+
+
+def _scalar_type(cls: type, name: str) -> type:
+    hint = _unoptional(typing.get_type_hints(cls)[name])
+    args = typing.get_args(hint)
     if typing.get_origin(hint) is typing.Literal or (args and isinstance(args[0], str)):
         return str
     return args[0] if args else hint
@@ -56,7 +62,8 @@ def add_fields(
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
-            choices = typing.get_args(typing.get_type_hints(cls)[f.name]) if kind is str else None
+            hint = _unoptional(typing.get_type_hints(cls)[f.name])
+            choices = typing.get_args(hint) if kind is str else None
             group.add_argument(flag, type=kind, default=None, metavar=f.name.upper(), help=text,
                                choices=choices or None)
 
@@ -114,16 +121,24 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
 def _names(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
 def _eval_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "eval", help="perplexity past the training length",
+        "eval", help="perplexity or retrieval past the training length",
         description="Perplexity and bits per byte of a trained run (or, with --hf, a transformers "
         "model) at each evaluation length, non-overlapping or with a sliding window, with and "
-        "without length-scaling rules.",
+        "without length-scaling rules; with --task, retrieval accuracy per length and needle "
+        "depth instead.",
     )
     p.add_argument("run", type=Path, nargs="?", default=None,
                    help="a run directory written by 'linbias train' (or give --hf)")
@@ -148,18 +163,55 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=None, help="score only this many tokens of the split")
     p.add_argument("--per-position", action="store_true",
                    help="also compute mean loss by position inside the window (into --json)")
+    task = p.add_argument_group("retrieval (instead of perplexity)")
+    task.add_argument("--task", choices=("passkey", "lines"), default=None,
+                      help="exact-match retrieval: accuracy per length and needle depth, k_max")
+    task.add_argument("--depths", type=_floats, default=None,
+                      help="needle depths in percent, comma-separated (default: 0,25,50,75,100)")
+    task.add_argument("--trials", type=int, default=10, help="trials per (length, depth) cell (default: 10)")
+    task.add_argument("--seed", type=int, default=0, help="fixes every trial (default: 0)")
+    task.add_argument("--filler", choices=("sentences", "corpus"), default=None,
+                      help="passkey haystack for a run: the filler sentences or its corpus's "
+                      "valid split (default: what it was trained with)")
+    task.add_argument("--heatmap", type=Path, default=None,
+                      help="write a PNG heatmap (length x depth, one panel per rule) here")
     p.add_argument("--json", type=Path, default=None, help="write {\"results\": [...]} here")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_run_eval)
 
 
+_PERPLEXITY_ONLY = ("data", "mode", "stride", "max_tokens", "per_position")
+_TASK_ONLY = ("depths", "trials", "seed", "filler", "heatmap")
+
+
 def _run_eval(args: argparse.Namespace) -> int:
-    from linbias.evaluate import check_output_file, evaluate_run, format_table, write_json
+    from linbias.evaluate import check_output_file, write_json
 
     if (args.run is None) == (args.hf is None):
         raise ValueError("give either a run directory or --hf PATH_OR_NAME (one of them, not both)")
-    if args.json is not None:
-        check_output_file(args.json)  # now, not after an evaluation that may take hours
+    if args.hf is None and args.train_len is not None:
+        raise ValueError("--train-len applies to --hf models; a run has its own (config.json)")
+    defaults = vars(build_parser().parse_args(["eval", "--lengths", "1"]))
+    wrong = [name for name in (_TASK_ONLY if args.task is None else _PERPLEXITY_ONLY)
+             if getattr(args, name) != defaults[name]]
+    if wrong:
+        flags = ", ".join("--" + name.replace("_", "-") for name in wrong)
+        raise ValueError(f"{flags} apply only {'with' if args.task is None else 'without'} "
+                         "--task; drop them or " + ("add --task" if args.task is None else
+                                                    "evaluate perplexity separately"))
+    for path in (args.json, args.heatmap):
+        if path is not None:
+            check_output_file(path)  # now, not after an evaluation that may take hours
+    records = _eval_perplexity(args) if args.task is None else _eval_task(args)
+    if args.json:
+        write_json(records, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _eval_perplexity(args: argparse.Namespace) -> list[dict]:
+    from linbias.evaluate import evaluate_run, format_table
+
     common = dict(lengths=args.lengths, split=args.split, mode=args.mode, stride=args.stride,
                   scalings=args.scaling, batch_size=args.batch_size, max_tokens=args.max_tokens,
                   per_position=args.per_position, progress=not args.no_progress)
@@ -168,17 +220,40 @@ def _run_eval(args: argparse.Namespace) -> int:
 
         records = evaluate_hf(args.hf, train_len=args.train_len, data=args.data or "stdlib",
                               **common)
-    elif args.train_len is not None:
-        raise ValueError("--train-len applies to --hf models; a run has its own (config.json)")
     else:
         records = evaluate_run(args.run, data=args.data, **common)
     print(format_table(records))
     if args.per_position:
         print(_per_position_summary(records))
-    if args.json:
-        write_json(records, args.json)
-        print(f"wrote {args.json}")
-    return 0
+    return records
+
+
+def _eval_task(args: argparse.Namespace) -> list[dict]:
+    from linbias.evaluate import DEPTHS, evaluate_run_task, retrieval_table
+    from linbias.tasks import accuracy_table, plot_heatmaps
+
+    common = dict(task=args.task, lengths=args.lengths, depths=args.depths or list(DEPTHS),
+                  trials=args.trials, scalings=args.scaling, seed=args.seed,
+                  batch_size=args.batch_size, progress=not args.no_progress)
+    if args.hf is not None:
+        from linbias.hf import evaluate_hf_task
+
+        if args.filler not in (None, "sentences"):
+            raise ValueError("--filler corpus needs a run (its corpus); --hf uses the filler sentences")
+        records = evaluate_hf_task(args.hf, train_len=args.train_len, **common)
+    else:
+        records = evaluate_run_task(args.run, filler=args.filler, **common)
+    done = [r for r in records if not r["skipped"]]
+    for rule in args.scaling:
+        print(f"scaling {rule}: " + accuracy_table([r for r in done if r["scaling"] == rule]))
+    print(retrieval_table(records))
+    if args.heatmap is not None:
+        if not done:
+            raise ValueError("no length could be evaluated, so there is no heatmap to draw")
+        plot_heatmaps({f"{done[0]['position']} / {rule}": [r for r in done if r["scaling"] == rule]
+                       for rule in args.scaling}, args.heatmap)
+        print(f"wrote {args.heatmap}")
+    return records
 
 
 def _per_position_summary(records: list[dict]) -> str:

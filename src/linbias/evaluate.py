@@ -57,11 +57,13 @@ from linbias.data import (
     token_byte_lengths,
     token_stream,
 )
+from linbias.tasks import TASKS, Encoder, cell_record, encoder, k_max, make_trials, score
 from linbias.train import Run, check_corpus, load_run
 
 __all__ = [
-    "MODES", "EvalModel", "Mode", "RunModel", "check_output_file", "evaluate_model",
-    "evaluate_run", "evaluate_stream", "format_table", "json_record", "write_json",
+    "DEPTHS", "MODES", "EvalModel", "Mode", "RunModel", "check_output_file", "evaluate_model",
+    "evaluate_run", "evaluate_run_task", "evaluate_stream", "evaluate_task", "format_table",
+    "json_record", "retrieval_summary", "retrieval_table", "write_json",
 ]
 
 Mode = Literal["nonoverlapping", "sliding"]
@@ -514,6 +516,190 @@ def _skipped_record(eval_len: int, mode: str, stride: int | None, per_position: 
     out = {"eval_len": eval_len, "mode": mode, "stride": eval_len if stride is None else stride,
            "ppl": None, "bpb": None, "nll": None, "tokens": 0, "bytes": None, "seconds": 0.0}
     return {**out, "per_position": None} if per_position else out
+
+
+# --- retrieval: accuracy per (length, depth) cell -----------------------------------------------
+
+DEPTHS: tuple[float, ...] = (0.0, 25.0, 50.0, 75.0, 100.0)
+
+
+def evaluate_task(
+    model: EvalModel,
+    encode: Encoder,
+    *,
+    task: str,
+    lengths: Sequence[int],
+    depths: Sequence[float] = DEPTHS,
+    trials: int = 10,
+    scalings: Sequence[str] = ("none",),
+    seed: int = 0,
+    batch_size: int = 8,
+    filler_ids: Sequence[int] | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Retrieval accuracy of ``model`` on ``task`` at each length, needle depth and rule.
+
+    Every rule sees the same prompts (a paired comparison): the trials of a cell are seeded by
+    ``(seed, length, depth)``. A length the model cannot represent (``max_len``) is skipped.
+
+    Args:
+        model: an ``EvalModel`` (``RunModel``, ``linbias.hf.HFModel``).
+        encode: the model's tokenizer as ``linbias.tasks.encoder(tokenizer)``.
+        task: a name in ``linbias.tasks.TASKS``.
+        lengths: prompt-plus-answer lengths in tokens (``L'``).
+        depths: needle depths in percent, 0..100.
+        trials: trials per cell.
+        scalings: rules, as for ``evaluate_run``.
+        seed: fixes every trial.
+        batch_size: trials per forward (left-padded).
+        filler_ids: ``passkey``: a token stream to cut the haystack from (default: the filler
+            sentences).
+        progress: a progress bar over cells.
+
+    Returns:
+        One record per (length, rule, depth): ``position``, ``scaling``, ``train_len``,
+        ``filler``, ``skipped`` and ``linbias.tasks.cell_record``'s keys (``accuracy`` ``None``
+        when skipped).
+    """
+    _check_task_request(task, lengths, depths, trials, scalings, batch_size)
+    model.check_rules(scalings)
+    head = {"position": model.position, "train_len": model.train_len,
+            "filler": "sentences" if filler_ids is None else "corpus"}
+    bar = tqdm(total=len(lengths) * len(depths) * len(scalings), disable=not progress,
+               unit="cell", dynamic_ncols=True, desc=task, leave=False)
+    records = []
+    with bar:
+        for length in map(int, lengths):
+            cells = [] if _beyond(model, length) else [
+                (float(d), make_trials(task, encode, length, float(d), trials,
+                                       _cell_seed(seed, length, d), filler_ids)) for d in depths]
+            for rule in scalings:
+                if not cells:
+                    records += [{**head, "scaling": rule, **_skipped_cell(model, task, length, d)}
+                                for d in depths]
+                    bar.update(len(depths))
+                    continue
+                with model.under(rule):
+                    for depth, cell in cells:
+                        results = score(model.logits, cell, batch_size)
+                        records.append({**head, "scaling": rule, "skipped": None,
+                                        **cell_record(task, length, depth, results, cell)})
+                        bar.update(1)
+    return records
+
+
+def _check_task_request(task: str, lengths: Sequence[int], depths: Sequence[float], trials: int,
+                        scalings: Sequence[str], batch_size: int) -> None:
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
+    check_request(lengths, "nonoverlapping", None, scalings, batch_size, None)
+    if not _ordered(depths) or not list(depths) or not all(
+        isinstance(d, (int, float)) and not isinstance(d, bool) and 0 <= d <= 100 for d in depths
+    ):
+        raise ValueError(f"depths must be a non-empty list of percents in 0..100, got {depths!r}")
+    check_int("trials", trials, 1)
+
+
+def _beyond(model: EvalModel, length: int) -> bool:
+    return model.max_len is not None and length > model.max_len
+
+
+def _cell_seed(seed: int, length: int, depth: float) -> int:
+    """One seed per cell, so that adding a length or a depth changes no other cell's trials."""
+    check_int("seed", seed, 0)
+    return int(np.random.SeedSequence([seed, length, round(depth * 1000)]).generate_state(1)[0])
+
+
+def _skipped_cell(model: EvalModel, task: str, length: int, depth: float) -> dict[str, Any]:
+    reason = skip_reason(model, length, length, "")
+    return {"skipped": reason, "task": task, "length": length, "depth": float(depth), "n": 0,
+            "correct": 0, "accuracy": None, "ci_low": None, "ci_high": None,
+            "mean_distance": None}
+
+
+def retrieval_summary(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (position, rule): accuracy at each length and Chen et al.'s ``k_max``.
+
+    Returns:
+        One dict per (position, scaling) in first-seen order: ``accuracy`` ``{length: mean over
+        depths}`` (``None`` where skipped), ``k_max`` over all its cells (distances: each cell's
+        mean needle distance) and ``k_max_by_length`` ``{length: k_max of that length's cells}``.
+    """
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault((r["position"], r["scaling"]), []).append(r)
+    out = []
+    for (position, rule), rows in groups.items():
+        done = [r for r in rows if not r["skipped"]]
+        cells = [(round(r["mean_distance"]), r["correct"], r["n"]) for r in done]
+        lengths = sorted({r["length"] for r in rows})
+        by_length = {n: [r for r in done if r["length"] == n] for n in lengths}
+        out.append({
+            "position": position, "scaling": rule,
+            "accuracy": {n: (sum(r["correct"] for r in rs) / sum(r["n"] for r in rs)) if rs
+                         else None for n, rs in by_length.items()},
+            "k_max": k_max(cells) if cells else None,
+            "k_max_by_length": {n: k_max([(round(r["mean_distance"]), r["correct"], r["n"])
+                                          for r in rs]) if rs else None
+                                for n, rs in by_length.items()},
+        })
+    return out
+
+
+def retrieval_table(records: Sequence[dict[str, Any]]) -> str:
+    """Accuracy by length (mean over depths) and ``k_max``, one row per position and rule."""
+    summary = retrieval_summary(records)
+    lengths = sorted({n for s in summary for n in s["accuracy"]})
+    head = ["position", "scaling", *[f"L'={n}" for n in lengths], "k_max"]
+    rows = [head] + [[s["position"], s["scaling"],
+                      *["-" if s["accuracy"].get(n) is None else f"{100 * s['accuracy'][n]:.0f}%"
+                        for n in lengths],
+                      "-" if s["k_max"] is None else str(s["k_max"])] for s in summary]
+    width = [max(len(r[j]) for r in rows) for j in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) if j < 2 else c.rjust(w) for j, (c, w) in
+                               enumerate(zip(r, width))) for r in rows)
+
+
+def evaluate_run_task(
+    run_or_path: Run | str | Path,
+    *,
+    task: str,
+    lengths: Sequence[int],
+    depths: Sequence[float] = DEPTHS,
+    trials: int = 10,
+    scalings: Sequence[str] = ("none",),
+    seed: int = 0,
+    batch_size: int = 8,
+    filler: Literal["sentences", "corpus"] | None = None,
+    cache_dir: str | Path | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """``evaluate_task`` for a trained run, with its own tokenizer.
+
+    Args:
+        filler: the passkey haystack: ``"sentences"``, or ``"corpus"`` (the valid split of the
+            run's corpus); default: the run's ``mix_filler`` (what it was trained with).
+        Others: as ``evaluate_task``.
+    """
+    _check_task_request(task, lengths, depths, trials, scalings, batch_size)
+    run = run_or_path if isinstance(run_or_path, Run) else load_run(run_or_path)
+    if device is not None:
+        run.model.to(device)
+    model = RunModel(run)
+    model.check_rules(scalings)
+    filler = filler or run.train_config.mix_filler
+    if filler not in ("sentences", "corpus"):
+        raise ValueError(f"unknown filler {filler!r}; valid: sentences, corpus")
+    filler_ids = None
+    if filler == "corpus":
+        corpus = load_corpus(run.train_config.data)
+        check_corpus(run.path, run.corpus, corpus)
+        cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        filler_ids = token_stream(corpus, run.tokenizer, "valid", cache)
+    return evaluate_task(model, encoder(run.tokenizer), task=task, lengths=lengths,
+                         depths=depths, trials=trials, scalings=scalings, seed=seed,
+                         batch_size=batch_size, filler_ids=filler_ids, progress=progress)
 
 
 # --- output --------------------------------------------------------------------------------------

@@ -93,13 +93,16 @@ import linbias
 from linbias.alibi import interpolate_slopes, scaling_factor
 from linbias.config import ModelConfig
 from linbias.data import EOT, default_cache_dir, load_corpus, token_byte_lengths, token_stream
-from linbias.evaluate import Mode, check_request, evaluate_model
+from linbias.evaluate import DEPTHS, Mode, check_request, evaluate_model, evaluate_task
+from linbias.tasks import encoder
 from linbias.train import Run, load_run
 
 __all__ = [
     "EXPORT_MARKER",
     "FAMILIES",
+    "HFModel",
     "evaluate_hf",
+    "evaluate_hf_task",
     "export_to_hf",
     "extend_context",
     "extended",
@@ -858,7 +861,12 @@ class HFModel:
 
     def logits(self, ids_BT: torch.Tensor, mask_BT: torch.Tensor | None = None) -> torch.Tensor:
         device = next(self.model.parameters()).device
-        extra = {} if mask_BT is None else {"attention_mask": mask_BT.long().to(device)}
+        extra: dict[str, torch.Tensor] = {}
+        if mask_BT is not None:
+            extra["attention_mask"] = mask_BT.long().to(device)
+            if "position_ids" in inspect.signature(self.model.forward).parameters:
+                # left padding: absolute positions start at 0 at each row's first real token
+                extra["position_ids"] = (extra["attention_mask"].cumsum(-1) - 1).clamp(min=0)
         return self.model(input_ids=ids_BT.to(device), use_cache=False, **extra).logits
 
     def check_rules(self, rules: Sequence[str]) -> None:
@@ -875,6 +883,41 @@ class HFModel:
         if rule == "none" and self.position != "mpt":
             return nullcontext(self.model)
         return extended(self.model, self.train_len, rule)
+
+
+def evaluate_hf_task(
+    model_or_path: PreTrainedModel | str | Path,
+    *,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    train_len: int | None = None,
+    task: str,
+    lengths: Sequence[int],
+    depths: Sequence[float] = DEPTHS,
+    trials: int = 10,
+    scalings: Sequence[str] = ("none",),
+    seed: int = 0,
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Retrieval accuracy of a transformers causal LM: ``linbias.evaluate.evaluate_task`` with
+    plain prompts in the model's own tokenizer (no special tokens, no chat template), batched
+    with left padding. Arguments as ``evaluate_hf`` and ``evaluate_task``; the haystack is the
+    filler sentences.
+    """
+    model, tokenizer = _load_hf(model_or_path, tokenizer)
+    adapter = HFModel(model, train_len)
+    adapter.check_rules(scalings)
+    if device is not None:
+        model.to(device)
+    training = model.training
+    model.eval()
+    try:
+        return evaluate_task(adapter, encoder(tokenizer), task=task, lengths=lengths,
+                             depths=depths, trials=trials, scalings=scalings, seed=seed,
+                             batch_size=batch_size, progress=progress)
+    finally:
+        model.train(training)
 
 
 def _load_hf(

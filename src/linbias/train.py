@@ -37,7 +37,7 @@ import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Literal, Optional
 
 import numpy as np
 import torch
@@ -60,6 +60,7 @@ from linbias.data import (
     train_tokenizer,
 )
 from linbias.model import GPT
+from linbias.tasks import TaskMix, encoder
 from linbias.positions import position_warnings
 
 __all__ = [
@@ -112,6 +113,14 @@ class TrainConfig(ConfigBase):
         eval_batches: validation batches per evaluation.
         save_every: steps between checkpoints (a checkpoint is always written at the end).
         log_every: steps between log lines.
+        mix_task: a retrieval task of ``linbias.tasks.TASKS`` (``"passkey"``, ``"lines"``) whose
+            sequences replace a share of the training rows, so that a model trained from scratch
+            learns the task at length L and can be tested on it past L.
+        mix_fraction: the share of training rows replaced (each row independently, seeded by the
+            step); validation batches stay plain corpus, so the valid loss stays comparable.
+        mix_filler: the passkey haystack: ``"sentences"``, the repeated filler sentences of the
+            published passkey test (the prompts ``linbias eval --task passkey`` uses by default),
+            or ``"corpus"``, a slice of the training split (a needle in a real haystack).
     """
 
     data: str = "stdlib"
@@ -130,6 +139,9 @@ class TrainConfig(ConfigBase):
     eval_batches: int = 16
     save_every: int = 500
     log_every: int = 10
+    mix_task: Optional[Literal["passkey", "lines"]] = None
+    mix_fraction: float = 0.0
+    mix_filler: Literal["sentences", "corpus"] = "sentences"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "steps", "batch_size", "grad_accum", "eval_batches", "log_every"):
@@ -141,6 +153,15 @@ class TrainConfig(ConfigBase):
         _check_real("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
         _check_real("weight_decay", self.weight_decay, 0.0)
         _check_real("grad_clip", self.grad_clip, 0.0)
+        _check_real("mix_fraction", self.mix_fraction, 0.0, 1.0)
+        if (self.mix_task is None) != (self.mix_fraction == 0):
+            raise ValueError(
+                f"mix_task={self.mix_task!r} with mix_fraction={self.mix_fraction:g}: give both "
+                "(e.g. --mix-task passkey --mix-fraction 0.25) or neither"
+            )
+        if self.mix_filler == "corpus" and self.mix_task not in (None, "passkey"):
+            raise ValueError(f"mix_filler='corpus' is a passkey haystack; task {self.mix_task!r} "
+                             "has no filler to replace: use mix_filler='sentences'")
 
 
 @dataclass
@@ -673,6 +694,11 @@ def train(
         train_stream = token_stream(corpus, tokenizer, "train", cache)
         valid_stream = token_stream(corpus, tokenizer, "valid", cache)
     _check_streams({"train": train_stream, "valid": valid_stream}, mc, tc)
+    mix = None if tc.mix_task is None else TaskMix(
+        tc.mix_task, tc.mix_fraction, encoder(tokenizer),
+        train_stream if tc.mix_filler == "corpus" else None)
+    if mix is not None:
+        mix.check(mc.train_len)  # a task that does not fit L fails now, not at its first row
 
     torch.manual_seed(tc.seed)
     model = GPT(mc).to(d.device)
@@ -696,8 +722,11 @@ def train(
                 group["lr"] = lr
             loss_sum = 0.0
             for micro in range(tc.grad_accum):
-                x, y = get_batch(train_stream, tc.batch_size, mc.train_len, seed=tc.seed,
-                                 step=step * tc.grad_accum + micro, rank=d.rank, world_size=d.world_size)
+                at = dict(seed=tc.seed, step=step * tc.grad_accum + micro, rank=d.rank,
+                          world_size=d.world_size)
+                x, y = get_batch(train_stream, tc.batch_size, mc.train_len, **at)
+                if mix is not None:
+                    mix.apply(x, y, **at)
                 sync = micro == tc.grad_accum - 1 or d.world_size == 1
                 with (nullcontext() if sync else ddp.no_sync()):
                     loss = _loss(ddp, x.to(d.device), y.to(d.device), tc.bf16) / tc.grad_accum
