@@ -115,3 +115,27 @@ def test_eval_a_run_on_another_corpus(tiny_alibi_run, tiny_cache_dir, tmp_path, 
     assert record["data"] == f"text:{prose}" and record["tokens"] > 0
     assert main(["eval", str(tiny_alibi_run), "--lengths", "32", "--train-len", "8"]) == 2
     assert "--train-len applies to --hf models" in capsys.readouterr().err
+
+
+def test_eval_task_writes_a_table_json_and_heatmap(tiny_alibi_run, tmp_path, capsys):
+    out, png = tmp_path / "passkey.json", tmp_path / "passkey.png"
+    assert main(["eval", str(tiny_alibi_run), "--task", "passkey", "--lengths", "320,640",
+                 "--depths", "0,100", "--trials", "2", "--scaling", "none,linear", "--json",
+                 str(out), "--heatmap", str(png), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "scaling linear: passkey: accuracy (n trials)" in printed and "k_max" in printed
+    records = json.loads(out.read_text())["results"]
+    assert len(records) == 2 * 2 * 2 and {r["scaling"] for r in records} == {"none", "linear"}
+    assert png.read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--depths", "50"], "--depths apply only with --task"),
+    (["--heatmap", "x.png"], "--heatmap apply only with --task"),
+    (["--task", "passkey", "--mode", "sliding", "--stride", "4"],
+     "--mode, --stride apply only without --task"),
+    (["--task", "passkey", "--data", "stdlib"], "--data apply only without --task"),
+])
+def test_eval_flags_of_the_other_kind_are_refused(tiny_alibi_run, capsys, flags, message):
+    assert main(["eval", str(tiny_alibi_run), "--lengths", "320", *flags]) == 2
+    assert message in capsys.readouterr().err

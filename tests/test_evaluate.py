@@ -17,6 +17,7 @@ from linbias import evaluate as ev
 from linbias.data import load_corpus, token_byte_lengths, token_stream
 from linbias.evaluate import evaluate_run, evaluate_stream, format_table, write_json
 from linbias.model import GPT
+from linbias.tasks import encoder, make_trials, score
 from linbias.train import Run, RunError, load_run
 
 RECORD_KEYS = {"position", "scaling", "train_len", "data", "split", "skipped", "eval_len", "mode",
@@ -280,6 +281,68 @@ def test_learned_past_its_table_is_skipped_among_several_lengths(run, tiny_cache
     assert "skipped" in table and skipped["skipped"] in table
     with pytest.raises(ValueError, match="learned"):  # a single explicit request raises
         evaluate_run(_learned_run(run), lengths=[64], cache_dir=tiny_cache_dir, progress=False)
+
+
+# --- retrieval ------------------------------------------------------------------------------------
+
+
+def test_evaluate_task_scores_the_same_prompts_under_every_rule(run) -> None:
+    records = ev.evaluate_run_task(run, task="passkey", lengths=[320, 640], depths=[0, 100],
+                                   trials=3, scalings=("none", "linear"), progress=False)
+    assert [(r["length"], r["scaling"], r["depth"]) for r in records] == [
+        (n, rule, d) for n in (320, 640) for rule in ("none", "linear") for d in (0.0, 100.0)]
+    model, encode = ev.RunModel(run), encoder(run.tokenizer)
+    for r in records:  # recomputed from the documented seeding, trial by trial
+        assert r["position"] == "alibi" and r["train_len"] == 32 and r["filler"] == "sentences"
+        cell = make_trials("passkey", encode, r["length"], r["depth"], 3,
+                           ev._cell_seed(0, r["length"], r["depth"]))
+        with model.under(r["scaling"]):
+            results = score(model.logits, cell)
+        assert r["correct"] == sum(results) and r["n"] == 3
+        assert r["mean_distance"] == sum(t.distance for t in cell) / 3
+    again = ev.evaluate_run_task(run, task="passkey", lengths=[320], depths=[0, 100], trials=3,
+                                 progress=False)
+    assert again == [r for r in records if r["length"] == 320 and r["scaling"] == "none"]
+    assert run.model.position.scaling == "none"
+
+
+def test_evaluate_task_skips_lengths_past_a_learned_table(run) -> None:
+    learned = _learned_run(dataclasses.replace(
+        run, config=dataclasses.replace(run.config, train_len=400)))
+    records = ev.evaluate_run_task(learned, task="passkey", lengths=[320, 640], depths=[50],
+                                   trials=2, progress=False)
+    assert records[0]["skipped"] is None and records[0]["n"] == 2
+    assert "position table has 400" in records[1]["skipped"] and records[1]["accuracy"] is None
+    (summary,) = ev.retrieval_summary(records)
+    assert summary["accuracy"][640] is None and summary["k_max_by_length"][640] is None
+    assert "-" in ev.retrieval_table(records)
+
+
+def test_retrieval_summary_k_max_by_hand() -> None:
+    def cell(length, depth, correct, distance):
+        return {"position": "alibi", "scaling": "none", "skipped": None, "length": length,
+                "depth": depth, "n": 10, "correct": correct, "mean_distance": distance}
+
+    records = [cell(100, 0, 9, 90.4), cell(100, 100, 10, 10.0),
+               cell(200, 0, 1, 190.0), cell(200, 100, 10, 10.2)]
+    (s,) = ev.retrieval_summary(records)
+    # distances 10 (10/10 and 10/10), 90 (9/10), 190 (1/10 < 20%): k_max is 90
+    assert s["k_max"] == 90 and s["k_max_by_length"] == {100: 90, 200: 10}
+    assert s["accuracy"] == {100: 0.95, 200: 0.55}
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    (dict(task="needle"), "valid tasks: passkey, lines"),
+    (dict(depths=[50, 101]), "percents in 0..100"),
+    (dict(depths=[]), "percents in 0..100"),
+    (dict(trials=0), "trials"),
+    (dict(lengths=[40]), "too short for task 'passkey'.*use length >="),
+    (dict(scalings=("cubic",)), "valid rules"),
+])
+def test_bad_retrieval_requests_are_named(run, kwargs, match) -> None:
+    request = {"task": "passkey", "lengths": [320], "depths": [50], "trials": 1, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        ev.evaluate_run_task(run, progress=False, **request)
 
 
 def test_a_rule_the_method_lacks_raises_its_error(run, tiny_cache_dir) -> None:

@@ -389,3 +389,42 @@ def test_evaluate_hf_skips_lengths_past_a_learned_position_table(exported, bias_
                                    num_attention_heads=2, ffn_dim=32, max_position_embeddings=16,
                                    word_embed_proj_dim=16))  # two offset rows before position 0
     assert [r["ppl"] is None for r in hf.evaluate_hf(opt, lengths=[16, 17], **kwargs)] == [False, True]
+
+
+# --- retrieval through the export -----------------------------------------------------------------
+
+
+def test_passkey_round_trips_through_the_export(tiny_text_corpus, tiny_cache_dir, tmp_path) -> None:
+    """A run trained with the passkey mix, exported: same prompts, same logits, same accuracy."""
+    from linbias.evaluate import RunModel, evaluate_run_task
+    from linbias.tasks import encoder, make_trials
+    from linbias.train import TrainConfig, train
+
+    torch.manual_seed(0)
+    config = model_config("tiny", position="alibi", train_len=384, n_layers=1, d_model=32, n_heads=2)
+    tc = TrainConfig(data=f"text:{tiny_text_corpus}", vocab_size=300, steps=8, batch_size=4,
+                     eval_every=0, save_every=0, warmup=1, mix_task="passkey", mix_fraction=0.5)
+    run_dir = train(config, tc, tmp_path / "run", progress=False, cache_dir=tiny_cache_dir)
+    out = hf.export_to_hf(run_dir, tmp_path / "hf")
+    request = dict(task="passkey", lengths=[384, 1152], depths=[0, 50, 100], trials=4,
+                   scalings=("none", "linear"), progress=False)
+    ours = evaluate_run_task(run_dir, **request)
+    theirs = hf.evaluate_hf_task(out, **request)
+    keys = ("length", "depth", "scaling", "n", "correct", "mean_distance", "skipped")
+    assert [[r[k] for k in keys] for r in theirs] == [[r[k] for k in keys] for r in ours]
+    assert {r["position"] for r in theirs} == {"mpt"} and {r["train_len"] for r in theirs} == {384}
+
+    run, mpt = load_run(run_dir), AutoModelForCausalLM.from_pretrained(out).eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    trials = make_trials("passkey", encoder(run.tokenizer), 1152, 50, 3, 7)
+    assert make_trials("passkey", encoder(tok), 1152, 50, 3, 7) == trials  # same ids both ways
+    ids_BT = torch.zeros(2, 1152, dtype=torch.long)
+    mask_BT = torch.ones(2, 1152, dtype=torch.bool)
+    ids_BT[0], ids_BT[1, 100:] = torch.tensor(trials[0].prompt_ids + trials[0].answer_ids), \
+        torch.tensor(trials[1].prompt_ids + trials[1].answer_ids)[:1052]
+    mask_BT[1, :100] = False  # a left-padded row
+    with torch.no_grad(), RunModel(run).under("linear") as ours_model, \
+            hf.extended(mpt, 384, "linear"):
+        got = hf.HFModel(mpt, 384).logits(ids_BT, mask_BT)
+        want = ours_model.logits(ids_BT, mask_BT)
+    assert _max_diff(got[mask_BT], want[mask_BT]) < ATOL

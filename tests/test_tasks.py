@@ -14,6 +14,7 @@ from linbias.config import ModelConfig
 from linbias.data import load_corpus, train_tokenizer
 from linbias.model import GPT
 from linbias.tasks import (
+    TaskMix,
     FILLER, LINE_WORDS, LINES_INSTRUCTION, PASSKEY_INSTRUCTION, PASSKEY_QUESTION, TASKS, Trial,
     accuracy_table, cell_record, encoder, k_max, make_trials, plot_heatmaps, score, wilson,
 )
@@ -281,3 +282,38 @@ def test_records_table_and_heatmap(chars: Tokenizer, tmp_path) -> None:
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="two records for depth 0"):
         accuracy_table(records + records[:1])
+
+
+# --- training rows -------------------------------------------------------------------------------
+
+
+def test_task_mix_rows_are_seeded_trials_and_ranks_share_one_global_batch(bpe: Tokenizer) -> None:
+    mix = TaskMix("passkey", 0.3, encoder(bpe))
+    T, B = 400, 8
+
+    def batch(step: int, rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.full((B, T), -1, dtype=torch.long)
+        y = x.clone()
+        mix.apply(x, y, seed=5, step=step, rank=rank, world_size=world_size)
+        return x, y
+
+    x, y = batch(3)
+    assert torch.equal(x, batch(3)[0]) and not torch.equal(x, batch(4)[0])  # a function of step
+    for row_x, row_y in zip(x, y):
+        if row_x[0] == -1:
+            continue  # a corpus row, left as it was
+        assert torch.equal(row_x[1:], row_y[:-1])  # targets are the inputs shifted by one
+        text = bpe.decode(row_x.tolist() + row_y[-1:].tolist())
+        key = re.search(r"pass key is (\d{5})\. Remember", text).group(1)
+        assert text.endswith(f"The pass key is {key}") and text.count(key) == 3
+    # two ranks of 4 rows see the rows of one process with 8
+    halves = [torch.full((4, T), -1, dtype=torch.long) for _ in range(2)]
+    for rank, h in enumerate(halves):
+        mix.apply(h, h.clone(), seed=5, step=3, rank=rank, world_size=2)
+    whole = torch.full((8, T), -1, dtype=torch.long)
+    mix.apply(whole, whole.clone(), seed=5, step=3)
+    assert torch.equal(torch.cat(halves), whole)
+    share = sum(int((batch(s)[0][:, 0] != -1).sum()) for s in range(40)) / (40 * B)
+    assert 0.2 < share < 0.4  # about the fraction asked for
+    with pytest.raises(ValueError, match="too short for task 'passkey'"):
+        mix.check(20)

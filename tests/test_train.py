@@ -492,3 +492,22 @@ def test_train_warns_when_t5_buckets_used_past_train_len_stay_untrained(tmp_path
         w.simplefilter("error")  # every bucket used past L is reached below L: no warning
         train(model_config("tiny", **base, t5_max_distance=24), tc, tmp_path / "b",
               progress=False, cache_dir=cache)
+
+
+def test_a_task_mix_trains_and_resumes_exactly(tmp_path, corpus):
+    mc, tc = _configs(corpus, steps=6, save_every=3, eval_every=0, mix_task="passkey",
+                      mix_fraction=0.5)
+    mc = ModelConfig.from_dict({**mc.to_dict(), "train_len": 384})
+    cache = tmp_path / "cache"
+    whole = train(mc, tc, tmp_path / "whole", progress=False, cache_dir=cache)
+    plain = train(mc, TrainConfig(**{**tc.to_dict(), "mix_task": None, "mix_fraction": 0.0}),
+                  tmp_path / "plain", progress=False, cache_dir=cache)
+    assert _losses(whole) != _losses(plain)  # the mix changed what was trained on
+    part = train(mc, tc, tmp_path / "part", progress=False, cache_dir=cache, stop_after=3)
+    train(mc, tc, part, resume=True, progress=False, cache_dir=cache)
+    assert _losses(part) == _losses(whole)
+    assert load_run(whole).train_config.mix_task == "passkey"
+    short = ModelConfig.from_dict({**mc.to_dict(), "train_len": 32})
+    with pytest.raises(ValueError, match="too short for task 'passkey'.*use length >="):
+        train(short, tc, tmp_path / "short", progress=False, cache_dir=cache)
+    assert not (tmp_path / "short").exists()
