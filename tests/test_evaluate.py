@@ -314,7 +314,7 @@ def test_evaluate_task_skips_lengths_past_a_learned_table(run) -> None:
     assert records[0]["skipped"] is None and records[0]["n"] == 2
     assert "position table has 400" in records[1]["skipped"] and records[1]["accuracy"] is None
     (summary,) = ev.retrieval_summary(records)
-    assert summary["accuracy"][640] is None and summary["k_max_by_length"][640] is None
+    assert summary["by_length"][1] == {"length": 640, "accuracy": None, "k_max": None}
     assert "-" in ev.retrieval_table(records)
 
 
@@ -327,8 +327,8 @@ def test_retrieval_summary_k_max_by_hand() -> None:
                cell(200, 0, 1, 190.0), cell(200, 100, 10, 10.2)]
     (s,) = ev.retrieval_summary(records)
     # distances 10 (10/10 and 10/10), 90 (9/10), 190 (1/10 < 20%): k_max is 90
-    assert s["k_max"] == 90 and s["k_max_by_length"] == {100: 90, 200: 10}
-    assert s["accuracy"] == {100: 0.95, 200: 0.55}
+    assert s["k_max"] == 90 and s["by_length"] == [
+        {"length": 100, "accuracy": 0.95, "k_max": 90}, {"length": 200, "accuracy": 0.55, "k_max": 10}]
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [

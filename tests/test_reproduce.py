@@ -215,3 +215,32 @@ def test_the_embedding_convention_replaces_the_presets_and_is_reported(tmp_path,
     assert f"--preset unit --seeds 1 --data {corpus} --embedding fairseq --out OUT" in report
     assert "`fairseq` convention" in report and "whole files split about 98/1/1%" in report
     assert results["corpus"]["split_by"] == "file"
+
+
+def test_a_retrieval_preset_mixes_the_task_and_reports_accuracy_and_k_max(tmp_path, run,
+                                                                         monkeypatch):
+    preset = ReproducePreset(model="tiny", train_len=320, steps=2, batch_size=2, warmup=1,
+                             vocab_size=300, multiples=(1, 2), eval_tokens=700, task="passkey",
+                             task_fraction=0.5, depths=(0.0, 100.0), trials=2)
+    monkeypatch.setitem(reproduce_mod.REPRODUCE_PRESETS, "unit-passkey", preset)
+    out = tmp_path / "report"
+    results = run(out, preset="unit-passkey", seeds=2, positions=("alibi", "learned"))
+    saved = json.loads((out / "runs/alibi-seed0/config.json").read_text())["train"]
+    assert (saved["mix_task"], saved["mix_fraction"]) == ("passkey", 0.5)
+    cells = results["retrieval"]
+    # 2 seeds x (alibi: 4 rules, learned: 1) x 2 lengths x 2 depths
+    assert len(cells) == 2 * 5 * 2 * 2 and {r["seed"] for r in cells} == {0, 1}
+    learned = [r for r in cells if r["position"] == "learned"]
+    assert all(bool(r["skipped"]) == (r["length"] == 640) for r in learned)
+    summary = {(s["position"], s["scaling"]): s for s in results["retrieval_summary"]}
+    pooled = [r for r in cells if (r["position"], r["scaling"], r["length"]) == ("alibi", "none", 320)]
+    expected = sum(r["correct"] for r in pooled) / sum(r["n"] for r in pooled)
+    first = summary["alibi", "none"]["by_length"][0]
+    assert first["length"] == 320 and first["accuracy"] == pytest.approx(expected)
+    assert isinstance(first["k_max"], int)
+    report = (out / "report.md").read_text()
+    assert "## Retrieval past L: passkey" in report and "| alibi + linear |" in report
+    assert "4 trials per cell" in report and "| learned |" in report
+    assert (out / "retrieval.png").read_bytes().startswith(b"\x89PNG")
+    again = run(out, preset="unit-passkey", seeds=2, positions=("alibi", "learned"))
+    assert again["retrieval"] == cells  # reused from each run's retrieval.json

@@ -57,13 +57,22 @@ from linbias.data import (
     token_byte_lengths,
     token_stream,
 )
-from linbias.tasks import TASKS, Encoder, cell_record, encoder, k_max, make_trials, score
+from linbias.tasks import (
+    TASKS,
+    Encoder,
+    cell_record,
+    encoder,
+    k_max,
+    make_trials,
+    score,
+    wilson,
+)
 from linbias.train import Run, check_corpus, load_run
 
 __all__ = [
     "DEPTHS", "MODES", "EvalModel", "Mode", "RunModel", "check_output_file", "evaluate_model",
     "evaluate_run", "evaluate_run_task", "evaluate_stream", "evaluate_task", "format_table",
-    "json_record", "retrieval_summary", "retrieval_table", "write_json",
+    "json_record", "merge_cells", "retrieval_summary", "retrieval_table", "write_json",
 ]
 
 Mode = Literal["nonoverlapping", "sliding"]
@@ -617,13 +626,34 @@ def _skipped_cell(model: EvalModel, task: str, length: int, depth: float) -> dic
             "mean_distance": None}
 
 
+def merge_cells(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Records of the same (position, scaling, task, length, depth) cell pooled, e.g. over seeds:
+    trials and correct answers summed, accuracy and its Wilson interval recomputed."""
+    pooled: dict[tuple, dict[str, Any]] = {}
+    for r in records:
+        key = (r["position"], r["scaling"], r["task"], r["length"], r["depth"])
+        if key not in pooled:
+            pooled[key] = {k: v for k, v in r.items() if k != "seed"}
+            continue
+        cell = pooled[key]
+        if r["skipped"] or cell["skipped"]:
+            continue  # a length the method cannot represent is skipped for every seed
+        n = cell["n"] + r["n"]
+        cell["mean_distance"] = (cell["mean_distance"] * cell["n"] + r["mean_distance"] * r["n"]) / n
+        cell["n"], cell["correct"] = n, cell["correct"] + r["correct"]
+        cell["accuracy"] = cell["correct"] / n
+        cell["ci_low"], cell["ci_high"] = wilson(cell["correct"], n)
+    return list(pooled.values())
+
+
 def retrieval_summary(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per (position, rule): accuracy at each length and Chen et al.'s ``k_max``.
 
     Returns:
-        One dict per (position, scaling) in first-seen order: ``accuracy`` ``{length: mean over
-        depths}`` (``None`` where skipped), ``k_max`` over all its cells (distances: each cell's
-        mean needle distance) and ``k_max_by_length`` ``{length: k_max of that length's cells}``.
+        One dict per (position, scaling), in first-seen order: ``k_max`` over all its cells (each
+        cell's distance is its mean needle distance), and ``by_length``, a list of ``{"length",
+        "accuracy" (pooled over depths), "k_max" (of that length's cells)}``, both ``None`` where
+        the length was skipped.
     """
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in records:
@@ -631,30 +661,35 @@ def retrieval_summary(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]
     out = []
     for (position, rule), rows in groups.items():
         done = [r for r in rows if not r["skipped"]]
-        cells = [(round(r["mean_distance"]), r["correct"], r["n"]) for r in done]
-        lengths = sorted({r["length"] for r in rows})
-        by_length = {n: [r for r in done if r["length"] == n] for n in lengths}
-        out.append({
-            "position": position, "scaling": rule,
-            "accuracy": {n: (sum(r["correct"] for r in rs) / sum(r["n"] for r in rs)) if rs
-                         else None for n, rs in by_length.items()},
-            "k_max": k_max(cells) if cells else None,
-            "k_max_by_length": {n: k_max([(round(r["mean_distance"]), r["correct"], r["n"])
-                                          for r in rs]) if rs else None
-                                for n, rs in by_length.items()},
-        })
+        by_length = []
+        for n in sorted({r["length"] for r in rows}):
+            cells = [r for r in done if r["length"] == n]
+            by_length.append({
+                "length": n,
+                "accuracy": sum(r["correct"] for r in cells) / sum(r["n"] for r in cells)
+                if cells else None,
+                "k_max": k_max(_distances(cells)) if cells else None,
+            })
+        out.append({"position": position, "scaling": rule,
+                    "k_max": k_max(_distances(done)) if done else None, "by_length": by_length})
     return out
 
 
+def _distances(cells: Sequence[dict[str, Any]]) -> list[tuple[int, int, int]]:
+    return [(round(r["mean_distance"]), r["correct"], r["n"]) for r in cells]
+
+
 def retrieval_table(records: Sequence[dict[str, Any]]) -> str:
-    """Accuracy by length (mean over depths) and ``k_max``, one row per position and rule."""
+    """Accuracy by length (pooled over depths) and ``k_max``, one row per position and rule."""
     summary = retrieval_summary(records)
-    lengths = sorted({n for s in summary for n in s["accuracy"]})
+    lengths = sorted({b["length"] for s in summary for b in s["by_length"]})
     head = ["position", "scaling", *[f"L'={n}" for n in lengths], "k_max"]
-    rows = [head] + [[s["position"], s["scaling"],
-                      *["-" if s["accuracy"].get(n) is None else f"{100 * s['accuracy'][n]:.0f}%"
-                        for n in lengths],
-                      "-" if s["k_max"] is None else str(s["k_max"])] for s in summary]
+    rows = [head]
+    for s in summary:
+        acc = {b["length"]: b["accuracy"] for b in s["by_length"]}
+        rows.append([s["position"], s["scaling"],
+                     *["-" if acc.get(n) is None else f"{100 * acc[n]:.0f}%" for n in lengths],
+                     "-" if s["k_max"] is None else str(s["k_max"])])
     width = [max(len(r[j]) for r in rows) for j in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) if j < 2 else c.rjust(w) for j, (c, w) in
                                enumerate(zip(r, width))) for r in rows)

@@ -36,7 +36,15 @@ from linbias.config import (
     model_config,
 )
 from linbias.data import Corpus, atomic_write_text, load_corpus
-from linbias.evaluate import evaluate_run, json_record
+from linbias.evaluate import (
+    evaluate_run,
+    evaluate_run_task,
+    json_record,
+    merge_cells,
+    retrieval_summary,
+    retrieval_table,
+)
+from linbias.tasks import plot_heatmaps
 from linbias.positions import POSITION_METHODS
 from linbias.report import (
     aggregate,
@@ -84,6 +92,11 @@ class ReproducePreset(ConfigBase):
             or it is never trained (``positions.t5_untrained_buckets``).
         embedding: token embedding convention (``ModelConfig.embedding``): ``"gpt2"`` or
             ``"fairseq"`` (the paper's code).
+        task: a retrieval task (``linbias.tasks.TASKS``) to mix into training and evaluate at
+            every length, depth and rule; ``None``: perplexity only.
+        task_fraction: the share of training rows that are task sequences.
+        depths: needle depths (percent) of the retrieval evaluation.
+        trials: trials per (length, depth) cell.
         multiples: evaluation lengths as multiples of L.
         eval_tokens: tokens scored per evaluation (a prefix of the split; 0 means all).
         eval_batch_size: windows per forward when evaluating.
@@ -101,6 +114,10 @@ class ReproducePreset(ConfigBase):
     bf16: bool = False
     t5_max_distance: Optional[int] = None
     embedding: Embedding = "gpt2"
+    task: Optional[Literal["passkey", "lines"]] = None
+    task_fraction: float = 0.25
+    depths: tuple[float, ...] = (0.0, 25.0, 50.0, 75.0, 100.0)
+    trials: int = 10
     multiples: tuple[int, ...] = (1, 2, 4, 8, 16)
     eval_tokens: int = 0
     eval_batch_size: int = 8
@@ -112,6 +129,11 @@ REPRODUCE_PRESETS: dict[str, ReproducePreset] = {
     # half starts at 16); L/2 is the nearest that keeps every bucket used past L trained.
     "quick": ReproducePreset(model="tiny", train_len=64, steps=1200, batch_size=16, lr=2e-3,
                              warmup=100, vocab_size=2048, t5_max_distance=32, expected_minutes=8),
+    # Retrieval: the passkey prompt (instruction, needle, question) takes 92 tokens with this
+    # vocabulary, so L = 128 leaves the needle room to move; a quarter of the rows are passkey.
+    "retrieval": ReproducePreset(model="tiny", train_len=128, steps=1200, batch_size=16, lr=2e-3,
+                                 warmup=100, vocab_size=2048, t5_max_distance=64, task="passkey",
+                                 task_fraction=0.25, expected_minutes=20),
     "paper-small": ReproducePreset(model="small", train_len=256, steps=5000, batch_size=32,
                                    lr=1e-3, warmup=250, t5_max_distance=64, expected_minutes=810),
 }
@@ -123,6 +145,8 @@ def _rules(position: str) -> list[str]:
 
 # reproduce's own file in a run directory: a run holding it is still provably a run.
 _EVAL_FILE = "eval.json"
+_RETRIEVAL_FILE = "retrieval.json"
+_OWN_FILES = (_EVAL_FILE, _RETRIEVAL_FILE)
 
 Action = Literal["train", "resume", "reuse", "restart", "replace"]
 _SAY: dict[str, str] = {
@@ -138,7 +162,8 @@ def _configs(position: str, p: ReproducePreset, data: str, seed: int) -> tuple[M
                       **t5)
     tc = TrainConfig(data=data, vocab_size=p.vocab_size, steps=p.steps, batch_size=p.batch_size,
                      lr=p.lr, warmup=p.warmup, seed=seed, bf16=p.bf16, eval_every=0, eval_batches=8,
-                     save_every=max(1, p.steps // 4), log_every=10)
+                     save_every=max(1, p.steps // 4), log_every=10, mix_task=p.task,
+                     mix_fraction=p.task_fraction if p.task else 0.0)
     return mc, tc
 
 
@@ -149,7 +174,7 @@ def _plan(run_dir: Path, mc: ModelConfig, tc: TrainConfig, force: bool) -> Actio
     if empty or not (run_dir.exists() or run_dir.is_symlink()):
         return "train"
     try:
-        check_run_dir(run_dir, extra=(_EVAL_FILE,))
+        check_run_dir(run_dir, extra=_OWN_FILES)
     except RunError as exc:
         raise RunError(f"{exc}; reproduce deletes only its own runs, so it stops here: move it "
                        "away or choose another --out") from exc
@@ -183,7 +208,7 @@ def _train_one(position: str, mc: ModelConfig, tc: TrainConfig, action: Action, 
                cache_dir: Optional[Path], progress: bool) -> dict[str, Any]:
     start = time.perf_counter()
     if action in ("restart", "replace"):
-        remove_run(run_dir, extra=(_EVAL_FILE,))
+        remove_run(run_dir, extra=_OWN_FILES)
     if action != "reuse":
         train(mc, tc, run_dir, resume=action == "resume", progress=progress, cache_dir=cache_dir)
     saved_mc, saved_tc = read_configs(run_dir)
@@ -196,29 +221,43 @@ def _train_one(position: str, mc: ModelConfig, tc: TrainConfig, action: Action, 
     }
 
 
-def _evaluate_one(run_dir: Path, p: ReproducePreset, force: bool, cache_dir: Optional[Path],
-                  progress: bool) -> list[dict[str, Any]]:
-    cached = run_dir / "eval.json"
-    settings = {"multiples": list(p.multiples), "eval_tokens": p.eval_tokens, "per_position": True,
-                "weights_sha": (run_dir / "checkpoint.json").read_text()}
-    if cached.is_file() and not force:
+def _cached(path: Path, settings: dict[str, Any], force: bool,
+            compute: Callable[[], list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """``compute()``'s records, kept in ``path`` with the settings they were made with."""
+    if path.is_file() and not force:
         try:
-            saved = json.loads(cached.read_text())
+            saved = json.loads(path.read_text())
         except ValueError:  # unreadable (not JSON, not UTF-8): evaluate again
             saved = None
         if isinstance(saved, dict) and saved.get("settings") == settings and \
                 isinstance(saved.get("results"), list):
             return saved["results"]
-    run = load_run(run_dir)
-    records = evaluate_run(
-        run, lengths=[m * p.train_len for m in p.multiples], split="valid",
-        scalings=_rules(run.config.position), batch_size=p.eval_batch_size,
-        max_tokens=p.eval_tokens or None, per_position=True, cache_dir=cache_dir, progress=progress,
-    )
-    records = [json_record(r) for r in records]  # strict JSON: a non-finite number becomes null
-    atomic_write_text(cached, json.dumps({"settings": settings, "results": records}, indent=1,
-                                         allow_nan=False))
+    records = [json_record(r) for r in compute()]  # strict JSON: a non-finite number is null
+    atomic_write_text(path, json.dumps({"settings": settings, "results": records}, indent=1,
+                                       allow_nan=False))
     return records
+
+
+def _evaluate_one(run_dir: Path, p: ReproducePreset, force: bool, cache_dir: Optional[Path],
+                  progress: bool) -> list[dict[str, Any]]:
+    settings = {"multiples": list(p.multiples), "eval_tokens": p.eval_tokens, "per_position": True,
+                "weights_sha": (run_dir / "checkpoint.json").read_text()}
+    return _cached(run_dir / _EVAL_FILE, settings, force, lambda: evaluate_run(
+        run_dir, lengths=[m * p.train_len for m in p.multiples], split="valid",
+        scalings=_rules(read_configs(run_dir)[0].position), batch_size=p.eval_batch_size,
+        max_tokens=p.eval_tokens or None, per_position=True, cache_dir=cache_dir, progress=progress,
+    ))
+
+
+def _retrieve_one(run_dir: Path, p: ReproducePreset, force: bool,
+                  progress: bool) -> list[dict[str, Any]]:
+    settings = {"task": p.task, "multiples": list(p.multiples), "depths": list(p.depths),
+                "trials": p.trials, "weights_sha": (run_dir / "checkpoint.json").read_text()}
+    return _cached(run_dir / _RETRIEVAL_FILE, settings, force, lambda: evaluate_run_task(
+        run_dir, task=str(p.task), lengths=[m * p.train_len for m in p.multiples],
+        depths=p.depths, trials=p.trials, scalings=_rules(read_configs(run_dir)[0].position),
+        batch_size=p.eval_batch_size, progress=progress,
+    ))
 
 
 def _run_dir(out: Path, position: str, seed: int) -> Path:
@@ -286,7 +325,7 @@ def reproduce(
         f"{todo} to train: about "
         f"{_duration(60 * p.expected_minutes * todo / len(positions))} on 2 idle CPU cores "
         f"(float32; the pace below updates this)")
-    training, records, trained_seconds, trained = [], [], 0.0, 0
+    training, records, retrieval, trained_seconds, trained = [], [], [], 0.0, 0
     for n, job in enumerate(jobs):
         (position, s), run_dir, job_start = job, _run_dir(out, *job), time.perf_counter()
         log(f"[{position} seed {s}] {_SAY[plans[job]]} "
@@ -296,6 +335,10 @@ def reproduce(
         log(f"[{position} seed {s}] evaluating at "
             f"{', '.join(str(m * p.train_len) for m in p.multiples)}")
         records += [{**r, "seed": s} for r in _evaluate_one(run_dir, p, force, cache, progress)]
+        if p.task is not None:
+            log(f"[{position} seed {s}] {p.task} retrieval: {len(p.depths)} depths x "
+                f"{p.trials} trials at each length")
+            retrieval += [{**r, "seed": s} for r in _retrieve_one(run_dir, p, force, progress)]
         if plans[job] != "reuse":
             trained_seconds, trained = trained_seconds + time.perf_counter() - job_start, trained + 1
         left = sum(plans[j] != "reuse" for j in jobs[n + 1:])
@@ -308,6 +351,9 @@ def reproduce(
         "seconds": round(time.perf_counter() - started, 1), "training": training,
         "finding": finding(records, p.train_len), "results": records,
     }
+    if p.task is not None:
+        results["retrieval"] = retrieval
+        results["retrieval_summary"] = retrieval_summary(merge_cells(retrieval))
     _write_report(out, results, p)
     log(f"wrote {out / 'results.json'}, {out / 'report.md'}, {out / 'ppl_vs_length.png'}")
     return results
@@ -344,6 +390,8 @@ _REPORT_FILES: dict[str, Callable[[bytes], bool]] = {
     # matplotlib names itself in a tEXt chunk right after the PNG header.
     "ppl_vs_length.png": lambda head: head.startswith(b"\x89PNG\r\n\x1a\n")
     and b"Matplotlib" in head[:256],
+    "retrieval.png": lambda head: head.startswith(b"\x89PNG\r\n\x1a\n")
+    and b"Matplotlib" in head[:256],
 }
 
 
@@ -373,6 +421,12 @@ def _write_report(out: Path, results: dict[str, Any], p: ReproducePreset) -> Non
     atomic_write_text(out / "results.json", json.dumps(results, indent=1, allow_nan=False) + "\n")
     plot_ppl_vs_length(aggregate(results["results"]), p.train_len, out / "ppl_vs_length.png",
                        title=f"Train short (L={p.train_len}), test long — preset {results['preset']['name']}")
+    if "retrieval" in results:
+        cells = [r for r in merge_cells(results["retrieval"]) if not r["skipped"]]
+        panels: dict[str, list[dict[str, Any]]] = {}
+        for r in cells:
+            panels.setdefault(f"{r['position']} / {r['scaling']}", []).append(r)
+        plot_heatmaps(panels, out / "retrieval.png")
     atomic_write_text(out / "report.md", _report_md(results, p))
 
 
@@ -393,6 +447,35 @@ def _command(results: dict[str, Any], p: ReproducePreset) -> str:
     if name in REPRODUCE_PRESETS and p.embedding != REPRODUCE_PRESETS[name].embedding:
         flags.append(f"--embedding {p.embedding}")
     return "linbias reproduce " + " ".join(flags) + " --out OUT"
+
+
+def _retrieval_md(results: dict[str, Any], p: ReproducePreset) -> str:
+    if "retrieval" not in results:
+        return ""
+    summary = results["retrieval_summary"]
+    lengths = [m * p.train_len for m in p.multiples]
+    rows = ["| method | " + " | ".join(f"L'={n} ({m}L)" for n, m in zip(lengths, p.multiples))
+            + " | k_max |", "|---|" + "---:|" * (len(lengths) + 1)]
+    for s in summary:
+        acc = {b["length"]: b["accuracy"] for b in s["by_length"]}
+        cells = ["—" if acc.get(n) is None else f"{100 * acc[n]:.0f}%" for n in lengths]
+        name = s["position"] + ("" if s["scaling"] == "none" else f" + {s['scaling']}")
+        rows.append(f"| {name} | " + " | ".join(cells) + f" | {s['k_max'] if s['k_max'] is not None else '—'} |")
+    n_trials = p.trials * results.get("seeds", 1)
+    return f"""
+## Retrieval past L: {p.task}
+
+Every model was trained with {100 * p.task_fraction:.0f}% of its rows replaced by {p.task}
+sequences of length L (needle at a uniform random depth), then asked at each L' with the needle
+at depths {', '.join(f'{d:g}%' for d in p.depths)}, {n_trials} trials per cell
+({p.trials} per seed). Accuracy is exact match of the greedy answer, averaged over depths; k_max
+is the longest needle distance (tokens from the needle to the question) up to which every cell
+retrieves in at least 20% of trials (Chen et al. 2023).
+
+{chr(10).join(rows)}
+
+![retrieval accuracy by length and depth](retrieval.png)
+"""
 
 
 def _report_md(results: dict[str, Any], p: ReproducePreset) -> str:
@@ -424,7 +507,7 @@ Where the loss goes: mean loss (nats) per token at L' = 4L, by position inside t
 before L/2 are left out (they have little context whatever the method: the early-token curse).
 
 {beyond_table(combined, p.train_len)}
-
+{_retrieval_md(results, p)}
 ## How it was made
 
 - Corpus: `{results['data']}` — train {corpus['train']['documents']} documents
