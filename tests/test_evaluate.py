@@ -345,6 +345,39 @@ def test_bad_retrieval_requests_are_named(run, kwargs, match) -> None:
         ev.evaluate_run_task(run, progress=False, **request)
 
 
+@pytest.mark.parametrize("rule", ["none", "linear"])
+def test_attention_maps_and_profile_match_a_float64_reference(run, rule) -> None:
+    """Layer 0's probabilities written out from the weights and the paper's bias, in float64."""
+    from linbias.alibi import alibi_slopes
+
+    model, T = ev.RunModel(run), 96  # 3L: the rule acts
+    ids_KT = torch.randint(0, 300, (2, T), generator=torch.Generator().manual_seed(3))
+    with model.under(rule):
+        maps = model.attention_maps(ids_KT)
+    gpt = run.model.double()
+    try:
+        with torch.no_grad():
+            x = gpt.tok_emb(ids_KT) * gpt.emb_scale
+            q, k, _ = gpt.blocks[0].attn.qkv(gpt.blocks[0].ln_1(x)).split(x.shape[-1], dim=-1)
+    finally:
+        gpt.float()
+    H = run.config.n_heads
+    q, k = (t.view(2, T, H, -1).transpose(1, 2) for t in (q, k))
+    slopes = alibi_slopes(H).double()
+    if rule == "linear":
+        slopes = slopes * 32 / T  # m x L / L'
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) - slopes[:, None, None] * (i - j)
+    ref = torch.softmax(scores.masked_fill(j > i, float("-inf")), dim=-1)
+    assert len(maps) == run.config.n_layers
+    torch.testing.assert_close(maps[0].double(), ref, atol=1e-5, rtol=1e-4)
+    records = ev.attention_profile(model, ids_KT, scalings=(rule,), distances=(0.5,))
+    far = ((i - j) > 16)[T // 2:]
+    for r in (x for x in records if x["layer"] == 0):
+        want = (ref[:, r["head"], T // 2:] * far).sum(-1).mean()
+        assert r["distance"] == 16 and r["share"] == pytest.approx(float(want), abs=1e-5)
+
+
 def test_a_rule_the_method_lacks_raises_its_error(run, tiny_cache_dir) -> None:
     with pytest.raises(ValueError, match="do not support scaling rule 'linear'"):
         evaluate_run(_learned_run(run), lengths=[16], scalings=("linear",),

@@ -221,7 +221,8 @@ def test_a_retrieval_preset_mixes_the_task_and_reports_accuracy_and_k_max(tmp_pa
                                                                          monkeypatch):
     preset = ReproducePreset(model="tiny", train_len=320, steps=2, batch_size=2, warmup=1,
                              vocab_size=300, multiples=(1, 2), eval_tokens=700, task="passkey",
-                             task_fraction=0.5, depths=(0.0, 100.0), trials=2)
+                             task_fraction=0.5, depths=(0.0, 100.0), trials=2, profile_windows=1,
+                             profile_multiple=2, sliding_tokens=640)
     monkeypatch.setitem(reproduce_mod.REPRODUCE_PRESETS, "unit-passkey", preset)
     out = tmp_path / "report"
     results = run(out, preset="unit-passkey", seeds=2, positions=("alibi", "learned"))
@@ -242,5 +243,18 @@ def test_a_retrieval_preset_mixes_the_task_and_reports_accuracy_and_k_max(tmp_pa
     assert "## Retrieval past L: passkey" in report and "| alibi + linear |" in report
     assert "4 trials per cell" in report and "| learned |" in report
     assert (out / "retrieval.png").read_bytes().startswith(b"\x89PNG")
+    profile = results["attention_profile"]  # 2 seeds x 5 rules x layers x heads x 4 distances
+    layers, heads = 2, 4
+    assert len(profile) == 2 * 4 * layers * heads * 4  # alibi's 4 rules; learned cannot run 2L
+    assert {r["distance"] for r in profile} == {80, 160, 320, 640}
+    assert all(0.0 <= r["share"] <= 1.0 for r in profile)
+    assert "## Where the model looks" in report and (out / "attention_profile.png").is_file()
+    sliding = results["sliding"]  # L'=320 only (at most half of 640 tokens), rule none
+    assert sorted((r["position"], r["mode"]) for r in sliding if r["seed"] == 0) == [
+        ("alibi", "nonoverlapping"), ("alibi", "sliding"), ("learned", "nonoverlapping"),
+        ("learned", "sliding")]
+    assert all(r["tokens"] == 640 and r["eval_len"] == 320 for r in sliding)
+    assert "## Sliding window against non-overlapping windows" in report
     again = run(out, preset="unit-passkey", seeds=2, positions=("alibi", "learned"))
     assert again["retrieval"] == cells  # reused from each run's retrieval.json
+    assert again["attention_profile"] == profile and again["sliding"] == sliding

@@ -72,7 +72,7 @@ from linbias.train import Run, check_corpus, load_run
 __all__ = [
     "DEPTHS", "MODES", "EvalModel", "Mode", "RunModel", "check_output_file", "evaluate_model",
     "evaluate_run", "evaluate_run_task", "evaluate_stream", "evaluate_task", "format_table",
-    "json_record", "merge_cells", "retrieval_summary", "retrieval_table", "write_json",
+    "json_record", "merge_cells", "attention_profile", "retrieval_summary", "retrieval_table", "write_json",
 ]
 
 Mode = Literal["nonoverlapping", "sliding"]
@@ -358,6 +358,10 @@ class EvalModel(Protocol):
         """The model with scaling ``rule`` for the duration of a ``with`` block."""
         ...
 
+    def attention_maps(self, ids_BT: torch.Tensor) -> list[torch.Tensor]:
+        """Each layer's attention probabilities ``[B, H, T, T]`` for unpadded windows."""
+        ...
+
 
 class RunModel:
     """A linbias run as an ``EvalModel``. Left-padded rows get positions that start at 0 at their
@@ -390,6 +394,29 @@ class RunModel:
             yield self
         finally:
             self.run.model.set_scaling(previous)
+
+    def attention_maps(self, ids_BT: torch.Tensor) -> list[torch.Tensor]:
+        # The fused kernels return no probabilities, but attending over identity values does:
+        # P @ I = P, through each method's own attention path (its bias, rule and backend), D
+        # columns of I at a time (values must be shaped like the keys).
+        position, maps = self.run.model.position, []
+        attend = position.attend
+
+        def recording(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw: Any) -> torch.Tensor:
+            S, D = k.shape[-2:]
+            eye = torch.eye(S, -(-S // D) * D, dtype=v.dtype, device=v.device)
+            cols = [attend(q, k, eye[:, c : c + D].expand_as(v), **kw)
+                    for c in range(0, eye.shape[1], D)]
+            maps.append(torch.cat(cols, dim=-1)[..., :S].float().cpu())
+            return attend(q, k, v, **kw)
+
+        position.attend = recording  # an instance attribute shadows the method for this call
+        try:
+            with torch.inference_mode():
+                self.logits(ids_BT)
+        finally:
+            del position.attend
+        return maps
 
 
 def skip_reason(model: EvalModel, eval_len: int, n_targets: int, where: str) -> str | None:
@@ -693,6 +720,55 @@ def retrieval_table(records: Sequence[dict[str, Any]]) -> str:
     width = [max(len(r[j]) for r in rows) for j in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) if j < 2 else c.rjust(w) for j, (c, w) in
                                enumerate(zip(r, width))) for r in rows)
+
+
+# --- where the model looks: the attention-distance profile ---------------------------------------
+
+PROFILE_DISTANCES: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)  # multiples of L
+
+
+def attention_profile(
+    model: EvalModel,
+    windows_KT: torch.Tensor,
+    *,
+    scalings: Sequence[str] = ("none",),
+    distances: Sequence[float] = PROFILE_DISTANCES,
+) -> list[dict[str, Any]]:
+    """The receptive field: each head's share of attention mass beyond distance ``d``.
+
+    For every rule, layer and head, the attention probabilities of the windows (``[K, T]`` token
+    ids, e.g. ``T = 4L``) are summed over keys more than ``d`` tokens behind the query, and averaged
+    over the windows and over the queries of the second half of each window (those that can look
+    ``T/2`` back). ``d`` is each of ``distances`` times L (Chi et al. 2022 read ALiBi's heads at
+    long distance as windowed attention: their share beyond L is near 0).
+
+    Returns:
+        One record per (rule, layer, head, distance): ``position``, ``scaling``, ``train_len``,
+        ``eval_len`` (T), ``layer``, ``head``, ``distance`` (tokens), ``share``.
+    """
+    model.check_rules(scalings)
+    if model.train_len is None:
+        raise ValueError("the attention profile counts distances in multiples of L: the model "
+                         "needs a train_len")
+    T = windows_KT.shape[-1]
+    if _beyond(model, T):
+        raise ValueError(skip_reason(model, T, T, ""))
+    i_T1 = torch.arange(T)[:, None]
+    gap_TT = i_T1 - torch.arange(T)[None, :]  # query i minus key j
+    records = []
+    for rule in scalings:
+        with model.under(rule):
+            maps = model.attention_maps(windows_KT)
+        for layer, p_KHTT in enumerate(maps):
+            late_KHQT = p_KHTT[:, :, T // 2 :, :]
+            for d in distances:
+                far = (gap_TT[T // 2 :] > d * model.train_len).to(late_KHQT.dtype)
+                share_H = (late_KHQT * far).sum(-1).mean(dim=(0, 2))
+                records += [{"position": model.position, "scaling": rule,
+                             "train_len": model.train_len, "eval_len": T, "layer": layer,
+                             "head": h, "distance": round(d * model.train_len),
+                             "share": float(share_H[h])} for h in range(len(share_H))]
+    return records
 
 
 def evaluate_run_task(

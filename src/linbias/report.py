@@ -207,3 +207,44 @@ def describe_finding(f: dict[str, Any], records: Sequence[Record] = ()) -> str:
         lines.append(f"- sinusoidal at the longest length, L'={longest}: "
                      f"{curve[longest] / sin['ppl_at_L']:.2f}x its perplexity at L.")
     return "\n".join(lines)
+
+
+def plot_attention_profile(records: Sequence[Record], path: str | Path) -> None:
+    """Small multiples, one per method and rule: each head's share of attention mass beyond
+    distance d (``linbias.evaluate.attention_profile``), one line per head, coloured by layer;
+    with several seeds, their mean."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shares: dict[str, dict[tuple[int, int], dict[int, list[float]]]] = {}
+    for r in records:
+        panel = shares.setdefault(_label(r["position"], r["scaling"]), {})
+        panel.setdefault((r["layer"], r["head"]), {}).setdefault(r["distance"], []).append(r["share"])
+    if not shares:
+        raise ValueError("plot_attention_profile needs at least one record")
+    cols = min(5, len(shares))
+    rows = -(-len(shares) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 2.6 * rows), dpi=110, squeeze=False,
+                             sharey=True)
+    for ax, (label, heads) in zip(axes.flat, sorted(shares.items())):
+        for (layer, _), curve in sorted(heads.items()):
+            xs = sorted(curve)
+            ax.plot(xs, [sum(curve[x]) / len(curve[x]) for x in xs], color=f"C{layer}", lw=1,
+                    marker=".", label=f"layer {layer}")
+        ax.set_xscale("log", base=2)
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("distance d (tokens)", fontsize=8)
+        ax.grid(True, alpha=0.3)
+        handles = {h.get_label(): h for h in ax.get_lines()}
+        ax.legend(handles.values(), handles.keys(), fontsize=6)
+    for ax in axes.flat[len(shares):]:
+        ax.set_visible(False)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("attention mass beyond d", fontsize=8)
+    eval_len = records[0]["eval_len"]
+    fig.suptitle(f"Where each head looks at L' = {eval_len} (one line per head)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional
 
+import numpy as np
 import torch
 
 from linbias.config import (
@@ -35,8 +36,10 @@ from linbias.config import (
     check_int,
     model_config,
 )
-from linbias.data import Corpus, atomic_write_text, load_corpus
+from linbias.data import Corpus, atomic_write_text, default_cache_dir, load_corpus, token_stream
 from linbias.evaluate import (
+    RunModel,
+    attention_profile,
     evaluate_run,
     evaluate_run_task,
     json_record,
@@ -52,6 +55,7 @@ from linbias.report import (
     describe_finding,
     finding,
     markdown_table,
+    plot_attention_profile,
     plot_ppl_vs_length,
 )
 from linbias.train import (
@@ -97,6 +101,12 @@ class ReproducePreset(ConfigBase):
         task_fraction: the share of training rows that are task sequences.
         depths: needle depths (percent) of the retrieval evaluation.
         trials: trials per (length, depth) cell.
+        profile_windows: windows of the valid split for the attention-distance profile
+            (``linbias.evaluate.attention_profile``); 0: none.
+        profile_multiple: their length, as a multiple of L.
+        sliding_tokens: the first tokens of the valid split scored with a sliding window of
+            stride 1 at each L' up to half of them, beside non-overlapping windows over the same
+            tokens (the ALiBi paper's appendix B), without scaling rules; 0: none.
         multiples: evaluation lengths as multiples of L.
         eval_tokens: tokens scored per evaluation (a prefix of the split; 0 means all).
         eval_batch_size: windows per forward when evaluating.
@@ -118,6 +128,9 @@ class ReproducePreset(ConfigBase):
     task_fraction: float = 0.25
     depths: tuple[float, ...] = (0.0, 25.0, 50.0, 75.0, 100.0)
     trials: int = 10
+    profile_windows: int = 0
+    profile_multiple: int = 4
+    sliding_tokens: int = 0
     multiples: tuple[int, ...] = (1, 2, 4, 8, 16)
     eval_tokens: int = 0
     eval_batch_size: int = 8
@@ -133,7 +146,8 @@ REPRODUCE_PRESETS: dict[str, ReproducePreset] = {
     # vocabulary, so L = 128 leaves the needle room to move; a quarter of the rows are passkey.
     "retrieval": ReproducePreset(model="tiny", train_len=128, steps=1200, batch_size=16, lr=2e-3,
                                  warmup=100, vocab_size=2048, t5_max_distance=64, task="passkey",
-                                 task_fraction=0.25, expected_minutes=20),
+                                 task_fraction=0.5, profile_windows=4, sliding_tokens=1024,
+                                 expected_minutes=20),
     "paper-small": ReproducePreset(model="small", train_len=256, steps=5000, batch_size=32,
                                    lr=1e-3, warmup=250, t5_max_distance=64, expected_minutes=810),
 }
@@ -146,7 +160,9 @@ def _rules(position: str) -> list[str]:
 # reproduce's own file in a run directory: a run holding it is still provably a run.
 _EVAL_FILE = "eval.json"
 _RETRIEVAL_FILE = "retrieval.json"
-_OWN_FILES = (_EVAL_FILE, _RETRIEVAL_FILE)
+_PROFILE_FILE = "profile.json"
+_SLIDING_FILE = "sliding.json"
+_OWN_FILES = (_EVAL_FILE, _RETRIEVAL_FILE, _PROFILE_FILE, _SLIDING_FILE)
 
 Action = Literal["train", "resume", "reuse", "restart", "replace"]
 _SAY: dict[str, str] = {
@@ -260,6 +276,47 @@ def _retrieve_one(run_dir: Path, p: ReproducePreset, force: bool,
     ))
 
 
+def _profile_one(run_dir: Path, p: ReproducePreset, force: bool,
+                 cache_dir: Optional[Path]) -> list[dict[str, Any]]:
+    settings = {"profile_windows": p.profile_windows, "eval_len": p.profile_multiple * p.train_len,
+                "weights_sha": (run_dir / "checkpoint.json").read_text()}
+
+    def compute() -> list[dict[str, Any]]:
+        run = load_run(run_dir)
+        stream = token_stream(load_corpus(run.train_config.data), run.tokenizer, "valid",
+                              cache_dir if cache_dir is not None else default_cache_dir())
+        T = p.profile_multiple * p.train_len
+        if run.model.position.max_len is not None and T > run.model.position.max_len:
+            return []  # e.g. learned positions: no attention at all past their table
+        if len(stream) < p.profile_windows * T:
+            raise ValueError(f"the valid split has {len(stream)} tokens; the attention profile "
+                             f"needs {p.profile_windows} windows of {T}")
+        windows = torch.from_numpy(np.asarray(stream[: p.profile_windows * T], dtype=np.int64))
+        return attention_profile(RunModel(run), windows.view(p.profile_windows, T),
+                                 scalings=_rules(run.config.position))
+    return _cached(run_dir / _PROFILE_FILE, settings, force, compute)
+
+
+def _sliding_one(run_dir: Path, p: ReproducePreset, force: bool, cache_dir: Optional[Path],
+                 progress: bool) -> list[dict[str, Any]]:
+    settings = {"sliding_tokens": p.sliding_tokens, "multiples": list(p.multiples),
+                "weights_sha": (run_dir / "checkpoint.json").read_text()}
+    lengths = [m * p.train_len for m in p.multiples]
+
+    def compute() -> list[dict[str, Any]]:
+        run = load_run(run_dir)
+        out = []
+        for eval_len in lengths:  # at most half the tokens in the first window, scored as is
+            if 2 * eval_len > p.sliding_tokens or (run.model.position.max_len or eval_len) < eval_len:
+                continue
+            for mode, stride in (("sliding", 1), ("nonoverlapping", None)):
+                out += evaluate_run(run, lengths=[eval_len], mode=mode, stride=stride,
+                                    max_tokens=p.sliding_tokens, batch_size=p.eval_batch_size,
+                                    cache_dir=cache_dir, progress=progress)
+        return out
+    return _cached(run_dir / _SLIDING_FILE, settings, force, compute)
+
+
 def _run_dir(out: Path, position: str, seed: int) -> Path:
     return out / "runs" / f"{position}-seed{seed}"
 
@@ -325,7 +382,8 @@ def reproduce(
         f"{todo} to train: about "
         f"{_duration(60 * p.expected_minutes * todo / len(positions))} on 2 idle CPU cores "
         f"(float32; the pace below updates this)")
-    training, records, retrieval, trained_seconds, trained = [], [], [], 0.0, 0
+    training, records, retrieval, profile, sliding = [], [], [], [], []
+    trained_seconds, trained = 0.0, 0
     for n, job in enumerate(jobs):
         (position, s), run_dir, job_start = job, _run_dir(out, *job), time.perf_counter()
         log(f"[{position} seed {s}] {_SAY[plans[job]]} "
@@ -339,6 +397,11 @@ def reproduce(
             log(f"[{position} seed {s}] {p.task} retrieval: {len(p.depths)} depths x "
                 f"{p.trials} trials at each length")
             retrieval += [{**r, "seed": s} for r in _retrieve_one(run_dir, p, force, progress)]
+        if p.profile_windows:
+            profile += [{**r, "seed": s} for r in _profile_one(run_dir, p, force, cache)]
+        if p.sliding_tokens:
+            log(f"[{position} seed {s}] sliding window, stride 1, over {p.sliding_tokens} tokens")
+            sliding += [{**r, "seed": s} for r in _sliding_one(run_dir, p, force, cache, progress)]
         if plans[job] != "reuse":
             trained_seconds, trained = trained_seconds + time.perf_counter() - job_start, trained + 1
         left = sum(plans[j] != "reuse" for j in jobs[n + 1:])
@@ -354,6 +417,10 @@ def reproduce(
     if p.task is not None:
         results["retrieval"] = retrieval
         results["retrieval_summary"] = retrieval_summary(merge_cells(retrieval))
+    if p.profile_windows:
+        results["attention_profile"] = profile
+    if p.sliding_tokens:
+        results["sliding"] = sliding
     _write_report(out, results, p)
     log(f"wrote {out / 'results.json'}, {out / 'report.md'}, {out / 'ppl_vs_length.png'}")
     return results
@@ -392,6 +459,8 @@ _REPORT_FILES: dict[str, Callable[[bytes], bool]] = {
     and b"Matplotlib" in head[:256],
     "retrieval.png": lambda head: head.startswith(b"\x89PNG\r\n\x1a\n")
     and b"Matplotlib" in head[:256],
+    "attention_profile.png": lambda head: head.startswith(b"\x89PNG\r\n\x1a\n")
+    and b"Matplotlib" in head[:256],
 }
 
 
@@ -427,6 +496,8 @@ def _write_report(out: Path, results: dict[str, Any], p: ReproducePreset) -> Non
         for r in cells:
             panels.setdefault(f"{r['position']} / {r['scaling']}", []).append(r)
         plot_heatmaps(panels, out / "retrieval.png")
+    if results.get("attention_profile"):
+        plot_attention_profile(results["attention_profile"], out / "attention_profile.png")
     atomic_write_text(out / "report.md", _report_md(results, p))
 
 
@@ -478,6 +549,66 @@ retrieves in at least 20% of trials (Chen et al. 2023).
 """
 
 
+def _label(r: dict[str, Any]) -> str:
+    return r["position"] + ("" if r["scaling"] == "none" else f" + {r['scaling']}")
+
+
+def _profile_md(results: dict[str, Any], p: ReproducePreset) -> str:
+    records = results.get("attention_profile")
+    if not records:
+        return ""
+    distances = sorted({r["distance"] for r in records})
+    rows = ["| method | " + " | ".join(f"beyond {d}" for d in distances) + " |",
+            "|---|" + "---:|" * len(distances)]
+    for label in dict.fromkeys(_label(r) for r in records):
+        cells = []
+        for d in distances:
+            shares = [r["share"] for r in records if _label(r) == label and r["distance"] == d]
+            cells.append(f"{sum(shares) / len(shares):.3f} (max {max(shares):.2f})")
+        rows.append(f"| {label} | " + " | ".join(cells) + " |")
+    return f"""
+## Where the model looks
+
+Share of attention mass beyond distance d at L' = {p.profile_multiple * p.train_len}: mean over every layer and
+head (and the largest head), for the queries of the second half of {p.profile_windows} windows of
+the validation split{', pooled over seeds' if results.get('seeds', 1) > 1 else ''}.
+
+{chr(10).join(rows)}
+
+![attention mass beyond distance d, per head](attention_profile.png)
+"""
+
+
+def _sliding_md(results: dict[str, Any], p: ReproducePreset) -> str:
+    records = results.get("sliding")
+    if not records:
+        return ""
+    ppl: dict[tuple[str, int, str], list[float]] = {}
+    for r in records:
+        if r["ppl"] is not None:
+            ppl.setdefault((_label(r), r["eval_len"], r["mode"]), []).append(r["ppl"])
+    lengths = sorted({r["eval_len"] for r in records})
+    rows = ["| method | " + " | ".join(f"L'={n}" for n in lengths) + " |",
+            "|---|" + "---:|" * len(lengths)]
+    for label in dict.fromkeys(_label(r) for r in records):
+        cells = []
+        for n in lengths:
+            a, b = ppl.get((label, n, "nonoverlapping")), ppl.get((label, n, "sliding"))
+            cells.append("—" if not a or not b else
+                         f"{sum(a) / len(a):.2f} → {sum(b) / len(b):.2f}")
+        rows.append(f"| {label} | " + " | ".join(cells) + " |")
+    return f"""
+## Sliding window against non-overlapping windows
+
+Perplexity over the first {p.sliding_tokens} tokens of the validation split: non-overlapping windows
+of L' → a sliding window of stride 1 (after the first window, every token is predicted with
+L' - 1 tokens of context: the ALiBi paper's appendix B), for each L' up to half of those tokens.
+Only these tokens are scored, because stride 1 costs one forward per token{'; means over seeds' if results.get('seeds', 1) > 1 else ''}.
+
+{chr(10).join(rows)}
+"""
+
+
 def _report_md(results: dict[str, Any], p: ReproducePreset) -> str:
     t = results["training"]
     corpus = results["corpus"]
@@ -507,7 +638,7 @@ Where the loss goes: mean loss (nats) per token at L' = 4L, by position inside t
 before L/2 are left out (they have little context whatever the method: the early-token curse).
 
 {beyond_table(combined, p.train_len)}
-{_retrieval_md(results, p)}
+{_retrieval_md(results, p)}{_profile_md(results, p)}{_sliding_md(results, p)}
 ## How it was made
 
 - Corpus: `{results['data']}` — train {corpus['train']['documents']} documents
