@@ -428,3 +428,16 @@ def test_passkey_round_trips_through_the_export(tiny_text_corpus, tiny_cache_dir
         got = hf.HFModel(mpt, 384).logits(ids_BT, mask_BT)
         want = ours_model.logits(ids_BT, mask_BT)
     assert _max_diff(got[mask_BT], want[mask_BT]) < ATOL
+
+
+@pytest.mark.parametrize("rule", ["none", "linear"])
+def test_attention_profile_of_the_export_equals_the_runs(exported, bias_free_dir, rule) -> None:
+    from linbias.evaluate import RunModel, attention_profile
+
+    ids_KT = torch.randint(0, 300, (2, 96), generator=torch.Generator().manual_seed(1))
+    mpt = AutoModelForCausalLM.from_pretrained(exported, attn_implementation="eager").eval()
+    theirs = attention_profile(hf.HFModel(mpt), ids_KT, scalings=(rule,))
+    ours = attention_profile(RunModel(load_run(bias_free_dir)), ids_KT, scalings=(rule,))
+    assert [(r["layer"], r["head"], r["distance"]) for r in theirs] == \
+        [(r["layer"], r["head"], r["distance"]) for r in ours]
+    assert all(abs(a["share"] - b["share"]) < 1e-5 for a, b in zip(theirs, ours))

@@ -869,6 +869,18 @@ class HFModel:
                 extra["position_ids"] = (extra["attention_mask"].cumsum(-1) - 1).clamp(min=0)
         return self.model(input_ids=ids_BT.to(device), use_cache=False, **extra).logits
 
+    def attention_maps(self, ids_BT: torch.Tensor) -> list[torch.Tensor]:
+        device = next(self.model.parameters()).device
+        with torch.inference_mode():
+            out = self.model(input_ids=ids_BT.to(device), use_cache=False, output_attentions=True)
+        maps = getattr(out, "attentions", None)
+        if not maps or any(m is None for m in maps):
+            raise ValueError(
+                f"this {self.position} model returns no attention probabilities with its attention "
+                "implementation: load it with attn_implementation='eager'"
+            )
+        return [m.float().cpu() for m in maps]
+
     def check_rules(self, rules: Sequence[str]) -> None:
         for rule in rules:
             scaling_factor(1, 1, rule)  # unknown rule: the message lists the valid ones
