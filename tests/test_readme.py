@@ -1,0 +1,59 @@
+"""The README's Python blocks run as written, with small stand-ins for shapes, runs and Hub models."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+
+
+def _run(code: str, replacements: dict[str, str], namespace: dict | None = None) -> dict:
+    for old, new in replacements.items():
+        assert old in code, f"the README block no longer contains {old!r}: update this test"
+        code = code.replace(old, new)
+    namespace = {} if namespace is None else namespace
+    exec(compile(code, str(README), "exec"), namespace)  # noqa: S102 - the README's own code
+    return namespace
+
+
+def test_every_python_block_is_covered() -> None:
+    blocks = _blocks()
+    assert len(blocks) == 3
+    assert "alibi_attention" in blocks[0] and "load_run" in blocks[1] and "extend_context" in blocks[2]
+
+
+def test_the_attention_block_runs() -> None:
+    ns = _run(_blocks()[0], {"4096": "256", "train_len=1024": "train_len=64"})
+    assert ns["out"].shape == (2, 12, 256, 64) and ns["step"].shape == (2, 12, 1, 64)
+
+
+def test_the_load_run_block_runs(tiny_alibi_run: Path) -> None:
+    ns = _run(_blocks()[1], {'"runs/alibi"': repr(str(tiny_alibi_run))})
+    assert ns["logits"].shape[-1] == ns["run"].config.vocab_size
+
+
+def test_the_transformers_block_runs(tiny_alibi_run: Path, tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    from transformers import AutoTokenizer, BloomConfig, BloomForCausalLM
+
+    from linbias.hf import export_to_hf
+
+    mpt = export_to_hf(tiny_alibi_run, tmp_path / "mpt")  # a local MPT with its tokenizer
+    bloom = tmp_path / "bloom"
+    torch.manual_seed(0)
+    BloomForCausalLM(BloomConfig(vocab_size=300, hidden_size=32, n_layer=1, n_head=2)).save_pretrained(bloom)
+    AutoTokenizer.from_pretrained(mpt).save_pretrained(bloom)
+    long_text = "def f(x):\n    return x * 2\n" * 12  # past the tiny models' 32 tokens
+    ns = _run(_blocks()[2], {'"mosaicml/mpt-7b"': repr(str(mpt)), "max_new_tokens=4000":
+                             "max_new_tokens=8", '"bigscience/bloom-560m"': repr(str(bloom)),
+                             "train_len=2048": "train_len=32"}, {"long_text": long_text})
+    assert ns["out"].shape[1] == ns["ids"].shape[1] + 8 and ns["ids"].shape[1] > 32
+    assert ns["logits"].shape[:2] == ns["bloom_ids"].shape
