@@ -8,11 +8,6 @@ import linbias
 from linbias.cli import build_parser, main
 
 
-def _flags(command: str) -> set[str]:
-    sub = next(a for a in build_parser()._actions if a.dest == "command")
-    return {s for action in sub.choices[command]._actions for s in action.option_strings}
-
-
 def test_sub_commands():
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     assert set(sub.choices) == {"train", "eval", "reproduce", "export"}
@@ -24,19 +19,39 @@ def test_version(capsys):
     assert exit_.value.code == 0 and linbias.__version__ in capsys.readouterr().out
 
 
-def test_train_flags_cover_both_configs():
-    flags = _flags("train")
-    for flag in ("--position", "--train-len", "--preset", "--out", "--steps", "--batch-size",
-                 "--seed", "--save-every", "--resume", "--lr", "--warmup", "--weight-decay",
-                 "--grad-clip", "--grad-accum", "--bf16", "--eval-every", "--data", "--vocab-size"):
-        assert flag in flags, flag
+# The whole surface, pinned: a change to a command or flag must change this test too.
+SURFACE = {
+    'eval': (['run'], [
+        '--batch-size', '--data', '--depths', '--filler', '--heatmap', '--hf', '--json',
+        '--lengths', '--max-tokens', '--mode', '--no-progress', '--per-position', '--scaling',
+        '--seed', '--split', '--stride', '--task', '--train-len', '--trials',
+    ]),
+    'export': (['run'], [
+        '--to-hf',
+    ]),
+    'reproduce': ([], [
+        '--data', '--embedding', '--force', '--no-progress', '--out', '--positions', '--preset',
+        '--seed', '--seeds',
+    ]),
+    'train': ([], [
+        '--alibi-max-bias', '--batch-size', '--bf16', '--bias', '--d-ff', '--d-model', '--data',
+        '--dropout', '--embedding', '--eval-batches', '--eval-every', '--grad-accum',
+        '--grad-clip', '--log-every', '--lr', '--min-lr-ratio', '--mix-filler', '--mix-fraction',
+        '--mix-task', '--n-heads', '--n-layers', '--no-bf16', '--no-bias', '--no-progress',
+        '--no-tie-weights', '--out', '--position', '--preset', '--resume', '--rotary-base',
+        '--save-every', '--seed', '--steps', '--t5-buckets', '--t5-max-distance',
+        '--tie-weights', '--train-len', '--vocab-size', '--warmup', '--weight-decay',
+    ]),
+}
 
 
-def test_eval_and_reproduce_flags():
-    assert {"--lengths", "--split", "--mode", "--stride", "--scaling", "--per-position", "--json",
-            "--hf", "--train-len", "--max-tokens"} <= _flags("eval")
-    assert {"--preset", "--out", "--force", "--data", "--positions", "--seed", "--seeds"} <= _flags("reproduce")
-    assert {"--to-hf"} <= _flags("export")
+def test_the_cli_surface_is_pinned():
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    got = {name: ([a.dest for a in p._actions if not a.option_strings],
+                  sorted(s for a in p._actions for s in a.option_strings
+                         if s.startswith("--") and s != "--help"))
+           for name, p in sub.choices.items()}
+    assert got == SURFACE
 
 
 def test_unknown_names_list_the_valid_ones(capsys):
