@@ -243,8 +243,10 @@ def test_init_and_weight_tying() -> None:
             assert p.std().item() == pytest.approx(resid_std, rel=0.15), name
         elif name.endswith(("qkv.weight", "fc.weight", "tok_emb.weight")):
             assert p.std().item() == pytest.approx(0.02, rel=0.15), name
-        elif name.endswith("bias") and "ln" not in name:
-            assert not p.any(), name
+    with_bias = GPT(tiny("alibi", d_model=64, n_layers=4, bias=True))
+    biases = [n for n, p in with_bias.named_parameters() if n.endswith("bias") and "ln" not in n]
+    assert len(biases) == 4 * 4  # qkv, attention proj, fc, mlp proj in each of 4 blocks
+    assert all(not dict(with_bias.named_parameters())[n].any() for n in biases)
     untied = GPT(tiny("alibi", d_model=64, n_layers=4, tie_weights=False))
     assert untied.lm_head.weight is not untied.tok_emb.weight
     assert untied.num_params() - model.num_params() == V * 64
