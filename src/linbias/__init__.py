@@ -26,7 +26,7 @@ __all__ = [
 
 # The model and training API load on first use, so ``import linbias`` for the attention op does
 # not pull in tokenizers and safetensors.
-_LAZY = {"GPT": "linbias.model", "ModelConfig": "linbias.config", "load_run": "linbias.train"}
+_LAZY = {"GPT": "linbias.model", "ModelConfig": "linbias.config", "load_run": "linbias.runs"}
 
 
 def __getattr__(name: str) -> Any:

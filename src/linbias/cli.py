@@ -80,7 +80,7 @@ def given(args: argparse.Namespace, cls: type, skip: tuple = ()) -> dict[str, An
 
 
 def _train_parser(sub: argparse._SubParsersAction) -> None:
-    from linbias.train import TrainConfig
+    from linbias.config import TrainConfig
 
     p = sub.add_parser(
         "train", help="train a GPT with a chosen position method",
@@ -98,7 +98,9 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from linbias.train import TrainConfig, read_configs, train
+    from linbias.config import TrainConfig
+    from linbias.runs import read_configs
+    from linbias.train import train
 
     model_args, train_args = given(args, ModelConfig, ("vocab_size",)), given(args, TrainConfig)
     if args.resume:

@@ -19,10 +19,11 @@ import numbers
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+from typing import Any, Literal, Optional, TypeVar, Union, get_args, get_origin
 
 __all__ = [
-    "INIT_STD", "ConfigBase", "Embedding", "ModelConfig", "POSITIONS", "PRESETS", "Position", "check_int",
+    "INIT_STD", "REPRODUCE_PRESETS", "ConfigBase", "Embedding", "ReproducePreset", "TrainConfig",
+    "is_finite_number", "ModelConfig", "POSITIONS", "PRESETS", "Position", "check_int",
     "check_positive_float", "model_config",
 ]
 
@@ -287,6 +288,89 @@ class ModelConfig(ConfigBase):
         return self.d_model // self.n_heads
 
 
+def _check_real(name: str, value: Any, low: float, high: float = math.inf, *,
+                low_open: bool = False) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is a finite real number in range."""
+    if not is_finite_number(value) or value < low or (low_open and value == low) or value > high:
+        bound = f"{'>' if low_open else '>='} {low:g}" + (f" and <= {high:g}" if high < math.inf else "")
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+
+
+def is_finite_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig(ConfigBase):
+    """How a model is trained (the model itself is a ``ModelConfig``).
+
+    Args:
+        data: corpus spec (``stdlib``, ``text:PATH``, ``hf:NAME[:CONFIG]``).
+        vocab_size: tokenizer vocabulary size requested from BPE training.
+        steps: optimizer steps.
+        batch_size: sequences per process per micro-step.
+        grad_accum: micro-steps per optimizer step.
+        lr: peak learning rate (AdamW), reached after ``warmup`` steps, then cosine to
+            ``lr * min_lr_ratio`` at ``steps``.
+        weight_decay: AdamW decoupled weight decay on matrices (not on norms, biases, tables).
+        grad_clip: max global gradient norm (0 disables).
+        seed: fixes initialisation, data order and results.
+        bf16: bfloat16 autocast for the forward pass.
+        eval_every: steps between validation losses (0: only at the end).
+        eval_batches: validation batches per evaluation.
+        save_every: steps between checkpoints (a checkpoint is always written at the end).
+        log_every: steps between log lines.
+        mix_task: a retrieval task of ``linbias.tasks.TASKS`` (``"passkey"``, ``"lines"``) whose
+            sequences replace a share of the training rows, so that a model trained from scratch
+            learns the task at length L and can be tested on it past L.
+        mix_fraction: the share of training rows replaced (each row independently, seeded by the
+            step); validation batches stay plain corpus, so the valid loss stays comparable.
+        mix_filler: the passkey haystack: ``"sentences"``, the repeated filler sentences of the
+            published passkey test (the prompts ``linbias eval --task passkey`` uses by default),
+            or ``"corpus"``, a slice of the training split (a needle in a real haystack).
+    """
+
+    data: str = "stdlib"
+    vocab_size: int = 4096
+    steps: int = 1000
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 100
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0
+    bf16: bool = False
+    eval_every: int = 200
+    eval_batches: int = 16
+    save_every: int = 500
+    log_every: int = 10
+    mix_task: Optional[Literal["passkey", "lines"]] = None
+    mix_fraction: float = 0.0
+    mix_filler: Literal["sentences", "corpus"] = "sentences"
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "steps", "batch_size", "grad_accum", "eval_batches", "log_every"):
+            check_int(name, getattr(self, name))
+        for name in ("warmup", "eval_every", "save_every", "seed"):
+            check_int(name, getattr(self, name), low=0)
+        # Finite and in range: one inf or nan here makes every later loss nan, silently.
+        _check_real("lr", self.lr, 0.0, low_open=True)
+        _check_real("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        _check_real("weight_decay", self.weight_decay, 0.0)
+        _check_real("grad_clip", self.grad_clip, 0.0)
+        _check_real("mix_fraction", self.mix_fraction, 0.0, 1.0)
+        if (self.mix_task is None) != (self.mix_fraction == 0):
+            raise ValueError(
+                f"mix_task={self.mix_task!r} with mix_fraction={self.mix_fraction:g}: give both "
+                "(e.g. --mix-task passkey --mix-fraction 0.25) or neither"
+            )
+        if self.mix_filler == "corpus" and self.mix_task not in (None, "passkey"):
+            raise ValueError(f"mix_filler='corpus' is a passkey haystack; task {self.mix_task!r} "
+                             "has no filler to replace: use mix_filler='sentences'")
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(n_layers=2, n_heads=4, d_model=128),
     "small": dict(n_layers=4, n_heads=8, d_model=256),
@@ -307,3 +391,80 @@ def model_config(preset: str, **overrides: Any) -> ModelConfig:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; valid presets: {', '.join(PRESETS)}")
     return ModelConfig.from_dict({**PRESETS[preset], **overrides})
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReproducePreset(ConfigBase):
+    """One size of the experiment.
+
+    Args:
+        model: model preset name (``linbias.config.PRESETS``).
+        train_len: the training length L.
+        steps: optimizer steps per model.
+        batch_size: sequences per step.
+        lr: peak learning rate.
+        warmup: warmup steps.
+        vocab_size: BPE vocabulary size.
+        bf16: bfloat16 autocast in training (evaluation runs in float32). Off in every preset:
+            bf16 is fast only on CPUs with native bf16 instructions (emulated elsewhere, many
+            times slower), and float32 gives the same numbers on every CPU up to rounding.
+        t5_max_distance: T5's ``max_distance`` for this L (``None``: the model default, 128). T5
+            ran it at L/4; every bucket used past L must be reached by some distance below L,
+            or it is never trained (``positions.t5_untrained_buckets``).
+        embedding: token embedding convention (``ModelConfig.embedding``): ``"gpt2"`` or
+            ``"fairseq"`` (the paper's code).
+        task: a retrieval task (``linbias.tasks.TASKS``) to mix into training and evaluate at
+            every length, depth and rule; ``None``: perplexity only.
+        task_fraction: the share of training rows that are task sequences.
+        depths: needle depths (percent) of the retrieval evaluation.
+        trials: trials per (length, depth) cell.
+        profile_windows: windows of the valid split for the attention-distance profile
+            (``linbias.evaluate.attention_profile``); 0: none.
+        profile_multiple: their length, as a multiple of L.
+        sliding_tokens: the first tokens of the valid split scored with a sliding window of
+            stride 1 at each L' up to half of them, beside non-overlapping windows over the same
+            tokens (the ALiBi paper's appendix B), without scaling rules; 0: none.
+        multiples: evaluation lengths as multiples of L.
+        eval_tokens: tokens scored per evaluation (a prefix of the split; 0 means all).
+        eval_batch_size: windows per forward when evaluating.
+        expected_minutes: wall time of one seed on 2 idle CPU cores, end to end, estimated from
+            measured training speed (float32).
+    """
+
+    model: str
+    train_len: int
+    steps: int
+    batch_size: int
+    lr: float = 2e-3
+    warmup: int = 50
+    vocab_size: int = 4096
+    bf16: bool = False
+    t5_max_distance: Optional[int] = None
+    embedding: Embedding = "gpt2"
+    task: Optional[Literal["passkey", "lines"]] = None
+    task_fraction: float = 0.25
+    depths: tuple[float, ...] = (0.0, 25.0, 50.0, 75.0, 100.0)
+    trials: int = 10
+    profile_windows: int = 0
+    profile_multiple: int = 4
+    sliding_tokens: int = 0
+    multiples: tuple[int, ...] = (1, 2, 4, 8, 16)
+    eval_tokens: int = 0
+    eval_batch_size: int = 8
+    expected_minutes: float = 0.0
+
+
+REPRODUCE_PRESETS: dict[str, ReproducePreset] = {
+    # T5's max_distance: L/4 as in T5 would be 16, which 32 buckets cannot hold (their log-spaced
+    # half starts at 16); L/2 is the nearest that keeps every bucket used past L trained.
+    "quick": ReproducePreset(model="tiny", train_len=64, steps=1200, batch_size=16, lr=2e-3,
+                             warmup=100, vocab_size=2048, t5_max_distance=32, expected_minutes=8),
+    # Retrieval: the passkey prompt (instruction, needle, question) takes 92 tokens with this
+    # vocabulary, so L = 128 leaves the needle room to move; a quarter of the rows are passkey.
+    "retrieval": ReproducePreset(model="tiny", train_len=128, steps=1200, batch_size=16, lr=2e-3,
+                                 warmup=100, vocab_size=2048, t5_max_distance=64, task="passkey",
+                                 task_fraction=0.5, profile_windows=4, sliding_tokens=1024,
+                                 expected_minutes=20),
+    "paper-small": ReproducePreset(model="small", train_len=256, steps=5000, batch_size=32,
+                                   lr=1e-3, warmup=250, t5_max_distance=64, expected_minutes=810),
+}

@@ -52,19 +52,20 @@ import re
 import stat
 import sys
 import sysconfig
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, BinaryIO, Literal, cast
+from typing import Any, Literal, cast
 
 import numpy as np
 import tokenizers
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from linbias.fileio import atomic_write
 
 __all__ = [
     "EOT",
@@ -657,30 +658,6 @@ def _cache_folder(path: str | Path, what: str = "the cache folder") -> Path:
                 )
             break
     return path
-
-
-def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write a file through ``write(f)`` so readers see the old file or the whole new one.
-
-    The bytes go to a temporary file beside ``path``, are flushed to disk, then renamed over it.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """``atomic_write`` for UTF-8 text."""
-    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def _chunks(docs: list[str], max_chars: int = 1 << 22) -> Iterator[list[str]]:

@@ -51,12 +51,12 @@ from tqdm.auto import tqdm
 
 from linbias.config import check_int
 from linbias.data import (
-    atomic_write_text,
     default_cache_dir,
     load_corpus,
     token_byte_lengths,
     token_stream,
 )
+from linbias.fileio import atomic_write_text
 from linbias.tasks import (
     TASKS,
     Encoder,
@@ -67,7 +67,7 @@ from linbias.tasks import (
     score,
     wilson,
 )
-from linbias.train import Run, check_corpus, load_run
+from linbias.runs import Run, check_corpus, load_run
 
 __all__ = [
     "DEPTHS", "MODES", "EvalModel", "Mode", "RunModel", "check_output_file", "evaluate_model",

@@ -95,7 +95,7 @@ from linbias.config import ModelConfig
 from linbias.data import EOT, default_cache_dir, load_corpus, token_byte_lengths, token_stream
 from linbias.evaluate import DEPTHS, Mode, check_request, evaluate_model, evaluate_task
 from linbias.tasks import encoder
-from linbias.train import Run, load_run
+from linbias.runs import Run, load_run
 
 __all__ = [
     "EXPORT_MARKER",

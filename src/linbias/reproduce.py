@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import platform
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional
 
@@ -30,13 +29,15 @@ import torch
 
 from linbias.config import (
     POSITIONS,
-    ConfigBase,
-    Embedding,
+    REPRODUCE_PRESETS,
     ModelConfig,
+    ReproducePreset,
+    TrainConfig,
     check_int,
     model_config,
 )
-from linbias.data import Corpus, atomic_write_text, default_cache_dir, load_corpus, token_stream
+from linbias.data import Corpus, default_cache_dir, load_corpus, token_stream
+from linbias.fileio import atomic_write_text
 from linbias.evaluate import (
     RunModel,
     attention_profile,
@@ -45,7 +46,6 @@ from linbias.evaluate import (
     json_record,
     merge_cells,
     retrieval_summary,
-    retrieval_table,
 )
 from linbias.tasks import plot_heatmaps
 from linbias.positions import POSITION_METHODS
@@ -58,10 +58,9 @@ from linbias.report import (
     plot_attention_profile,
     plot_ppl_vs_length,
 )
-from linbias.train import (
+from linbias.runs import (
     ConfigMismatch,
     RunError,
-    TrainConfig,
     check_resume,
     check_run_dir,
     check_writable,
@@ -70,87 +69,10 @@ from linbias.train import (
     read_configs,
     read_log,
     remove_run,
-    train,
 )
+from linbias.train import train
 
 __all__ = ["ReproducePreset", "REPRODUCE_PRESETS", "reproduce"]
-
-
-@dataclass(frozen=True, kw_only=True)
-class ReproducePreset(ConfigBase):
-    """One size of the experiment.
-
-    Args:
-        model: model preset name (``linbias.config.PRESETS``).
-        train_len: the training length L.
-        steps: optimizer steps per model.
-        batch_size: sequences per step.
-        lr: peak learning rate.
-        warmup: warmup steps.
-        vocab_size: BPE vocabulary size.
-        bf16: bfloat16 autocast in training (evaluation runs in float32). Off in every preset:
-            bf16 is fast only on CPUs with native bf16 instructions (emulated elsewhere, many
-            times slower), and float32 gives the same numbers on every CPU up to rounding.
-        t5_max_distance: T5's ``max_distance`` for this L (``None``: the model default, 128). T5
-            ran it at L/4; every bucket used past L must be reached by some distance below L,
-            or it is never trained (``positions.t5_untrained_buckets``).
-        embedding: token embedding convention (``ModelConfig.embedding``): ``"gpt2"`` or
-            ``"fairseq"`` (the paper's code).
-        task: a retrieval task (``linbias.tasks.TASKS``) to mix into training and evaluate at
-            every length, depth and rule; ``None``: perplexity only.
-        task_fraction: the share of training rows that are task sequences.
-        depths: needle depths (percent) of the retrieval evaluation.
-        trials: trials per (length, depth) cell.
-        profile_windows: windows of the valid split for the attention-distance profile
-            (``linbias.evaluate.attention_profile``); 0: none.
-        profile_multiple: their length, as a multiple of L.
-        sliding_tokens: the first tokens of the valid split scored with a sliding window of
-            stride 1 at each L' up to half of them, beside non-overlapping windows over the same
-            tokens (the ALiBi paper's appendix B), without scaling rules; 0: none.
-        multiples: evaluation lengths as multiples of L.
-        eval_tokens: tokens scored per evaluation (a prefix of the split; 0 means all).
-        eval_batch_size: windows per forward when evaluating.
-        expected_minutes: wall time of one seed on 2 idle CPU cores, end to end, estimated from
-            measured training speed (float32).
-    """
-
-    model: str
-    train_len: int
-    steps: int
-    batch_size: int
-    lr: float = 2e-3
-    warmup: int = 50
-    vocab_size: int = 4096
-    bf16: bool = False
-    t5_max_distance: Optional[int] = None
-    embedding: Embedding = "gpt2"
-    task: Optional[Literal["passkey", "lines"]] = None
-    task_fraction: float = 0.25
-    depths: tuple[float, ...] = (0.0, 25.0, 50.0, 75.0, 100.0)
-    trials: int = 10
-    profile_windows: int = 0
-    profile_multiple: int = 4
-    sliding_tokens: int = 0
-    multiples: tuple[int, ...] = (1, 2, 4, 8, 16)
-    eval_tokens: int = 0
-    eval_batch_size: int = 8
-    expected_minutes: float = 0.0
-
-
-REPRODUCE_PRESETS: dict[str, ReproducePreset] = {
-    # T5's max_distance: L/4 as in T5 would be 16, which 32 buckets cannot hold (their log-spaced
-    # half starts at 16); L/2 is the nearest that keeps every bucket used past L trained.
-    "quick": ReproducePreset(model="tiny", train_len=64, steps=1200, batch_size=16, lr=2e-3,
-                             warmup=100, vocab_size=2048, t5_max_distance=32, expected_minutes=8),
-    # Retrieval: the passkey prompt (instruction, needle, question) takes 92 tokens with this
-    # vocabulary, so L = 128 leaves the needle room to move; a quarter of the rows are passkey.
-    "retrieval": ReproducePreset(model="tiny", train_len=128, steps=1200, batch_size=16, lr=2e-3,
-                                 warmup=100, vocab_size=2048, t5_max_distance=64, task="passkey",
-                                 task_fraction=0.5, profile_windows=4, sliding_tokens=1024,
-                                 expected_minutes=20),
-    "paper-small": ReproducePreset(model="small", train_len=256, steps=5000, batch_size=32,
-                                   lr=1e-3, warmup=250, t5_max_distance=64, expected_minutes=810),
-}
 
 
 def _rules(position: str) -> list[str]:

@@ -44,7 +44,7 @@ import tokenizers
 import torch
 
 from linbias.config import check_int
-from linbias.data import atomic_write
+from linbias.fileio import atomic_write
 
 __all__ = [
     "FILLER", "LINES_INSTRUCTION", "LINE_WORDS", "PASSKEY_INSTRUCTION", "PASSKEY_QUESTION", "TASKS",

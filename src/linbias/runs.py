@@ -1,0 +1,485 @@
+"""The run directory: its files, how they are written, read back and checked.
+
+A run directory holds everything later commands need:
+
+    config.json            {"format": "linbias-run/1", "model": ModelConfig, "train": TrainConfig,
+                            "corpus": the corpus name with its content fingerprint}
+    tokenizer.json         the byte-level BPE tokenizer (Hugging Face ``tokenizers``)
+    model.safetensors      the latest weights
+    checkpoint.json        step, the state file below and its sha256
+    state-STEP.safetensors weights, optimizer moments, RNG (one per checkpoint, the older removed)
+    log.jsonl              one JSON object per logged step: step, train_loss, valid_loss, ...
+
+Every file is written atomically (``linbias.fileio``) except ``log.jsonl``, which is appended to
+line by line, each line before the checkpoint that covers it; a resume drops the lines past the
+checkpoint, and a line torn by a kill. ``config.json`` (written first, with its ``format`` marker)
+is what proves later that a directory is a run: nothing that is not provably a run is ever
+deleted, and a run's own files are the only ones replaced (``check_run_dir``, ``remove_run``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors.torch import load_file, save
+from tokenizers import Tokenizer
+
+from linbias.config import ModelConfig, TrainConfig, is_finite_number
+from linbias.data import Corpus, load_tokenizer, save_tokenizer
+from linbias.fileio import atomic_write, atomic_write_text, sha256_file, write_json
+from linbias.model import GPT
+
+__all__ = [
+    "RUN_FORMAT", "Checkpoint", "ConfigMismatch", "Run", "RunError", "append_log", "check_corpus",
+    "check_new_out", "check_resume", "check_run_dir", "check_writable", "load_run",
+    "read_checkpoint", "read_configs", "read_log", "recorded_corpus", "remove_run",
+    "restore_checkpoint", "save_checkpoint", "start_run",
+]
+
+RUN_FORMAT = "linbias-run/1"
+
+# The files a run writes. State files carry the step, zero-padded to 8 digits (more past 10^8
+# steps); a name is matched whole, so no path separator can ever reach an unlink.
+_RUN_FILES = frozenset({"config.json", "tokenizer.json", "model.safetensors", "checkpoint.json",
+                        "log.jsonl"})
+_STATE_FILE = re.compile(r"state-\d{8,}\.safetensors")
+# data.atomic_write's temporary files: ".NAME.<random>.tmp", left behind only by a kill.
+_TEMP_FILE = re.compile(r"\.(?P<name>.+)\.[A-Za-z0-9_]+\.tmp")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass
+class Run:
+    """A trained run loaded from its directory: ``model`` (eval mode), ``tokenizer``, configs."""
+
+    path: Path
+    model: GPT
+    tokenizer: Tokenizer
+    config: ModelConfig
+    train_config: TrainConfig
+    corpus: Optional[str] = None  # the name (with content fingerprint) of the corpus trained on
+
+
+class RunError(ValueError):
+    """A run directory that cannot be used (missing files, wrong format, mismatched resume)."""
+
+
+class ConfigMismatch(RunError):
+    """A resume whose settings differ from the run's saved ones (``differences`` names each)."""
+
+    def __init__(self, message: str, differences: list[str]) -> None:
+        super().__init__(message)
+        self.differences = differences
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """The validated content of ``checkpoint.json``."""
+
+    step: int
+    state: str
+    sha256: str
+
+
+# --- files ---------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path, what: str) -> Any:
+    if path.parent.exists() and not path.parent.is_dir():
+        raise RunError(f"{path.parent} is a file, not a linbias run directory")
+    if not path.is_file():
+        raise RunError(f"{path.parent} is not a usable linbias run: {path.name} is missing ({what})")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RunError(f"{path} is corrupt ({exc}); delete the run or restore the file") from exc
+
+
+def _run_meta(run_dir: Path) -> dict[str, Any]:
+    """config.json after checking its shape and format marker (not yet its field values)."""
+    path = run_dir / "config.json"
+    meta = _read_json(path, "the model and training configuration")
+    fmt = meta.get("format") if isinstance(meta, dict) else None
+    if fmt != RUN_FORMAT:
+        raise RunError(
+            f"{path} has format {fmt!r}, expected {RUN_FORMAT!r}: "
+            "not a linbias run directory, or written by an incompatible version"
+        )
+    for key in ("model", "train"):
+        if not isinstance(meta.get(key), dict):
+            raise RunError(f"{path}: {key!r} must be a JSON object, got {meta.get(key)!r}; "
+                           "restore the file or train the run again")
+    if not isinstance(meta.get("corpus", ""), str):
+        raise RunError(f"{path}: 'corpus' must be a string, got {meta['corpus']!r}; "
+                       "restore the file or train the run again")
+    return meta
+
+
+def check_corpus(run_dir: Path, recorded: Optional[str], corpus: Corpus) -> None:
+    """Refuse to resume or evaluate a run on its corpus unless that corpus is the one it was
+    trained on: same files and same split rule, so held-out text is still held out.
+
+    Raises:
+        RunError: the corpus changed, or the run (from an older linbias) recorded none.
+    """
+    if recorded == corpus.name:
+        return
+    if recorded is None:
+        raise RunError(
+            f"{run_dir / 'config.json'} records no corpus fingerprint (written by an older linbias, "
+            f"whose split rule differs): its held-out split may now hold training text. Train the "
+            "run again, or evaluate it on another corpus with --data"
+        )
+    raise RunError(
+        f"the corpus {corpus.name!r} is not the one {run_dir} was trained on ({recorded!r}): its "
+        "files or its split changed, so held-out text may have been trained on. Restore the "
+        "corpus, train again, or evaluate on another corpus with --data"
+    )
+
+
+def read_configs(run_dir: str | Path) -> tuple[ModelConfig, TrainConfig]:
+    """The model and training configs saved in a run directory.
+
+    Raises:
+        RunError: config.json is missing, not JSON, not a linbias run's, or holds invalid values.
+    """
+    run_dir = Path(run_dir)
+    meta = _run_meta(run_dir)
+    try:
+        return ModelConfig.from_dict(meta["model"]), TrainConfig.from_dict(meta["train"])
+    except (ValueError, TypeError) as exc:
+        raise RunError(f"{run_dir / 'config.json'} holds an invalid configuration ({exc}); "
+                       "restore the file or train the run again") from exc
+
+
+def _state_name(step: int) -> str:
+    return f"state-{step:08d}.safetensors"
+
+
+def read_checkpoint(run_dir: str | Path) -> Checkpoint:
+    """The last checkpoint named by ``checkpoint.json``, its fields checked (not its state file).
+
+    Raises:
+        RunError: the file is missing, not JSON, or a field has the wrong type or form.
+    """
+    path = Path(run_dir) / "checkpoint.json"
+    ckpt = _read_json(path, "the last checkpoint; the run never saved one")
+    problem = _checkpoint_problem(ckpt)
+    if problem:
+        raise RunError(f"{path} is corrupt ({problem}); restore it, or train into another --out")
+    return Checkpoint(ckpt["step"], ckpt["state"], ckpt["sha256"])
+
+
+def _checkpoint_problem(ckpt: Any) -> str:
+    if not isinstance(ckpt, dict):
+        return "not a JSON object"
+    step, state, sha = ckpt.get("step"), ckpt.get("state"), ckpt.get("sha256")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        return f"step must be an integer >= 0, got {step!r}"
+    # The one name this step's state is written under: no other path is ever opened or deleted.
+    if state != _state_name(step):
+        return f"state must be {_state_name(step)!r}, got {state!r}"
+    if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
+        return f"sha256 must be 64 lowercase hex digits, got {sha!r}"
+    return ""
+
+
+def _log_problem(record: Any, previous: int) -> str:
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    step = record.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step <= previous:
+        return f"step must be an integer > {previous}, got {step!r}"
+    for key in ("train_loss", "valid_loss", "lr", "tokens_per_s"):
+        if (key == "train_loss" or key in record) and not is_finite_number(record.get(key)):
+            return f"{key} must be a finite number, got {record.get(key)!r}"
+    return ""
+
+
+def _log_lines(log: Path) -> list[tuple[str, dict[str, Any]]]:
+    """Each line of the log with its record, checked. A last line torn by a kill (no newline, not
+    JSON) is left out; any other bad line is an error, never skipped."""
+    try:
+        text = log.read_text(encoding="utf-8") if log.is_file() else ""
+    except UnicodeDecodeError as exc:
+        raise RunError(f"{log} is corrupt ({exc}); restore it, or train into another --out") from exc
+    lines = text.splitlines()
+    out: list[tuple[str, dict[str, Any]]] = []
+    for n, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if n == len(lines) and not text.endswith("\n"):
+                break
+            record = line
+        problem = _log_problem(record, out[-1][1]["step"] if out else 0)
+        if problem:
+            raise RunError(f"{log} line {n} is not a log record ({problem}); restore the file or "
+                           "delete that line")
+        out.append((line, record))
+    return out
+
+
+def read_log(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of a run's ``log.jsonl``, in order.
+
+    Raises:
+        RunError: a line that is not a record (steps must increase; losses must be finite).
+    """
+    return [record for _, record in _log_lines(Path(run_dir) / "log.jsonl")]
+
+
+def _is_run_file(entry: Path, extra: frozenset[str]) -> bool:
+    temp = _TEMP_FILE.fullmatch(entry.name)
+    name = temp["name"] if temp else entry.name
+    # Regular files only: a folder or a link by one of these names was not written by a run.
+    return (name in _RUN_FILES or name in extra or bool(_STATE_FILE.fullmatch(name))) and \
+        entry.is_file() and not entry.is_symlink()
+
+
+def check_run_dir(run_dir: str | Path, extra: tuple[str, ...] = ()) -> None:
+    """Check that ``run_dir`` provably is a linbias run: a real directory whose ``config.json``
+    carries the run format and which holds nothing but the files a run writes (and ``extra``).
+
+    Raises:
+        RunError: naming what does not belong, or why the directory is not a run.
+    """
+    run_dir = Path(run_dir)
+    if run_dir.is_symlink() or not run_dir.is_dir():
+        raise RunError(f"{run_dir} is not a directory linbias wrote (a file or a link)")
+    _run_meta(run_dir)
+    foreign = sorted(p.name for p in run_dir.iterdir() if not _is_run_file(p, frozenset(extra)))
+    if foreign:
+        raise RunError(f"{run_dir} holds files a linbias run does not write: "
+                       f"{', '.join(foreign[:8])}{' ...' if len(foreign) > 8 else ''}")
+
+
+def remove_run(run_dir: str | Path, extra: tuple[str, ...] = ()) -> None:
+    """Delete a run directory that ``check_run_dir`` proves to be a run, file by file.
+
+    Only the run's own files are unlinked and the directory is then removed with ``rmdir``, so
+    anything that appeared meanwhile stops the removal instead of being deleted. ``config.json``
+    goes last: an interrupted removal still leaves a directory that proves to be a run.
+    """
+    run_dir = Path(run_dir)
+    check_run_dir(run_dir, extra)
+    files = [p for p in run_dir.iterdir() if _is_run_file(p, frozenset(extra))]
+    for p in sorted(files, key=lambda p: p.name == "config.json"):
+        p.unlink()
+    run_dir.rmdir()
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise RunError(f"{path.parent} is not a usable linbias run: {path.name} is missing")
+    try:
+        return load_file(str(path))  # safetensors: no pickle, nothing executed
+    except Exception as exc:
+        raise RunError(f"{path} is corrupt or truncated ({exc})") from exc
+
+
+def _state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    # Tied weights share storage; safetensors refuses shared tensors, so store each once.
+    seen, out = set(), {}
+    for name, t in model.state_dict().items():
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        out[name] = t.detach().contiguous().clone()
+    return out
+
+
+def _load_model_weights(model: GPT, tensors: dict[str, torch.Tensor], source: Path) -> None:
+    try:
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+    except RuntimeError as exc:  # a tensor of the wrong shape
+        raise RunError(f"{source} does not match the model config ({exc})") from exc
+    tied = {"lm_head.weight"} if model.config.tie_weights else set()
+    if set(missing) - tied or unexpected:
+        raise RunError(
+            f"{source} does not match the model config: missing {sorted(set(missing) - tied)}, "
+            f"unexpected {sorted(unexpected)}"
+        )
+
+
+def load_run(path: str | Path) -> Run:
+    """Load a run directory written by ``train``.
+
+    Returns:
+        ``Run`` with ``.model`` in eval mode (``model(idx)`` gives ``[B, T, vocab]`` logits),
+        ``.tokenizer`` (a ``tokenizers.Tokenizer``), ``.config`` and ``.train_config``.
+
+    Raises:
+        RunError: missing or corrupt files, or an unknown format; the message names the file.
+    """
+    run_dir = Path(path)
+    if not run_dir.is_dir():
+        raise RunError(f"no run directory at {run_dir}")
+    config, train_config = read_configs(run_dir)
+    tok_path = run_dir / "tokenizer.json"
+    if not tok_path.is_file():
+        raise RunError(f"{run_dir} is not a usable linbias run: tokenizer.json is missing")
+    model = GPT(config)
+    _load_model_weights(model, _load_safetensors(run_dir / "model.safetensors"), run_dir)
+    model.eval()
+    corpus = _run_meta(run_dir).get("corpus")
+    return Run(run_dir, model, load_tokenizer(tok_path), config, train_config, corpus)
+
+
+def check_resume(out: str | Path, mc: ModelConfig, tc: TrainConfig) -> ModelConfig:
+    """The saved model config, after checking the requested settings match the saved ones.
+
+    Raises:
+        ConfigMismatch: a setting differs (the message names each one).
+        RunError: the run directory is unusable.
+    """
+    out = Path(out)
+    saved_mc, saved_tc = read_configs(out)
+    requested = {**mc.to_dict(), "vocab_size": saved_mc.vocab_size, **tc.to_dict()}
+    saved = {**saved_mc.to_dict(), **saved_tc.to_dict()}
+    diff = [f"{k} (saved {saved[k]!r}, given {requested.get(k)!r})"
+            for k in sorted(saved) if saved[k] != requested.get(k)]
+    if diff:
+        raise ConfigMismatch(
+            f"--resume with settings that differ from {out / 'config.json'} in: " + ", ".join(diff)
+            + "; resume with the saved settings, or train into a new --out", diff
+        )
+    if not (out / "tokenizer.json").is_file():
+        raise RunError(f"cannot resume {out}: tokenizer.json is missing")
+    return saved_mc
+
+
+def check_writable(out: str | Path) -> None:
+    """Check that ``out`` can be created and written: its nearest existing ancestor is a writable
+    folder (nothing is created).
+
+    Raises:
+        RunError: naming the file in the way or the folder that is not writable.
+    """
+    out = Path(out)
+    parent = out
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise RunError(f"cannot create {out}: {parent} is a file; choose another --out")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise RunError(f"cannot write to {parent} (permission denied); choose another --out")
+
+
+def check_new_out(out: Path) -> None:
+    """A new run goes only into an absent or empty directory: nothing of the user's is replaced."""
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out} is a file, not a directory; choose another --out")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if "config.json" in entries:
+        try:
+            _run_meta(out)
+        except RunError:
+            pass  # someone else's config.json: reported below with the other files
+        else:
+            raise RunError(f"{out} already holds a run: pass --resume to continue it, or choose a "
+                           "new --out")
+    if entries:
+        raise RunError(
+            f"{out} is not empty ({', '.join(entries[:8])}{' ...' if len(entries) > 8 else ''}); "
+            "a new run needs an absent or empty directory: choose another --out"
+        )
+    check_writable(out)
+
+
+def start_run(out: Path, tokenizer: Tokenizer, mc: ModelConfig, tc: TrainConfig,
+               corpus: str) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        # config.json first: its format marker is what later proves the directory is a run.
+        write_json(out / "config.json", {"format": RUN_FORMAT, "model": mc.to_dict(),
+                                          "train": tc.to_dict(), "corpus": corpus})
+        save_tokenizer(tokenizer, out / "tokenizer.json")
+        atomic_write_text(out / "log.jsonl", "")
+    except OSError as exc:
+        raise RunError(f"cannot write the run to {out} ({exc}); choose another --out") from exc
+
+
+def _write_json_lines(path: Path, lines: list[str]) -> None:
+    atomic_write_text(path, "".join(ln + "\n" for ln in lines))
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    out = {}
+    for i, state in opt.state_dict()["state"].items():
+        for key, value in state.items():
+            out[f"optim.{i}.{key}"] = torch.as_tensor(value).detach().clone()
+    return out
+
+
+def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    sd = opt.state_dict()
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, i, key = name.split(".", 2)
+            state.setdefault(int(i), {})[key] = value
+    sd["state"] = state
+    opt.load_state_dict(sd)
+
+
+def save_checkpoint(out: Path, model: GPT, opt: torch.optim.Optimizer, step: int,
+                previous: Optional[int]) -> None:
+    weights = _state_dict(model)
+    atomic_write(out / "model.safetensors", lambda f: f.write(save(weights)))
+    state_name = _state_name(step)
+    tensors = {**{f"model.{k}": v for k, v in weights.items()}, **_optimizer_tensors(opt),
+               "rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():  # every rank was seeded alike, so rank 0's state serves all
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    atomic_write(out / state_name, lambda f: f.write(save(tensors)))
+    write_json(out / "checkpoint.json", {"step": step, "state": state_name,
+                                         "sha256": sha256_file(out / state_name)})
+    # Only the state file this run verified or wrote itself: a name built here, never one read.
+    if previous is not None and previous != step:
+        (out / _state_name(previous)).unlink(missing_ok=True)
+
+
+def restore_checkpoint(out: Path, model: GPT, opt: torch.optim.Optimizer, tc: TrainConfig,
+             trim_log: bool) -> int:
+    """Load the last checkpoint into ``model`` and ``opt`` and return its step. Everything is
+    verified before the log is trimmed, so a refused resume leaves the run as it was."""
+    ckpt = read_checkpoint(out)
+    if ckpt.step > tc.steps:
+        raise RunError(f"{out / 'checkpoint.json'} is at step {ckpt.step}, past steps={tc.steps}; "
+                       "cannot resume")
+    state_path = out / ckpt.state
+    if not state_path.is_file() or sha256_file(state_path) != ckpt.sha256:
+        raise RunError(f"{state_path} is missing, truncated or corrupt (checksum mismatch); cannot resume")
+    kept = [line for line, record in _log_lines(out / "log.jsonl") if record["step"] <= ckpt.step]
+    tensors = _load_safetensors(state_path)
+    _load_model_weights(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, state_path)
+    try:
+        _restore_optimizer(opt, tensors)
+        torch.set_rng_state(tensors["rng.torch"])
+        if "rng.cuda" in tensors and torch.cuda.is_available():
+            torch.cuda.set_rng_state(tensors["rng.cuda"])
+    except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+        raise RunError(f"{state_path} does not hold a usable optimizer and RNG state ({exc!r}); "
+                       "cannot resume") from exc
+    if trim_log:
+        # The resumed run writes the later lines again; a line torn by the kill goes too.
+        _write_json_lines(out / "log.jsonl", kept)
+    return ckpt.step
+
+
+def recorded_corpus(run_dir: str | Path) -> Optional[str]:
+    """The corpus name (with its content fingerprint) a run recorded, or ``None`` (older runs)."""
+    return _run_meta(Path(run_dir)).get("corpus")
+
+
+def append_log(out: Path, record: dict[str, Any]) -> None:
+    """One line of ``log.jsonl`` (see the module docstring for why it is appended, not replaced)."""
+    with open(out / "log.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
