@@ -1,0 +1,50 @@
+"""linbias.runs: a run written by an earlier release still loads, evaluates and resumes.
+
+``fixtures/old_run`` was written by linbias 0.1.0 before the run directory moved to
+``linbias.runs`` (its ``checkpoint.json`` still has the ``data_step`` field that is no longer
+written): an ALiBi model trained 3 of 6 steps on ``corpus.txt``, given as a relative path.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from linbias.config import ModelConfig, TrainConfig
+from linbias.evaluate import evaluate_run
+from linbias.runs import load_run, read_checkpoint, read_configs, read_log
+from linbias.train import train
+
+FIXTURE = Path(__file__).parent / "fixtures" / "old_run"
+
+
+@pytest.fixture
+def old_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    shutil.copytree(FIXTURE, tmp_path / "old_run")
+    monkeypatch.chdir(tmp_path / "old_run")  # the run names its corpus as text:corpus.txt
+    monkeypatch.setenv("LINBIAS_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "old_run" / "run"
+
+
+def test_an_old_run_loads_and_evaluates(old_run: Path) -> None:
+    assert "data_step" in json.loads((old_run / "checkpoint.json").read_text())
+    run = load_run(old_run)
+    assert run.config.embedding == "gpt2" and run.train_config.mix_task is None  # new fields
+    assert read_checkpoint(old_run).step == 3 and [r["step"] for r in read_log(old_run)] == [1, 2, 3]
+    (record,) = evaluate_run(old_run, lengths=[32], progress=False)
+    assert record["tokens"] > 32 and 0 < record["ppl"] < 280
+
+
+def test_an_old_run_resumes_exactly_as_the_new_code_trains(old_run: Path, tmp_path: Path) -> None:
+    mc, tc = read_configs(old_run)
+    old_losses = [r["train_loss"] for r in read_log(old_run)]
+    fresh = train(ModelConfig.from_dict(mc.to_dict()), TrainConfig.from_dict(tc.to_dict()),
+                  tmp_path / "fresh", progress=False)
+    new_losses = [r["train_loss"] for r in read_log(fresh)]
+    assert new_losses[:3] == old_losses  # the same steps as the release that wrote the run
+    train(mc, tc, old_run, resume=True, progress=False)
+    assert [r["train_loss"] for r in read_log(old_run)] == new_losses
+    assert "data_step" not in json.loads((old_run / "checkpoint.json").read_text())
