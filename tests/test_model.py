@@ -356,3 +356,16 @@ def test_alibi_interpolation_counts_real_tokens_not_padding() -> None:
         longer = model(batch[1:])[0]
     torch.testing.assert_close(padded[0, pad:], alone, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(padded[1], longer, atol=1e-4, rtol=1e-4)
+
+
+def test_scaled_sets_a_rule_for_a_block_and_restores_it_after_an_error() -> None:
+    model = make_model("alibi")
+    model.set_scaling("log")
+    with pytest.raises(RuntimeError, match="inside"):
+        with model.scaled("linear"):
+            assert model.position.scaling == "linear"
+            raise RuntimeError("inside")
+    assert model.position.scaling == "log"
+    with pytest.raises(ValueError, match="valid rules"), model.scaled("cubic"):
+        pass
+    assert model.position.scaling == "log"

@@ -19,7 +19,7 @@ and a length-scaling rule sees its own, shorter length.
 Perplexity is ``exp`` of the mean negative log-likelihood per scored token (nats); bits per byte
 is the total NLL in bits over the UTF-8 bytes of the scored tokens, comparable across tokenizers.
 Position interpolation for ALiBi (Al-Khateeb et al. 2023, arXiv 2310.13017) is evaluated by
-setting a scaling rule on the model (``GPT.set_scaling``) for the duration of an evaluation.
+setting a scaling rule on the model (``GPT.scaled``) for the duration of an evaluation.
 
 A diverged model's loss is not finite: its records keep ``nan``/``inf`` (never a made-up
 perplexity), ``format_table`` says the loss is not finite, and ``write_json``, since JSON has no
@@ -388,12 +388,8 @@ class RunModel:
 
     @contextmanager
     def under(self, rule: str) -> Iterator[RunModel]:
-        previous = self.run.model.position.scaling
-        try:
-            self.run.model.set_scaling(rule)
+        with self.run.model.scaled(rule):
             yield self
-        finally:
-            self.run.model.set_scaling(previous)
 
     def attention_maps(self, ids_BT: torch.Tensor) -> list[torch.Tensor]:
         # The fused kernels return no probabilities, but attending over identity values does:
@@ -505,7 +501,7 @@ def evaluate_run(
         split: ``valid`` or ``test`` (or ``train``) of the corpus.
         mode: ``nonoverlapping`` or ``sliding`` (see ``evaluate_stream``).
         stride: the sliding stride ``S``, ``1 <= S <= min(lengths)``.
-        scalings: length-scaling rules, each set with ``model.set_scaling`` for its evaluations
+        scalings: length-scaling rules, each set with ``GPT.scaled`` for its evaluations
             and reset afterwards (ALiBi: keys of ``linbias.alibi.SCALING_RULES``).
         batch_size: windows per forward.
         max_tokens: score only the first ``max_tokens`` tokens of the split (``None``: all).

@@ -714,15 +714,13 @@ def _verify_export(run: Run, path: Path) -> float:
     mpt = AutoModelForCausalLM.from_pretrained(path).eval()
     n = min(run.config.train_len, _VERIFY_LEN)
     ids = torch.randint(run.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(0))
-    previous, training = run.model.position.scaling, run.model.training
+    training = run.model.training
     try:
-        run.model.set_scaling("none")
         run.model.eval()  # no dropout
-        with torch.inference_mode():
+        with torch.inference_mode(), run.model.scaled("none"):
             expected = run.model(ids.to(next(run.model.parameters()).device)).float().cpu()
             got = mpt(ids).logits.float()
     finally:
-        run.model.set_scaling(previous)
         run.model.train(training)
     diff = float((got - expected).abs().max())
     if not diff <= _EXPORT_RTOL * max(1.0, float(expected.abs().max())):

@@ -12,6 +12,8 @@ dim, ``C`` d_model, ``V`` vocab.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -177,6 +179,16 @@ class GPT(nn.Module):
     def set_scaling(self, rule: str) -> None:
         """Set the position method's length-scaling rule (e.g. ALiBi ``"linear"`` interpolation)."""
         self.position.set_scaling(rule)
+
+    @contextmanager
+    def scaled(self, rule: str) -> Iterator[GPT]:
+        """The model under ``rule`` for the duration of a ``with`` block, then its rule before."""
+        previous = self.position.scaling
+        try:
+            self.set_scaling(rule)
+            yield self
+        finally:
+            self.set_scaling(previous)
 
     def forward(
         self,
