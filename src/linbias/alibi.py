@@ -16,7 +16,7 @@ import torch
 from linbias.config import check_int
 
 __all__ = [
-    "alibi_slopes", "alibi_bias", "check_slopes", "interpolate_slopes", "SCALING_RULES",
+    "alibi_slopes", "alibi_bias", "check_rule", "check_slopes", "interpolate_slopes", "SCALING_RULES",
     "scaling_factor",
 ]
 
@@ -136,14 +136,19 @@ SCALING_RULES: dict[str, Callable[[int, int], float]] = {
 }
 
 
+def check_rule(rule: Any) -> None:
+    """ValueError unless ``rule`` is a key of ``SCALING_RULES`` (the message lists them)."""
+    if not isinstance(rule, str) or rule not in SCALING_RULES:
+        raise ValueError(f"unknown scaling rule {rule!r}; valid rules: {', '.join(SCALING_RULES)}")
+
+
 def scaling_factor(train_len: int, eval_len: int, rule: str = "linear") -> float:
     """The factor a scaling rule applies to the slopes at input length ``eval_len``.
 
     Raises:
         ValueError: unknown rule (the message lists the valid ones) or non-positive lengths.
     """
-    if not isinstance(rule, str) or rule not in SCALING_RULES:
-        raise ValueError(f"unknown scaling rule {rule!r}; valid rules: {', '.join(SCALING_RULES)}")
+    check_rule(rule)
     check_int("train_len", train_len)
     check_int("eval_len", eval_len)
     return SCALING_RULES[rule](train_len, eval_len)

@@ -90,8 +90,8 @@ from transformers.models.falcon.modeling_falcon import FalconModel
 from transformers.models.mpt.modeling_mpt import MptAttention, MptModel
 
 import linbias
-from linbias.alibi import interpolate_slopes, scaling_factor
-from linbias.config import ModelConfig
+from linbias.alibi import check_rule, interpolate_slopes, scaling_factor
+from linbias.config import ModelConfig, check_int
 from linbias.data import EOT, default_cache_dir, load_corpus, token_byte_lengths, token_stream
 from linbias.evaluate import DEPTHS, Mode, check_request, evaluate_model, evaluate_task
 from linbias.tasks import encoder
@@ -189,7 +189,8 @@ def extend_context(
     family = _family(model, base)
     if train_len is None:
         train_len = _default_train_len(family, base)
-    scaling_factor(train_len, train_len, rule)  # checks train_len and rule before anything changes
+    check_rule(rule)  # before anything changes
+    check_int("train_len", train_len)
     undo(model)
     ext = _Extension(family=family, train_len=train_len, rule=rule)
     _PATCHERS[family](base, ext)
@@ -853,7 +854,7 @@ class HFModel:
             if train_len is None and self.position != "bloom":
                 train_len = _default_train_len(self.position, base)
         if train_len is not None:
-            scaling_factor(train_len, train_len, "none")  # a positive integer
+            check_int("train_len", train_len)
         self.train_len = train_len
         self.max_len = None if self._not_alibi is None else _position_table_rows(model)
 
@@ -881,7 +882,7 @@ class HFModel:
 
     def check_rules(self, rules: Sequence[str]) -> None:
         for rule in rules:
-            scaling_factor(1, 1, rule)  # unknown rule: the message lists the valid ones
+            check_rule(rule)
         if set(rules) - {"none"}:
             if self._not_alibi is not None:
                 raise self._not_alibi  # the message names the supported families
