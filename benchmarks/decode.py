@@ -100,14 +100,19 @@ def model_steps(context: int, train_len: int, preset: str) -> dict[str, Callable
     return {name: (lambda m=m: step(m)) for name, m in models.items()}
 
 
-def per_call_seconds(steps: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    """Median over ``rounds`` of each step's mean time per call, the steps alternating."""
+def per_call_seconds(steps: dict[str, Callable[[], object]], budget_s: float) -> dict[str, float]:
+    """Median over rounds of each step's mean time per call, the steps alternating.
+
+    A round calls each step for about 20 ms (so timer and loop overhead vanish at short contexts);
+    there are as many rounds as fit in ``budget_s``, and at least 5.
+    """
     for fn in steps.values():  # warm-up
         fn()
     start = time.perf_counter()
     next(iter(steps.values()))()
-    # About 20 ms a round, so timer and loop overhead vanish at short contexts.
-    calls = max(1, int(0.02 / (time.perf_counter() - start)))
+    once = time.perf_counter() - start
+    calls = max(1, int(0.02 / once))
+    rounds = max(5, int(budget_s / (len(steps) * calls * once)))
     samples: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(rounds):
         for name, fn in steps.items():
@@ -163,8 +168,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--train-len", type=int, default=1024, help="training length L for 'linear'")
     p.add_argument("--preset", default="base", choices=sorted(PRESETS),
                    help="GPT preset of the full decode step (base: 8 heads of 64, as the op)")
-    p.add_argument("--repeats", type=int, default=21, help="timed rounds of the op alone")
-    p.add_argument("--model-repeats", type=int, default=7, help="timed rounds of the model step")
+    p.add_argument("--seconds", type=float, default=4.0,
+                   help="timing budget of each row (at least 5 rounds)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--json", dest="json_path", default=None, help="also write the results here")
@@ -177,15 +182,15 @@ def main(argv: list[str] | None = None) -> dict:
           f"{args.preset!r} (model), 'linear' from L={args.train_len}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; target <= {TARGET:.2f}x")
     print(f"{'':<7}{'T':>7}{'plain':>11}{'alibi':>9}{'linear':>9}   "
-          f"extra peak MB (bytes/token): plain, alibi, linear")
+          f"extra peak MB (bytes per cached token): plain, alibi, linear")
     rows = []
     for T in contexts:
         memory = {} if args.no_memory else extra_peak_mb(T, args.train_len, args.preset)
-        for what, make_steps, rounds in (
-            ("op", lambda: op_steps(T, args.train_len), args.repeats),
-            ("model", lambda: model_steps(T, args.train_len, args.preset), args.model_repeats),
+        for what, make_steps in (
+            ("op", lambda: op_steps(T, args.train_len)),
+            ("model", lambda: model_steps(T, args.train_len, args.preset)),
         ):
-            seconds = per_call_seconds(make_steps(), rounds)
+            seconds = per_call_seconds(make_steps(), args.seconds)
             for name in VARIANTS:
                 mb = memory.get(f"{what}/{name}")
                 rows.append({
@@ -196,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
             mine = rows[-len(VARIANTS):]
             ratios = "".join(f"{r['ratio']:>8.2f}x" for r in mine[1:])
             mem = "" if args.no_memory else ", ".join(
-                f"{r['extra_peak_mb']:.1f} ({r['extra_bytes_per_token']:.0f})" for r in mine)
+                f"{r['extra_peak_mb']:.2f} ({r['extra_bytes_per_token']:.0f})" for r in mine)
             print(f"{what:<7}{T:>7}{_fmt_seconds(seconds['plain']):>11}{ratios}   {mem}",
                   flush=True)
 

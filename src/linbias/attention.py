@@ -286,20 +286,21 @@ def _kernel_layout(x: Tensor, dtype: torch.dtype) -> Tensor:
 # never copied per group. The bias is the exact ``m * (j - i)``, not a folded one: no precision
 # is lost.
 
-# At most 8 queries: the bias then holds at most 8 H Lk floats, an eighth of what the kernel
-# reads from a D = 64 key cache of as many heads.
-_DECODE_MAX_QUERIES = 8
+# Past a few queries, materialising the bias costs more than the segments' fixed cost (one thread,
+# H 8, D 64: with 16k keys, 4 queries take 1.03x the segments' time, 8 queries 1.23x; with 1k keys,
+# 0.83x and 0.95x). At 4 queries the bias is at most 4 H Lk floats, 1/16 of a D = 64 key cache.
+_DECODE_MAX_QUERIES = 4
 
 
 def _decode(c: _Call, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """``[B, H, Lq, D]`` from inputs already in the kernel's layout and working dtype."""
     B, H, Lq, D = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
+    Hkv, Lk, group = k.shape[1], k.shape[2], H // k.shape[1]
     j_minus_i = torch.arange(Lq - Lk, Lq, device=q.device, dtype=q.dtype)  # [Lk], first query
     if Lq > 1:
         j_minus_i = j_minus_i - torch.arange(Lq, device=q.device, dtype=q.dtype).view(-1, 1)
     # [1, Hkv, group, Lq, Lk]: head h = kv_head * group + g, as in _expand_kv.
-    bias = c.slopes.view(1, Hkv, H // Hkv, 1, 1) * (j_minus_i if c.causal else -j_minus_i.abs())
+    bias = c.slopes.view(1, Hkv, group, 1, 1) * (j_minus_i if c.causal else -j_minus_i.abs())
     hidden = (j_minus_i > 0) if c.causal and Lq > 1 else None  # [Lq, Lk] future keys
     has_key = None
     if c.key_padding_mask is not None:
@@ -310,9 +311,8 @@ def _decode(c: _Call, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         hidden = (hidden & has_key)[:, None, None]  # [B, 1, 1, Lq or 1, Lk]
     if hidden is not None:  # after the product: a zero slope times -inf would be nan
         bias = bias.masked_fill(hidden, float("-inf"))
-    rows = H // Hkv * Lq
     out = F.scaled_dot_product_attention(
-        q.reshape(B, Hkv, rows, D), k, v, attn_mask=bias.flatten(2, 3), scale=c.scale
+        q.reshape(B, Hkv, group * Lq, D), k, v, attn_mask=bias.flatten(2, 3), scale=c.scale
     ).reshape(B, H, Lq, D)
     return out if has_key is None else out.masked_fill(~has_key[:, None], 0.0)
 

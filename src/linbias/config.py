@@ -460,7 +460,8 @@ REPRODUCE_PRESETS: dict[str, ReproducePreset] = {
     "quick": ReproducePreset(model="tiny", train_len=64, steps=1200, batch_size=16, lr=2e-3,
                              warmup=100, vocab_size=2048, t5_max_distance=32, expected_minutes=8),
     # Retrieval: the passkey prompt (instruction, needle, question) takes 92 tokens with this
-    # vocabulary, so L = 128 leaves the needle room to move; a quarter of the rows are passkey.
+    # vocabulary, so L = 128 leaves the needle room to move. Half the rows are passkey: with a
+    # quarter, ALiBi answered 66% at L after these steps; with half, every trial at L.
     "retrieval": ReproducePreset(model="tiny", train_len=128, steps=1200, batch_size=16, lr=2e-3,
                                  warmup=100, vocab_size=2048, t5_max_distance=64, task="passkey",
                                  task_fraction=0.5, profile_windows=4, sliding_tokens=1024,

@@ -450,8 +450,9 @@ def _retrieval_md(results: dict[str, Any], p: ReproducePreset) -> str:
     rows = ["| method | " + " | ".join(f"L'={n} ({m}L)" for n, m in zip(lengths, p.multiples))
             + " | k_max |", "|---|" + "---:|" * (len(lengths) + 1)]
     for s in summary:
-        acc = {b["length"]: b["accuracy"] for b in s["by_length"]}
-        cells = ["—" if acc.get(n) is None else f"{100 * acc[n]:.0f}%" for n in lengths]
+        at = {b["length"]: b for b in s["by_length"]}
+        cells = ["—" if at.get(n, {}).get("accuracy") is None else
+                 f"{100 * at[n]['accuracy']:.0f}% ({at[n]['k_max']})" for n in lengths]
         name = s["position"] + ("" if s["scaling"] == "none" else f" + {s['scaling']}")
         rows.append(f"| {name} | " + " | ".join(cells) + f" | {s['k_max'] if s['k_max'] is not None else '—'} |")
     n_trials = p.trials * results.get("seeds", 1)
@@ -461,9 +462,10 @@ def _retrieval_md(results: dict[str, Any], p: ReproducePreset) -> str:
 Every model was trained with {100 * p.task_fraction:.0f}% of its rows replaced by {p.task}
 sequences of length L (needle at a uniform random depth), then asked at each L' with the needle
 at depths {', '.join(f'{d:g}%' for d in p.depths)}, {n_trials} trials per cell
-({p.trials} per seed). Accuracy is exact match of the greedy answer, averaged over depths; k_max
-is the longest needle distance (tokens from the needle to the question) up to which every cell
-retrieves in at least 20% of trials (Chen et al. 2023).
+({p.trials} per seed). Each cell: accuracy (exact match of the greedy answer, pooled over depths)
+and in brackets that length's k_max, the longest needle distance (tokens from the needle to the
+question) up to which every depth retrieves in at least 20% of trials (Chen et al. 2023); the
+last column is k_max over all lengths together.
 
 {chr(10).join(rows)}
 

@@ -542,9 +542,14 @@ def plot_heatmaps(panels: dict[str, list[Record]], path: str | Path) -> None:
 
     if not panels or not all(panels.values()):
         raise ValueError("plot_heatmaps needs at least one panel, each with records")
-    fig = Figure(figsize=(1.5 + 3.2 * len(panels), 3.4), layout="constrained")
+    cols = min(5, len(panels))  # small multiples in rows of five
+    rows = -(-len(panels) // cols)
+    fig = Figure(figsize=(1.5 + 3.2 * cols, 0.4 + 3.0 * rows), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    grid = fig.subplots(rows, cols, squeeze=False)
+    axes = list(grid.flat)[: len(panels)]
+    for ax in list(grid.flat)[len(panels):]:
+        ax.set_visible(False)
     for ax, (label, records) in zip(axes, panels.items()):
         depths, lengths, cells = _grid(records)
         acc = np.full((len(depths), len(lengths)), np.nan)
@@ -557,6 +562,7 @@ def plot_heatmaps(panels: dict[str, list[Record]], path: str | Path) -> None:
         ax.set_yticks(range(len(depths)), [f"{d:g}%" for d in depths], fontsize=7)
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("length (tokens)")
-    axes[0].set_ylabel("needle depth")
-    fig.colorbar(image, ax=list(axes), label="accuracy")
+    for row in grid:
+        row[0].set_ylabel("needle depth")
+    fig.colorbar(image, ax=list(grid.flat), label="accuracy")
     atomic_write(Path(path), lambda f: fig.savefig(f, format="png", dpi=120))
