@@ -8,20 +8,18 @@ A decoding step is one new query against the ``T`` tokens of a KV cache. For eac
   too, since a model rescales its slopes at every step);
 * one full decode step of a GPT preset (``model(idx_B1, cache=cache)``) with ALiBi, and with
   ``position="none"`` as the baseline: same weights, same cache. The cache holds random keys and
-  values (one tensor shared by all layers, to save memory) and is reset to ``T`` tokens before
+  values (one tensor shared by all layers, to save memory) and is set back to ``T`` tokens after
   every step, so each step also pays the model's ``torch.cat`` of the whole cache, as in decoding.
 
 Latency: median over rounds of the mean per call, variants alternating (A B C A B C ...); ratios
 are against the baseline measured in the same rounds. Target: at most 1.10x plain.
 
-Peak memory: the extra resident memory (Linux ``VmHWM`` after ``/proc/self/clear_refs``, minus
-``VmRSS`` before) of one call, after a warm-up call, in a fresh process per context that runs with
-``MALLOC_MMAP_THRESHOLD_`` small, so every tensor over 4 KiB gets fresh pages and is unmapped when
-freed (otherwise glibc reuses freed heap pages and a repeated allocation never shows). tracemalloc
-is no use here: it sees Python's allocator only, not torch's tensors. Memory is linear in the
-context when the extra bytes per cached token stay constant.
+Peak memory: the most bytes of torch allocations live at once during one step, beyond what was
+live before it (``peak_extra_bytes``: the profiler's allocator events, byte-exact). Memory is linear
+in the context when the extra bytes per cached token stay constant. The KV cache itself is not
+counted: it is the same for every variant (``B * H * T * D * 4`` bytes of keys, as many of values).
 
-    python benchmarks/decode.py                                 # ~2 minutes on 2 cores
+    python benchmarks/decode.py                                 # about 1.5 minutes on 2 cores
     python benchmarks/decode.py --contexts 1024,4096 --json out.json
 """
 
@@ -29,16 +27,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
-import subprocess
-import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity
 
 from linbias import alibi_attention, alibi_slopes
 from linbias.alibi import interpolate_slopes
@@ -123,35 +119,30 @@ def per_call_seconds(steps: dict[str, Callable[[], object]], budget_s: float) ->
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
-# --- peak memory, in a fresh process per context ------------------------------------------------
+# --- peak memory --------------------------------------------------------------------------------
 
 
-def memory_child(context: int, train_len: int, preset: str) -> None:
-    """Print, as JSON, the extra peak resident MB of one call of every step (run in a child)."""
-    from peak_memory import rss_mb
+def peak_extra_bytes(fn: Callable[[], object]) -> int:
+    """The most bytes of torch allocations live at once during one call of ``fn`` (after a warm-up
+    call), counting from what was live before it.
 
-    extra = {}
-    for what, steps in (("op", op_steps(context, train_len)),
-                        ("model", model_steps(context, train_len, preset))):
-        for name, fn in steps.items():
-            fn()  # warm-up: one-time allocations (thread pools, lazy initialisation) not counted
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            before = rss_mb("VmRSS")
-            fn()
-            extra[f"{what}/{name}"] = rss_mb("VmHWM") - before
-    print(json.dumps(extra))
-
-
-def extra_peak_mb(context: int, train_len: int, preset: str) -> dict[str, float]:
-    here = os.path.dirname(os.path.abspath(__file__))
-    code = (f"import sys; sys.path.insert(0, {here!r}); import torch; "
-            f"torch.set_num_threads({torch.get_num_threads()}); import decode; "
-            f"decode.memory_child({context}, {train_len}, {preset!r})")
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "4096"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env=env)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    Read from the profiler's allocator events: every CPU allocation and free torch makes, in
+    order, kernels' scratch buffers included. Byte-exact, unlike resident-set deltas (the kernel
+    updates those lazily, about 256 KB at a time); tracemalloc sees Python's allocator, not torch's.
+    """
+    fn()
+    with torch.profiler.profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted(
+        ((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+         if e.name() == "[memory]"),
+        key=lambda e: e[0],  # stable: an allocation and a free at one tick keep their order
+    )
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
 
 
 # --- the table ----------------------------------------------------------------------------------
@@ -168,9 +159,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--train-len", type=int, default=1024, help="training length L for 'linear'")
     p.add_argument("--preset", default="base", choices=sorted(PRESETS),
                    help="GPT preset of the full decode step (base: 8 heads of 64, as the op)")
-    p.add_argument("--seconds", type=float, default=4.0,
+    p.add_argument("--seconds", type=float, default=8.0,
                    help="timing budget of each row (at least 5 rounds)")
-    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--json", dest="json_path", default=None, help="also write the results here")
     args = p.parse_args(argv)
@@ -185,25 +175,26 @@ def main(argv: list[str] | None = None) -> dict:
           f"extra peak MB (bytes per cached token): plain, alibi, linear")
     rows = []
     for T in contexts:
-        memory = {} if args.no_memory else extra_peak_mb(T, args.train_len, args.preset)
-        for what, make_steps in (
-            ("op", lambda: op_steps(T, args.train_len)),
-            ("model", lambda: model_steps(T, args.train_len, args.preset)),
-        ):
-            seconds = per_call_seconds(make_steps(), args.seconds)
+        for what in ("op", "model"):
+            if what == "op":
+                steps = op_steps(T, args.train_len)
+            else:
+                steps = model_steps(T, args.train_len, args.preset)
+            seconds = per_call_seconds(steps, args.seconds)
             for name in VARIANTS:
-                mb = memory.get(f"{what}/{name}")
+                extra = peak_extra_bytes(steps[name])
                 rows.append({
                     "what": what, "context": T, "variant": name, "seconds": seconds[name],
-                    "ratio": seconds[name] / seconds["plain"], "extra_peak_mb": mb,
-                    "extra_bytes_per_token": None if mb is None else mb * 2**20 / T,
+                    "ratio": seconds[name] / seconds["plain"], "extra_peak_mb": extra / 1e6,
+                    "extra_bytes_per_token": extra / T,
                 })
             mine = rows[-len(VARIANTS):]
             ratios = "".join(f"{r['ratio']:>8.2f}x" for r in mine[1:])
-            mem = "" if args.no_memory else ", ".join(
-                f"{r['extra_peak_mb']:.2f} ({r['extra_bytes_per_token']:.0f})" for r in mine)
+            mem = ", ".join(
+                f"{r['extra_peak_mb']:.3g} ({r['extra_bytes_per_token']:.0f})" for r in mine)
             print(f"{what:<7}{T:>7}{_fmt_seconds(seconds['plain']):>11}{ratios}   {mem}",
                   flush=True)
+            del steps
 
     result = {"baseline": "plain attention on the same cache", "target": TARGET,
               "device": "cpu", "dtype": "float32", "heads": HEADS, "head_dim": HEAD_DIM,

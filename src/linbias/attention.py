@@ -482,19 +482,6 @@ def _check_types(
         raise TypeError(f"causal must be True or False, got {causal!r}")
 
 
-def _check_slopes(slopes: Tensor, n_heads: int) -> None:
-    # check_slopes reads the values with several small kernels (about as long as a decoding step
-    # over a 1k-token cache). Slopes that pass this one read of the values pass check_slopes too;
-    # any others go to check_slopes, the one home of the rules and their messages.
-    if (
-        isinstance(slopes, torch.Tensor) and slopes.dtype.is_floating_point
-        and slopes.shape == (n_heads,)
-        and (slopes.device.type != "cpu" or all(map(math.isfinite, slopes.tolist())))
-    ):
-        return
-    check_slopes(slopes, n_heads)
-
-
 def _check(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, key_padding_mask: Optional[Tensor]):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(
@@ -524,7 +511,7 @@ def _check(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, key_padding_mask: Op
         raise ValueError(
             f"more queries ({Lq}) than keys ({Lk}): queries are the last Lq key positions"
         )
-    _check_slopes(slopes, H)
+    check_slopes(slopes, H)
     if slopes.device != q.device and slopes.device.type != "cpu":
         raise ValueError(f"slopes are on {slopes.device} but q is on {q.device}")
     if key_padding_mask is not None:
