@@ -35,6 +35,22 @@ def naive_alibi_attention(q, k, v, slopes, *, causal=True, scale=None, key_paddi
     return out
 
 
+def reference_attention(q, k, v, bias=None, key_padding_mask=None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D) + bias) v in float64, causal with queries the last T keys."""
+    q, k, v = q.double(), k.double(), v.double()
+    T, S = q.shape[-2], k.shape[-2]
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if bias is not None:
+        scores = scores + bias.double()
+    visible = torch.arange(S)[None, :] <= torch.arange(S - T, S)[:, None]
+    visible = visible.expand(q.shape[0], 1, T, S)
+    if key_padding_mask is not None:
+        visible = visible & key_padding_mask[:, None, None, :]
+    has_key = visible.any(-1, keepdim=True)  # a query with no visible key gives zeros
+    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")).masked_fill(~has_key, 0), -1)
+    return (probs @ v).masked_fill(~has_key, 0.0)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -183,3 +183,10 @@ def test_bool_max_bias_is_refused():
     # Before: True counted as max_bias 1.
     with pytest.raises(ValueError, match="max_bias"):
         alibi_slopes(4, max_bias=True)
+
+
+def test_row_lengths_count_real_tokens_and_never_zero() -> None:
+    from linbias.alibi import row_lengths
+
+    mask = torch.tensor([[True, True, True], [False, True, True], [False, False, False]])
+    assert row_lengths(mask).tolist() == [3, 2, 1]  # a fully padded row keeps a valid length

@@ -10,8 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import naive_alibi_attention
+from conftest import naive_alibi_attention, reference_attention
 from linbias import BACKENDS, alibi_attention, alibi_slopes
+from linbias.attention import causal_attention
 import linbias.attention as attention
 
 CPU_BACKENDS = ["reference", "sdpa", "blocked"]
@@ -609,3 +610,48 @@ def test_cuda_backends(backend):
         raise
     ref = naive_alibi_attention(q.cpu(), k.cpu(), v.cpu(), slopes.cpu())
     assert (out.double().cpu() - ref).abs().max() < 3e-2
+
+
+# --- attention without ALiBi: causal_attention (NoPE and T5's bias) -----------------------------
+
+
+def _qkv(T: int, S: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(2, 4, n, 8, generator=g) for n in (T, S, S))
+
+
+def test_causal_attention_padding_rows_are_zero_not_nan() -> None:
+    T = S = 6
+    q, k, v = _qkv(T, S)
+    mask = torch.ones(2, S, dtype=torch.bool)
+    mask[0, :3] = False  # row 0 left-padded by 3: its first 3 queries see no key
+    out = causal_attention(q, k, v, key_padding_mask=mask)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out[0, :, :3], torch.zeros_like(out[0, :, :3]))
+    ref = reference_attention(q, k, v, key_padding_mask=mask)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("T, S", [(300, 300), (200, 330), (1, 300)])  # several query blocks
+def test_causal_attention_with_a_bias_matches_reference_and_its_gradients(
+    T: int, S: int, padded: bool
+) -> None:
+    q, k, v = (t.requires_grad_() for t in _qkv(T, S))
+    bias = torch.randn(4, T, S, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    mask = torch.ones(2, S, dtype=torch.bool)
+    mask[1, :140] = False  # left padding that spans the first query block
+    mask = mask if padded else None
+    out = causal_attention(q, k, v, bias_HTS=bias, key_padding_mask=mask)
+    leaves = (q, k, v, bias)
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ref = reference_attention(*ref_leaves[:3], bias=ref_leaves[3], key_padding_mask=mask)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # no gradient wanted: PyTorch's fused kernel instead, same numbers
+        out_no_grad = causal_attention(q, k, v, bias_HTS=bias, key_padding_mask=mask)
+    torch.testing.assert_close(out_no_grad.double(), ref.detach(), atol=1e-5, rtol=1e-5)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
+    out.backward(grad_out)
+    ref.backward(grad_out.double())
+    for got, want in zip(leaves, ref_leaves):
+        torch.testing.assert_close(got.grad.double(), want.grad, atol=1e-5, rtol=1e-5)

@@ -10,12 +10,12 @@ import torch
 
 from linbias.alibi import SCALING_RULES, alibi_bias, alibi_slopes
 from linbias.config import ModelConfig
+from conftest import reference_attention
 from linbias.positions import (
     POSITION_METHODS,
     AlibiPositions,
     LearnedPositions,
     PositionMethod,
-    causal_attention,
     make_position,
     position_warnings,
     t5_bucket,
@@ -33,22 +33,6 @@ def cfg(position: str, **kw) -> ModelConfig:
 def qkv(T: int, S: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(seed)
     return tuple(torch.randn(B, H, n, D, generator=g) for n in (T, S, S))
-
-
-def reference_attention(q, k, v, bias=None, key_padding_mask=None) -> torch.Tensor:
-    """softmax(q k^T / sqrt(D) + bias) v in float64, causal with queries the last T keys."""
-    q, k, v = q.double(), k.double(), v.double()
-    T, S = q.shape[-2], k.shape[-2]
-    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-    if bias is not None:
-        scores = scores + bias.double()
-    visible = torch.arange(S)[None, :] <= torch.arange(S - T, S)[:, None]
-    visible = visible.expand(q.shape[0], 1, T, S)
-    if key_padding_mask is not None:
-        visible = visible & key_padding_mask[:, None, None, :]
-    has_key = visible.any(-1, keepdim=True)  # a query with no visible key gives zeros
-    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")).masked_fill(~has_key, 0), -1)
-    return (probs @ v).masked_fill(~has_key, 0.0)
 
 
 # --- the registry and the interface ---------------------------------------------------------------
@@ -98,43 +82,6 @@ def test_causal_attention_matches_reference(T: int, S: int) -> None:
     q, k, v = qkv(T, S)
     out = make_position(cfg("none")).attend(q, k, v)
     torch.testing.assert_close(out.double(), reference_attention(q, k, v), atol=1e-5, rtol=1e-5)
-
-
-def test_causal_attention_padding_rows_are_zero_not_nan() -> None:
-    T = S = 6
-    q, k, v = qkv(T, S)
-    mask = torch.ones(B, S, dtype=torch.bool)
-    mask[0, :3] = False  # row 0 left-padded by 3: its first 3 queries see no key
-    out = causal_attention(q, k, v, key_padding_mask=mask)
-    assert torch.isfinite(out).all()
-    assert torch.equal(out[0, :, :3], torch.zeros_like(out[0, :, :3]))
-    ref = reference_attention(q, k, v, key_padding_mask=mask)
-    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("padded", [False, True])
-@pytest.mark.parametrize("T, S", [(300, 300), (200, 330), (1, 300)])  # several query blocks
-def test_causal_attention_with_a_bias_matches_reference_and_its_gradients(
-    T: int, S: int, padded: bool
-) -> None:
-    q, k, v = (t.requires_grad_() for t in qkv(T, S))
-    bias = torch.randn(H, T, S, generator=torch.Generator().manual_seed(1)).requires_grad_()
-    mask = torch.ones(B, S, dtype=torch.bool)
-    mask[1, :140] = False  # left padding that spans the first query block
-    mask = mask if padded else None
-    out = causal_attention(q, k, v, bias_HTS=bias, key_padding_mask=mask)
-    leaves = (q, k, v, bias)
-    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
-    ref = reference_attention(*ref_leaves[:3], bias=ref_leaves[3], key_padding_mask=mask)
-    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
-    with torch.no_grad():  # no gradient wanted: PyTorch's fused kernel instead, same numbers
-        out_no_grad = causal_attention(q, k, v, bias_HTS=bias, key_padding_mask=mask)
-    torch.testing.assert_close(out_no_grad.double(), ref.detach(), atol=1e-5, rtol=1e-5)
-    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
-    out.backward(grad_out)
-    ref.backward(grad_out.double())
-    for got, want in zip(leaves, ref_leaves):
-        torch.testing.assert_close(got.grad.double(), want.grad, atol=1e-5, rtol=1e-5)
 
 
 # --- sinusoidal and learned -----------------------------------------------------------------------

@@ -16,7 +16,7 @@ import torch
 from linbias.config import check_int
 
 __all__ = [
-    "alibi_slopes", "alibi_bias", "check_rule", "check_slopes", "interpolate_slopes", "SCALING_RULES",
+    "alibi_slopes", "alibi_bias", "check_rule", "check_slopes", "row_lengths", "interpolate_slopes", "SCALING_RULES",
     "scaling_factor",
 ]
 
@@ -154,6 +154,12 @@ def scaling_factor(train_len: int, eval_len: int, rule: str = "linear") -> float
     check_int("train_len", train_len)
     check_int("eval_len", eval_len)
     return SCALING_RULES[rule](train_len, eval_len)
+
+
+def row_lengths(key_padding_mask: torch.Tensor) -> torch.Tensor:
+    """L' of each row of a padded batch: its real tokens (True in ``[B, S]``), at least 1, so a
+    fully padded row still has a valid length. ``[B]`` int64."""
+    return key_padding_mask.sum(-1).clamp(min=1)
 
 
 def interpolate_slopes(

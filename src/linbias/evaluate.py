@@ -27,7 +27,11 @@ NaN or Infinity, writes such a number as ``null`` and lists its key in the recor
 ``"non_finite"``.
 
 The core, ``evaluate_stream``, takes any logits function ``[B, T] -> [B, T, V]``, so the same
-protocols serve models from other libraries. Shape suffixes: ``B`` windows in a batch, ``T``
+protocols serve models from other libraries. Every loop over lengths and rules is written once
+against ``EvalModel``, whose two adapters are a linbias run (``RunModel``) and a transformers model
+(``linbias.hf.HFModel``): perplexity (``evaluate_model``), retrieval accuracy per length and needle
+depth (``evaluate_task``, with the tasks of ``linbias.tasks``) and the attention-distance profile
+(``attention_profile``). Shape suffixes: ``B`` windows in a batch, ``T``
 window length, ``V`` vocabulary, ``K`` windows, ``N`` scored tokens of a batch.
 """
 

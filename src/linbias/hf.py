@@ -90,7 +90,7 @@ from transformers.models.falcon.modeling_falcon import FalconModel
 from transformers.models.mpt.modeling_mpt import MptAttention, MptModel
 
 import linbias
-from linbias.alibi import check_rule, interpolate_slopes, scaling_factor
+from linbias.alibi import check_rule, interpolate_slopes, row_lengths, scaling_factor
 from linbias.config import ModelConfig, check_int
 from linbias.data import EOT, default_cache_dir, load_corpus, token_byte_lengths, token_stream
 from linbias.evaluate import DEPTHS, Mode, check_request, evaluate_model, evaluate_task
@@ -315,8 +315,8 @@ def _call_sizes(arguments: dict) -> tuple[int, int, int, int] | None:
 
 
 def _real_lengths(mask_BK: torch.Tensor) -> list[int]:
-    """L' of each row: its unmasked tokens (at least 1, so a fully padded row stays valid)."""
-    return [max(1, int(n)) for n in mask_BK.sum(-1).tolist()]
+    """L' of each row (``linbias.alibi.row_lengths``)."""
+    return row_lengths(mask_BK).tolist()
 
 
 def _cumulative_alibi(

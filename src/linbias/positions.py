@@ -24,10 +24,15 @@ from typing import ClassVar
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from linbias.alibi import SCALING_RULES, alibi_slopes, interpolate_slopes, scaling_factor
-from linbias.attention import alibi_attention
+from linbias.alibi import (
+    SCALING_RULES,
+    alibi_slopes,
+    interpolate_slopes,
+    row_lengths,
+    scaling_factor,
+)
+from linbias.attention import alibi_attention, causal_attention
 from linbias.config import INIT_STD, ModelConfig
 
 __all__ = [
@@ -52,106 +57,6 @@ Tensor = torch.Tensor
 
 
 # --- shared maths --------------------------------------------------------------------------------
-
-
-def causal_attention(
-    q_BHTD: Tensor,
-    k_BHSD: Tensor,
-    v_BHSD: Tensor,
-    *,
-    bias_HTS: Tensor | None = None,
-    key_padding_mask: Tensor | None = None,
-) -> Tensor:
-    """Causal scaled dot-product attention; queries are the last ``T`` of the ``S`` keys.
-
-    Args:
-        q_BHTD, k_BHSD, v_BHSD: queries, keys, values.
-        bias_HTS: optional additive score bias (after the ``1/sqrt(D)`` scaling).
-        key_padding_mask: ``[B, S]`` bool, True = real token; masked keys are never attended.
-
-    Returns:
-        ``[B, H, T, D]``; a query that sees no key (e.g. a left pad) gets zeros, not NaN.
-    """
-    T, S = q_BHTD.shape[-2], k_BHSD.shape[-2]
-    if bias_HTS is None and key_padding_mask is None and T == S:
-        return F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSD, is_causal=True)
-    i = torch.arange(S - T, S, device=q_BHTD.device).view(-1, 1)
-    j = torch.arange(S, device=q_BHTD.device).view(1, -1)
-    visible = (j <= i).view(1, 1, T, S)  # [B or 1, 1, T, S]; never a float heads x T x S mask
-    if key_padding_mask is not None:
-        visible = visible & key_padding_mask[:, None, None, :]
-    # A row with no visible key would be softmax over all -inf (NaN): let it see every key, then
-    # zero its output.
-    has_key = visible.any(-1, keepdim=True)
-    visible = visible | ~has_key
-    if bias_HTS is not None and bias_HTS.requires_grad:  # fused kernels give a mask no gradient
-        bias_HTS = bias_HTS.to(q_BHTD.dtype)
-        out = _LearnedBiasAttention.apply(q_BHTD, k_BHSD, v_BHSD, bias_HTS, ~visible)
-    else:
-        mask = visible
-        if bias_HTS is not None:
-            # [B or 1, H, T, S]: four dimensions, or PyTorch skips its fused kernel.
-            mask = bias_HTS.to(q_BHTD.dtype).masked_fill(~visible, float("-inf"))
-        out = F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSD, attn_mask=mask)
-    return out if key_padding_mask is None else out.masked_fill(~has_key, 0.0)
-
-
-# Query rows per block of _LearnedBiasAttention: on CPU the scores of 128 rows stay in cache, and
-# T5 training at the ALiBi paper's L=512 ran fastest at this size.
-_QUERY_BLOCK = 128
-
-
-class _LearnedBiasAttention(torch.autograd.Function):
-    """``softmax(q k^T / sqrt(D) + bias) v`` over visible keys, and its gradients, the bias's too.
-
-    PyTorch's own fallback for a mask that needs a gradient computes every score and checks every
-    row for NaN. Here queries go in blocks, each over the keys up to its last query only, which
-    skips the causally hidden half of the work; the backward pass is the usual softmax one,
-    accumulating key and value gradients in place.
-    """
-
-    @staticmethod
-    def forward(
-        ctx, q_BHTD: Tensor, k_BHSD: Tensor, v_BHSD: Tensor, bias_HTS: Tensor, hidden: Tensor
-    ) -> Tensor:
-        """``hidden``: bool ``[B or 1, 1, T, S]``, True where a query must not see a key."""
-        T, S = q_BHTD.shape[-2], k_BHSD.shape[-2]
-        # Contiguous once here, not once per block inside each matmul; q pre-scaled by 1/sqrt(D).
-        q_BHTD = (q_BHTD * q_BHTD.shape[-1] ** -0.5).contiguous()
-        k_BHSD, v_BHSD = k_BHSD.contiguous(), v_BHSD.contiguous()
-        out_BHTD = q_BHTD.new_empty(q_BHTD.shape)
-        blocks, probs = [], []
-        for t0 in range(0, T, _QUERY_BLOCK):
-            t1 = min(T, t0 + _QUERY_BLOCK)
-            s1 = S - T + t1  # keys 0..s1-1 are all that queries t0..t1-1 can see
-            mask = bias_HTS[:, t0:t1, :s1].masked_fill(hidden[..., t0:t1, :s1], float("-inf"))
-            scores = q_BHTD[..., t0:t1, :] @ k_BHSD[..., :s1, :].transpose(-1, -2)
-            p = torch.softmax(scores.add_(mask), dim=-1)
-            out_BHTD[..., t0:t1, :] = p @ v_BHSD[..., :s1, :]
-            blocks.append((t0, t1, s1))
-            probs.append(p)
-        ctx.save_for_backward(q_BHTD, k_BHSD, v_BHSD, out_BHTD, *probs)
-        ctx.blocks, ctx.bias_shape = blocks, bias_HTS.shape
-        return out_BHTD
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_BHTD: Tensor) -> tuple[Tensor | None, ...]:
-        q_scaled, k, v, out, *probs = ctx.saved_tensors
-        grad_BHTD = grad_BHTD.contiguous()
-        dq, dk, dv = torch.empty_like(q_scaled), torch.zeros_like(k), torch.zeros_like(v)
-        dbias = q_scaled.new_zeros(ctx.bias_shape)  # hidden keys get 0: their p_ij is 0
-        # d score_ij = p_ij (d p_ij - sum_k p_ik d p_ik), and sum_k p_ik d p_ik = grad_i . out_i
-        row_dot = (grad_BHTD * out).sum(-1, keepdim=True)
-        for (t0, t1, s1), p in zip(ctx.blocks, probs):
-            grad = grad_BHTD[..., t0:t1, :]
-            dv[..., :s1, :] += p.transpose(-1, -2) @ grad
-            dscores = (grad @ v[..., :s1, :].transpose(-1, -2)).sub_(row_dot[..., t0:t1, :])
-            dscores = dscores.mul_(p)
-            dbias[:, t0:t1, :s1] = dscores.sum(0)  # one bias for the whole batch
-            dq[..., t0:t1, :] = dscores @ k[..., :s1, :]
-            dk[..., :s1, :] += dscores.transpose(-1, -2) @ q_scaled[..., t0:t1, :]
-        return dq.mul_(q_scaled.shape[-1] ** -0.5), dk, dv, dbias, None
 
 
 def rotary_angles(pos: Tensor, head_dim: int, base: float = 10000.0) -> Tensor:
@@ -473,11 +378,11 @@ class AlibiPositions(PositionMethod):
             slopes = interpolate_slopes(self.slopes, L, eval_len=k_BHSD.shape[-2], rule=self.scaling)
             return alibi_attention(q_BHTD, k_BHSD, v_BHSD, slopes, key_padding_mask=key_padding_mask)
         # L' counts a row's real tokens, not its padding: rows of one length share their slopes.
-        lengths_B = key_padding_mask.sum(-1)
+        lengths_B = row_lengths(key_padding_mask)
         out_BHTD = torch.empty_like(q_BHTD)
         for length in lengths_B.unique().tolist():
             rows = lengths_B == length
-            slopes = interpolate_slopes(self.slopes, L, eval_len=max(1, length), rule=self.scaling)
+            slopes = interpolate_slopes(self.slopes, L, eval_len=length, rule=self.scaling)
             out_BHTD[rows] = alibi_attention(
                 q_BHTD[rows], k_BHSD[rows], v_BHSD[rows], slopes, key_padding_mask=key_padding_mask[rows]
             )
