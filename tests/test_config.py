@@ -15,6 +15,7 @@ from linbias.config import (
     PRESETS,
     ConfigBase,
     ModelConfig,
+    TrainConfig,
     check_positive_float,
     model_config,
 )
@@ -167,8 +168,6 @@ def test_check_positive_float_needs_a_finite_positive_number(value: object) -> N
      ("min_lr_ratio", "0.1")],
 )
 def test_train_config_fields_are_checked_too(field: str, value: object) -> None:
-    from linbias.train import TrainConfig
-
     with pytest.raises(ValueError, match=field):
         TrainConfig.from_dict({field: value})
     with pytest.raises(ValueError, match=field):
@@ -220,3 +219,22 @@ def test_any_config_subclass_is_checked() -> None:
             _Other(**kwargs)
     with pytest.raises(ValueError, match="name too long"):  # its own check still runs
         _Other(name="a" * 11)
+
+
+# --- TrainConfig ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field, value", [
+    ("lr", float("inf")), ("lr", float("nan")), ("lr", 0.0), ("lr", "0.1"),
+    ("min_lr_ratio", float("nan")), ("min_lr_ratio", 1.5), ("min_lr_ratio", "0.1"),
+    ("weight_decay", float("nan")), ("weight_decay", float("inf")), ("weight_decay", -0.1),
+    ("grad_clip", float("inf")), ("grad_clip", float("nan")), ("grad_clip", -1.0),
+])
+def test_train_config_rejects_non_finite_and_out_of_range_floats(field, value):
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(**{field: value})
+
+
+def test_train_config_accepts_the_edges_of_each_range():
+    tc = TrainConfig(min_lr_ratio=0, weight_decay=0.0, grad_clip=0.0, lr=1e-8)
+    assert TrainConfig(min_lr_ratio=1.0).min_lr_ratio == 1.0 and tc.grad_clip == 0.0

@@ -1,4 +1,5 @@
-"""linbias.runs: a run written by an earlier release still loads, evaluates and resumes.
+"""linbias.runs: the run directory's files read back strictly; a run written by an earlier release
+still loads, evaluates and resumes.
 
 ``fixtures/old_run`` was written by linbias 0.1.0 before the run directory moved to
 ``linbias.runs`` (its ``checkpoint.json`` still has the ``data_step`` field that is no longer
@@ -15,7 +16,7 @@ import pytest
 
 from linbias.config import ModelConfig, TrainConfig
 from linbias.evaluate import evaluate_run
-from linbias.runs import load_run, read_checkpoint, read_configs, read_log
+from linbias.runs import RunError, load_run, read_checkpoint, read_configs, read_log
 from linbias.train import train
 
 FIXTURE = Path(__file__).parent / "fixtures" / "old_run"
@@ -48,3 +49,18 @@ def test_an_old_run_resumes_exactly_as_the_new_code_trains(old_run: Path, tmp_pa
     train(mc, tc, old_run, resume=True, progress=False)
     assert [r["train_loss"] for r in read_log(old_run)] == new_losses
     assert "data_step" not in json.loads((old_run / "checkpoint.json").read_text())
+
+
+@pytest.mark.parametrize("text, problem", [
+    ('{"step": 1, "train_loss": 5.0}\n[1, 2]\n', "line 2 .*not a JSON object"),
+    ('{"step": 1, "train_loss": NaN}\n', "train_loss must be a finite number"),
+    ('{"step": 1, "train_loss": "5"}\n', "train_loss must be a finite number"),
+    ('{"step": 2, "train_loss": 5.0}\n{"step": 1, "train_loss": 5.0}\n', "step must be an integer > 2"),
+    ('{"step": true, "train_loss": 5.0}\n', "step must be an integer"),
+    ('{"step": 1, "train_loss": 5.0, "valid_loss": null}\n', "valid_loss"),
+    ('not json\n{"step": 1, "train_loss": 5.0}\n', "line 1"),
+])
+def test_read_log_rejects_records_of_the_wrong_shape(tmp_path, text, problem):
+    (tmp_path / "log.jsonl").write_text(text)
+    with pytest.raises(RunError, match=problem):
+        read_log(tmp_path)

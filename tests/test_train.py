@@ -220,22 +220,6 @@ def _resume(corpus, out, cache, **train_kwargs):
     return train(mc, tc, out, resume=True, progress=False, cache_dir=cache, **train_kwargs)
 
 
-@pytest.mark.parametrize("field, value", [
-    ("lr", float("inf")), ("lr", float("nan")), ("lr", 0.0), ("lr", "0.1"),
-    ("min_lr_ratio", float("nan")), ("min_lr_ratio", 1.5), ("min_lr_ratio", "0.1"),
-    ("weight_decay", float("nan")), ("weight_decay", float("inf")), ("weight_decay", -0.1),
-    ("grad_clip", float("inf")), ("grad_clip", float("nan")), ("grad_clip", -1.0),
-])
-def test_train_config_rejects_non_finite_and_out_of_range_floats(field, value):
-    with pytest.raises(ValueError, match=field):
-        TrainConfig(**{field: value})
-
-
-def test_train_config_accepts_the_edges_of_each_range():
-    tc = TrainConfig(min_lr_ratio=0, weight_decay=0.0, grad_clip=0.0, lr=1e-8)
-    assert TrainConfig(min_lr_ratio=1.0).min_lr_ratio == 1.0 and tc.grad_clip == 0.0
-
-
 def test_cli_rejects_an_infinite_lr_before_any_work(tmp_path, capsys):
     assert main(["train", "--out", str(tmp_path / "run"), "--lr", "inf", "--no-progress"]) == 2
     err = capsys.readouterr().err
@@ -386,21 +370,6 @@ def test_a_resume_drops_only_a_torn_last_line(run_copy, corpus, cache):
     _resume(corpus, run_copy, cache)
     assert [r["step"] for r in read_log(run_copy)] == list(range(1, 7))
     assert sorted(p.name for p in run_copy.glob("state-*")) == ["state-00000006.safetensors"]
-
-
-@pytest.mark.parametrize("text, problem", [
-    ('{"step": 1, "train_loss": 5.0}\n[1, 2]\n', "line 2 .*not a JSON object"),
-    ('{"step": 1, "train_loss": NaN}\n', "train_loss must be a finite number"),
-    ('{"step": 1, "train_loss": "5"}\n', "train_loss must be a finite number"),
-    ('{"step": 2, "train_loss": 5.0}\n{"step": 1, "train_loss": 5.0}\n', "step must be an integer > 2"),
-    ('{"step": true, "train_loss": 5.0}\n', "step must be an integer"),
-    ('{"step": 1, "train_loss": 5.0, "valid_loss": null}\n', "valid_loss"),
-    ('not json\n{"step": 1, "train_loss": 5.0}\n', "line 1"),
-])
-def test_read_log_rejects_records_of_the_wrong_shape(tmp_path, text, problem):
-    (tmp_path / "log.jsonl").write_text(text)
-    with pytest.raises(RunError, match=problem):
-        read_log(tmp_path)
 
 
 @pytest.mark.parametrize("change, problem", [
