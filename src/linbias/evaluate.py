@@ -481,6 +481,27 @@ def evaluate_model(
     return records
 
 
+def _run_model(run_or_path: Run | str | Path, device: str | torch.device | None,
+               scalings: Sequence[str]) -> RunModel:
+    """The run as an ``EvalModel`` on ``device``, its rules checked before any corpus is read."""
+    run = run_or_path if isinstance(run_or_path, Run) else load_run(run_or_path)
+    if device is not None:
+        run.model.to(device)
+    model = RunModel(run)
+    model.check_rules(scalings)
+    return model
+
+
+def _run_stream(run: Run, spec: str, split: str, cache_dir: str | Path | None) -> np.ndarray:
+    """A split of corpus ``spec`` in the run's tokens; the run's own corpus must be unchanged
+    since training, so that held-out text is still held out."""
+    corpus = load_corpus(spec)
+    if spec == run.train_config.data:
+        check_corpus(run.path, run.corpus, corpus)
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return token_stream(corpus, run.tokenizer, split, cache)
+
+
 def evaluate_run(
     run_or_path: Run | str | Path,
     *,
@@ -529,17 +550,10 @@ def evaluate_run(
             with a single length, a length that would be skipped.
     """
     check_request(lengths, mode, stride, scalings, batch_size, max_tokens)
-    run = run_or_path if isinstance(run_or_path, Run) else load_run(run_or_path)
-    if device is not None:
-        run.model.to(device)
-    model = RunModel(run)
-    model.check_rules(scalings)  # before the corpus is read
+    model = _run_model(run_or_path, device, scalings)
+    run = model.run
     spec = run.train_config.data if data is None else data
-    corpus = load_corpus(spec)
-    if spec == run.train_config.data:
-        check_corpus(run.path, run.corpus, corpus)  # held-out text must still be held out
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    stream = token_stream(corpus, run.tokenizer, split, cache)
+    stream = _run_stream(run, spec, split, cache_dir)
     return evaluate_model(
         model, stream, token_byte_lengths(run.tokenizer), lengths=lengths, scalings=scalings,
         data=spec, split=split, mode=mode, stride=stride,
@@ -598,6 +612,7 @@ def evaluate_task(
         when skipped).
     """
     _check_task_request(task, lengths, depths, trials, scalings, batch_size)
+    check_int("seed", seed, 0)
     model.check_rules(scalings)
     head = {"position": model.position, "train_len": model.train_len,
             "filler": "sentences" if filler_ids is None else "corpus"}
@@ -642,7 +657,6 @@ def _beyond(model: EvalModel, length: int) -> bool:
 
 def _cell_seed(seed: int, length: int, depth: float) -> int:
     """One seed per cell, so that adding a length or a depth changes no other cell's trials."""
-    check_int("seed", seed, 0)
     return int(np.random.SeedSequence([seed, length, round(depth * 1000)]).generate_state(1)[0])
 
 
@@ -794,20 +808,14 @@ def evaluate_run_task(
         Others: as ``evaluate_task``.
     """
     _check_task_request(task, lengths, depths, trials, scalings, batch_size)
-    run = run_or_path if isinstance(run_or_path, Run) else load_run(run_or_path)
-    if device is not None:
-        run.model.to(device)
-    model = RunModel(run)
-    model.check_rules(scalings)
+    model = _run_model(run_or_path, device, scalings)
+    run = model.run
     filler = filler or run.train_config.mix_filler
     if filler not in ("sentences", "corpus"):
         raise ValueError(f"unknown filler {filler!r}; valid: sentences, corpus")
     filler_ids = None
     if filler == "corpus":
-        corpus = load_corpus(run.train_config.data)
-        check_corpus(run.path, run.corpus, corpus)
-        cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        filler_ids = token_stream(corpus, run.tokenizer, "valid", cache)
+        filler_ids = _run_stream(run, run.train_config.data, "valid", cache_dir)
     return evaluate_task(model, encoder(run.tokenizer), task=task, lengths=lengths,
                          depths=depths, trials=trials, scalings=scalings, seed=seed,
                          batch_size=batch_size, filler_ids=filler_ids, progress=progress)

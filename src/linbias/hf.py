@@ -857,13 +857,15 @@ class HFModel:
             check_int("train_len", train_len)
         self.train_len = train_len
         self.max_len = None if self._not_alibi is None else _position_table_rows(model)
+        # Looked up once: logits() runs once per batch of every evaluation.
+        self._takes_positions = "position_ids" in inspect.signature(model.forward).parameters
 
     def logits(self, ids_BT: torch.Tensor, mask_BT: torch.Tensor | None = None) -> torch.Tensor:
         device = next(self.model.parameters()).device
         extra: dict[str, torch.Tensor] = {}
         if mask_BT is not None:
             extra["attention_mask"] = mask_BT.long().to(device)
-            if "position_ids" in inspect.signature(self.model.forward).parameters:
+            if self._takes_positions:
                 # left padding: absolute positions start at 0 at each row's first real token
                 extra["position_ids"] = (extra["attention_mask"].cumsum(-1) - 1).clamp(min=0)
         return self.model(input_ids=ids_BT.to(device), use_cache=False, **extra).logits
