@@ -21,7 +21,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from linbias.config import POSITIONS, model_config
+from linbias.config import model_config
+from linbias.positions import POSITION_METHODS
 from linbias.model import GPT
 from peak_memory import peak_growth_mb as _peak_growth_mb
 
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--steps", type=int, default=4, help="timed steps per method per round")
     p.add_argument("--repeats", type=int, default=3, help="rounds over the methods")
-    p.add_argument("--positions", default=",".join(POSITIONS))
+    p.add_argument("--positions", default=",".join(POSITION_METHODS))
     p.add_argument("--json", dest="json_path", default=None)
     args = p.parse_args(argv)
     L, B = args.train_len, args.batch_size

@@ -36,9 +36,10 @@ SURFACE = {
     'train': ([], [
         '--alibi-max-bias', '--batch-size', '--bf16', '--bias', '--d-ff', '--d-model', '--data',
         '--dropout', '--embedding', '--eval-batches', '--eval-every', '--grad-accum',
-        '--grad-clip', '--log-every', '--lr', '--min-lr-ratio', '--mix-filler', '--mix-fraction',
+        '--grad-clip', '--init-from', '--log-every', '--lr', '--min-lr-ratio', '--mix-filler', '--mix-fraction',
         '--mix-task', '--n-heads', '--n-layers', '--no-bf16', '--no-bias', '--no-progress',
-        '--no-tie-weights', '--out', '--position', '--preset', '--resume', '--rotary-base',
+        '--no-tie-weights', '--out', '--position', '--position-scale', '--preset', '--resume',
+        '--rotary-base',
         '--save-every', '--seed', '--steps', '--t5-buckets', '--t5-max-distance',
         '--tie-weights', '--train-len', '--vocab-size', '--warmup', '--weight-decay',
     ]),

@@ -10,8 +10,9 @@ import re
 import numpy as np
 import pytest
 
+from linbias.positions import POSITION_METHODS
+
 from linbias.config import (
-    POSITIONS,
     PRESETS,
     ConfigBase,
     ModelConfig,
@@ -69,6 +70,9 @@ def test_from_dict_names_unknown_keys() -> None:
         (dict(rotary_base=-1.0), "rotary_base"),
         (dict(position="rotary", d_model=12, n_heads=4), "even head dim"),
         (dict(t5_buckets=32, t5_max_distance=16), "t5_max_distance"),
+        (dict(position_scale=0.0), "position_scale must be a finite positive number"),
+        (dict(position="t5", position_scale=0.5), "applies to rotary and alibi positions only"),
+        (dict(position="learned", position_scale=0.5), "not 'learned': leave it at 1"),
     ],
 )
 def test_validation_errors(kwargs: dict, message: str) -> None:
@@ -76,11 +80,13 @@ def test_validation_errors(kwargs: dict, message: str) -> None:
         ModelConfig(**kwargs)
 
 
-def test_unknown_position_lists_valid_names() -> None:
-    with pytest.raises(ValueError, match="xpos") as err:
-        ModelConfig(position="xpos")
-    assert all(name in str(err.value) for name in POSITIONS)
-    assert set(POSITIONS) == {"none", "sinusoidal", "learned", "rotary", "t5", "alibi"}
+@pytest.mark.parametrize("name", ["xpos", "ALiBi"])  # exact names: no case folding
+def test_unknown_position_lists_valid_names(name: str) -> None:
+    with pytest.raises(ValueError, match=f"unknown position method '{name}'; valid: ") as err:
+        ModelConfig.from_dict({"position": name})
+    names = {"none", "sinusoidal", "learned", "rotary", "t5", "alibi"}
+    assert all(name in str(err.value) for name in names)
+    assert set(POSITION_METHODS) == names  # the one registry the config checks against
 
 
 def test_presets_exact_names_and_overrides() -> None:
@@ -116,8 +122,7 @@ def test_unknown_preset_and_override_errors() -> None:
         ("d_ff", True, "an integer or None"),
         ("n_layers", "2", "an integer"),
         ("vocab_size", 4096.0, "an integer"),
-        ("position", 3, "one of 'none', 'sinusoidal'"),
-        ("position", "ALiBi", "one of 'none'"),
+        ("position", 3, "a string"),
         ("alibi_max_bias", "8", "a finite number"),
         ("alibi_max_bias", math.inf, "a finite number"),
         ("rotary_base", math.nan, "a finite number"),

@@ -163,6 +163,21 @@ def test_rotary_linear_scaling_is_position_interpolation() -> None:
         assert torch.equal(got, want)
 
 
+def test_position_scale_multiplies_positions_at_every_length_before_the_rule() -> None:
+    L = 16
+    fixed = make_position(cfg("rotary", train_len=L, position_scale=0.25))
+    plain = make_position(cfg("rotary", train_len=L))
+    q, k, _ = qkv(64, 64)
+    pos = torch.arange(64)
+    for got, want in zip(fixed.rotate(q, k, pos, pos), plain.rotate(q, k, pos / 4, pos / 4)):
+        torch.testing.assert_close(got, want)
+    fixed.set_scaling("linear")  # L' = 64 = 4L: a further L / L'
+    for got, want in zip(fixed.rotate(q, k, pos, pos), plain.rotate(q, k, pos / 16, pos / 16)):
+        torch.testing.assert_close(got, want)
+    alibi = make_position(cfg("alibi", train_len=L, n_heads=4, position_scale=0.25))
+    assert alibi.slopes.tolist() == [2.0 ** -2 / 4, 2.0 ** -4 / 4, 2.0 ** -6 / 4, 2.0 ** -8 / 4]
+
+
 # --- T5 -------------------------------------------------------------------------------------------
 
 

@@ -258,3 +258,37 @@ def test_a_retrieval_preset_mixes_the_task_and_reports_accuracy_and_k_max(tmp_pa
     again = run(out, preset="unit-passkey", seeds=2, positions=("alibi", "learned"))
     assert again["retrieval"] == cells  # reused from each run's retrieval.json
     assert again["attention_profile"] == profile and again["sliding"] == sliding
+
+
+def test_the_fine_tune_study_trains_evaluates_and_reuses(tmp_path, run, monkeypatch):
+    preset = ReproducePreset(model="tiny", train_len=16, steps=2, batch_size=2, warmup=1,
+                             vocab_size=300, multiples=(1, 2), eval_tokens=128,
+                             finetune_steps=(0, 2), finetune_multiple=2, finetune_batch_size=2,
+                             finetune_warmup=1)
+    monkeypatch.setitem(reproduce_mod.REPRODUCE_PRESETS, "unit-ft", preset)
+    out = tmp_path / "report"
+    results = run(out, preset="unit-ft", positions=("alibi", "learned", "none"))
+    runs = sorted(p.name for p in (out / "runs").iterdir())
+    assert runs == ["alibi-seed0", "alibi-seed0-ft2x-fixed-2", "alibi-seed0-ft2x-plain-2",
+                    "learned-seed0", "none-seed0", "none-seed0-ft2x-plain-2"]
+    child = json.loads((out / "runs/alibi-seed0-ft2x-fixed-2/config.json").read_text())
+    assert child["model"]["train_len"] == 32 and child["model"]["position_scale"] == 0.5
+    assert child["train"]["init_from"] == str(out / "runs/alibi-seed0")
+    rows = {(r["position"], r["mode"], r["steps"], r["scaling"]): r for r in results["finetune"]}
+    assert set(rows) == {(pos, mode, steps, rule) for pos, mode, rule in (
+        ("alibi", "plain", "none"), ("alibi", "plain", "linear"), ("alibi", "fixed", "none"),
+        ("alibi", "fixed", "linear"), ("none", "plain", "none")) for steps in (0, 2)}
+    assert all(set(r["ppl"]) == {"32", "128"} for r in rows.values())
+    # 0 steps is the parent at L2 = 2L: with fixed slopes (x 1/2) it is the parent under the
+    # linear rule there; plain, the parent without a rule.
+    parent = {(r["eval_len"], r["scaling"]): r["ppl"] for r in results["results"]
+              if r["position"] == "alibi"}
+    assert rows["alibi", "fixed", 0, "none"]["ppl"]["32"] == pytest.approx(parent[32, "linear"])
+    assert rows["alibi", "plain", 0, "none"]["ppl"]["32"] == pytest.approx(parent[32, "none"])
+    report = (out / "report.md").read_text()
+    assert "## Fine-tuned at 32 = 2L" in report and "`learned` is left out" in report
+    assert (out / "finetune.png").read_bytes().startswith(b"\x89PNG")
+    before = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*")}
+    assert run(out, preset="unit-ft", positions=("alibi", "learned", "none"))["finetune"] == \
+        results["finetune"]
+    assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*")} == before  # all reused

@@ -64,3 +64,45 @@ def test_read_log_rejects_records_of_the_wrong_shape(tmp_path, text, problem):
     (tmp_path / "log.jsonl").write_text(text)
     with pytest.raises(RunError, match=problem):
         read_log(tmp_path)
+
+
+# --- a fine-tune's lineage -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def lineage_pair(tmp_path: Path, tiny_alibi_run: Path, tiny_cache_dir: Path) -> tuple[Path, Path]:
+    """A copy of the tiny ALiBi run and a one-step fine-tune of it at twice its length."""
+    parent = Path(shutil.copytree(tiny_alibi_run, tmp_path / "parent"))
+    run = load_run(parent)
+    mc = ModelConfig.from_dict({**run.config.to_dict(), "train_len": 64})
+    tc = TrainConfig(**{**run.train_config.to_dict(), "steps": 1, "init_from": str(parent)})
+    return parent, train(mc, tc, tmp_path / "child", progress=False, cache_dir=tiny_cache_dir)
+
+
+def test_the_lineage_is_verified_on_load(lineage_pair: tuple[Path, Path]) -> None:
+    import warnings
+
+    from linbias.runs import lineage_of
+
+    parent, child = lineage_pair
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the parent as it was: no warning
+        assert load_run(child).parent == lineage_of(parent)
+    meta = json.loads((parent / "config.json").read_text())
+    (parent / "config.json").write_text(json.dumps({**meta, "corpus": meta["corpus"] + " "}))
+    with pytest.warns(UserWarning, match="config or weights have changed since"):
+        load_run(child)
+    shutil.rmtree(parent)  # a parent moved away: the record stands, nothing to compare
+    assert load_run(child).parent.step == 5
+
+
+@pytest.mark.parametrize("change", [
+    {"step": -1}, {"step": "5"}, {"weights_sha256": "0" * 63}, {"path": None}, {"extra": 1},
+])
+def test_a_malformed_lineage_is_refused(lineage_pair: tuple[Path, Path], change: dict) -> None:
+    _, child = lineage_pair
+    meta = json.loads((child / "config.json").read_text())
+    meta["parent"] = {**meta["parent"], **change}
+    (child / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(RunError, match="'parent' must be .* as a fine-tune writes it"):
+        load_run(child)

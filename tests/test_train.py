@@ -90,30 +90,33 @@ def test_resume_after_kill_continues_exactly(tmp_path, corpus):
     cache = tmp_path / "cache"
     whole = train(mc, tc, tmp_path / "whole", progress=False, cache_dir=cache)
 
-    killed = tmp_path / "killed"
+    killed = _kill_at_checkpoint(mc, tc, tmp_path / "killed", cache, min_step=10)
+    train(mc, tc, killed, resume=True, progress=False, cache_dir=cache)
+    assert _losses(killed) == _losses(whole)
+    logged = [json.loads(line) for line in (killed / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == list(range(1, tc.steps + 1))
+
+
+def _kill_at_checkpoint(mc, tc, out: Path, cache: Path, min_step: int) -> Path:
+    """Train in a subprocess and SIGKILL it once a checkpoint of ``min_step`` or later exists."""
     script = textwrap.dedent(f"""
         from linbias.config import ModelConfig
         from linbias.train import TrainConfig, train
         mc = ModelConfig.from_json({mc.to_json()!r})
         tc = TrainConfig.from_json({tc.to_json()!r})
-        train(mc, tc, {str(killed)!r}, progress=False, cache_dir={str(cache)!r})
+        train(mc, tc, {str(out)!r}, progress=False, cache_dir={str(cache)!r})
     """)
     proc = subprocess.Popen([sys.executable, "-c", script])
-    ckpt = killed / "checkpoint.json"
+    ckpt = out / "checkpoint.json"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if ckpt.is_file() and json.loads(ckpt.read_text())["step"] >= 10:
+        if ckpt.is_file() and json.loads(ckpt.read_text())["step"] >= min_step:
             break
-        time.sleep(0.02)
+        time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    step = json.loads(ckpt.read_text())["step"]
-    assert step < tc.steps, "the run finished before it could be killed"
-
-    train(mc, tc, killed, resume=True, progress=False, cache_dir=cache)
-    assert _losses(killed) == _losses(whole)
-    logged = [json.loads(line) for line in (killed / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in logged] == list(range(1, tc.steps + 1))
+    assert json.loads(ckpt.read_text())["step"] < tc.steps, "the run finished before the kill"
+    return out
 
 
 def test_resume_with_different_config_is_refused(tmp_path, corpus):
@@ -482,3 +485,141 @@ def test_a_task_mix_trains_and_resumes_exactly(tmp_path, corpus):
     with pytest.raises(ValueError, match="too short for task 'passkey'.*use length >="):
         train(short, tc, tmp_path / "short", progress=False, cache_dir=cache)
     assert not (tmp_path / "short").exists()
+
+
+# --- fine-tuning at a longer length (TrainConfig.init_from) ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def parent(tmp_path_factory, corpus, cache) -> Path:
+    """A finished ALiBi run at L = 32 (the stopped run's settings, all 6 steps)."""
+    mc, tc = _configs(corpus, eval_every=0)
+    return train(mc, tc, tmp_path_factory.mktemp("parent") / "run", progress=False, cache_dir=cache)
+
+
+def _child(parent_dir, **model):
+    """The child configs: the parent's model at L2 = 64 (and ``model``), a fresh schedule."""
+    parent_run = load_run(parent_dir)
+    mc = ModelConfig.from_dict({**parent_run.config.to_dict(), "train_len": 64, **model})
+    tc = TrainConfig(**{**parent_run.train_config.to_dict(), "steps": 4, "lr": 1e-3, "warmup": 1,
+                        "save_every": 1, "init_from": str(parent_dir)})
+    return mc, tc
+
+
+def test_a_child_before_its_first_step_gives_the_parent_logits(parent):
+    from linbias.runs import child_model
+
+    run = load_run(parent)
+    mc, _ = _child(parent)
+    idx = torch.randint(run.config.vocab_size, (2, 80))  # past both L = 32 and L2 = 64
+    assert torch.equal(child_model(run, mc).eval()(idx), run.model(idx))
+
+
+def test_fixed_interpolation_trains_with_slopes_times_l_over_l2(parent, tmp_path, cache):
+    run = load_run(parent)
+    mc, tc = _child(parent, position_scale=32 / 64)
+    out = train(mc, tc, tmp_path / "child", progress=False, cache_dir=cache, stop_after=1)
+    child = load_run(out)
+    # The paper's slopes for 2 heads, 2^-4 and 2^-8, by hand, times L / L2 = 1/2.
+    assert child.model.position.slopes.tolist() == [2 ** -5, 2 ** -9]
+    calls = []
+    original = train_mod.GPT.forward
+
+    def spy(self, *args, **kwargs):
+        calls.append(self.position.slopes.clone())
+        return original(self, *args, **kwargs)
+
+    train_mod.GPT.forward = spy
+    try:
+        train(mc, tc, out, resume=True, progress=False, cache_dir=cache, stop_after=1)
+    finally:
+        train_mod.GPT.forward = original
+    assert calls and all(c.tolist() == [2 ** -5, 2 ** -9] for c in calls)
+    assert run.model.position.slopes.tolist() == [2 ** -4, 2 ** -8]  # the parent's are untouched
+
+
+def test_a_fine_tune_records_its_parent_and_starts_fresh(parent, tmp_path, cache):
+    from linbias.fileio import sha256_file
+    from linbias.runs import read_checkpoint
+
+    mc, tc = _child(parent)
+    out = train(mc, tc, tmp_path / "child", progress=False, cache_dir=cache)
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["parent"] == {
+        "path": str(parent.resolve()), "step": 6,
+        "config_sha256": sha256_file(parent / "config.json"),
+        "weights_sha256": sha256_file(parent / "model.safetensors"),
+    }
+    child = load_run(out)
+    assert child.parent.step == 6 and child.config.train_len == 64
+    assert (out / "tokenizer.json").read_text() == (parent / "tokenizer.json").read_text()
+    assert read_checkpoint(out).step == 4 and [r["step"] for r in read_log(out)] == [1, 2, 3, 4]
+    assert read_log(out)[0]["lr"] == pytest.approx(1e-3)  # warm-up of 1 step: a fresh schedule
+
+
+def test_a_killed_fine_tune_resumes_exactly(parent, tmp_path, cache):
+    mc, tc = _child(parent, dropout=0.1)  # RNG state must resume too
+    tc = TrainConfig(**{**tc.to_dict(), "steps": 12, "save_every": 3})
+    whole = train(mc, tc, tmp_path / "whole", progress=False, cache_dir=cache)
+    killed = _kill_at_checkpoint(mc, tc, tmp_path / "killed", cache, min_step=0)
+    train(mc, tc, killed, resume=True, progress=False, cache_dir=cache)
+    assert _losses(killed) == _losses(whole)
+    assert load_run(killed).parent == load_run(whole).parent
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(n_layers=2), r"conflict with its weights in n_layers \(parent 1, given 2\).*drop those"),
+    (dict(position="rotary"), r"position \(parent 'alibi', given 'rotary'\)"),
+])
+def test_a_fine_tune_that_changes_the_architecture_is_refused(parent, tmp_path, cache, change,
+                                                               message):
+    mc, tc = _child(parent, **change)
+    with pytest.raises(RunError, match=message):
+        train(mc, tc, tmp_path / "child", progress=False, cache_dir=cache)
+    assert not (tmp_path / "child").exists()
+
+
+def test_fine_tune_errors_name_the_fix(parent, stopped_run, tmp_path, cache):
+    mc, tc = _child(parent)
+    bad = {
+        "not finished": (stopped_run, r"not finished \(step 3 of 6\).*--resume"),
+        "not a run": (tmp_path, r"cannot fine-tune from .*config.json is missing"),
+    }
+    for parent_dir, message in bad.values():
+        with pytest.raises(RunError, match=message):
+            train(mc, TrainConfig(**{**tc.to_dict(), "init_from": str(parent_dir)}),
+                  tmp_path / "child", progress=False, cache_dir=cache)
+    corrupt = Path(shutil.copytree(parent, tmp_path / "corrupt"))
+    (corrupt / "model.safetensors").write_bytes(b"{}")
+    with pytest.raises(RunError, match=r"cannot fine-tune from .*corrupt"):
+        train(mc, TrainConfig(**{**tc.to_dict(), "init_from": str(corrupt)}), tmp_path / "child",
+              progress=False, cache_dir=cache)
+    with pytest.raises(RunError, match=r"keeps the tokenizer .*vocab_size 300.*drop --vocab-size"):
+        train(mc, TrainConfig(**{**tc.to_dict(), "vocab_size": 400}), tmp_path / "child",
+              progress=False, cache_dir=cache)
+    with pytest.raises(RunError, match="a fine-tune goes into a new --out"):
+        shutil.rmtree(tmp_path / "child", ignore_errors=True)
+        train(mc, tc, parent, progress=False, cache_dir=cache)
+    assert not (tmp_path / "child").exists()
+
+
+def test_learned_positions_cannot_change_their_length(tmp_path, corpus, cache):
+    mc, tc = _configs(corpus, steps=1, eval_every=0, save_every=0)
+    learned = train(ModelConfig.from_dict({**mc.to_dict(), "position": "learned"}), tc,
+                    tmp_path / "learned", progress=False, cache_dir=cache)
+    child_mc, child_tc = _child(learned)
+    with pytest.raises(RunError, match="train_len .*one table row per position"):
+        train(child_mc, child_tc, tmp_path / "child", progress=False, cache_dir=cache)
+
+
+def test_cli_fine_tune_takes_the_parents_model_and_corpus(parent, tmp_path, cache, monkeypatch):
+    monkeypatch.setenv("LINBIAS_CACHE", str(cache))
+    out = tmp_path / "child"
+    assert main(["train", "--init-from", str(parent), "--out", str(out), "--train-len", "64",
+                 "--position-scale", "0.5", "--steps", "2", "--warmup", "1", "--no-progress"]) == 0
+    child, run = load_run(out), load_run(parent)
+    assert child.config == ModelConfig.from_dict(
+        {**run.config.to_dict(), "train_len": 64, "position_scale": 0.5})
+    assert child.train_config.data == run.train_config.data and child.train_config.steps == 2
+    assert main(["train", "--init-from", str(tmp_path / "nothing"), "--out", str(tmp_path / "c2"),
+                 "--no-progress"]) == 2

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any, get_args
 
 import linbias
-from linbias.config import POSITIONS, PRESETS, Embedding, ModelConfig, model_config
+from linbias.config import PRESETS, Embedding, ModelConfig, model_config
+from linbias.positions import POSITION_METHODS
 
 
 # --- dataclass fields as flags -------------------------------------------------------------------
@@ -48,9 +49,11 @@ def _scalar_type(cls: type, name: str) -> type:
 
 
 def add_fields(
-    parser: argparse.ArgumentParser, cls: type, title: str, skip: tuple = (), default_from: str = ""
+    parser: argparse.ArgumentParser, cls: type, title: str, skip: tuple = (), default_from: str = "",
+    choices: dict[str, tuple[str, ...]] | None = None,
 ) -> None:
-    """Add one ``--flag`` per dataclass field; the default ``None`` means 'not given'."""
+    """Add one ``--flag`` per dataclass field; the default ``None`` means 'not given'. ``choices``
+    names the valid values of string fields that a registry, not a ``Literal``, defines."""
     group, helps = parser.add_argument_group(title), _field_help(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
@@ -63,9 +66,9 @@ def add_fields(
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
             hint = _unoptional(typing.get_type_hints(cls)[f.name])
-            choices = typing.get_args(hint) if kind is str else None
+            options = (choices or {}).get(f.name) or (typing.get_args(hint) if kind is str else None)
             group.add_argument(flag, type=kind, default=None, metavar=f.name.upper(), help=text,
-                               choices=choices or None)
+                               choices=options or None)
 
 
 def given(args: argparse.Namespace, cls: type, skip: tuple = ()) -> dict[str, Any]:
@@ -89,10 +92,12 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", required=True, type=Path, help="run directory to write")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="model size preset (default: tiny; on --resume: the saved config)")
+                   help="model size preset (default: tiny; on --resume: the saved config; with "
+                   "--init-from: the parent's)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_fields(p, ModelConfig, "model", skip=("vocab_size",), default_from="the preset")
+    add_fields(p, ModelConfig, "model", skip=("vocab_size",), default_from="the preset",
+               choices={"position": tuple(POSITION_METHODS)})
     add_fields(p, TrainConfig, "training")
     p.set_defaults(func=_run_train)
 
@@ -103,7 +108,14 @@ def _run_train(args: argparse.Namespace) -> int:
     from linbias.train import train
 
     model_args, train_args = given(args, ModelConfig, ("vocab_size",)), given(args, TrainConfig)
-    if args.resume:
+    if "init_from" in train_args and not args.resume:
+        # A fine-tune: the model, corpus and tokenizer are the parent's unless given.
+        parent_mc, parent_tc = _parent_configs(train_args["init_from"])
+        base = model_config(args.preset).to_dict() if args.preset else parent_mc.to_dict()
+        mc = ModelConfig.from_dict({**base, **model_args, "vocab_size": parent_mc.vocab_size})
+        tc = TrainConfig(**{"data": parent_tc.data, "vocab_size": parent_tc.vocab_size,
+                            **train_args})
+    elif args.resume:
         saved_mc, saved_tc = read_configs(args.out)
         base = model_config(args.preset).to_dict() if args.preset else saved_mc.to_dict()
         mc = ModelConfig.from_dict({**base, **model_args, "vocab_size": saved_mc.vocab_size})
@@ -114,6 +126,15 @@ def _run_train(args: argparse.Namespace) -> int:
     out = train(mc, tc, args.out, resume=args.resume, progress=not args.no_progress)
     print(f"run written to {out}")
     return 0
+
+
+def _parent_configs(path: str) -> tuple[ModelConfig, Any]:
+    from linbias.runs import RunError, read_configs
+
+    try:
+        return read_configs(path)
+    except RunError as exc:
+        raise RunError(f"cannot fine-tune from --init-from {path}: {exc}") from exc
 
 
 def _ints(text: str) -> list[int]:
@@ -312,8 +333,8 @@ def _reproduce_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", type=int, default=1,
                    help="seeds per method; tables and plots show the mean and min-max range "
                    "(default: 1)")
-    p.add_argument("--positions", type=_names, default=list(POSITIONS),
-                   help=f"methods to compare (default: {','.join(POSITIONS)})")
+    p.add_argument("--positions", type=_names, default=list(POSITION_METHODS),
+                   help=f"methods to compare (default: {','.join(POSITION_METHODS)})")
     p.add_argument("--embedding", choices=get_args(Embedding), default=None,
                    help="token embedding convention (default: the preset's, gpt2): gpt2 (std "
                    "0.02, unscaled) or fairseq (std d^-0.5, times sqrt(d), as the paper's code)")
@@ -342,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="linbias",
         description="ALiBi (Attention with Linear Biases): train short, test long. "
-        f"Position methods: {', '.join(POSITIONS)}.",
+        f"Position methods: {', '.join(POSITION_METHODS)}.",
     )
     parser.add_argument("--version", action="version", version=f"linbias {linbias.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -23,12 +23,10 @@ from typing import Any, Literal, Optional, TypeVar, Union, get_args, get_origin
 
 __all__ = [
     "INIT_STD", "REPRODUCE_PRESETS", "ConfigBase", "Embedding", "ReproducePreset", "TrainConfig",
-    "is_finite_number", "ModelConfig", "POSITIONS", "PRESETS", "Position", "check_int",
+    "is_finite_number", "ModelConfig", "PRESETS", "check_int",
     "check_positive_float", "model_config",
 ]
 
-Position = Literal["none", "sinusoidal", "learned", "rotary", "t5", "alibi"]
-POSITIONS: tuple[str, ...] = get_args(Position)
 Embedding = Literal["gpt2", "fairseq"]
 
 _C = TypeVar("_C", bound="ConfigBase")
@@ -232,6 +230,11 @@ class ModelConfig(ConfigBase):
         rotary_base: RoPE frequency base (RoFormer: 10000).
         t5_buckets: T5 relative-position buckets (T5: 32).
         t5_max_distance: distance at which T5's log-spaced buckets end (T5: 128).
+        position_scale: every position and distance is multiplied by this, at every length
+            (ALiBi: slopes ``m * position_scale``; rotary: positions ``pos * position_scale``).
+            A fine-tune from a run trained at ``L`` to ``L2`` keeps it at ``L / L2`` (the fixed
+            interpolation of BTLM and Chen et al. 2023); 1 everywhere else. Scaling rules act on
+            top of it, counted from this config's ``train_len``.
         embedding: how token embeddings are scaled. ``"gpt2"``: initialised with std
             ``INIT_STD`` (0.02) and used as they are; sinusoids are scaled by ``INIT_STD`` to keep
             their ratio to the tokens. ``"fairseq"`` (the ALiBi paper's code, after Vaswani et
@@ -244,7 +247,7 @@ class ModelConfig(ConfigBase):
     n_heads: int = 4
     d_model: int = 128
     d_ff: int | None = None
-    position: Position = "alibi"
+    position: str = "alibi"
     train_len: int = 128
     dropout: float = 0.0
     tie_weights: bool = True
@@ -253,6 +256,7 @@ class ModelConfig(ConfigBase):
     rotary_base: float = 10000.0
     t5_buckets: int = 32
     t5_max_distance: int = 128
+    position_scale: float = 1.0
     embedding: Embedding = "gpt2"
 
     def __post_init__(self) -> None:
@@ -263,6 +267,18 @@ class ModelConfig(ConfigBase):
             check_int("d_ff", self.d_ff)
         check_positive_float("alibi_max_bias", self.alibi_max_bias)
         check_positive_float("rotary_base", self.rotary_base)
+        check_positive_float("position_scale", self.position_scale)
+        from linbias.positions import POSITION_METHODS  # the one registry (it imports this module)
+
+        if self.position not in POSITION_METHODS:
+            raise ValueError(f"unknown position method {self.position!r}; valid: "
+                             f"{', '.join(POSITION_METHODS)}")
+        if self.position_scale != 1.0 and not POSITION_METHODS[self.position].scalable:
+            scalable = [name for name, cls in POSITION_METHODS.items() if cls.scalable]
+            raise ValueError(
+                f"position_scale={self.position_scale:g} applies to {' and '.join(scalable)} "
+                f"positions only, not {self.position!r}: leave it at 1"
+            )
         if self.d_model % self.n_heads != 0:
             raise ValueError(
                 f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
@@ -328,6 +344,10 @@ class TrainConfig(ConfigBase):
         mix_filler: the passkey haystack: ``"sentences"``, the repeated filler sentences of the
             published passkey test (the prompts ``linbias eval --task passkey`` uses by default),
             or ``"corpus"``, a slice of the training split (a needle in a real haystack).
+        init_from: a finished run to start from (its weights and tokenizer, nothing else: the
+            optimizer, schedule and step count start afresh). The model config may change only
+            what the weights do not fix: ``train_len``, ``position_scale``, ``alibi_max_bias``,
+            ``rotary_base``, ``t5_max_distance``, ``dropout``.
     """
 
     data: str = "stdlib"
@@ -349,6 +369,7 @@ class TrainConfig(ConfigBase):
     mix_task: Optional[Literal["passkey", "lines"]] = None
     mix_fraction: float = 0.0
     mix_filler: Literal["sentences", "corpus"] = "sentences"
+    init_from: Optional[str] = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "steps", "batch_size", "grad_accum", "eval_batches", "log_every"):
@@ -366,6 +387,8 @@ class TrainConfig(ConfigBase):
                 f"mix_task={self.mix_task!r} with mix_fraction={self.mix_fraction:g}: give both "
                 "(e.g. --mix-task passkey --mix-fraction 0.25) or neither"
             )
+        if self.init_from is not None and not self.init_from.strip():
+            raise ValueError("init_from must name a run directory, got an empty string")
         if self.mix_filler == "corpus" and self.mix_task not in (None, "passkey"):
             raise ValueError(f"mix_filler='corpus' is a passkey haystack; task {self.mix_task!r} "
                              "has no filler to replace: use mix_filler='sentences'")
@@ -427,6 +450,14 @@ class ReproducePreset(ConfigBase):
         multiples: evaluation lengths as multiples of L.
         eval_tokens: tokens scored per evaluation (a prefix of the split; 0 means all).
         eval_batch_size: windows per forward when evaluating.
+        finetune_steps: the fine-tune study (``TrainConfig.init_from``): each trained model is
+            fine-tuned at ``finetune_multiple * L`` for each of these step counts (0: the model as
+            it is, at the new length), plainly and, for ALiBi and rotary, with positions fixed at
+            x ``1 / finetune_multiple``; empty: no study.
+        finetune_multiple: the fine-tune length, as a multiple of L.
+        finetune_batch_size: sequences per fine-tune step.
+        finetune_lr: peak learning rate of the fine-tunes (after ``finetune_warmup`` steps).
+        finetune_warmup: warm-up steps of the fine-tunes.
         expected_minutes: wall time of one seed on 2 idle CPU cores, end to end, estimated from
             measured training speed (float32).
     """
@@ -451,7 +482,22 @@ class ReproducePreset(ConfigBase):
     multiples: tuple[int, ...] = (1, 2, 4, 8, 16)
     eval_tokens: int = 0
     eval_batch_size: int = 8
+    finetune_steps: tuple[int, ...] = ()
+    finetune_multiple: int = 4
+    finetune_batch_size: int = 8
+    finetune_lr: float = 5e-4
+    finetune_warmup: int = 10
     expected_minutes: float = 0.0
+
+    def __post_init__(self) -> None:
+        for n in self.finetune_steps:
+            check_int("finetune_steps", n, low=0)
+        if len(set(self.finetune_steps)) != len(self.finetune_steps):
+            raise ValueError(f"finetune_steps must not repeat, got {list(self.finetune_steps)}")
+        check_int("finetune_multiple", self.finetune_multiple, low=2)
+        check_int("finetune_batch_size", self.finetune_batch_size)
+        check_int("finetune_warmup", self.finetune_warmup, low=0)
+        _check_real("finetune_lr", self.finetune_lr, 0.0, low_open=True)
 
 
 REPRODUCE_PRESETS: dict[str, ReproducePreset] = {
@@ -466,6 +512,12 @@ REPRODUCE_PRESETS: dict[str, ReproducePreset] = {
                                  warmup=100, vocab_size=2048, t5_max_distance=64, task="passkey",
                                  task_fraction=0.5, profile_windows=4, sliding_tokens=1024,
                                  expected_minutes=20),
+    # Fine-tune at 4L (Chen et al. 2023; BTLM): the retrieval preset's models, so that passkey
+    # k_max means something, each fine-tuned on the same mix for 0, 50, 100 and 200 steps.
+    "finetune": ReproducePreset(model="tiny", train_len=128, steps=1200, batch_size=16, lr=2e-3,
+                                warmup=100, vocab_size=2048, t5_max_distance=64, task="passkey",
+                                task_fraction=0.5, trials=5, eval_tokens=65536,
+                                finetune_steps=(0, 50, 100, 200), expected_minutes=25),
     "paper-small": ReproducePreset(model="small", train_len=256, steps=5000, batch_size=32,
                                    lr=1e-3, warmup=250, t5_max_distance=64, expected_minutes=810),
 }

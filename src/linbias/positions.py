@@ -130,6 +130,8 @@ class PositionMethod(nn.Module):
 
     name: ClassVar[str]
     scaling_rules: ClassVar[tuple[str, ...]] = ("none",)
+    # Whether config.position_scale (a fixed factor on every distance) applies to this method.
+    scalable: ClassVar[bool] = False
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -260,17 +262,21 @@ class RotaryPositions(PositionMethod):
     Scaling ``"linear"`` is position interpolation (Chen et al. 2023, arXiv 2306.15595): positions
     times ``L / L'`` when ``L' > L``, where ``L'`` is the total key length of the call
     (``k_pos.max() + 1``). Keys are cached after rotation, so with this rule a key keeps the
-    factor of the call that wrote it.
+    factor of the call that wrote it. ``config.position_scale`` multiplies positions at every
+    length (a fine-tune's fixed interpolation), before any rule.
     """
 
     name = "rotary"
     scaling_rules = ("none", "linear")
+    scalable = True
 
     def rotate(
         self, q_BHTD: Tensor, k_BHTD: Tensor, q_pos: Tensor, k_pos: Tensor
     ) -> tuple[Tensor, Tensor]:
+        factor = self.config.position_scale  # a fine-tune's fixed interpolation, at every length
         if self.scaling != "none":
-            factor = scaling_factor(self.config.train_len, int(k_pos.max()) + 1, self.scaling)
+            factor *= scaling_factor(self.config.train_len, int(k_pos.max()) + 1, self.scaling)
+        if factor != 1.0:
             q_pos, k_pos = q_pos * factor, k_pos * factor
         D, base = q_BHTD.shape[-1], self.config.rotary_base
         q_BHTD = apply_rotary(q_BHTD, rotary_angles(q_pos, D, base))
@@ -357,11 +363,13 @@ class AlibiPositions(PositionMethod):
 
     name = "alibi"
     scaling_rules = tuple(SCALING_RULES)
+    scalable = True
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
         # Fixed, derived from the config: non-persistent, so it never enters a checkpoint.
-        slopes = alibi_slopes(config.n_heads, config.alibi_max_bias)
+        # position_scale is a fine-tune's fixed interpolation (m * L / L2), at every length.
+        slopes = alibi_slopes(config.n_heads, config.alibi_max_bias) * config.position_scale
         self.register_buffer("slopes", slopes, persistent=False)
 
     def attend(
@@ -398,19 +406,10 @@ POSITION_METHODS: dict[str, type[PositionMethod]] = {
 }
 
 
-def _method_class(name: str) -> type[PositionMethod]:
-    if name not in POSITION_METHODS:
-        raise ValueError(f"unknown position method {name!r}; valid: {', '.join(POSITION_METHODS)}")
-    return POSITION_METHODS[name]
-
-
 def make_position(config: ModelConfig) -> PositionMethod:
-    """The position method named by ``config.position``.
-
-    Raises:
-        ValueError: unknown name (the message lists the registered ones).
-    """
-    return _method_class(config.position)(config)
+    """The position method named by ``config.position`` (a key of ``POSITION_METHODS``, checked
+    when the config was built)."""
+    return POSITION_METHODS[config.position](config)
 
 
 def position_warnings(config: ModelConfig) -> list[str]:
@@ -418,8 +417,5 @@ def position_warnings(config: ModelConfig) -> list[str]:
 
     Returns:
         One message per problem; empty when there is none.
-
-    Raises:
-        ValueError: unknown position method (the message lists the registered ones).
     """
-    return _method_class(config.position).config_warnings(config)
+    return POSITION_METHODS[config.position].config_warnings(config)

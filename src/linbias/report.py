@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 __all__ = [
-    "aggregate", "beyond_table", "describe_finding", "finding", "markdown_table",
-    "plot_ppl_vs_length", "series",
+    "aggregate", "beyond_table", "describe_finding", "finding", "finetune_curves",
+    "markdown_table", "plot_finetune", "plot_ppl_vs_length", "series",
 ]
 
 Record = dict[str, Any]
@@ -245,6 +245,58 @@ def plot_attention_profile(records: Sequence[Record], path: str | Path) -> None:
         ax.set_ylabel("attention mass beyond d", fontsize=8)
     eval_len = records[0]["eval_len"]
     fig.suptitle(f"Where each head looks at L' = {eval_len} (one line per head)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def finetune_curves(rows: Sequence[Record]) -> dict[str, dict[str, dict[int, float | None]]]:
+    """The fine-tune study by curve (method, mode, rule) and metric: ``{metric: {steps: mean}}``.
+
+    Metrics are ``ppl@N`` for each evaluated length N and ``k_max``; each value is the mean over
+    seeds, ``None`` where a seed has none (a length the method cannot reach).
+    """
+    out: dict[str, dict[str, dict[int, list]]] = {}
+    for r in rows:
+        label = f"{_label(r['position'], r['scaling'])} ({r['mode']})"
+        metrics = {f"ppl@{n}": v for n, v in r["ppl"].items()}
+        if r.get("k_max") is not None:
+            metrics["k_max"] = r["k_max"]
+        for name, value in metrics.items():
+            out.setdefault(label, {}).setdefault(name, {}).setdefault(r["steps"], []).append(value)
+    return {label: {name: {steps: None if None in vs else sum(vs) / len(vs)
+                           for steps, vs in sorted(by_steps.items())}
+                    for name, by_steps in metrics.items()}
+            for label, metrics in out.items()}
+
+
+def plot_finetune(rows: Sequence[Record], path: str | Path, title: str = "") -> None:
+    """One panel per metric of ``finetune_curves`` against fine-tune steps, a line per curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = finetune_curves(rows)
+    if not curves:
+        raise ValueError("plot_finetune needs at least one record")
+    metrics = sorted({m for c in curves.values() for m in c},
+                     key=lambda m: (m == "k_max", int(m[4:]) if m.startswith("ppl@") else 0))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), dpi=110,
+                             squeeze=False)
+    for ax, metric in zip(axes.flat, metrics):
+        for n, (label, c) in enumerate(sorted(curves.items())):
+            points = [(x, y) for x, y in c.get(metric, {}).items() if y is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", lw=1.2, color=f"C{n % 10}", label=label,
+                        ls="--" if "(fixed)" in label else "-")
+        ax.set_title(metric.replace("ppl@", "perplexity at L'="), fontsize=9)
+        ax.set_xlabel("fine-tune steps", fontsize=8)
+        if metric.startswith("ppl@"):
+            ax.set_yscale("log")
+        ax.grid(True, alpha=0.3)
+    axes.flat[-1].legend(fontsize=6, loc="best")
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -18,6 +18,7 @@ when they carry the signature this module writes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import time
@@ -28,7 +29,6 @@ import numpy as np
 import torch
 
 from linbias.config import (
-    POSITIONS,
     REPRODUCE_PRESETS,
     ModelConfig,
     ReproducePreset,
@@ -55,7 +55,9 @@ from linbias.report import (
     describe_finding,
     finding,
     markdown_table,
+    finetune_curves,
     plot_attention_profile,
+    plot_finetune,
     plot_ppl_vs_length,
 )
 from linbias.runs import (
@@ -64,6 +66,7 @@ from linbias.runs import (
     check_resume,
     check_run_dir,
     check_writable,
+    child_model,
     load_run,
     read_checkpoint,
     read_configs,
@@ -84,7 +87,11 @@ _EVAL_FILE = "eval.json"
 _RETRIEVAL_FILE = "retrieval.json"
 _PROFILE_FILE = "profile.json"
 _SLIDING_FILE = "sliding.json"
-_OWN_FILES = (_EVAL_FILE, _RETRIEVAL_FILE, _PROFILE_FILE, _SLIDING_FILE)
+# The fine-tune study's evaluations: in a fine-tuned run, and in a parent for its 0-step children.
+_FINETUNE_FILE = "finetune.json"
+_FINETUNE0_FILES = {mode: f"finetune0-{mode}.json" for mode in ("plain", "fixed")}
+_OWN_FILES = (_EVAL_FILE, _RETRIEVAL_FILE, _PROFILE_FILE, _SLIDING_FILE, _FINETUNE_FILE,
+              *_FINETUNE0_FILES.values())
 
 Action = Literal["train", "resume", "reuse", "restart", "replace"]
 _SAY: dict[str, str] = {
@@ -243,6 +250,78 @@ def _run_dir(out: Path, position: str, seed: int) -> Path:
     return out / "runs" / f"{position}-seed{seed}"
 
 
+# --- the fine-tune study: each model fine-tuned at a longer length (TrainConfig.init_from) -------
+
+Child = tuple[str, int, str, int]  # (position, seed, mode, steps)
+
+
+def _children(jobs: list[tuple[str, int]], p: ReproducePreset) -> list[Child]:
+    # Learned positions have one table row per position up to L: no longer length to train at.
+    return [(position, s, mode, steps) for position, s in jobs if position != "learned"
+            for mode in (("plain", "fixed") if POSITION_METHODS[position].scalable else ("plain",))
+            for steps in p.finetune_steps]
+
+
+def _child_dir(out: Path, child: Child, p: ReproducePreset) -> Path:
+    position, s, mode, steps = child
+    return out / "runs" / f"{position}-seed{s}-ft{p.finetune_multiple}x-{mode}-{steps}"
+
+
+def _child_configs(parent_dir: Path, parent: tuple[ModelConfig, TrainConfig], mode: str,
+                   steps: int, p: ReproducePreset) -> tuple[ModelConfig, TrainConfig]:
+    """The fine-tune of ``parent``: at ``finetune_multiple * L``, positions x ``1 / multiple`` if
+    ``mode`` is ``"fixed"``, the parent's data and mix, a fresh schedule of ``steps``."""
+    mc, tc = parent
+    mc = ModelConfig.from_dict({**mc.to_dict(), "train_len": p.finetune_multiple * mc.train_len,
+                                "position_scale": 1 / p.finetune_multiple if mode == "fixed" else 1.0})
+    tc = TrainConfig.from_dict({**tc.to_dict(), "steps": max(steps, 1), "lr": p.finetune_lr,
+                                "warmup": p.finetune_warmup, "batch_size": p.finetune_batch_size,
+                                "save_every": max(steps, 1), "eval_every": 0,
+                                "init_from": str(parent_dir)})
+    return mc, tc
+
+
+def _finetune_one(child: Child, out: Path, configs: tuple[ModelConfig, TrainConfig],
+                  action: Optional[Action], p: ReproducePreset, force: bool,
+                  cache_dir: Optional[Path], progress: bool) -> list[dict[str, Any]]:
+    """Fine-tune (unless 0 steps) and evaluate one child: perplexity at L2 and 4 x L2, and the
+    retrieval task's k_max, without a rule and with ``linear`` where the method has it."""
+    position, s, mode, steps = child
+    parent_dir = _run_dir(out, position, s)
+    mc, tc = configs
+    if steps == 0:  # the parent's weights at the new length: nothing to train
+        parent = load_run(parent_dir)
+        mc = ModelConfig.from_dict({**mc.to_dict(), "vocab_size": parent.config.vocab_size})
+        run = dataclasses.replace(parent, model=child_model(parent, mc).eval(), config=mc)
+        path, weights = parent_dir / _FINETUNE0_FILES[mode], parent_dir
+    else:
+        run_dir = _child_dir(out, child, p)
+        _train_one(position, mc, tc, action or "reuse", run_dir, cache_dir, progress)
+        run, path, weights = load_run(run_dir), run_dir / _FINETUNE_FILE, run_dir
+    rules = [r for r in ("none", "linear") if r in _rules(position)]
+    lengths = [run.config.train_len, 4 * run.config.train_len]
+    task_lengths = [m * p.train_len for m in p.multiples]
+    settings = {"lengths": lengths, "eval_tokens": p.eval_tokens, "task": p.task,
+                "task_lengths": task_lengths, "depths": list(p.depths), "trials": p.trials,
+                "model": mc.to_dict(), "weights_sha": (weights / "checkpoint.json").read_text()}
+
+    def compute() -> list[dict[str, Any]]:
+        ppl = evaluate_run(run, lengths=lengths, scalings=rules, batch_size=p.eval_batch_size,
+                           max_tokens=p.eval_tokens or None, cache_dir=cache_dir, progress=progress)
+        k_max: dict[str, Any] = {}
+        if p.task is not None:
+            cells = evaluate_run_task(run, task=p.task, lengths=task_lengths, depths=p.depths,
+                                      trials=p.trials, scalings=rules,
+                                      batch_size=p.eval_batch_size, progress=progress)
+            k_max = {r["scaling"]: r for r in retrieval_summary(cells)}
+        return [{"position": position, "mode": mode, "steps": steps, "scaling": rule,
+                 "ppl": {str(r["eval_len"]): r["ppl"] for r in ppl if r["scaling"] == rule},
+                 "k_max": k_max[rule]["k_max"] if rule in k_max else None,
+                 "accuracy": {str(b["length"]): b["accuracy"] for b in k_max[rule]["by_length"]}
+                 if rule in k_max else {}} for rule in rules]
+    return _cached(path, settings, force, compute)
+
+
 def _duration(seconds: float) -> str:
     minutes, secs = divmod(int(round(seconds)), 60)
     return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
@@ -255,7 +334,7 @@ def reproduce(
     data: str = "stdlib",
     seed: int = 0,
     seeds: int = 1,
-    positions: tuple[str, ...] = POSITIONS,
+    positions: tuple[str, ...] = tuple(POSITION_METHODS),
     embedding: Optional[str] = None,
     force: bool = False,
     cache_dir: str | Path | None = None,
@@ -297,6 +376,11 @@ def reproduce(
     jobs = [(position, s) for s in range(seed, seed + seeds) for position in positions]
     configs = {job: _configs(job[0], p, data, job[1]) for job in jobs}
     plans = {job: _plan(_run_dir(out, *job), *configs[job], force) for job in jobs}
+    children = _children(jobs, p)
+    child_configs = {c: _child_configs(_run_dir(out, c[0], c[1]), configs[c[:2]], c[2], c[3], p)
+                     for c in children}
+    child_plans = {c: _plan(_child_dir(out, c, p), *child_configs[c], force)
+                   for c in children if c[3] > 0}
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     todo = sum(plan != "reuse" for plan in plans.values())
@@ -330,6 +414,13 @@ def reproduce(
         if left:  # the whole job's ETA, from this machine's pace so far
             log(f"{n + 1} of {len(jobs)} models done after {_duration(time.perf_counter() - started)}; "
                 f"about {_duration(trained_seconds / max(trained, 1) * left)} left")
+    finetune = []
+    for child in children:
+        position, s, mode, steps = child
+        log(f"[{position} seed {s}] fine-tune at {p.finetune_multiple * p.train_len}, {mode}, "
+            f"{steps} steps: {_SAY[child_plans[child]] if steps else 'the weights as they are'}")
+        finetune += [{**r, "seed": s} for r in _finetune_one(
+            child, out, child_configs[child], child_plans.get(child), p, force, cache, progress)]
     results = {
         "preset": {"name": preset, **p.to_dict()}, "data": data, "seed": seed, "seeds": seeds,
         "corpus": corpus.describe(), "machine": _machine(p),
@@ -343,6 +434,8 @@ def reproduce(
         results["attention_profile"] = profile
     if p.sliding_tokens:
         results["sliding"] = sliding
+    if p.finetune_steps:
+        results["finetune"] = finetune
     _write_report(out, results, p)
     log(f"wrote {out / 'results.json'}, {out / 'report.md'}, {out / 'ppl_vs_length.png'}")
     return results
@@ -352,10 +445,10 @@ def _check_arguments(preset: str, data: str, seed: int,
                      positions: tuple[str, ...]) -> tuple[ReproducePreset, Corpus]:
     if preset not in REPRODUCE_PRESETS:
         raise ValueError(f"unknown reproduce preset {preset!r}; valid: {', '.join(REPRODUCE_PRESETS)}")
-    unknown = sorted(set(positions) - set(POSITIONS))
+    unknown = sorted(set(positions) - set(POSITION_METHODS))
     if unknown or not positions:
-        raise ValueError(f"unknown position methods {unknown}; valid: {', '.join(POSITIONS)}"
-                         if unknown else f"no position methods given; valid: {', '.join(POSITIONS)}")
+        raise ValueError(f"unknown position methods {unknown}; valid: {', '.join(POSITION_METHODS)}"
+                         if unknown else f"no position methods given; valid: {', '.join(POSITION_METHODS)}")
     if len(set(positions)) != len(positions):
         raise ValueError(f"positions must not repeat a method, got {list(positions)}")
     check_int("seed", seed, low=0)
@@ -382,6 +475,8 @@ _REPORT_FILES: dict[str, Callable[[bytes], bool]] = {
     "retrieval.png": lambda head: head.startswith(b"\x89PNG\r\n\x1a\n")
     and b"Matplotlib" in head[:256],
     "attention_profile.png": lambda head: head.startswith(b"\x89PNG\r\n\x1a\n")
+    and b"Matplotlib" in head[:256],
+    "finetune.png": lambda head: head.startswith(b"\x89PNG\r\n\x1a\n")
     and b"Matplotlib" in head[:256],
 }
 
@@ -420,6 +515,9 @@ def _write_report(out: Path, results: dict[str, Any], p: ReproducePreset) -> Non
         plot_heatmaps(panels, out / "retrieval.png")
     if results.get("attention_profile"):
         plot_attention_profile(results["attention_profile"], out / "attention_profile.png")
+    if results.get("finetune"):
+        plot_finetune(results["finetune"], out / "finetune.png",
+                      title=f"Fine-tuned at {p.finetune_multiple * p.train_len} from L = {p.train_len}")
     atomic_write_text(out / "report.md", _report_md(results, p))
 
 
@@ -533,6 +631,43 @@ Only these tokens are scored, because stride 1 costs one forward per token{'; me
 """
 
 
+def _finetune_md(results: dict[str, Any], p: ReproducePreset) -> str:
+    rows = results.get("finetune")
+    if not rows:
+        return ""
+    curves = finetune_curves(rows)
+    steps = sorted({r["steps"] for r in rows})
+    L2 = p.finetune_multiple * p.train_len
+    tables = []
+    for metric in (f"ppl@{L2}", f"ppl@{4 * L2}", "k_max"):
+        lines = ["| method (mode) | " + " | ".join(f"{n} steps" for n in steps) + " |",
+                 "|---|" + "---:|" * len(steps)]
+        for label, c in curves.items():
+            values = c.get(metric, {})
+            fmt = "{:.0f}" if metric == "k_max" else "{:.2f}"
+            lines.append(f"| {label} | " + " | ".join(
+                "—" if values.get(n) is None else fmt.format(values[n]) for n in steps) + " |")
+        name = (f"Perplexity at L' = {metric[4:]}" if metric.startswith("ppl@") else
+                f"{p.task} k_max (tokens; lengths {', '.join(f'{m}L' for m in p.multiples)}, "
+                f"{p.trials} trials x {len(p.depths)} depths per length)")
+        tables.append(f"{name}:\n\n" + "\n".join(lines))
+    skipped = " `learned` is left out: its table has one row per position up to L." \
+        if any(t["position"] == "learned" for t in results["training"]) else ""
+    return f"""
+## Fine-tuned at {L2} = {p.finetune_multiple}L, then tested longer
+
+Each model above was trained on for 0 to {max(steps)} steps at L2 = {L2} (its own corpus and
+task mix; AdamW from fresh moments, peak lr {p.finetune_lr}, warm-up {p.finetune_warmup}, cosine,
+{p.finetune_batch_size} sequences a step): `plain` keeps the positions it was trained with;
+`fixed` multiplies them by L/L2 = 1/{p.finetune_multiple} throughout (ALiBi slopes, rotary
+positions: BTLM's and Chen et al.'s interpolation). 0 steps is the model as it was, at the new
+length. `+ linear` scales further past L2 (L2/L'). Means over seeds.{skipped}
+
+{chr(10).join(t + chr(10) for t in tables)}
+![metrics against fine-tune steps](finetune.png)
+"""
+
+
 def _report_md(results: dict[str, Any], p: ReproducePreset) -> str:
     t = results["training"]
     corpus = results["corpus"]
@@ -562,7 +697,7 @@ Where the loss goes: mean loss (nats) per token at L' = 4L, by position inside t
 before L/2 are left out (they have little context whatever the method: the early-token curse).
 
 {beyond_table(combined, p.train_len)}
-{_retrieval_md(results, p)}{_profile_md(results, p)}{_sliding_md(results, p)}
+{_retrieval_md(results, p)}{_profile_md(results, p)}{_sliding_md(results, p)}{_finetune_md(results, p)}
 ## How it was made
 
 - Corpus: `{results['data']}` — train {corpus['train']['documents']} documents

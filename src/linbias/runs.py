@@ -10,6 +10,12 @@ A run directory holds everything later commands need:
     state-STEP.safetensors weights, optimizer moments, RNG (one per checkpoint, the older removed)
     log.jsonl              one JSON object per logged step: step, train_loss, valid_loss, ...
 
+A fine-tuned run (``TrainConfig.init_from``) also records its parent in ``config.json``: ``"parent":
+{"path", "step", "config_sha256", "weights_sha256"}``, the parent's directory and step and the
+sha256 of its ``config.json`` and ``model.safetensors`` when the child started (``Lineage``). Its
+first checkpoint is step 0, the parent's weights with a fresh optimizer, so a kill at any moment
+resumes without the parent.
+
 Every file is written atomically (``linbias.fileio``) except ``log.jsonl``, which is appended to
 line by line, each line before the checkpoint that covers it; a resume drops the lines past the
 checkpoint, and a line torn by a kill. ``config.json`` (written first, with its ``format`` marker)
@@ -19,9 +25,11 @@ deleted, and a run's own files are the only ones replaced (``check_run_dir``, ``
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -36,7 +44,8 @@ from linbias.fileio import atomic_write, atomic_write_text, sha256_file, write_j
 from linbias.model import GPT
 
 __all__ = [
-    "RUN_FORMAT", "Checkpoint", "ConfigMismatch", "Run", "RunError", "append_log", "check_corpus",
+    "RUN_FORMAT", "Checkpoint", "ConfigMismatch", "Lineage", "Run", "RunError", "append_log",
+    "check_child_config", "check_corpus", "check_parent", "child_model", "lineage_of",
     "check_new_out", "check_resume", "check_run_dir", "check_writable", "load_run",
     "read_checkpoint", "read_configs", "read_log", "recorded_corpus", "remove_run",
     "restore_checkpoint", "save_checkpoint", "start_run",
@@ -54,6 +63,17 @@ _TEMP_FILE = re.compile(r"\.(?P<name>.+)\.[A-Za-z0-9_]+\.tmp")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
+@dataclass(frozen=True)
+class Lineage:
+    """The run a fine-tune started from: its directory (absolute), its step, and the sha256 of
+    its ``config.json`` and ``model.safetensors`` at that moment."""
+
+    path: str
+    step: int
+    config_sha256: str
+    weights_sha256: str
+
+
 @dataclass
 class Run:
     """A trained run loaded from its directory: ``model`` (eval mode), ``tokenizer``, configs."""
@@ -64,6 +84,8 @@ class Run:
     config: ModelConfig
     train_config: TrainConfig
     corpus: Optional[str] = None  # the name (with content fingerprint) of the corpus trained on
+    parent: Optional[Lineage] = None  # the run it was fine-tuned from
+
 
 
 class RunError(ValueError):
@@ -328,8 +350,98 @@ def load_run(path: str | Path) -> Run:
     model = GPT(config)
     _load_model_weights(model, _load_safetensors(run_dir / "model.safetensors"), run_dir)
     model.eval()
-    corpus = _run_meta(run_dir).get("corpus")
-    return Run(run_dir, model, load_tokenizer(tok_path), config, train_config, corpus)
+    meta = _run_meta(run_dir)
+    parent = _read_lineage(run_dir, meta)
+    return Run(run_dir, model, load_tokenizer(tok_path), config, train_config, meta.get("corpus"),
+               parent)
+
+
+# --- fine-tuning: a run started from another's weights -------------------------------------------
+
+# The model fields a run's weights fix; a fine-tune may change the others (see TrainConfig.init_from).
+_WEIGHT_FIELDS = ("vocab_size", "n_layers", "n_heads", "d_model", "d_ff", "position",
+                  "tie_weights", "bias", "t5_buckets", "embedding")
+
+
+def lineage_of(parent_dir: str | Path) -> Lineage:
+    """The lineage record of a run as it is now (see ``Lineage``)."""
+    parent_dir = Path(parent_dir).resolve()
+    return Lineage(str(parent_dir), read_checkpoint(parent_dir).step,
+                   sha256_file(parent_dir / "config.json"),
+                   sha256_file(parent_dir / "model.safetensors"))
+
+
+def check_parent(parent_dir: str | Path) -> Run:
+    """Load the run a fine-tune starts from, after checking it is a finished, intact run.
+
+    Raises:
+        RunError: not a run, corrupt, or not finished (the message names the fix).
+    """
+    parent_dir = Path(parent_dir)
+    try:
+        run = load_run(parent_dir)
+        step = read_checkpoint(parent_dir).step
+    except RunError as exc:
+        raise RunError(f"cannot fine-tune from {parent_dir}: {exc}") from exc
+    if step != run.train_config.steps:
+        raise RunError(
+            f"cannot fine-tune from {parent_dir}: it is not finished (step {step} of "
+            f"{run.train_config.steps}); finish it with 'linbias train --out {parent_dir} "
+            "--resume', or start from a finished run"
+        )
+    return run
+
+
+def child_model(parent: Run, config: ModelConfig) -> GPT:
+    """A GPT of ``config`` holding ``parent``'s weights: a fine-tune before its first step.
+
+    Raises:
+        RunError: ``config`` changes a field the parent's weights fix (``check_child_config``).
+    """
+    check_child_config(parent, config)
+    model = GPT(config)
+    model.load_state_dict(parent.model.state_dict())
+    return model
+
+
+def check_child_config(parent: Run, config: ModelConfig) -> None:
+    """Refuse a fine-tune config that changes what ``parent``'s weights fix.
+
+    Raises:
+        RunError: naming each conflicting field with both values.
+    """
+    given, saved = config.to_dict(), parent.config.to_dict()
+    fixed = _WEIGHT_FIELDS + (("train_len",) if parent.config.position == "learned" else ())
+    diff = [f"{k} (parent {saved[k]!r}, given {given[k]!r})" for k in fixed if given[k] != saved[k]]
+    if diff:
+        why = (" (learned positions have one table row per position up to train_len)"
+               if any(d.startswith("train_len") for d in diff) else "")
+        raise RunError(
+            f"cannot fine-tune from {parent.path}: the settings conflict with its weights in "
+            f"{', '.join(diff)}{why}; drop those flags, the architecture comes from the parent"
+        )
+
+
+def _read_lineage(run_dir: Path, meta: dict[str, Any]) -> Optional[Lineage]:
+    """The ``parent`` record of config.json, checked; a warning if that parent changed since."""
+    record = meta.get("parent")
+    if record is None:
+        return None
+    fields = {"path": str, "step": int, "config_sha256": str, "weights_sha256": str}
+    if not isinstance(record, dict) or set(record) != set(fields) or any(
+            type(record[k]) is not t for k, t in fields.items()) or record["step"] < 0 or not all(
+            _SHA256.fullmatch(record[k]) for k in ("config_sha256", "weights_sha256")):
+        raise RunError(f"{run_dir / 'config.json'}: 'parent' must be {{path, step, config_sha256, "
+                       f"weights_sha256}} as a fine-tune writes it, got {record!r}; restore the file")
+    lineage = Lineage(**record)
+    parent = Path(lineage.path)
+    if (parent / "config.json").is_file() and (parent / "model.safetensors").is_file() and (
+            sha256_file(parent / "config.json") != lineage.config_sha256
+            or sha256_file(parent / "model.safetensors") != lineage.weights_sha256):
+        warnings.warn(f"{run_dir} was fine-tuned from {parent} at step {lineage.step}, but that "
+                      "run's config or weights have changed since: it is no longer this run's "
+                      "parent", stacklevel=3)
+    return lineage
 
 
 def check_resume(out: str | Path, mc: ModelConfig, tc: TrainConfig) -> ModelConfig:
@@ -394,12 +506,14 @@ def check_new_out(out: Path) -> None:
 
 
 def start_run(out: Path, tokenizer: Tokenizer, mc: ModelConfig, tc: TrainConfig,
-               corpus: str) -> None:
+              corpus: str, parent: Optional[Lineage] = None) -> None:
+    meta = {"format": RUN_FORMAT, "model": mc.to_dict(), "train": tc.to_dict(), "corpus": corpus}
+    if parent is not None:
+        meta["parent"] = dataclasses.asdict(parent)
     try:
         out.mkdir(parents=True, exist_ok=True)
         # config.json first: its format marker is what later proves the directory is a run.
-        write_json(out / "config.json", {"format": RUN_FORMAT, "model": mc.to_dict(),
-                                          "train": tc.to_dict(), "corpus": corpus})
+        write_json(out / "config.json", meta)
         save_tokenizer(tokenizer, out / "tokenizer.json")
         atomic_write_text(out / "log.jsonl", "")
     except OSError as exc:

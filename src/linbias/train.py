@@ -5,6 +5,10 @@ Batches are a pure function of (seed, step, rank) (``data.get_batch``; the task 
 ``linbias.tasks.TaskMix`` too), so resuming needs only the step, and ``torchrun`` ranks each read
 their own shard of one global batch.
 
+Fine-tuning (``TrainConfig.init_from``): a new run starts from a finished run's weights and
+tokenizer at another training length, with a fresh optimizer, schedule and step count; its config
+records its parent (``linbias.runs.Lineage``) and its first checkpoint is step 0.
+
 What a command may touch: a new run goes only into an absent or empty directory. A resume writes
 only a run's own files, into a directory that proves to be a run, and deletes only state files
 whose name it wrote (``state-`` and the zero-padded step); anything else in the way is an error
@@ -47,7 +51,11 @@ from linbias.runs import (
     check_new_out,
     check_resume,
     check_run_dir,
+    check_child_config,
+    check_parent,
     check_writable,
+    child_model,
+    lineage_of,
     load_run,
     read_checkpoint,
     read_configs,
@@ -185,7 +193,9 @@ def train(
 
     Args:
         model_config: the architecture; its ``vocab_size`` is replaced by the tokenizer's.
-        train_config: optimisation, data and checkpoint settings.
+        train_config: optimisation, data and checkpoint settings; with ``init_from``, the run
+            starts from that finished run's weights and tokenizer (``model_config`` may change
+            only what the weights do not fix; see ``TrainConfig``).
         out: the run directory: absent or empty for a new run, an existing run with ``resume``.
         resume: continue the run in ``out`` from its last checkpoint, exactly.
         progress: show a progress bar (rank 0 only).
@@ -197,8 +207,9 @@ def train(
         The run directory.
 
     Raises:
-        RunError: ``out`` is in the way or unusable, a split is too short, or the checkpoint or
-            log to resume from is corrupt; all found before step 1.
+        RunError: ``out`` is in the way or unusable, a split is too short, the checkpoint or
+            log to resume from is corrupt, or the run to fine-tune from is unfinished, corrupt or
+            conflicts with the settings; all found before step 1.
         Diverged: a loss or the gradient norm stopped being finite (the last checkpoint is kept).
     """
     if stop_after is not None:
@@ -209,7 +220,8 @@ def train(
     if resume:
         mc = check_resume(out, model_config, tc)
         check_writable(out)
-    else:
+    parent = None if resume or tc.init_from is None else _check_init_from(out, model_config, tc)
+    if not resume:
         check_new_out(out)  # every rank, before rank 0 writes anything (see _main_first)
     corpus = load_corpus(tc.data)
     if resume:
@@ -220,6 +232,9 @@ def train(
     with _main_first(d):  # rank 0 fills the tokenizer and token caches; the others then read them
         if resume:
             tokenizer = load_tokenizer(out / "tokenizer.json")
+        elif parent is not None:
+            tokenizer = parent.tokenizer
+            mc = ModelConfig.from_dict({**model_config.to_dict(), "vocab_size": parent.config.vocab_size})
         else:
             tokenizer = train_tokenizer(corpus, tc.vocab_size, cache_dir=cache)
             mc = ModelConfig.from_dict({**model_config.to_dict(), "vocab_size": tokenizer.get_vocab_size()})
@@ -233,11 +248,14 @@ def train(
         mix.check(mc.train_len)  # a task that does not fit L fails now, not at its first row
 
     torch.manual_seed(tc.seed)
-    model = GPT(mc).to(d.device)
+    model = (GPT(mc) if parent is None else child_model(parent, mc)).to(d.device)
     opt = _optimizer(model, tc)
     start = restore_checkpoint(out, model, opt, tc, trim_log=d.main) if resume else 0
     if not resume and d.main:
-        start_run(out, tokenizer, mc, tc, corpus.name)
+        start_run(out, tokenizer, mc, tc, corpus.name,
+                  None if parent is None else lineage_of(parent.path))
+        if parent is not None:  # step 0: a kill before the first save still resumes
+            save_checkpoint(out, model, opt, 0, previous=None)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if d.world_size > 1 else model
     model.train()
 
@@ -246,7 +264,8 @@ def train(
     bar = tqdm(total=tc.steps, initial=start, disable=not (progress and d.main), unit="step",
                dynamic_ncols=True)
     t0, window_tokens, rate = time.perf_counter(), 0, 0.0
-    saved = start if resume else None  # the step of the last checkpoint, for Diverged's message
+    # The step of the last checkpoint, for Diverged's message and the next save's clean-up.
+    saved = start if resume or parent is not None else None
     try:
         for step in range(start, end):
             lr = lr_at(step, tc)
@@ -303,6 +322,23 @@ def train(
     return out
 
 
+def _check_init_from(out: Path, mc: ModelConfig, tc: TrainConfig) -> Run:
+    """The parent of a fine-tune, loaded and checked against the requested settings."""
+    parent_dir = Path(str(tc.init_from))
+    if parent_dir.resolve() == out.resolve():
+        raise RunError(f"--out {out} is the run to start from: a fine-tune goes into a new --out")
+    parent = check_parent(parent_dir)
+    if tc.vocab_size != parent.train_config.vocab_size:
+        raise RunError(
+            f"a fine-tune keeps the tokenizer of {parent_dir} (vocab_size "
+            f"{parent.train_config.vocab_size}), given vocab_size={tc.vocab_size}: drop "
+            "--vocab-size, or train a new run to change the tokenizer"
+        )
+    check_child_config(parent, ModelConfig.from_dict(
+        {**mc.to_dict(), "vocab_size": parent.config.vocab_size}))
+    return parent
+
+
 def _clip_gradients(model: GPT, max_norm: float) -> float:
     """The global gradient norm, before clipping to ``max_norm`` (0: no clipping)."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
@@ -313,7 +349,7 @@ def _clip_gradients(model: GPT, max_norm: float) -> float:
 
 
 def _diverged(out: Path, step: int, what: str, saved: Optional[int]) -> Diverged:
-    kept = (f"its last checkpoint (step {saved}) is kept in {out}" if saved else
+    kept = (f"its last checkpoint (step {saved}) is kept in {out}" if saved is not None else
             "no checkpoint was written")
     return Diverged(f"training diverged at step {step} ({what}); {kept}. Train again into another "
                     "--out with a lower --lr, a longer --warmup or a --grad-clip")
