@@ -16,7 +16,7 @@ import pytest
 
 from linbias.config import ModelConfig, TrainConfig
 from linbias.evaluate import evaluate_run
-from linbias.runs import RunError, load_run, read_checkpoint, read_configs, read_log
+from linbias.runs import RUN_FORMAT, RunError, load_run, read_checkpoint, read_configs, read_log
 from linbias.train import train
 
 FIXTURE = Path(__file__).parent / "fixtures" / "old_run"
@@ -106,3 +106,37 @@ def test_a_malformed_lineage_is_refused(lineage_pair: tuple[Path, Path], change:
     (child / "config.json").write_text(json.dumps(meta))
     with pytest.raises(RunError, match="'parent' must be .* as a fine-tune writes it"):
         load_run(child)
+
+
+# --- load_run refuses what is not a whole run --------------------------------------------------------
+
+
+@pytest.fixture
+def run_copy(tmp_path: Path, tiny_alibi_run: Path) -> Path:
+    return Path(shutil.copytree(tiny_alibi_run, tmp_path / "run"))
+
+
+def test_load_run_names_what_is_missing(tmp_path: Path, run_copy: Path) -> None:
+    with pytest.raises(RunError, match="no run directory"):
+        load_run(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RunError, match="config.json is missing"):
+        load_run(tmp_path / "empty")
+    (run_copy / "tokenizer.json").unlink()
+    with pytest.raises(RunError, match="tokenizer.json is missing"):
+        load_run(run_copy)
+    (run_copy / "config.json").write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(RunError, match="format"):
+        load_run(run_copy)
+
+
+@pytest.mark.parametrize("meta, problem", [
+    ([1, 2], "format None"),
+    ({"format": RUN_FORMAT, "model": [], "train": {}}, "'model' must be a JSON object"),
+    ({"format": RUN_FORMAT, "model": {}, "train": "fast"}, "'train' must be a JSON object"),
+    ({"format": RUN_FORMAT, "model": {"n_layerz": 2}, "train": {}}, "invalid configuration .*n_layerz"),
+])
+def test_config_json_of_the_wrong_shape_is_refused(run_copy: Path, meta: object, problem: str) -> None:
+    (run_copy / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(RunError, match=rf"config.json.*{problem}"):
+        load_run(run_copy)

@@ -82,11 +82,19 @@ def given(args: argparse.Namespace, cls: type, skip: tuple = ()) -> dict[str, An
 # --- sub-commands --------------------------------------------------------------------------------
 
 
+def _command(sub: argparse._SubParsersAction, name: str, func: Any, help: str,
+             description: str) -> argparse.ArgumentParser:
+    """A sub-command whose parsed arguments go to ``func``."""
+    p = sub.add_parser(name, help=help, description=description)
+    p.set_defaults(func=func)
+    return p
+
+
 def _train_parser(sub: argparse._SubParsersAction) -> None:
     from linbias.config import TrainConfig
 
-    p = sub.add_parser(
-        "train", help="train a GPT with a chosen position method",
+    p = _command(
+        sub, "train", _run_train, help="train a GPT with a chosen position method",
         description="Train a GPT on a corpus (default: the Python standard library's source). "
         "Runs under torchrun for several processes (DistributedDataParallel).",
     )
@@ -99,7 +107,6 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     add_fields(p, ModelConfig, "model", skip=("vocab_size",), default_from="the preset",
                choices={"position": tuple(POSITION_METHODS)})
     add_fields(p, TrainConfig, "training")
-    p.set_defaults(func=_run_train)
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -156,8 +163,8 @@ def _names(text: str) -> list[str]:
 
 
 def _eval_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "eval", help="perplexity or retrieval past the training length",
+    p = _command(
+        sub, "eval", _run_eval, help="perplexity or retrieval past the training length",
         description="Perplexity and bits per byte of a trained run (or, with --hf, a transformers "
         "model) at each evaluation length, non-overlapping or with a sliding window, with and "
         "without length-scaling rules; with --task, retrieval accuracy per length and needle "
@@ -200,7 +207,6 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
                       help="write a PNG heatmap (length x depth, one panel per rule) here")
     p.add_argument("--json", type=Path, default=None, help="write {\"results\": [...]} here")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=_run_eval)
 
 
 _PERPLEXITY_ONLY = ("data", "mode", "stride", "max_tokens", "per_position")
@@ -294,8 +300,8 @@ def _per_position_summary(records: list[dict]) -> str:
 
 
 def _export_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "export", help="write an ALiBi run as a transformers checkpoint",
+    p = _command(
+        sub, "export", _run_export, help="write an ALiBi run as a transformers checkpoint",
         description="Write an ALiBi run as a transformers MPT checkpoint with its tokenizer, for "
         "AutoModelForCausalLM / AutoTokenizer.from_pretrained; the logits are checked to match. "
         "MPT in transformers has no biases and a 4 * d_model MLP, so only such models export.",
@@ -303,7 +309,6 @@ def _export_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run", type=Path, help="a run directory written by 'linbias train'")
     p.add_argument("--to-hf", type=Path, required=True, metavar="OUT_DIR",
                    help="directory to write (new, empty, or a previous export, which is replaced)")
-    p.set_defaults(func=_run_export)
 
 
 def _run_export(args: argparse.Namespace) -> int:
@@ -318,8 +323,8 @@ def _run_export(args: argparse.Namespace) -> int:
 def _reproduce_parser(sub: argparse._SubParsersAction) -> None:
     from linbias.reproduce import REPRODUCE_PRESETS
 
-    p = sub.add_parser(
-        "reproduce", help="the train-short / test-long experiment, end to end",
+    p = _command(
+        sub, "reproduce", _run_reproduce, help="the train-short / test-long experiment, end to end",
         description="Train one model per position method at the same length, evaluate each at "
         "L..16L with and without scaling rules, and write results.json, report.md and "
         "ppl_vs_length.png. Finished runs are reused; --force redoes them.",
@@ -342,7 +347,6 @@ def _reproduce_parser(sub: argparse._SubParsersAction) -> None:
                    help="retrain and re-evaluate everything, replacing runs of other settings; "
                    "only folders that are provably linbias runs are ever deleted")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=_run_reproduce)
 
 
 def _run_reproduce(args: argparse.Namespace) -> int:

@@ -55,21 +55,11 @@ from tqdm.auto import tqdm
 
 from linbias.config import check_int
 from linbias.data import (
-    default_cache_dir,
-    load_corpus,
-    token_byte_lengths,
-    token_stream,
+    default_cache_dir, load_corpus, token_byte_lengths, token_stream,
 )
 from linbias.fileio import atomic_write_text
 from linbias.tasks import (
-    TASKS,
-    Encoder,
-    cell_record,
-    encoder,
-    k_max,
-    make_trials,
-    score,
-    wilson,
+    TASKS, Encoder, cell_record, encoder, k_max, make_trials, score, wilson,
 )
 from linbias.runs import Run, check_corpus, load_run
 

@@ -68,14 +68,8 @@ class CausalSelfAttention(nn.Module):
         # once in the state dict (``position.*``), not once per layer.
         object.__setattr__(self, "position", position)
 
-    def forward(
-        self,
-        x_BTC: Tensor,
-        pos_T: Tensor,
-        cache: KVCache | None,
-        key_padding_mask: Tensor | None,
-        state: Tensor | None = None,
-    ) -> Tensor:
+    def forward(self, x_BTC: Tensor, pos_T: Tensor, cache: KVCache | None,
+                key_padding_mask: Tensor | None, state: Tensor | None = None) -> Tensor:
         B, T, C = x_BTC.shape
         H, D = self.n_heads, C // self.n_heads
         q, k, v = self.qkv(x_BTC).split(C, dim=-1)
@@ -114,14 +108,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.d_model, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(
-        self,
-        x_BTC: Tensor,
-        pos_T: Tensor,
-        cache: KVCache | None,
-        key_padding_mask: Tensor | None,
-        state: Tensor | None = None,
-    ) -> Tensor:
+    def forward(self, x_BTC: Tensor, pos_T: Tensor, cache: KVCache | None,
+                key_padding_mask: Tensor | None, state: Tensor | None = None) -> Tensor:
         x_BTC = x_BTC + self.attn(self.ln_1(x_BTC), pos_T, cache, key_padding_mask, state)
         return x_BTC + self.mlp(self.ln_2(x_BTC))
 

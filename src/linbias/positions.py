@@ -160,9 +160,8 @@ class PositionMethod(nn.Module):
         """Add position information to token embeddings (default: unchanged)."""
         return x_BTC
 
-    def rotate(
-        self, q_BHTD: Tensor, k_BHTD: Tensor, q_pos: Tensor, k_pos: Tensor
-    ) -> tuple[Tensor, Tensor]:
+    def rotate(self, q_BHTD: Tensor, k_BHTD: Tensor, q_pos: Tensor,
+               k_pos: Tensor) -> tuple[Tensor, Tensor]:
         """Rotate the new queries and keys before keys are cached (default: unchanged)."""
         return q_BHTD, k_BHTD
 
@@ -181,15 +180,8 @@ class PositionMethod(nn.Module):
         """
         return None
 
-    def attend(
-        self,
-        q_BHTD: Tensor,
-        k_BHSD: Tensor,
-        v_BHSD: Tensor,
-        *,
-        key_padding_mask: Tensor | None = None,
-        state: Tensor | None = None,
-    ) -> Tensor:
+    def attend(self, q_BHTD: Tensor, k_BHSD: Tensor, v_BHSD: Tensor, *,
+               key_padding_mask: Tensor | None = None, state: Tensor | None = None) -> Tensor:
         """Causal attention of the ``T`` queries over all ``S`` keys (default: no bias).
 
         Args:
@@ -270,9 +262,8 @@ class RotaryPositions(PositionMethod):
     scaling_rules = ("none", "linear")
     scalable = True
 
-    def rotate(
-        self, q_BHTD: Tensor, k_BHTD: Tensor, q_pos: Tensor, k_pos: Tensor
-    ) -> tuple[Tensor, Tensor]:
+    def rotate(self, q_BHTD: Tensor, k_BHTD: Tensor, q_pos: Tensor,
+               k_pos: Tensor) -> tuple[Tensor, Tensor]:
         factor = self.config.position_scale  # a fine-tune's fixed interpolation, at every length
         if self.scaling != "none":
             factor *= scaling_factor(self.config.train_len, int(k_pos.max()) + 1, self.scaling)
@@ -334,15 +325,8 @@ class T5Positions(PositionMethod):
         # One gather per forward; autograd sums every layer's gradient into the one table.
         return self.bias(q_len, k_len)
 
-    def attend(
-        self,
-        q_BHTD: Tensor,
-        k_BHSD: Tensor,
-        v_BHSD: Tensor,
-        *,
-        key_padding_mask: Tensor | None = None,
-        state: Tensor | None = None,
-    ) -> Tensor:
+    def attend(self, q_BHTD: Tensor, k_BHSD: Tensor, v_BHSD: Tensor, *,
+               key_padding_mask: Tensor | None = None, state: Tensor | None = None) -> Tensor:
         bias_HTS = self.bias(q_BHTD.shape[-2], k_BHSD.shape[-2]) if state is None else state
         return causal_attention(
             q_BHTD, k_BHSD, v_BHSD, bias_HTS=bias_HTS, key_padding_mask=key_padding_mask
@@ -372,15 +356,8 @@ class AlibiPositions(PositionMethod):
         slopes = alibi_slopes(config.n_heads, config.alibi_max_bias) * config.position_scale
         self.register_buffer("slopes", slopes, persistent=False)
 
-    def attend(
-        self,
-        q_BHTD: Tensor,
-        k_BHSD: Tensor,
-        v_BHSD: Tensor,
-        *,
-        key_padding_mask: Tensor | None = None,
-        state: Tensor | None = None,
-    ) -> Tensor:
+    def attend(self, q_BHTD: Tensor, k_BHSD: Tensor, v_BHSD: Tensor, *,
+               key_padding_mask: Tensor | None = None, state: Tensor | None = None) -> Tensor:
         L = self.config.train_len
         if self.scaling == "none" or key_padding_mask is None:
             slopes = interpolate_slopes(self.slopes, L, eval_len=k_BHSD.shape[-2], rule=self.scaling)

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 __all__ = [
     "aggregate", "beyond_table", "describe_finding", "finding", "finetune_curves",
-    "markdown_table", "plot_finetune", "plot_ppl_vs_length", "series",
+    "markdown_table", "md_table", "plot_finetune", "plot_ppl_vs_length", "series",
 ]
 
 Record = dict[str, Any]
@@ -107,21 +107,24 @@ def _cell(r: Record | None) -> str:
     return _fmt(r["ppl"])
 
 
+def md_table(columns: Sequence[str], rows: Sequence[Sequence[str]], first: str = "method") -> str:
+    """A markdown table: a left column ``first`` of row names, right-aligned ``columns``; each
+    row is its name followed by one cell per column."""
+    lines = [f"| {first} | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
 def markdown_table(records: Sequence[Record], train_len: int) -> str:
     """Perplexity by method (rows) and evaluation length (columns), ``—`` where not evaluated;
     with several seeds (``aggregate``), the mean and the min-max range."""
     cells = {(_label(r["position"], r["scaling"]), int(r["eval_len"])): r for r in records}
     lengths = sorted({int(r["eval_len"]) for r in records})
-    head = "| method | " + " | ".join(
-        f"L'={n}" + (" (L)" if n == train_len else f" ({n // train_len}L)" if n % train_len == 0 else "")
-        for n in lengths
-    ) + " |"
-    rows = [head, "|---|" + "---:|" * len(lengths)]
+    columns = [f"L'={n}" + (" (L)" if n == train_len else f" ({n // train_len}L)"
+                            if n % train_len == 0 else "") for n in lengths]
     order = sorted({_label(r["position"], r["scaling"]) for r in records},
                    key=lambda s: (s.split(" + ")[0] != "alibi", s))
-    for name in order:
-        rows.append(f"| {name} | " + " | ".join(_cell(cells.get((name, n))) for n in lengths) + " |")
-    return "\n".join(rows)
+    return md_table(columns, [[name] + [_cell(cells.get((name, n))) for n in lengths]
+                              for name in order])
 
 
 def beyond_table(records: Sequence[Record], train_len: int, multiple: int = 4) -> str:
@@ -129,15 +132,14 @@ def beyond_table(records: Sequence[Record], train_len: int, multiple: int = 4) -
     against beyond it (L .. 2L-1, and 2L .. L'-1), per method: where extrapolation fails."""
     L, rows = train_len, []
     parts = [(L // 2, L), (L, 2 * L), (2 * L, multiple * L)]
-    head = "| method | " + " | ".join(f"positions {a}-{b - 1}" for a, b in parts) + " |"
     for r in sorted(records, key=lambda r: (r["position"] != "alibi", _label(r["position"], r["scaling"]))):
         curve = r.get("per_position")
         if int(r["eval_len"]) != multiple * L or not curve:
             continue
         means = [sum(curve[a:b]) / (b - a) for a, b in parts]
         cells = [f"{means[0]:.3f}"] + [f"{m:.3f} ({m - means[0]:+.3f})" for m in means[1:]]
-        rows.append(f"| {_label(r['position'], r['scaling'])} | " + " | ".join(cells) + " |")
-    return "\n".join([head, "|---|" + "---:|" * len(parts)] + rows) if rows else ""
+        rows.append([_label(r["position"], r["scaling"])] + cells)
+    return md_table([f"positions {a}-{b - 1}" for a, b in parts], rows) if rows else ""
 
 
 def plot_ppl_vs_length(records: Sequence[Record], train_len: int, path: str | Path, title: str = "") -> None:

@@ -55,6 +55,7 @@ from linbias.report import (
     describe_finding,
     finding,
     markdown_table,
+    md_table,
     finetune_curves,
     plot_attention_profile,
     plot_finetune,
@@ -545,14 +546,13 @@ def _retrieval_md(results: dict[str, Any], p: ReproducePreset) -> str:
         return ""
     summary = results["retrieval_summary"]
     lengths = [m * p.train_len for m in p.multiples]
-    rows = ["| method | " + " | ".join(f"L'={n} ({m}L)" for n, m in zip(lengths, p.multiples))
-            + " | k_max |", "|---|" + "---:|" * (len(lengths) + 1)]
+    rows = []
     for s in summary:
         at = {b["length"]: b for b in s["by_length"]}
         cells = ["—" if at.get(n, {}).get("accuracy") is None else
                  f"{100 * at[n]['accuracy']:.0f}% ({at[n]['k_max']})" for n in lengths]
-        name = s["position"] + ("" if s["scaling"] == "none" else f" + {s['scaling']}")
-        rows.append(f"| {name} | " + " | ".join(cells) + f" | {s['k_max'] if s['k_max'] is not None else '—'} |")
+        rows.append([_label(s)] + cells + ["—" if s["k_max"] is None else str(s["k_max"])])
+    table = md_table([f"L'={n} ({m}L)" for n, m in zip(lengths, p.multiples)] + ["k_max"], rows)
     n_trials = p.trials * results.get("seeds", 1)
     return f"""
 ## Retrieval past L: {p.task}
@@ -565,7 +565,7 @@ and in brackets that length's k_max, the longest needle distance (tokens from th
 question) up to which every depth retrieves in at least 20% of trials (Chen et al. 2023); the
 last column is k_max over all lengths together.
 
-{chr(10).join(rows)}
+{table}
 
 ![retrieval accuracy by length and depth](retrieval.png)
 """
@@ -580,14 +580,14 @@ def _profile_md(results: dict[str, Any], p: ReproducePreset) -> str:
     if not records:
         return ""
     distances = sorted({r["distance"] for r in records})
-    rows = ["| method | " + " | ".join(f"beyond {d}" for d in distances) + " |",
-            "|---|" + "---:|" * len(distances)]
+    rows = []
     for label in dict.fromkeys(_label(r) for r in records):
         cells = []
         for d in distances:
             shares = [r["share"] for r in records if _label(r) == label and r["distance"] == d]
             cells.append(f"{sum(shares) / len(shares):.3f} (max {max(shares):.2f})")
-        rows.append(f"| {label} | " + " | ".join(cells) + " |")
+        rows.append([label] + cells)
+    table = md_table([f"beyond {d}" for d in distances], rows)
     return f"""
 ## Where the model looks
 
@@ -595,7 +595,7 @@ Share of attention mass beyond distance d at L' = {p.profile_multiple * p.train_
 head (and the largest head), for the queries of the second half of {p.profile_windows} windows of
 the validation split{', pooled over seeds' if results.get('seeds', 1) > 1 else ''}.
 
-{chr(10).join(rows)}
+{table}
 
 ![attention mass beyond distance d, per head](attention_profile.png)
 """
@@ -610,15 +610,15 @@ def _sliding_md(results: dict[str, Any], p: ReproducePreset) -> str:
         if r["ppl"] is not None:
             ppl.setdefault((_label(r), r["eval_len"], r["mode"]), []).append(r["ppl"])
     lengths = sorted({r["eval_len"] for r in records})
-    rows = ["| method | " + " | ".join(f"L'={n}" for n in lengths) + " |",
-            "|---|" + "---:|" * len(lengths)]
+    rows = []
     for label in dict.fromkeys(_label(r) for r in records):
         cells = []
         for n in lengths:
             a, b = ppl.get((label, n, "nonoverlapping")), ppl.get((label, n, "sliding"))
             cells.append("—" if not a or not b else
                          f"{sum(a) / len(a):.2f} → {sum(b) / len(b):.2f}")
-        rows.append(f"| {label} | " + " | ".join(cells) + " |")
+        rows.append([label] + cells)
+    table = md_table([f"L'={n}" for n in lengths], rows)
     return f"""
 ## Sliding window against non-overlapping windows
 
@@ -627,7 +627,7 @@ of L' → a sliding window of stride 1 (after the first window, every token is p
 L' - 1 tokens of context: the ALiBi paper's appendix B), for each L' up to half of those tokens.
 Only these tokens are scored, because stride 1 costs one forward per token{'; means over seeds' if results.get('seeds', 1) > 1 else ''}.
 
-{chr(10).join(rows)}
+{table}
 """
 
 
@@ -640,17 +640,14 @@ def _finetune_md(results: dict[str, Any], p: ReproducePreset) -> str:
     L2 = p.finetune_multiple * p.train_len
     tables = []
     for metric in (f"ppl@{L2}", f"ppl@{4 * L2}", "k_max"):
-        lines = ["| method (mode) | " + " | ".join(f"{n} steps" for n in steps) + " |",
-                 "|---|" + "---:|" * len(steps)]
-        for label, c in curves.items():
-            values = c.get(metric, {})
-            fmt = "{:.0f}" if metric == "k_max" else "{:.2f}"
-            lines.append(f"| {label} | " + " | ".join(
-                "—" if values.get(n) is None else fmt.format(values[n]) for n in steps) + " |")
+        fmt = "{:.0f}" if metric == "k_max" else "{:.2f}"
+        rows = [[label] + ["—" if c.get(metric, {}).get(n) is None else
+                           fmt.format(c[metric][n]) for n in steps] for label, c in curves.items()]
         name = (f"Perplexity at L' = {metric[4:]}" if metric.startswith("ppl@") else
                 f"{p.task} k_max (tokens; lengths {', '.join(f'{m}L' for m in p.multiples)}, "
                 f"{p.trials} trials x {len(p.depths)} depths per length)")
-        tables.append(f"{name}:\n\n" + "\n".join(lines))
+        tables.append(f"{name}:\n\n" + md_table([f"{n} steps" for n in steps], rows,
+                                                 first="method (mode)"))
     skipped = " `learned` is left out: its table has one row per position up to L." \
         if any(t["position"] == "learned" for t in results["training"]) else ""
     return f"""

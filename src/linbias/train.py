@@ -36,35 +36,17 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from linbias.config import ModelConfig, TrainConfig, check_int
-from linbias.data import default_cache_dir, get_batch, load_corpus, load_tokenizer, token_stream, train_tokenizer
+from linbias.data import (
+    default_cache_dir, get_batch, load_corpus, load_tokenizer, token_stream, train_tokenizer,
+)
 from linbias.model import GPT
 from linbias.positions import position_warnings
 # Re-exported: the run-directory API lived here before ``linbias.runs``.
 from linbias.runs import (
-    RUN_FORMAT,
-    Checkpoint,
-    ConfigMismatch,
-    Run,
-    RunError,
-    append_log,
-    check_corpus,
-    check_new_out,
-    check_resume,
-    check_run_dir,
-    check_child_config,
-    check_parent,
-    check_writable,
-    child_model,
-    lineage_of,
-    load_run,
-    read_checkpoint,
-    read_configs,
-    read_log,
-    recorded_corpus,
-    remove_run,
-    restore_checkpoint,
-    save_checkpoint,
-    start_run,
+    RUN_FORMAT, Checkpoint, ConfigMismatch, Run, RunError, append_log, check_corpus, check_new_out,
+    check_resume, check_run_dir, check_child_config, check_parent, check_writable, child_model,
+    lineage_of, load_run, read_checkpoint, read_configs, read_log, recorded_corpus, remove_run,
+    restore_checkpoint, save_checkpoint, start_run,
 )
 from linbias.tasks import TaskMix, encoder
 
