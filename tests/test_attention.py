@@ -273,6 +273,95 @@ def test_flex_matches_reference():
     assert (out.double() - ref).abs().max() < 1e-5
 
 
+# --- per-row slopes [B, H]: each row of the batch its own (e.g. interpolated for its length) ------
+
+
+def _per_row_reference(q, k, v, slopes_BH, key_padding_mask=None, **kwargs):
+    """The float64 reference run one row at a time, each with its own slopes."""
+    rows = [
+        naive_alibi_attention(
+            q[b : b + 1], k[b : b + 1], v[b : b + 1], slopes_BH[b],
+            key_padding_mask=None if key_padding_mask is None else key_padding_mask[b : b + 1],
+            **kwargs,
+        )
+        for b in range(len(q))
+    ]
+    return torch.cat(rows)
+
+
+def _row_slopes(B, H):
+    return alibi_slopes(H) * torch.tensor([1.0, 0.5, 0.125, 0.03])[:B].view(-1, 1)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("Lq", [1, 3, 70])  # decode-shaped and segmented calls
+@pytest.mark.parametrize("padded", [False, True])
+def test_per_row_slopes_match_reference(backend, causal, Lq, padded):
+    q, k, v = _inputs(3, 8, 2, Lq, 70, 16)
+    kpm = _left_padding(3, 70) if padded else None
+    slopes = _row_slopes(3, 8)
+    out = alibi_attention(q, k, v, slopes, causal=causal, key_padding_mask=kpm, backend=backend)
+    ref = _per_row_reference(q, k, v, slopes, causal=causal, key_padding_mask=kpm)
+    assert (out.double() - ref).abs().max() < 2e-5
+    # each row really used its own slopes: the shared first row's would differ
+    shared = alibi_attention(q, k, v, slopes[0], causal=causal, key_padding_mask=kpm, backend=backend)
+    assert (out[1:] - shared[1:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_per_row_slopes_many_blocks(monkeypatch, causal):
+    monkeypatch.setattr(attention, "_BIAS_BUDGET", 4.0)
+    q, k, v = _inputs(2, 4, 2, 150, 170, 8, dtype=torch.float64)
+    kpm = _left_padding(2, 170)
+    slopes = _row_slopes(2, 4).double()
+    out = alibi_attention(q, k, v, slopes, causal=causal, key_padding_mask=kpm, backend="sdpa")
+    ref = _per_row_reference(q, k, v, slopes, causal=causal, key_padding_mask=kpm)
+    assert (out - ref).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "blocked"])
+def test_per_row_slopes_gradcheck(monkeypatch, backend):
+    monkeypatch.setattr(attention, "_BIAS_BUDGET", 1.0)
+    monkeypatch.setattr(attention, "_DECODE_MAX_QUERIES", 0)
+    q, k, v = _inputs(2, 4, 2, 6, 9, 3, dtype=torch.float64, grad=True)
+    kpm = _left_padding(2, 9)
+    slopes = _row_slopes(2, 4).double()
+
+    def f(q, k, v):
+        return alibi_attention(q, k, v, slopes, key_padding_mask=kpm, backend=backend)
+
+    assert torch.autograd.gradcheck(f, (q, k, v))
+
+
+def test_per_row_slopes_can_be_learnt():
+    q, k, v = _inputs(2, 4, 2, 12, 20, 8)
+    slopes = _row_slopes(2, 4).requires_grad_()
+    out = alibi_attention(q, k, v, slopes, key_padding_mask=_left_padding(2, 20))
+    grad = torch.randn_like(out)
+    (got,) = torch.autograd.grad(out, slopes, grad)
+    leaf = slopes.detach().double().requires_grad_()
+    ref = _per_row_reference(q, k, v, leaf, key_padding_mask=_left_padding(2, 20))
+    (want,) = torch.autograd.grad(ref, leaf, grad.double())
+    assert got.shape == (2, 4) and (got.double() - want).abs().max() < 1e-4
+
+
+def test_per_row_slopes_shape_error_names_the_fix():
+    q, k, v = _inputs(2, 4, 4, 5, 5, 8)
+    with pytest.raises(ValueError, match=r"\[batch, heads\] = \[2, 4\].*\[4\] slopes"):
+        alibi_attention(q, k, v, _row_slopes(3, 4))
+    with pytest.raises(ValueError, match="finite"):
+        alibi_attention(q, k, v, torch.full((2, 4), float("nan")))
+
+
+def test_flex_per_row_slopes():
+    q, k, v = _inputs(2, 4, 2, 96, 128, 16)
+    kpm = _left_padding(2, 128)
+    slopes = _row_slopes(2, 4)
+    out = alibi_attention(q, k, v, slopes, key_padding_mask=kpm, backend="flex")
+    assert (out.double() - _per_row_reference(q, k, v, slopes, key_padding_mask=kpm)).abs().max() < 1e-5
+
+
 class _LargestTensor(TorchDispatchMode):
     """Records the largest tensor any aten op produces."""
 

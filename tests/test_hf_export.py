@@ -99,6 +99,33 @@ def test_export_logits_match_up_to_the_training_length(exported, bias_free_dir, 
         assert _max_diff(model(ids).logits, run.model(ids)) < ATOL
 
 
+def test_export_tokenizer_pads_on_the_left_with_eos(exported: Path) -> None:
+    tok = AutoTokenizer.from_pretrained(exported)
+    assert tok.pad_token == tok.eos_token and tok.padding_side == "left"
+    assert AutoModelForCausalLM.from_pretrained(exported).config.pad_token_id == tok.eos_token_id
+    batch = tok(["one", "one two three four"], padding=True)
+    short, long = batch["attention_mask"]
+    assert short[0] == 0 and short[-1] == 1 and all(long)
+    assert batch["input_ids"][0][0] == tok.pad_token_id
+
+
+def test_batched_generate_on_the_export_past_train_len(exported: Path) -> None:
+    """As transformers users write it: tok(texts, padding=True), then generate, past L = 32."""
+    tok = AutoTokenizer.from_pretrained(exported)
+    model = hf.extend_context(AutoModelForCausalLM.from_pretrained(exported).eval())
+    texts = ["the quick brown fox jumps over the lazy dog and runs away", "a cat"]
+    new = 40
+    kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                  return_dict_in_generate=True, output_logits=True)
+    with torch.no_grad():
+        batch = model.generate(**tok(texts, return_tensors="pt", padding=True), **kwargs)
+        assert batch.sequences.shape[1] > 32 + new // 2
+        for b, text in enumerate(texts):
+            single = model.generate(**tok([text], return_tensors="pt"), **kwargs)
+            assert torch.equal(batch.sequences[b, -new:], single.sequences[0, -new:])
+            assert _max_diff(torch.stack(batch.logits)[:, b], torch.stack(single.logits)[:, 0]) < ATOL
+
+
 @pytest.mark.parametrize("rule", ["none", "linear", "sqrt"])
 def test_export_logits_match_beyond_train_len_with_extend_context(exported, bias_free_dir, rule):
     run, model = load_run(bias_free_dir), AutoModelForCausalLM.from_pretrained(exported)
@@ -236,7 +263,7 @@ def test_export_never_touches_the_run_or_the_current_directory(tiny_alibi_run, t
 
 
 def test_failed_check_writes_nothing(bias_free_dir, tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(hf, "_EXPORT_RTOL", -1.0)  # as if transformers' MPT had changed
+    monkeypatch.setattr(hf.export, "_EXPORT_RTOL", -1.0)  # as if transformers' MPT had changed
     with pytest.raises(RuntimeError, match="logits differ"):
         hf.export_to_hf(bias_free_dir, tmp_path / "hf")
     assert list(tmp_path.iterdir()) == []
@@ -328,13 +355,13 @@ def test_byte_lengths_of_other_vocabularies(tiny_alibi_run: Path) -> None:
     run_tok = load_run(tiny_alibi_run).tokenizer
     tok = Tokenizer.from_str(run_tok.to_str())
     tok.add_tokens(["  "])  # raw text, as GPT-NeoX's runs of spaces: not byte-level characters
-    lengths = hf._hf_byte_lengths(tok)
+    lengths = hf.evaluate._hf_byte_lengths(tok)
     assert lengths[tok.token_to_id("  ")] == 2
     np.testing.assert_array_equal(lengths[:-1], token_byte_lengths(run_tok))
     word = Tokenizer(models.WordLevel({"</s>": 0, "héllo": 1, "a": 2}, unk_token="a"))
     word.pre_tokenizer = pre_tokenizers.Whitespace()
     word.add_special_tokens(["</s>"])
-    np.testing.assert_array_equal(hf._hf_byte_lengths(word), [0, 6, 1])
+    np.testing.assert_array_equal(hf.evaluate._hf_byte_lengths(word), [0, 6, 1])
 
 
 # --- the command line ----------------------------------------------------------------------------

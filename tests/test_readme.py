@@ -26,8 +26,9 @@ def _run(code: str, replacements: dict[str, str], namespace: dict | None = None)
 
 def test_every_python_block_is_covered() -> None:
     blocks = _blocks()
-    assert len(blocks) == 3
+    assert len(blocks) == 4
     assert "alibi_attention" in blocks[0] and "load_run" in blocks[1] and "extend_context" in blocks[2]
+    assert "padding=True" in blocks[3]
 
 
 def test_the_attention_block_runs() -> None:
@@ -57,3 +58,16 @@ def test_the_transformers_block_runs(tiny_alibi_run: Path, tmp_path: Path) -> No
                              "train_len=2048": "train_len=32"}, {"long_text": long_text})
     assert ns["out"].shape[1] == ns["ids"].shape[1] + 8 and ns["ids"].shape[1] > 32
     assert ns["logits"].shape[:2] == ns["bloom_ids"].shape
+
+
+def test_the_batched_export_block_runs(tiny_alibi_run: Path, tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from linbias.hf import export_to_hf, extend_context
+
+    out = export_to_hf(tiny_alibi_run, tmp_path / "mpt")
+    ns = _run(_blocks()[3], {"max_new_tokens=2000": "max_new_tokens=40"},
+              {"OUT": str(out), "AutoTokenizer": AutoTokenizer,
+               "AutoModelForCausalLM": AutoModelForCausalLM, "extend_context": extend_context})
+    assert ns["out"].shape == (2, ns["batch"]["input_ids"].shape[1] + 40)  # past train_len 32

@@ -1,7 +1,8 @@
 """One ALiBi attention entry point, with backends chosen by device, dtype and mask.
 
 Shapes: ``B`` batch, ``H`` query heads, ``Hkv`` key/value heads (``H % Hkv == 0``), ``Lq`` queries,
-``Lk`` keys, ``D`` head dim. Queries are the last ``Lq`` of the ``Lk`` positions (KV cache).
+``Lk`` keys, ``D`` head dim. Queries are the last ``Lq`` of the ``Lk`` positions (KV cache). Slopes
+are ``[H]``, or ``[B, H]`` when rows of a batch need their own (interpolated for each row's length).
 
 The fast path uses the fact that softmax is unchanged by a constant added along a row: for causal
 attention the bias ``-m_h * (i - j)`` of row ``i`` equals ``m_h * (j - c)`` plus a row constant,
@@ -34,7 +35,7 @@ class _Call:
     q: Tensor  # [B, H, Lq, D]
     k: Tensor  # [B, Hkv, Lk, D]
     v: Tensor  # [B, Hkv, Lk, D]
-    slopes: Tensor  # [H]
+    slopes: Tensor  # [H] or [B, H]
     causal: bool
     scale: float
     key_padding_mask: Optional[Tensor]  # [B, Lk] bool, True = real token
@@ -48,6 +49,11 @@ class _Call:
     @property
     def slopes_need_grad(self) -> bool:
         return torch.is_grad_enabled() and self.slopes.requires_grad
+
+    @property
+    def slopes_BH(self) -> Tensor:
+        """The slopes as ``[1 or B, H]``: one row shared by the batch, or one per row."""
+        return self.slopes.view(1, -1) if self.slopes.dim() == 1 else self.slopes
 
 
 @dataclass(frozen=True)
@@ -186,7 +192,8 @@ def _reference(c: _Call) -> Tensor:
     H, Lq, Lk = c.q.shape[1], c.q.shape[2], c.k.shape[2]
     k, v = _expand_kv(c.k, H), _expand_kv(c.v, H)
     scores = (c.q @ k.transpose(-1, -2)) * c.scale  # [B, H, Lq, Lk]
-    scores = scores + alibi_bias(c.slopes.to(scores.dtype), Lq, Lk, causal=c.causal)
+    bias = [alibi_bias(row.to(scores.dtype), Lq, Lk, causal=c.causal) for row in c.slopes_BH]
+    scores = scores + torch.stack(bias)  # [1 or B, H, Lq, Lk]
     visible = _visible(c, 0, Lq, Lk)
     scores = scores.masked_fill(~visible, float("-inf"))
     has_key = visible.any(-1, keepdim=True)
@@ -261,11 +268,11 @@ def _segment_mask(c: _Call, s: _Segment) -> Tensor:
     device, dtype = c.q.device, c.slopes.dtype
     j = torch.arange(s.k0, s.k1, device=device, dtype=dtype)
     if s.sign != 0:
-        mask = (s.sign * c.slopes).view(1, -1, 1, 1) * (j - s.centre).view(1, 1, 1, -1)
+        mask = (s.sign * c.slopes_BH)[:, :, None, None] * (j - s.centre).view(1, 1, 1, -1)
     else:
         offset = c.k.shape[2] - c.q.shape[2]
         i = torch.arange(offset + s.q0, offset + s.q1, device=device, dtype=dtype)
-        mask = -c.slopes.view(1, -1, 1, 1) * (i.view(-1, 1) - j.view(1, -1)).abs()
+        mask = -c.slopes_BH[:, :, None, None] * (i.view(-1, 1) - j.view(1, -1)).abs()
     if c.key_padding_mask is not None:
         pad = ~c.key_padding_mask[:, None, None, s.k0 : s.k1]
         mask = mask.masked_fill(pad, float("-inf"))
@@ -283,7 +290,7 @@ def _segment_empty_rows(c: _Call, s: _Segment) -> Optional[Tensor]:
 
 
 def _frame_shift(c: _Call, s: _Segment) -> Tensor:
-    """``[1, H, q1 - q0]``: added to a segment's kernel log-sum-exp to put all segments of a
+    """``[1 or B, H, q1 - q0]``: added to a segment's kernel log-sum-exp to put all segments of a
     block on one scale, the true logits minus ``m * (centre - i)``.
 
     A per-key segment scores ``sign * m * (j - centre)``, the true bias minus
@@ -291,7 +298,7 @@ def _frame_shift(c: _Call, s: _Segment) -> Tensor:
     """
     offset = c.k.shape[2] - c.q.shape[2]
     i = torch.arange(offset + s.q0, offset + s.q1, device=c.q.device, dtype=c.slopes.dtype)
-    return (s.sign - 1) * c.slopes.view(1, -1, 1) * (s.centre - i).view(1, 1, -1)
+    return (s.sign - 1) * c.slopes_BH[:, :, None] * (s.centre - i).view(1, 1, -1)
 
 
 def _run_segment(c: _Call, q: Tensor, k: Tensor, v: Tensor, s: _Segment):
@@ -402,8 +409,8 @@ def _decode(c: _Call, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     j_minus_i = torch.arange(Lq - Lk, Lq, device=q.device, dtype=q.dtype)  # [Lk], first query
     if Lq > 1:
         j_minus_i = j_minus_i - torch.arange(Lq, device=q.device, dtype=q.dtype).view(-1, 1)
-    # [1, Hkv, group, Lq, Lk]: head h = kv_head * group + g, as in _expand_kv.
-    bias = c.slopes.view(1, Hkv, group, 1, 1) * (j_minus_i if c.causal else -j_minus_i.abs())
+    # [1 or B, Hkv, group, Lq, Lk]: head h = kv_head * group + g, as in _expand_kv.
+    bias = c.slopes_BH.view(-1, Hkv, group, 1, 1) * (j_minus_i if c.causal else -j_minus_i.abs())
     hidden = (j_minus_i > 0) if c.causal and Lq > 1 else None  # [Lq, Lk] future keys
     has_key = None
     if c.key_padding_mask is not None:
@@ -461,7 +468,7 @@ def _blocked(c: _Call) -> Tensor:
         i = torch.arange(offset + q0, offset + q1, device=c.q.device).view(-1, 1)
         dist = (i - torch.arange(k_end, device=c.q.device).view(1, -1)).to(torch.float32)
         dist = dist if c.causal else dist.abs()
-        bias = (-c.slopes.view(1, -1, 1, 1) * dist).to(c.q.dtype)  # [1, H, Bq, k_end]
+        bias = (-c.slopes_BH[:, :, None, None] * dist).to(c.q.dtype)  # [1 or B, H, Bq, k_end]
         visible = _visible(c, q0, q1, k_end)
         has_key = visible.any(-1, keepdim=True)
         bias = bias.masked_fill(~(visible | ~has_key), float("-inf"))
@@ -488,12 +495,13 @@ def _flex(c: _Call) -> Tensor:
         _flex_compiled = torch.compile(flex_attention)
     B, H, Lq, _ = c.q.shape
     Lk = c.k.shape[2]
-    offset, slopes, kpm, causal = Lk - Lq, c.slopes, c.key_padding_mask, c.causal
+    offset, kpm, causal = Lk - Lq, c.key_padding_mask, c.causal
+    slopes = c.slopes_BH.expand(B, H).contiguous()  # indexed by row and head in score_mod
 
     def score_mod(score, b, h, q_idx, kv_idx):
         dist = q_idx + offset - kv_idx
         dist = dist if causal else dist.abs()
-        return score - slopes[h] * dist
+        return score - slopes[b, h] * dist
 
     def mask_mod(b, h, q_idx, kv_idx):
         keep = (kv_idx <= q_idx + offset) if causal else (kv_idx >= 0)
@@ -527,7 +535,8 @@ def _flex_unavailable(c: _Call) -> Optional[str]:
 def _flash(c: _Call) -> Tensor:
     from flash_attn import flash_attn_func
 
-    # flash-attn adds -slope * |i + Lk - Lq - j|, the same bias (its queries are also the last Lq).
+    # flash-attn adds -slope * |i + Lk - Lq - j|, the same bias (its queries are also the last Lq);
+    # it takes slopes [H] or [B, H] as they are.
     out = flash_attn_func(
         c.q.transpose(1, 2), c.k.transpose(1, 2), c.v.transpose(1, 2), softmax_scale=c.scale,
         causal=c.causal, alibi_slopes=c.slopes.float(),
@@ -614,7 +623,15 @@ def _check(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, key_padding_mask: Op
         raise ValueError(
             f"more queries ({Lq}) than keys ({Lk}): queries are the last Lq key positions"
         )
-    check_slopes(slopes, H)
+    if isinstance(slopes, torch.Tensor) and slopes.dim() == 2:
+        if tuple(slopes.shape) != (B, H):
+            raise ValueError(
+                f"per-row slopes must have shape [batch, heads] = [{B}, {H}], got "
+                f"{tuple(slopes.shape)}; pass [{H}] slopes to share them across the batch"
+            )
+        check_slopes(slopes.reshape(-1))  # floating point and finite
+    else:
+        check_slopes(slopes, H)
     if slopes.device != q.device and slopes.device.type != "cpu":
         raise ValueError(f"slopes are on {slopes.device} but q is on {q.device}")
     if key_padding_mask is not None:
@@ -665,7 +682,8 @@ def alibi_attention(
         q: ``[B, H, Lq, D]`` queries, the last ``Lq`` positions of the keys.
         k: ``[B, Hkv, Lk, D]`` keys, ``H % Hkv == 0`` (grouped or multi-query heads).
         v: ``[B, Hkv, Lk, D]`` values.
-        slopes: ``[H]`` ALiBi slopes (``alibi_slopes``, possibly ``interpolate_slopes``-scaled).
+        slopes: ``[H]`` ALiBi slopes (``alibi_slopes``, possibly ``interpolate_slopes``-scaled),
+            or ``[B, H]``: each row of the batch its own (e.g. interpolated for its own length).
             Slopes that require grad are learnt: ``"auto"`` then picks a backend that
             differentiates them (``"blocked"`` on CPU).
         causal: mask future keys (bias ``-m (i - j)``); False gives ``-m |i - j|``.

@@ -1,8 +1,10 @@
-"""linbias.hf: ALiBi position interpolation patched into transformers' BLOOM, MPT and Falcon.
+"""linbias.hf.extend: ALiBi position interpolation patched into transformers' BLOOM, MPT, Falcon.
 
 The reference is a hand-written float64 forward of each tiny model from its weights, with the
-paper's bias ``-m_h * (i - j)`` (Falcon: its own per-key bfloat16 bias, divided by sqrt(head dim)
-with the scores) and slopes from ``linbias.alibi_slopes`` scaled by hand, not by linbias.hf.
+paper's bias ``-m_h * (i - j)`` (Falcon: its own per-key bias, divided by sqrt(head dim) with the
+scores, slopes rounded to bfloat16 and, as Falcon's own attention does, the products too) and
+slopes from ``linbias.alibi_slopes`` scaled by hand, not by linbias.hf. Past train_len the default
+attention is linbias's (``attention="linbias"``); tests that name ``attention`` check both.
 """
 
 from __future__ import annotations
@@ -27,14 +29,19 @@ from transformers import (  # noqa: E402
 )
 from transformers.models.bloom.modeling_bloom import build_alibi_tensor as bloom_alibi  # noqa: E402
 from transformers.models.falcon.modeling_falcon import build_alibi_tensor as falcon_alibi  # noqa: E402
+from transformers.models.mpt.modeling_mpt import MptModel  # noqa: E402
 from transformers.models.mpt.modeling_mpt import build_mpt_alibi_tensor as mpt_alibi  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from linbias import hf  # noqa: E402
 from linbias.alibi import alibi_slopes  # noqa: E402
 
 TRAIN_LEN = 16
 VOCAB = 64
-MODELS = ["bloom", "bloom-6-heads", "mpt", "mpt-6-heads", "falcon", "falcon-multi-query"]
+MODELS = [
+    "bloom", "bloom-6-heads", "mpt", "mpt-6-heads", "falcon", "falcon-multi-query", "falcon-grouped",
+]
+ATTENTIONS = ["linbias", "native"]
 FACTORS = {  # the scaling rules, by hand
     "linear": lambda n: min(1.0, TRAIN_LEN / n),
     "sqrt": lambda n: min(1.0, math.sqrt(TRAIN_LEN / n)),
@@ -52,12 +59,13 @@ def make(family: str, n_layers: int = 2, seed: int = 0, **config: Any) -> torch.
     elif family.startswith("mpt"):
         model = MptForCausalLM(MptConfig(n_heads=n_heads, max_seq_len=TRAIN_LEN, **sizes, **config))
     else:
-        multi_query = family.endswith("multi-query")
+        grouped = family.endswith("grouped")  # two key/value heads for four query heads
         falcon = FalconConfig(
             num_attention_heads=n_heads,
             alibi=True,
-            new_decoder_architecture=False,
-            multi_query=multi_query,
+            new_decoder_architecture=grouped,
+            num_kv_heads=2 if grouped else None,
+            multi_query=family.endswith("multi-query"),
             max_position_embeddings=TRAIN_LEN,
             **sizes,
             **config,
@@ -101,11 +109,12 @@ def paper_bias(slopes_TH: torch.Tensor) -> torch.Tensor:
     return _causal(-slopes_TH.T[:, :, None] * (pos[:, None] - pos[None, :]))
 
 
-def falcon_bias(slopes_TH: torch.Tensor) -> torch.Tensor:
-    """Falcon's per-key ``m_h * j``: slope rounded to bfloat16, product rounded to bfloat16."""
+def falcon_bias(slopes_TH: torch.Tensor, product: str = "bfloat16") -> torch.Tensor:
+    """Falcon's per-key ``m_h * j``: slope rounded to bfloat16, product rounded to bfloat16 (as
+    Falcon's own attention) or exact (``product="exact"``, as the linbias fast path)."""
     pos = torch.arange(slopes_TH.shape[0], dtype=torch.float64)
-    slopes = slopes_TH.T[:, :, None].to(torch.bfloat16).double()
-    return _causal((slopes * pos).to(torch.bfloat16).double())
+    bias = slopes_TH.T[:, :, None].to(torch.bfloat16).double() * pos
+    return _causal(bias.to(torch.bfloat16).double() if product == "bfloat16" else bias)
 
 
 def _attend(scores_HTT: torch.Tensor, v_HTD: torch.Tensor) -> torch.Tensor:
@@ -147,28 +156,40 @@ def _mpt_reference(model, ids, slopes_TH):
     return _lin(_ln(h, tr.norm_f), model.lm_head)
 
 
-def _falcon_reference(model, ids, slopes_TH, divides_bias=True):
-    tr, n_heads = model.transformer, slopes_TH.shape[1]
-    d_head = model.config.hidden_size // n_heads
-    bias_HTT = falcon_bias(slopes_TH)
+def _falcon_qkv(config, qkv, n_heads, d_head):
+    """Queries, keys and values ``[heads, T, D]`` (keys and values expanded to every head)."""
+    if config.new_decoder_architecture:  # per key/value head: its query heads, a key, a value
+        group = n_heads // config.num_kv_heads
+        qkv = qkv.view(len(qkv), config.num_kv_heads, group + 2, d_head)
+        q = qkv[:, :, :group].reshape(len(qkv), n_heads, d_head)
+        k, v = (qkv[:, :, group + i].repeat_interleave(group, dim=1) for i in (0, 1))
+        return q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+    if config.multi_query:  # H query heads, then one key and one value head for all
+        qkv_HTD = _heads(qkv, d_head)
+        return qkv_HTD[:n_heads], qkv_HTD[n_heads:-1], qkv_HTD[-1:]
+    return (x.transpose(0, 1) for x in qkv.view(len(qkv), n_heads, 3, d_head).unbind(2))
+
+
+def _falcon_reference(model, ids, slopes_TH, divides_bias=True, product="bfloat16"):
+    tr, n_heads, config = model.transformer, slopes_TH.shape[1], model.config
+    d_head = config.hidden_size // n_heads
+    bias_HTT = falcon_bias(slopes_TH, product)
     h = _d(tr.word_embeddings.weight)[ids]
     for layer in tr.h:
-        x = _ln(h, layer.input_layernorm)
-        att = layer.self_attention
-        qkv = _lin(x, att.query_key_value)
-        if model.config.multi_query:  # H query heads, then one key and one value head for all
-            qkv_HTD = _heads(qkv, d_head)
-            q, k, v = qkv_HTD[:n_heads], qkv_HTD[n_heads:-1], qkv_HTD[-1:]
+        if config.new_decoder_architecture:  # separate norms before attention and MLP
+            x, x_mlp = _ln(h, layer.ln_attn), _ln(h, layer.ln_mlp)
         else:
-            q, k, v = (x.transpose(0, 1) for x in qkv.view(len(ids), n_heads, 3, d_head).unbind(2))
+            x = x_mlp = _ln(h, layer.input_layernorm)
+        att = layer.self_attention
+        q, k, v = _falcon_qkv(config, _lin(x, att.query_key_value), n_heads, d_head)
         qk = q @ k.transpose(-1, -2)
         if divides_bias:  # Falcon's convention: the bias is divided by sqrt(d) with the scores
             scores = (qk + bias_HTT) / math.sqrt(d_head)
         else:  # everyone else's
             scores = qk / math.sqrt(d_head) + bias_HTT
         attn = _lin(_attend(scores, v), att.dense)
-        # Parallel attention and MLP, both from the same layer norm.
-        h = h + attn + _lin(F.gelu(_lin(x, layer.mlp.dense_h_to_4h)), layer.mlp.dense_4h_to_h)
+        # Parallel attention and MLP.
+        h = h + attn + _lin(F.gelu(_lin(x_mlp, layer.mlp.dense_h_to_4h)), layer.mlp.dense_4h_to_h)
     return _lin(_ln(h, tr.ln_f), model.lm_head)
 
 
@@ -187,8 +208,15 @@ def slopes_for(model, lengths: list[int], rule: str = "linear") -> torch.Tensor:
     return torch.stack([slopes * FACTORS[rule](n) for n in lengths])
 
 
-def assert_matches_reference(model, ids_T, lengths, rule="linear", atol=2e-6):
-    ref = reference(model, ids_T, slopes_for(model, lengths, rule))
+def _product(model, attention: str) -> dict:
+    """Falcon's reference for an attention: linbias's multiplies slopes by positions exactly."""
+    if not isinstance(model, FalconForCausalLM):
+        return {}
+    return {"product": "exact" if attention == "linbias" else "bfloat16"}
+
+
+def assert_matches_reference(model, ids_T, lengths, rule="linear", attention="linbias", atol=2e-6):
+    ref = reference(model, ids_T, slopes_for(model, lengths, rule), **_product(model, attention))
     torch.testing.assert_close(logits(model, ids_T[None])[0].double(), ref, rtol=0, atol=atol)
 
 
@@ -250,11 +278,12 @@ def test_generation_within_train_len_is_bit_identical(family):
 # --- Beyond train_len: the reference with scaled slopes -------------------------------------------
 
 
+@pytest.mark.parametrize("n", [2 * TRAIN_LEN, 4 * TRAIN_LEN - 3])
+@pytest.mark.parametrize("attention", ATTENTIONS)
 @pytest.mark.parametrize("family", MODELS)
-def test_beyond_train_len_matches_reference(family):
-    model = hf.extend_context(make(family), train_len=TRAIN_LEN)
-    ids = tokens(2 * TRAIN_LEN)
-    assert_matches_reference(model, ids, [2 * TRAIN_LEN] * len(ids))
+def test_beyond_train_len_matches_reference(family, attention, n):
+    model = hf.extend_context(make(family), train_len=TRAIN_LEN, attention=attention)
+    assert_matches_reference(model, tokens(n), [n] * n, attention=attention)
 
 
 @pytest.mark.parametrize("rule", ["linear", "sqrt", "none"])
@@ -282,18 +311,21 @@ def test_falcon_divides_the_bias_by_sqrt_head_dim():
     assert (got - reference(model, ids, slopes, divides_bias=False)).abs().max() > 1e-4
 
 
-def test_falcon_eager_keeps_its_double_bias():
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_falcon_eager_keeps_its_double_bias(attention):
     # transformers 5.23's eager Falcon adds the ALiBi tensor twice (to the scores and, divided by
-    # sqrt(d), folded into the mask); SDPA, the default, once. The extension scales both uses, so
-    # eager Falcon beyond train_len is the reference with twice the slopes.
+    # sqrt(d), folded into the mask); SDPA, the default, once. The extension scales both uses (and
+    # linbias's attention doubles the slopes), so eager Falcon beyond train_len is the reference
+    # with twice the slopes.
     model = make("falcon", attn_implementation="eager")
-    ids = tokens(2 * TRAIN_LEN)
+    ids = tokens(3 * TRAIN_LEN - 1)
     before = logits(model, ids[None, :TRAIN_LEN])
-    hf.extend_context(model, train_len=TRAIN_LEN)
+    hf.extend_context(model, train_len=TRAIN_LEN, attention=attention)
     assert torch.equal(logits(model, ids[None, :TRAIN_LEN]), before)
     slopes = 2 * slopes_for(model, [len(ids)] * len(ids))
     got = logits(model, ids[None])[0].double()
-    torch.testing.assert_close(got, reference(model, ids, slopes), rtol=0, atol=2e-6)
+    ref = reference(model, ids, slopes, **_product(model, attention))
+    torch.testing.assert_close(got, ref, rtol=0, atol=2e-6)
 
 
 def test_mpt_runs_past_max_seq_len():
@@ -367,16 +399,20 @@ def test_one_layer_generation_matches_recomputing_without_cache(family):
         )
 
 
-@pytest.mark.parametrize("family", ["bloom", "mpt", "falcon", "falcon-multi-query"])
-def test_generation_matches_reference_at_each_tokens_own_length(family):
+@pytest.mark.parametrize("attention", ATTENTIONS)
+@pytest.mark.parametrize(
+    "family", ["bloom", "mpt", "falcon", "falcon-multi-query", "falcon-grouped", "bloom-6-heads"]
+)
+def test_generation_matches_reference_at_each_tokens_own_length(family, attention):
     # With more layers a cached token keeps the hidden states it got at its own length, so the
     # reference gives query i the slopes for max(prompt length, i + 1).
-    model = hf.extend_context(make(family), train_len=TRAIN_LEN)
+    model = hf.extend_context(make(family), train_len=TRAIN_LEN, attention=attention)
     prompt = tokens(1, TRAIN_LEN - 4)
-    out = _generate(model, prompt)
+    out = _generate(model, prompt, new=2 * TRAIN_LEN)  # to 3.75 x train_len
     seq = out.sequences[0]
     p = prompt.shape[1]
-    ref = reference(model, seq, slopes_for(model, [max(p, i + 1) for i in range(len(seq))]))
+    slopes = slopes_for(model, [max(p, i + 1) for i in range(len(seq))])
+    ref = reference(model, seq, slopes, **_product(model, attention))
     for step, step_logits in enumerate(out.logits):
         torch.testing.assert_close(step_logits[0].double(), ref[p + step - 1], rtol=0, atol=2e-6)
 
@@ -424,9 +460,10 @@ def _left_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
+@pytest.mark.parametrize("attention", ATTENTIONS)
 @pytest.mark.parametrize("family", MODELS)
-def test_left_padded_batch_matches_single_sequences(family):
-    model = hf.extend_context(make(family), train_len=TRAIN_LEN)
+def test_left_padded_batch_matches_single_sequences(family, attention):
+    model = hf.extend_context(make(family), train_len=TRAIN_LEN, attention=attention)
     rows = [
         tokens(2 * TRAIN_LEN, seed=2),
         tokens(TRAIN_LEN + 5, seed=3),
@@ -439,14 +476,14 @@ def test_left_padded_batch_matches_single_sequences(family):
         torch.testing.assert_close(batch[b, ids.shape[1] - len(r) :], single, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("family", ["bloom", "mpt", "falcon"])
+@pytest.mark.parametrize("family", ["bloom", "mpt", "falcon", "falcon-grouped"])
 def test_left_padded_generation_matches_single_sequences(family):
     model = hf.extend_context(make(family), train_len=TRAIN_LEN)
     rows = [tokens(TRAIN_LEN - 2, seed=5), tokens(TRAIN_LEN - 6, seed=6)]
     ids, mask = _left_padded(rows)
-    batch = _generate(model, ids, mask, new=8)
+    batch = _generate(model, ids, mask, new=2 * TRAIN_LEN)
     for b, r in enumerate(rows):
-        single = _generate(model, r[None], new=8)
+        single = _generate(model, r[None], new=2 * TRAIN_LEN)
         torch.testing.assert_close(
             torch.stack(batch.logits)[:, b], torch.stack(single.logits)[:, 0], rtol=0, atol=1e-6
         )
@@ -456,6 +493,114 @@ def test_bloom_without_mask_beyond_train_len_equals_all_ones_mask():
     model = hf.extend_context(make("bloom"), train_len=TRAIN_LEN)
     ids = tokens(2, 2 * TRAIN_LEN)
     assert torch.equal(logits(model, ids), logits(model, ids, attention_mask=torch.ones_like(ids)))
+
+
+# --- Which attention runs where --------------------------------------------------------------------
+
+
+def _count_fast_calls(monkeypatch) -> list[int]:
+    """Counts calls of linbias.alibi_attention made by the extension."""
+    calls = []
+    op = hf.extend.alibi_attention
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return op(*args, **kwargs)
+
+    monkeypatch.setattr(hf.extend, "alibi_attention", counted)
+    return calls
+
+
+@pytest.mark.parametrize("family", ["bloom", "mpt", "falcon"])
+def test_linbias_attention_runs_only_past_train_len(family, monkeypatch):
+    calls = _count_fast_calls(monkeypatch)
+    model = hf.extend_context(make(family), train_len=TRAIN_LEN)
+    logits(model, tokens(2, TRAIN_LEN))
+    assert not calls
+    logits(model, tokens(2, TRAIN_LEN + 1))
+    assert len(calls) == model.config.num_hidden_layers
+    hf.extend_context(model, train_len=TRAIN_LEN, attention="native")
+    logits(model, tokens(2, 2 * TRAIN_LEN))
+    assert len(calls) == model.config.num_hidden_layers
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any aten op produces (as in test_attention)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("family", ["bloom", "mpt", "falcon"])
+def test_long_forward_builds_nothing_quadratic(family):
+    # Left padding too: the key padding must not bring back a queries x keys mask.
+    L = 32 * TRAIN_LEN
+    ids = tokens(2, L)
+    mask = torch.ones_like(ids)
+    mask[1, : L // 3] = 0
+    largest = {}
+    for attention in ATTENTIONS:
+        model = hf.extend_context(make(family), train_len=TRAIN_LEN, attention=attention)
+        with torch.no_grad(), _LargestTensor() as mode:
+            model(ids, attention_mask=mask)
+        largest[attention] = mode.largest
+    assert largest["native"] >= L * L  # the check can fail: the family's own attention is O(L^2)
+    assert largest["linbias"] <= 2 * L * max(VOCAB, 4 * model.config.hidden_size)
+
+
+def test_falcon_linbias_attention_differs_from_native_only_in_rounding():
+    # Falcon rounds each slope x position to bfloat16; linbias's attention multiplies exactly. Six
+    # heads and 3L - 1 tokens: slopes and factor are not powers of two, so the rounding shows.
+    model = make("falcon-6-heads")
+    ids = tokens(3 * TRAIN_LEN - 1)
+    slopes = slopes_for(model, [len(ids)] * len(ids))
+    got = {}
+    for attention in ATTENTIONS:
+        hf.extend_context(model, train_len=TRAIN_LEN, attention=attention)
+        got[attention] = logits(model, ids[None])[0].double()
+        ref = reference(model, ids, slopes, **_product(model, attention))
+        torch.testing.assert_close(got[attention], ref, rtol=0, atol=2e-6)
+    assert 1e-6 < (got["linbias"] - got["native"]).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("family", ["bloom", "falcon"])
+def test_mask_with_a_gap_keeps_the_familys_attention(family, monkeypatch):
+    # BLOOM and Falcon count positions along the mask; across a pad between real tokens that is
+    # not linbias's distance in slots, so their own attention runs.
+    calls = _count_fast_calls(monkeypatch)
+    ids = tokens(1, 2 * TRAIN_LEN)
+    mask = torch.ones_like(ids)
+    mask[0, TRAIN_LEN // 2 : TRAIN_LEN] = 0
+    native = logits(hf.extend_context(make(family), train_len=4, attention="native"), ids,
+                    attention_mask=mask)
+    got = logits(hf.extend_context(make(family), train_len=4), ids, attention_mask=mask)
+    assert torch.equal(got, native) and not calls
+
+
+def test_attention_probabilities_come_from_the_familys_attention():
+    model = hf.extend_context(make("bloom"), train_len=TRAIN_LEN)
+    with torch.no_grad():
+        out = model(tokens(1, 2 * TRAIN_LEN), output_attentions=True)
+    assert all(a.shape == (1, 4, 2 * TRAIN_LEN, 2 * TRAIN_LEN) for a in out.attentions)
+
+
+def test_extended_restores_the_previous_attention():
+    model = hf.extend_context(make("mpt"), attention="native")
+    ids = tokens(1, 3 * TRAIN_LEN - 1)
+    native = logits(model, ids)
+    with hf.extended(model) as same:
+        fast = logits(same, ids)
+    assert vars(model.transformer)[hf.extend._STATE].attention == "native"
+    assert torch.equal(logits(model, ids), native)
+    torch.testing.assert_close(fast, native, rtol=0, atol=1e-5)
 
 
 # --- undo, extended, re-configuring, one instance only --------------------------------------------
@@ -587,10 +732,30 @@ def test_bad_train_len(train_len):
         hf.extend_context(make("bloom"), train_len=train_len)
 
 
+def test_unknown_attention_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="'flash'.*linbias, native"):
+        hf.extend_context(make("mpt"), attention="flash")
+
+
+def test_changed_family_internals_are_refused(monkeypatch):
+    # As if a transformers release built MPT's mask another way: the patch would compute
+    # something else, so it refuses, naming the version, before changing anything.
+    model = make("mpt")
+
+    def forward(self, input_ids=None, **kwargs):
+        return None
+
+    monkeypatch.setattr(MptModel, "forward", forward)
+    with pytest.raises(RuntimeError, match=r"transformers 5\.23\.0 changed MptModel\.forward.*"
+                                           r"create_causal_mask.*pip install"):
+        hf.extend_context(model)
+    assert not hasattr(model.transformer, hf.extend._STATE)
+
+
 def test_unsupported_transformers_release_is_refused(monkeypatch):
     model = make("mpt")
     monkeypatch.setattr(hf.transformers, "__version__", "5.24.0")
     with pytest.raises(RuntimeError, match=r"5\.24\.0.*pip install"):
         hf.extend_context(model)
     monkeypatch.undo()
-    assert not hasattr(model.transformer, hf._STATE)  # nothing was patched
+    assert not hasattr(model.transformer, hf.extend._STATE)  # nothing was patched

@@ -1,0 +1,114 @@
+"""ALiBi position interpolation for loaded transformers models (BLOOM, MPT, Falcon with ALiBi).
+
+Position interpolation for ALiBi (Al-Khateeb, Dey, Soboleva and Hestness 2023, arXiv 2310.13017):
+when the current length L' exceeds the training length L, every slope ``m`` becomes ``m * L / L'``
+(or follows another rule of ``linbias.alibi.SCALING_RULES``); at or below L nothing changes.
+``extend_context`` applies this to one loaded model, in place, and lets it run past the length its
+config names; ``undo`` takes it back. This package is the only place that speaks transformers' names
+(``max_seq_len``, ``alibi_bias_max``, ``max_position_embeddings``, ``n_head``): the rest of linbias
+says ``train_len``, ``eval_len``, ``slopes``.
+
+L' is counted per sequence: the real (unmasked) tokens of a row of the 2-D attention mask, cached
+tokens included, or past plus new tokens when no mask is given. Rows of a left-padded batch thus
+get the slopes they would get alone, and during generation the slopes shrink as the text grows.
+The bias is added at score time, so cached keys and values stay usable; but past train_len a cached
+token keeps the hidden states it got at its own length, so from the second layer on, a step of
+cached generation is not the whole sequence recomputed with the newest slopes (the two agree for a
+one-layer model). Without a cache (MPT's default, ``use_cache=False``) every step recomputes.
+
+Which attention runs where (the ``attention`` option of ``extend_context`` and ``extended``).
+At or below train_len (every row's L' <= L) the family's own code runs with the same arguments,
+so logits are bit-identical to the unpatched model. Past it, with ``attention="linbias"`` (the
+default), every attention module calls ``linbias.alibi_attention`` with the family's slopes,
+scaled per row (``[B, H]`` slopes when rows differ), the key padding of the mask, and the KV cache
+as the family fills it: no ``H x L x L`` score tensor or ``L x L`` mask is built (O(L) memory on
+CPU; ``flash`` or ``flex`` on a GPU, as for linbias models). ``attention="native"`` keeps the
+family's attention past L too (eager scores, or Falcon's materialised bias for SDPA), for debugging
+and comparison. The family's attention also runs past L when a call needs what only it gives:
+``output_attentions``, attention dropout in training, a 4-D mask, BLOOM's ``slow_but_exact``, or
+(BLOOM, Falcon) a 2-D mask with a pad between real tokens (they count positions along the mask,
+linbias in slots; the two agree for left and right padding).
+
+Conventions on the fast path: BLOOM's float32 slopes; MPT's slopes as its builder computes them;
+Falcon's bias divided by sqrt(head dim) (doubled, as transformers' eager Falcon adds it twice) with
+each scaled slope rounded to bfloat16 as Falcon rounds it. Falcon also rounds each product slope x
+position to bfloat16 (an error of up to 2^-8 of the product, which a linear bias cannot carry):
+there the fast path multiplies exactly, so it differs from ``"native"`` by that rounding. Measured
+max |logit difference| to ``"native"``: 1.4e-4 on the tests' tiny models, 1.2e-2 at 2k and 6.3e-3
+at 8k tokens in ``benchmarks/hf_long.py``; BLOOM and MPT agree to 1.2e-5 or better.
+
+How each family is patched. Everything is per instance (instance attributes and hooks on the base
+model and its attention modules, originals kept for ``undo``); no class or module function of
+transformers is changed, so other models in the process are unaffected. A forward pre-hook on the
+base model plans each call (L' per row, tokens, keys, fast or not). The base model's ``forward``
+is a copy whose ``create_causal_mask`` (and Falcon's ``build_alibi_tensor``) name the extension's:
+on the fast path the mask is an empty stand-in and the bias builder returns the ``alibi_attention``
+arguments, which the blocks pass to the patched attention modules as they would the bias.
+
+- BLOOM: ``BloomModel.build_alibi_tensor`` (a method, called with the 2-D mask) is overridden on
+  the instance. Without a mask BLOOM takes a module-level path instead, so the pre-hook passes an
+  all-ones mask when scaling or the fast path is due.
+- MPT: ``MptModel`` builds its bias for exactly ``config.max_seq_len`` keys whatever the input,
+  hence the shape error past it. The instance's ``build_mpt_alibi_tensor`` builds a bias long
+  enough (from the plan), with MPT's own slopes (its ``alibi_bias_max`` as the model passes it).
+  ``MptAttention`` only takes a bias shared by the batch, so with ``"native"`` each attention
+  module also takes a per-row ``[B, H, 1, K]`` bias.
+- Falcon (``config.alibi=True``): ``FalconModel.forward`` calls the module-level
+  ``build_alibi_tensor``, replaced in the copy's globals by a scaling builder. Multi-query keys and
+  values stay one head; grouped ones (``new_decoder_architecture``) are expanded as Falcon caches
+  them.
+
+A transformers release other than ``SUPPORTED_TRANSFORMERS`` is refused, and so is one whose
+family code no longer calls what the patches replace; the message names the version.
+
+Exporting (``export_to_hf``). A linbias ALiBi GPT is written as an MPT checkpoint, the one ALiBi
+architecture of transformers it maps onto without approximation, and only when the model has no
+biases (see ``export_to_hf``): BLOOM's MLP uses the tanh approximation of GELU where linbias uses
+the exact one, and BLOOM normalises the word embeddings with a LayerNorm that no weights turn into
+the identity; Falcon divides the ALiBi bias by sqrt(head dim), changing the slopes. The training
+length becomes MPT's ``max_seq_len``, so ``extend_context`` finds it by default; the tokenizer
+pads on the left with its eos token, so ``tok(texts, padding=True)`` works for batched ``generate``.
+
+Evaluating (``evaluate_hf``). Any transformers causal LM, scored with ``linbias.evaluate``'s
+protocols on a linbias corpus tokenised by the model's own tokenizer; the ALiBi families also with
+each scaling rule, through ``extended``.
+
+Modules: ``extend`` (the per-family patches: ``extend_context``, ``extended``, ``undo``),
+``export`` (``export_to_hf``), ``evaluate`` (``HFModel``, ``evaluate_hf``, ``evaluate_hf_task``).
+
+Shape suffixes: B batch, H heads, K keys, T tokens of the current call, D head dim.
+"""
+
+from __future__ import annotations
+
+try:
+    import transformers  # noqa: F401
+except ImportError as exc:  # an optional extra
+    raise ImportError("linbias.hf needs transformers: pip install 'linbias[hf]'") from exc
+
+from linbias.hf.evaluate import HFModel, evaluate_hf, evaluate_hf_task
+from linbias.hf.export import EXPORT_MARKER, export_to_hf
+from linbias.hf.extend import (
+    ATTENTIONS,
+    FAMILIES,
+    SUPPORTED_TRANSFORMERS,
+    Attention,
+    extend_context,
+    extended,
+    undo,
+)
+
+__all__ = [
+    "ATTENTIONS",
+    "Attention",
+    "EXPORT_MARKER",
+    "FAMILIES",
+    "HFModel",
+    "SUPPORTED_TRANSFORMERS",
+    "evaluate_hf",
+    "evaluate_hf_task",
+    "export_to_hf",
+    "extend_context",
+    "extended",
+    "undo",
+]
