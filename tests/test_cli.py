@@ -23,7 +23,8 @@ def test_version(capsys):
 SURFACE = {
     'eval': (['run'], [
         '--batch-size', '--data', '--depths', '--filler', '--heatmap', '--hf', '--json',
-        '--lengths', '--max-tokens', '--mode', '--no-progress', '--per-position', '--scaling',
+        '--lengths', '--max-tokens', '--mode', '--no-per-position', '--no-progress',
+        '--per-position', '--scaling',
         '--seed', '--split', '--stride', '--task', '--train-len', '--trials',
     ]),
     'export': (['run'], [
@@ -146,11 +147,12 @@ def test_eval_task_writes_a_table_json_and_heatmap(tiny_alibi_run, tmp_path, cap
 
 
 @pytest.mark.parametrize(("flags", "message"), [
-    (["--depths", "50"], "--depths apply only with --task"),
-    (["--heatmap", "x.png"], "--heatmap apply only with --task"),
+    (["--depths", "50"], "--depths applies only with --task; drop it"),
+    (["--heatmap", "x.png"], "--heatmap applies only with --task"),
     (["--task", "passkey", "--mode", "sliding", "--stride", "4"],
-     "--mode, --stride apply only without --task"),
-    (["--task", "passkey", "--data", "stdlib"], "--data apply only without --task"),
+     "--mode, --stride apply only without --task; drop them"),
+    (["--task", "passkey", "--data", "stdlib"], "--data applies only without --task"),
+    (["--task", "passkey", "--mode", "sliding"], "--mode applies only without --task"),
 ])
 def test_eval_flags_of_the_other_kind_are_refused(tiny_alibi_run, capsys, flags, message):
     assert main(["eval", str(tiny_alibi_run), "--lengths", "320", *flags]) == 2

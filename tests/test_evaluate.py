@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from linbias import evaluate as ev
+from linbias.config import EvalConfig
 from linbias.data import load_corpus, token_byte_lengths, token_stream
 from linbias.evaluate import evaluate_run, evaluate_stream, format_table, write_json
 from linbias.model import GPT
@@ -241,7 +242,7 @@ def test_run_model_left_padding_changes_no_logit(run, rule) -> None:
 
 def test_scaling_changes_alibi_only_past_train_len(run, tiny_cache_dir) -> None:
     run.model.set_scaling("log")  # a rule set before the call is put back after it
-    records = evaluate_run(run, lengths=[16, 32, 96], scalings=("none", "linear", "sqrt"),
+    records = evaluate_run(run, lengths=[16, 32, 96], rules=("none", "linear", "sqrt"),
                            cache_dir=tiny_cache_dir, progress=False, max_tokens=200)
     assert run.model.position.scaling == "log"
     run.model.set_scaling("none")
@@ -259,7 +260,7 @@ def test_scaling_is_reset_after_an_error(run, tiny_cache_dir, monkeypatch) -> No
 
     monkeypatch.setattr(ev, "evaluate_stream", fail)
     with pytest.raises(RuntimeError, match="interrupted"):
-        evaluate_run(run, lengths=[64], scalings=("linear",), cache_dir=tiny_cache_dir)
+        evaluate_run(run, lengths=[64], rules=("linear",), cache_dir=tiny_cache_dir)
     assert run.model.position.scaling == "none"
 
 
@@ -287,7 +288,7 @@ def test_learned_past_its_table_is_skipped_among_several_lengths(run, tiny_cache
 
 def test_evaluate_task_scores_the_same_prompts_under_every_rule(run) -> None:
     records = ev.evaluate_run_task(run, task="passkey", lengths=[320, 640], depths=[0, 100],
-                                   trials=3, scalings=("none", "linear"), progress=False)
+                                   trials=3, rules=("none", "linear"), progress=False)
     assert [(r["length"], r["scaling"], r["depth"]) for r in records] == [
         (n, rule, d) for n in (320, 640) for rule in ("none", "linear") for d in (0.0, 100.0)]
     model, encode = ev.RunModel(run), encoder(run.tokenizer)
@@ -331,12 +332,12 @@ def test_retrieval_summary_k_max_by_hand() -> None:
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [
-    (dict(task="needle"), "valid tasks: passkey, lines"),
+    (dict(task="needle"), "task must be one of 'passkey', 'lines'"),
     (dict(depths=[50, 101]), "percents in 0..100"),
     (dict(depths=[]), "percents in 0..100"),
     (dict(trials=0), "trials"),
     (dict(lengths=[40]), "too short for task 'passkey'.*use length >="),
-    (dict(scalings=("cubic",)), "valid rules"),
+    (dict(rules=("cubic",)), "valid rules"),
 ])
 def test_bad_retrieval_requests_are_named(run, kwargs, match) -> None:
     request = {"task": "passkey", "lengths": [320], "depths": [50], "trials": 1, **kwargs}
@@ -370,7 +371,7 @@ def test_attention_maps_and_profile_match_a_float64_reference(run, rule) -> None
     ref = torch.softmax(scores.masked_fill(j > i, float("-inf")), dim=-1)
     assert len(maps) == run.config.n_layers
     torch.testing.assert_close(maps[0].double(), ref, atol=1e-5, rtol=1e-4)
-    records = ev.attention_profile(model, ids_KT, scalings=(rule,), distances=(0.5,))
+    records = ev.attention_profile(model, ids_KT, rules=(rule,), distances=(0.5,))
     far = ((i - j) > 16)[T // 2:]
     for r in (x for x in records if x["layer"] == 0):
         want = (ref[:, r["head"], T // 2:] * far).sum(-1).mean()
@@ -379,10 +380,10 @@ def test_attention_maps_and_profile_match_a_float64_reference(run, rule) -> None
 
 def test_a_rule_the_method_lacks_raises_its_error(run, tiny_cache_dir) -> None:
     with pytest.raises(ValueError, match="do not support scaling rule 'linear'"):
-        evaluate_run(_learned_run(run), lengths=[16], scalings=("linear",),
+        evaluate_run(_learned_run(run), lengths=[16], rules=("linear",),
                      cache_dir=tiny_cache_dir)
     with pytest.raises(ValueError, match="valid rules"):
-        evaluate_run(run, lengths=[16], scalings=("cubic",), cache_dir=tiny_cache_dir)
+        evaluate_run(run, lengths=[16], rules=("cubic",), cache_dir=tiny_cache_dir)
 
 
 def test_a_length_past_the_stream_is_skipped_or_raises(run, stream, tiny_cache_dir) -> None:
@@ -446,7 +447,7 @@ def test_unusable_run_dirs_raise_run_error(tiny_alibi_run, tmp_path) -> None:
 
 def test_json_schema_and_table(run, tiny_cache_dir, tmp_path) -> None:
     records = evaluate_run(run, lengths=[16, 64], mode="sliding", stride=8, per_position=True,
-                           scalings=("none", "linear"), max_tokens=150, cache_dir=tiny_cache_dir,
+                           rules=("none", "linear"), max_tokens=150, cache_dir=tiny_cache_dir,
                            progress=False)
     path = tmp_path / "out" / "eval.json"
     write_json(records, path)
@@ -558,25 +559,31 @@ def test_wrong_typed_or_non_finite_arguments(kwargs, match) -> None:
         evaluate_stream(_constant_logits(0.0), np.arange(101) % 7, None, progress=False, **kwargs)
 
 
-@pytest.mark.parametrize(("lengths", "scalings", "match"), [
-    ("128", ("none",), "lengths must be"),
-    (b"\x80", ("none",), "lengths must be"),  # bytes iterate as integers: 128
-    ({16, 8}, ("none",), "lengths must be"),  # a set has no order for the records
-    ((n for n in [8]), ("none",), "lengths must be"),
-    ([8.0], ("none",), "eval_len"),
-    ([math.nan], ("none",), "eval_len"),
-    ([8], [3], "scalings must be"),
-    ([8], "none", "scalings must be"),
+@pytest.mark.parametrize(("lengths", "rules", "match"), [
+    ("128", ("none",), "lengths must be a list"),
+    (b"\x80", ("none",), "lengths must be a list"),  # bytes iterate as integers: 128
+    ({16, 8}, ("none",), "lengths must be a list"),  # a set has no order for the records
+    ((n for n in [8]), ("none",), "lengths must be a list"),
+    ([8.0], ("none",), "lengths must be a list whose items are each an integer"),
+    ([math.nan], ("none",), "lengths must be a list whose items are each an integer"),
+    ([], ("none",), "at least one evaluation length"),
+    ([8], [3], "rules must be a list whose items are each a string"),
+    ([8], "none", "rules must be a list"),
+    ([8], [], "rules must be a non-empty list"),
 ])
-def test_check_request_rejects_wrong_types(lengths, scalings, match) -> None:
+def test_eval_config_rejects_wrong_types(lengths, rules, match) -> None:
     with pytest.raises(ValueError, match=match):
-        ev.check_request(lengths, "nonoverlapping", None, scalings, 8, None)
+        ev.eval_config(lengths=lengths, rules=rules)
 
 
-def test_check_request_takes_any_ordered_list_of_lengths() -> None:
-    ev.check_request(np.array([8, 16]), "nonoverlapping", None, ("none",), 8, None)
-    ev.check_request(range(8, 10), "nonoverlapping", None, ["none"], 8, None)
-    ev.check_request((np.int64(8),), "sliding", 4, ["none"], 8, None)
+def test_eval_config_takes_any_ordered_list_of_lengths() -> None:
+    assert ev.eval_config(lengths=np.array([8, 16])).lengths == (8, 16)
+    assert ev.eval_config(lengths=range(8, 10)).lengths == (8, 9)
+    base = ev.eval_config(lengths=(np.int64(8),), mode="sliding", stride=4)
+    assert ev.eval_config(base, rules=["none", "linear"]) == EvalConfig(
+        lengths=(8,), mode="sliding", stride=4, rules=("none", "linear"))
+    with pytest.raises(ValueError, match="unknown EvalConfig keys: scalings; valid keys: .*rules"):
+        ev.eval_config(base, scalings=["none"])
 
 
 # --- the output file -----------------------------------------------------------------------------
@@ -607,3 +614,14 @@ def test_check_output_file_in_a_read_only_folder(tmp_path: Path) -> None:
             ev.check_output_file(folder / "eval.json")
     finally:
         tmp_path.chmod(0o700)
+
+
+def test_one_config_names_the_protocol(run) -> None:
+    with pytest.raises(ValueError, match="retrieval needs a task: give task='passkey'"):
+        ev.evaluate_run_task(run, lengths=[320], progress=False)
+    config = EvalConfig(lengths=(320,), task="passkey", depths=(50.0,), trials=2)
+    assert ev.evaluate_run(run, config, progress=False) == \
+        ev.evaluate_run_task(run, lengths=[320], task="passkey", depths=[50], trials=2,
+                             progress=False)
+    with pytest.raises(ValueError, match="asks for retrieval, not perplexity"):
+        ev.evaluate_model(ev.RunModel(run), np.arange(400), None, config, data="x")

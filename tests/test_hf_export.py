@@ -193,6 +193,7 @@ def test_exported_tokenizer_encodes_like_the_run(exported: Path, bias_free_dir: 
         (dict(alibi_max_bias=4.0), "alibi_bias_max=8"),
         (dict(d_ff=96), "4 \\* d_model"),
         (dict(embedding="fairseq"), "sqrt\\(d_model\\)"),
+        (dict(position_scale=0.25), "position_scale=0.25 .*no alibi_bias_max.*evaluate the run"),
     ],
 )
 def test_inexact_models_are_refused(tiny_alibi_run, tmp_path, config, message) -> None:
@@ -277,17 +278,17 @@ def _eval_kwargs(tiny_cache_dir: Path, **kwargs) -> dict:
 
 
 @pytest.mark.parametrize(
-    ("mode", "stride", "lengths", "scalings"),
+    ("mode", "stride", "lengths", "rules"),
     [("nonoverlapping", None, [16, 32, 80], ["none", "linear"]), ("sliding", 8, [32], ["none"])],
 )
 def test_evaluate_hf_equals_evaluate_run(exported, bias_free_dir, tiny_cache_dir, mode, stride,
-                                         lengths, scalings) -> None:
+                                         lengths, rules) -> None:
     run = load_run(bias_free_dir)
-    common = _eval_kwargs(tiny_cache_dir, lengths=lengths, scalings=scalings, mode=mode,
+    common = _eval_kwargs(tiny_cache_dir, lengths=lengths, rules=rules, mode=mode,
                           stride=stride, max_tokens=400)
     expected = evaluate_run(run, **common)
     got = hf.evaluate_hf(exported, data=run.train_config.data, **common)
-    assert len(got) == len(expected) == len(lengths) * len(scalings)
+    assert len(got) == len(expected) == len(lengths) * len(rules)
     for g, e in zip(got, expected):
         assert set(g) == set(e)
         assert g["position"] == "mpt" and e["position"] == "alibi"
@@ -320,10 +321,10 @@ def test_evaluate_hf_checks_requests_before_evaluating(exported: Path) -> None:
     # The corpus does not exist: each error below comes before it is read.
     bad = dict(data="text:/no/such/corpus", progress=False)
     with pytest.raises(ValueError, match="unknown scaling rule 'linera'; valid rules: none"):
-        hf.evaluate_hf(exported, lengths=[16], scalings=["none", "linera"], **bad)
+        hf.evaluate_hf(exported, lengths=[16], rules=["none", "linera"], **bad)
     with pytest.raises(ValueError, match="sliding"):
         hf.evaluate_hf(exported, lengths=[16], mode="sliding", **bad)
-    with pytest.raises(ValueError, match="non-empty list"):
+    with pytest.raises(ValueError, match="at least one evaluation length"):
         hf.evaluate_hf(exported, lengths=[], **bad)
 
 
@@ -336,13 +337,13 @@ def test_evaluate_hf_other_families(exported, bias_free_dir, tiny_cache_dir) -> 
     (record,) = hf.evaluate_hf(gpt2, **kwargs)
     assert record["position"] == "gpt2" and record["tokens"] == 48 and gpt2.training
     with pytest.raises(ValueError, match="supported ALiBi families"):
-        hf.evaluate_hf(gpt2, scalings=["linear"], **kwargs)
+        hf.evaluate_hf(gpt2, rules=["linear"], **kwargs)
     bloom = BloomForCausalLM(BloomConfig(vocab_size=300, hidden_size=16, n_layer=1, n_head=2))
     (record,) = hf.evaluate_hf(bloom, **kwargs)
     assert record["position"] == "bloom" and record["train_len"] is None
     with pytest.raises(ValueError, match="pass train_len"):
-        hf.evaluate_hf(bloom, scalings=["linear"], **kwargs)
-    records = hf.evaluate_hf(bloom, scalings=["none", "linear"], train_len=8, **kwargs)
+        hf.evaluate_hf(bloom, rules=["linear"], **kwargs)
+    records = hf.evaluate_hf(bloom, rules=["none", "linear"], train_len=8, **kwargs)
     assert [r["train_len"] for r in records] == [8, 8] and records[0]["ppl"] != records[1]["ppl"]
 
 
@@ -434,7 +435,7 @@ def test_passkey_round_trips_through_the_export(tiny_text_corpus, tiny_cache_dir
     run_dir = train(config, tc, tmp_path / "run", progress=False, cache_dir=tiny_cache_dir)
     out = hf.export_to_hf(run_dir, tmp_path / "hf")
     request = dict(task="passkey", lengths=[384, 1152], depths=[0, 50, 100], trials=4,
-                   scalings=("none", "linear"), progress=False)
+                   rules=("none", "linear"), progress=False)
     ours = evaluate_run_task(run_dir, **request)
     theirs = hf.evaluate_hf_task(out, **request)
     keys = ("length", "depth", "scaling", "n", "correct", "mean_distance", "skipped")
@@ -463,8 +464,25 @@ def test_attention_profile_of_the_export_equals_the_runs(exported, bias_free_dir
 
     ids_KT = torch.randint(0, 300, (2, 96), generator=torch.Generator().manual_seed(1))
     mpt = AutoModelForCausalLM.from_pretrained(exported, attn_implementation="eager").eval()
-    theirs = attention_profile(hf.HFModel(mpt), ids_KT, scalings=(rule,))
-    ours = attention_profile(RunModel(load_run(bias_free_dir)), ids_KT, scalings=(rule,))
+    theirs = attention_profile(hf.HFModel(mpt), ids_KT, rules=(rule,))
+    ours = attention_profile(RunModel(load_run(bias_free_dir)), ids_KT, rules=(rule,))
     assert [(r["layer"], r["head"], r["distance"]) for r in theirs] == \
         [(r["layer"], r["head"], r["distance"]) for r in ours]
     assert all(abs(a["share"] - b["share"]) < 1e-5 for a, b in zip(theirs, ours))
+
+
+def test_a_fine_tuned_run_exports_with_its_new_training_length(bias_free_dir, tiny_cache_dir,
+                                                                tmp_path) -> None:
+    from linbias.train import TrainConfig, train
+
+    parent = load_run(bias_free_dir)
+    mc = model_config("tiny", **{**parent.config.to_dict(), "train_len": 64})
+    tc = TrainConfig(**{**parent.train_config.to_dict(), "steps": 2, "init_from": str(bias_free_dir)})
+    child = load_run(train(mc, tc, tmp_path / "child", progress=False, cache_dir=tiny_cache_dir))
+    out = hf.export_to_hf(child, tmp_path / "hf")
+    mpt = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert mpt.config.max_seq_len == 64
+    ids = torch.randint(child.config.vocab_size, (2, 64))
+    with torch.no_grad():
+        ref = child.model(ids)
+        assert _max_diff(mpt(ids).logits, ref) <= 1e-4 * float(ref.abs().max())

@@ -317,3 +317,11 @@ def test_task_mix_rows_are_seeded_trials_and_ranks_share_one_global_batch(bpe: T
     assert 0.2 < share < 0.4  # about the fraction asked for
     with pytest.raises(ValueError, match="too short for task 'passkey'"):
         mix.check(20)
+
+
+def test_the_config_literal_names_every_registered_task() -> None:
+    from typing import get_args
+
+    from linbias.config import Task
+
+    assert set(get_args(Task)) == set(TASKS)

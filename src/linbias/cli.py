@@ -1,13 +1,16 @@
 """The ``linbias`` command: a thin map from sub-command to library function.
 
-Config dataclasses are the argument groups: every field becomes a ``--flag`` whose help is the
-field's line in the dataclass docstring, so the library's signature is the CLI.
+Config dataclasses are the argument groups: every field of ``ModelConfig``, ``TrainConfig`` and
+``EvalConfig`` becomes a ``--flag`` whose help is the field's line in the dataclass docstring, so
+the library's signature is the CLI. A sub-command is named after the function that runs it, whose
+docstring is its help.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import re
 import sys
 import typing
@@ -15,7 +18,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 import linbias
-from linbias.config import PRESETS, Embedding, ModelConfig, model_config
+from linbias.config import PRESETS, Embedding, EvalConfig, ModelConfig, model_config
 from linbias.positions import POSITION_METHODS
 
 
@@ -40,35 +43,61 @@ def _unoptional(hint: Any) -> Any:
     return args[0] if len(args) == 1 and type(None) in typing.get_args(hint) else hint
 
 
-def _scalar_type(cls: type, name: str) -> type:
-    hint = _unoptional(typing.get_type_hints(cls)[name])
+def _scalar_type(hint: Any) -> type:
     args = typing.get_args(hint)
     if typing.get_origin(hint) is typing.Literal or (args and isinstance(args[0], str)):
         return str
     return args[0] if args else hint
 
 
+def _comma_list(kind: type) -> Any:
+    """An argparse type: comma-separated values of ``kind`` (``128,256,512``)."""
+    def parse(text: str) -> list:
+        try:
+            return [kind(x.strip()) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated {kind.__name__} values, got {text!r}") from None
+    parse.__name__ = f"list of {kind.__name__}"
+    return parse
+
+
+def _default(value: Any) -> str:
+    if isinstance(value, tuple):
+        return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+    return str(value)
+
+
 def add_fields(
     parser: argparse.ArgumentParser, cls: type, title: str, skip: tuple = (), default_from: str = "",
-    choices: dict[str, tuple[str, ...]] | None = None,
+    choices: dict[str, tuple[str, ...]] | None = None, flags: dict[str, str] | None = None,
 ) -> None:
-    """Add one ``--flag`` per dataclass field; the default ``None`` means 'not given'. ``choices``
-    names the valid values of string fields that a registry, not a ``Literal``, defines."""
+    """Add one ``--flag`` per dataclass field; the default ``None`` means 'not given'. Tuple fields
+    take comma-separated values; a field without a default is a required flag. ``choices`` names
+    the valid values of string fields that a registry, not a ``Literal``, defines; ``flags``
+    renames a field's flag (its value still lands under the field's name)."""
     group, helps = parser.add_argument_group(title), _field_help(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
-        flag, kind = "--" + f.name.replace("_", "-"), _scalar_type(cls, f.name)
+        flag = "--" + (flags or {}).get(f.name, f.name).replace("_", "-")
+        hint = _unoptional(typing.get_type_hints(cls)[f.name])
+        listed = typing.get_origin(hint) is tuple
+        kind = _scalar_type(typing.get_args(hint)[0] if listed else hint)
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         text = helps.get(f.name, "").replace("``", "") + (
-            f" (default: {default_from})" if default_from else f" (default: {f.default})"
-        )
+            "" if required or f.default is None and not default_from
+            else f" (default: {default_from or _default(f.default)})")
+        common = dict(dest=f.name, default=None, help=text)
         if kind is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
+        elif listed:
+            group.add_argument(flag, type=_comma_list(kind), metavar=f.name.upper(),
+                               required=required, **common)
         else:
-            hint = _unoptional(typing.get_type_hints(cls)[f.name])
             options = (choices or {}).get(f.name) or (typing.get_args(hint) if kind is str else None)
-            group.add_argument(flag, type=kind, default=None, metavar=f.name.upper(), help=text,
-                               choices=options or None)
+            group.add_argument(flag, type=kind, metavar=None if options else f.name.upper(),
+                               choices=options or None, required=required, **common)
 
 
 def given(args: argparse.Namespace, cls: type, skip: tuple = ()) -> dict[str, Any]:
@@ -82,10 +111,12 @@ def given(args: argparse.Namespace, cls: type, skip: tuple = ()) -> dict[str, An
 # --- sub-commands --------------------------------------------------------------------------------
 
 
-def _command(sub: argparse._SubParsersAction, name: str, func: Any, help: str,
-             description: str) -> argparse.ArgumentParser:
-    """A sub-command whose parsed arguments go to ``func``."""
-    p = sub.add_parser(name, help=help, description=description)
+def _command(sub: argparse._SubParsersAction, func: Any) -> argparse.ArgumentParser:
+    """The sub-command ``func`` runs (``_run_export``: ``export``): the first paragraph of its
+    docstring is the one-line help, the second the description."""
+    summary, _, rest = inspect.cleandoc(func.__doc__).partition("\n\n")
+    p = sub.add_parser(func.__name__.removeprefix("_run_"), help=summary,
+                       description=" ".join(rest.split()))
     p.set_defaults(func=func)
     return p
 
@@ -93,11 +124,7 @@ def _command(sub: argparse._SubParsersAction, name: str, func: Any, help: str,
 def _train_parser(sub: argparse._SubParsersAction) -> None:
     from linbias.config import TrainConfig
 
-    p = _command(
-        sub, "train", _run_train, help="train a GPT with a chosen position method",
-        description="Train a GPT on a corpus (default: the Python standard library's source). "
-        "Runs under torchrun for several processes (DistributedDataParallel).",
-    )
+    p = _command(sub, _run_train)
     p.add_argument("--out", required=True, type=Path, help="run directory to write")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="model size preset (default: tiny; on --resume: the saved config; with "
@@ -110,6 +137,11 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    """train a GPT with a chosen position method
+
+    Train a GPT on a corpus (default: the Python standard library's source). Runs under
+    torchrun for several processes (DistributedDataParallel).
+    """
     from linbias.config import TrainConfig
     from linbias.runs import read_configs
     from linbias.train import train
@@ -144,32 +176,8 @@ def _parent_configs(path: str) -> tuple[ModelConfig, Any]:
         raise RunError(f"cannot fine-tune from --init-from {path}: {exc}") from exc
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-
-
-def _names(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
-
-
 def _eval_parser(sub: argparse._SubParsersAction) -> None:
-    p = _command(
-        sub, "eval", _run_eval, help="perplexity or retrieval past the training length",
-        description="Perplexity and bits per byte of a trained run (or, with --hf, a transformers "
-        "model) at each evaluation length, non-overlapping or with a sliding window, with and "
-        "without length-scaling rules; with --task, retrieval accuracy per length and needle "
-        "depth instead.",
-    )
+    p = _command(sub, _run_eval)
     p.add_argument("run", type=Path, nargs="?", default=None,
                    help="a run directory written by 'linbias train' (or give --hf)")
     hf = p.add_argument_group("transformers model (instead of a run)")
@@ -179,32 +187,9 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
     hf.add_argument("--train-len", type=int, default=None,
                     help="its training length L for the scaling rules (default: MPT max_seq_len, "
                     "Falcon max_position_embeddings; BLOOM needs it)")
-    p.add_argument("--data", default=None,
-                   help="corpus to evaluate on, encoded with the model's own tokenizer: stdlib, "
-                   "text:PATH or hf:NAME[:CONFIG] (default: a run's own corpus; stdlib for --hf)")
-    p.add_argument("--lengths", type=_ints, required=True, help="evaluation lengths L', e.g. 128,256,512")
-    p.add_argument("--split", choices=("valid", "test", "train"), default="valid")
-    p.add_argument("--mode", choices=("nonoverlapping", "sliding"), default="nonoverlapping")
-    p.add_argument("--stride", type=int, default=None, help="sliding-window stride S (1 <= S <= L')")
-    p.add_argument("--scaling", type=_names, default=["none"],
-                   help="length-scaling rules, comma-separated (ALiBi: none, linear, sqrt, log; "
-                   "rotary: none, linear); each is evaluated separately (default: none)")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per forward")
-    p.add_argument("--max-tokens", type=int, default=None, help="score only this many tokens of the split")
-    p.add_argument("--per-position", action="store_true",
-                   help="also compute mean loss by position inside the window (into --json)")
-    task = p.add_argument_group("retrieval (instead of perplexity)")
-    task.add_argument("--task", choices=("passkey", "lines"), default=None,
-                      help="exact-match retrieval: accuracy per length and needle depth, k_max")
-    task.add_argument("--depths", type=_floats, default=None,
-                      help="needle depths in percent, comma-separated (default: 0,25,50,75,100)")
-    task.add_argument("--trials", type=int, default=10, help="trials per (length, depth) cell (default: 10)")
-    task.add_argument("--seed", type=int, default=0, help="fixes every trial (default: 0)")
-    task.add_argument("--filler", choices=("sentences", "corpus"), default=None,
-                      help="passkey haystack for a run: the filler sentences or its corpus's "
-                      "valid split (default: what it was trained with)")
-    task.add_argument("--heatmap", type=Path, default=None,
-                      help="write a PNG heatmap (length x depth, one panel per rule) here")
+    add_fields(p, EvalConfig, "evaluation", flags={"rules": "scaling"})
+    p.add_argument("--heatmap", type=Path, default=None,
+                   help="with --task: write a PNG heatmap (length x depth, one panel per rule) here")
     p.add_argument("--json", type=Path, default=None, help="write {\"results\": [...]} here")
     p.add_argument("--no-progress", action="store_true")
 
@@ -214,75 +199,69 @@ _TASK_ONLY = ("depths", "trials", "seed", "filler", "heatmap")
 
 
 def _run_eval(args: argparse.Namespace) -> int:
+    """perplexity or retrieval past the training length
+
+    Perplexity and bits per byte of a trained run (or, with --hf, a transformers model) at each
+    evaluation length, non-overlapping or with a sliding window, with and without length-
+    scaling rules; with --task, retrieval accuracy per length and needle depth instead.
+    """
     from linbias.evaluate import check_output_file, write_json
 
     if (args.run is None) == (args.hf is None):
         raise ValueError("give either a run directory or --hf PATH_OR_NAME (one of them, not both)")
     if args.hf is None and args.train_len is not None:
         raise ValueError("--train-len applies to --hf models; a run has its own (config.json)")
-    defaults = vars(build_parser().parse_args(["eval", "--lengths", "1"]))
-    wrong = [name for name in (_TASK_ONLY if args.task is None else _PERPLEXITY_ONLY)
-             if getattr(args, name) != defaults[name]]
+    fields = given(args, EvalConfig)
+    task = fields.get("task")
+    wrong = ["--" + name.replace("_", "-") for name in (_TASK_ONLY if task is None else
+             _PERPLEXITY_ONLY) if fields.get(name, getattr(args, name, None)) is not None]
     if wrong:
-        flags = ", ".join("--" + name.replace("_", "-") for name in wrong)
-        raise ValueError(f"{flags} apply only {'with' if args.task is None else 'without'} "
-                         "--task; drop them or " + ("add --task" if args.task is None else
-                                                    "evaluate perplexity separately"))
+        raise ValueError(f"{', '.join(wrong)} appl{'ies' if len(wrong) == 1 else 'y'} only "
+                         f"{'with' if task is None else 'without'} --task; drop "
+                         f"{'it' if len(wrong) == 1 else 'them'} or " +
+                         ("add --task" if task is None else "evaluate perplexity separately"))
+    config = EvalConfig.from_dict(fields)  # every value checked before a model is loaded
     for path in (args.json, args.heatmap):
         if path is not None:
             check_output_file(path)  # now, not after an evaluation that may take hours
-    records = _eval_perplexity(args) if args.task is None else _eval_task(args)
+    progress = not args.no_progress
+    if args.hf is not None:
+        from linbias.hf import evaluate_hf
+
+        records = evaluate_hf(args.hf, config, train_len=args.train_len, progress=progress)
+    else:
+        from linbias.evaluate import evaluate_run
+
+        records = evaluate_run(args.run, config, progress=progress)
+    (_print_perplexity if config.task is None else _print_task)(args, config, records)
     if args.json:
         write_json(records, args.json)
         print(f"wrote {args.json}")
     return 0
 
 
-def _eval_perplexity(args: argparse.Namespace) -> list[dict]:
-    from linbias.evaluate import evaluate_run, format_table
+def _print_perplexity(args: argparse.Namespace, config: Any, records: list[dict]) -> None:
+    from linbias.evaluate import format_table
 
-    common = dict(lengths=args.lengths, split=args.split, mode=args.mode, stride=args.stride,
-                  scalings=args.scaling, batch_size=args.batch_size, max_tokens=args.max_tokens,
-                  per_position=args.per_position, progress=not args.no_progress)
-    if args.hf is not None:
-        from linbias.hf import evaluate_hf
-
-        records = evaluate_hf(args.hf, train_len=args.train_len, data=args.data or "stdlib",
-                              **common)
-    else:
-        records = evaluate_run(args.run, data=args.data, **common)
     print(format_table(records))
-    if args.per_position:
+    if config.per_position:
         print(_per_position_summary(records))
-    return records
 
 
-def _eval_task(args: argparse.Namespace) -> list[dict]:
-    from linbias.evaluate import DEPTHS, evaluate_run_task, retrieval_table
+def _print_task(args: argparse.Namespace, config: Any, records: list[dict]) -> None:
+    from linbias.evaluate import retrieval_table
     from linbias.tasks import accuracy_table, plot_heatmaps
 
-    common = dict(task=args.task, lengths=args.lengths, depths=args.depths or list(DEPTHS),
-                  trials=args.trials, scalings=args.scaling, seed=args.seed,
-                  batch_size=args.batch_size, progress=not args.no_progress)
-    if args.hf is not None:
-        from linbias.hf import evaluate_hf_task
-
-        if args.filler not in (None, "sentences"):
-            raise ValueError("--filler corpus needs a run (its corpus); --hf uses the filler sentences")
-        records = evaluate_hf_task(args.hf, train_len=args.train_len, **common)
-    else:
-        records = evaluate_run_task(args.run, filler=args.filler, **common)
     done = [r for r in records if not r["skipped"]]
-    for rule in args.scaling:
+    for rule in config.rules:
         print(f"scaling {rule}: " + accuracy_table([r for r in done if r["scaling"] == rule]))
     print(retrieval_table(records))
     if args.heatmap is not None:
         if not done:
             raise ValueError("no length could be evaluated, so there is no heatmap to draw")
         plot_heatmaps({f"{done[0]['position']} / {rule}": [r for r in done if r["scaling"] == rule]
-                       for rule in args.scaling}, args.heatmap)
+                       for rule in config.rules}, args.heatmap)
         print(f"wrote {args.heatmap}")
-    return records
 
 
 def _per_position_summary(records: list[dict]) -> str:
@@ -300,18 +279,19 @@ def _per_position_summary(records: list[dict]) -> str:
 
 
 def _export_parser(sub: argparse._SubParsersAction) -> None:
-    p = _command(
-        sub, "export", _run_export, help="write an ALiBi run as a transformers checkpoint",
-        description="Write an ALiBi run as a transformers MPT checkpoint with its tokenizer, for "
-        "AutoModelForCausalLM / AutoTokenizer.from_pretrained; the logits are checked to match. "
-        "MPT in transformers has no biases and a 4 * d_model MLP, so only such models export.",
-    )
+    p = _command(sub, _run_export)
     p.add_argument("run", type=Path, help="a run directory written by 'linbias train'")
     p.add_argument("--to-hf", type=Path, required=True, metavar="OUT_DIR",
                    help="directory to write (new, empty, or a previous export, which is replaced)")
 
 
 def _run_export(args: argparse.Namespace) -> int:
+    """write an ALiBi run as a transformers checkpoint
+
+    Write an ALiBi run as a transformers MPT checkpoint with its tokenizer, for
+    AutoModelForCausalLM / AutoTokenizer.from_pretrained; the logits are checked to match. MPT
+    in transformers has no biases and a 4 * d_model MLP, so only such models export.
+    """
     from linbias.hf import export_to_hf
 
     out = export_to_hf(args.run, args.to_hf)
@@ -323,12 +303,7 @@ def _run_export(args: argparse.Namespace) -> int:
 def _reproduce_parser(sub: argparse._SubParsersAction) -> None:
     from linbias.reproduce import REPRODUCE_PRESETS
 
-    p = _command(
-        sub, "reproduce", _run_reproduce, help="the train-short / test-long experiment, end to end",
-        description="Train one model per position method at the same length, evaluate each at "
-        "L..16L with and without scaling rules, and write results.json, report.md and "
-        "ppl_vs_length.png. Finished runs are reused; --force redoes them.",
-    )
+    p = _command(sub, _run_reproduce)
     p.add_argument("--preset", choices=sorted(REPRODUCE_PRESETS), default="quick",
                    help="; ".join(f"{k}: about {v.expected_minutes:g} min on 2 CPU cores"
                                   for k, v in REPRODUCE_PRESETS.items()))
@@ -338,7 +313,7 @@ def _reproduce_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", type=int, default=1,
                    help="seeds per method; tables and plots show the mean and min-max range "
                    "(default: 1)")
-    p.add_argument("--positions", type=_names, default=list(POSITION_METHODS),
+    p.add_argument("--positions", type=_comma_list(str), default=list(POSITION_METHODS),
                    help=f"methods to compare (default: {','.join(POSITION_METHODS)})")
     p.add_argument("--embedding", choices=get_args(Embedding), default=None,
                    help="token embedding convention (default: the preset's, gpt2): gpt2 (std "
@@ -350,6 +325,12 @@ def _reproduce_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_reproduce(args: argparse.Namespace) -> int:
+    """the train-short / test-long experiment, end to end
+
+    Train one model per position method at the same length, evaluate each at L..16L with and
+    without scaling rules, and write results.json, report.md and ppl_vs_length.png. Finished
+    runs are reused; --force redoes them.
+    """
     from linbias.reproduce import reproduce
 
     out = args.out or Path("reports") / args.preset

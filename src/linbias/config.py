@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from typing import Any, Literal, Optional, TypeVar, Union, get_args, get_origin
 
 __all__ = [
-    "INIT_STD", "REPRODUCE_PRESETS", "ConfigBase", "Embedding", "ReproducePreset", "TrainConfig",
+    "DEPTHS", "INIT_STD", "MODES", "REPRODUCE_PRESETS", "ConfigBase", "Embedding", "EvalConfig",
+    "Mode", "ReproducePreset", "Task", "TrainConfig", "resolve_stride",
     "is_finite_number", "ModelConfig", "PRESETS", "check_int",
     "check_positive_float", "model_config",
 ]
@@ -366,7 +367,7 @@ class TrainConfig(ConfigBase):
     eval_batches: int = 16
     save_every: int = 500
     log_every: int = 10
-    mix_task: Optional[Literal["passkey", "lines"]] = None
+    mix_task: Optional[Task] = None
     mix_fraction: float = 0.0
     mix_filler: Literal["sentences", "corpus"] = "sentences"
     init_from: Optional[str] = None
@@ -392,6 +393,97 @@ class TrainConfig(ConfigBase):
         if self.mix_filler == "corpus" and self.mix_task not in (None, "passkey"):
             raise ValueError(f"mix_filler='corpus' is a passkey haystack; task {self.mix_task!r} "
                              "has no filler to replace: use mix_filler='sentences'")
+
+
+Mode = Literal["nonoverlapping", "sliding"]
+MODES: tuple[str, ...] = get_args(Mode)
+Task = Literal["passkey", "lines"]
+DEPTHS: tuple[float, ...] = (0.0, 25.0, 50.0, 75.0, 100.0)
+
+
+def resolve_stride(mode: str, eval_len: int, stride: int | None) -> int:
+    """The stride of ``mode`` at ``eval_len``: ``eval_len`` for ``nonoverlapping`` (``stride``
+    must be ``None`` or equal), ``stride`` for ``sliding`` (required, ``1 <= stride <= eval_len``).
+
+    Raises:
+        ValueError: naming the mode, the stride and the fix.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown evaluation mode {mode!r}; valid modes: {', '.join(MODES)}")
+    if stride is not None:  # typed first: 8.0 or True must not pass a comparison with eval_len
+        check_int("stride", stride, 1)
+    if mode == "nonoverlapping":
+        if stride is not None and stride != eval_len:
+            raise ValueError(
+                f"mode 'nonoverlapping' uses stride = eval_len ({eval_len}); got stride={stride}. "
+                "Use mode='sliding' for another stride"
+            )
+        return eval_len
+    if stride is None:
+        raise ValueError("mode 'sliding' needs a stride S with 1 <= S <= eval_len (S=1: slowest)")
+    check_int(f"stride (eval_len={eval_len})", stride, 1, eval_len)
+    return int(stride)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig(ConfigBase):
+    """What an evaluation measures (``linbias.evaluate``): lengths and rules, then the perplexity
+    protocol, then the retrieval task. Every value is checked when the config is built, so a typo
+    never costs a long evaluation; what depends on the model (which rules it has) is checked when
+    the model is known.
+
+    Args:
+        lengths: evaluation lengths L' in tokens; records come back in this order.
+        rules: length-scaling rules, each evaluated separately (ALiBi: none, linear, sqrt, log;
+            rotary: none, linear); a rule acts only when L' > L.
+        batch_size: windows (perplexity) or trials (retrieval) per forward.
+        data: corpus spec, encoded with the model's own tokenizer (``stdlib``, ``text:PATH``,
+            ``hf:NAME[:CONFIG]``); ``None``: a run's own corpus, ``stdlib`` for transformers models.
+        split: the corpus split scored.
+        mode: ``nonoverlapping`` windows of L', or a ``sliding`` window.
+        stride: the sliding stride S, ``1 <= S <= min(lengths)``; ``None`` for nonoverlapping.
+        max_tokens: score only this many tokens of the split (``None``: all).
+        per_position: also compute the mean loss by position inside the window.
+        task: a retrieval task of ``linbias.tasks.TASKS`` (exact-match accuracy per length and
+            needle depth, and k_max) instead of perplexity.
+        depths: needle depths in percent, 0..100.
+        trials: trials per (length, depth) cell.
+        seed: fixes every trial.
+        filler: the passkey haystack of a run: ``sentences`` or ``corpus`` (its corpus's valid
+            split); ``None``: what the run was trained with (transformers models: ``sentences``).
+    """
+
+    lengths: tuple[int, ...]
+    rules: tuple[str, ...] = ("none",)
+    batch_size: int = 8
+    data: Optional[str] = None
+    split: Literal["valid", "test", "train"] = "valid"
+    mode: Mode = "nonoverlapping"
+    stride: Optional[int] = None
+    max_tokens: Optional[int] = None
+    per_position: bool = False
+    task: Optional[Task] = None
+    depths: tuple[float, ...] = DEPTHS
+    trials: int = 10
+    seed: int = 0
+    filler: Optional[Literal["sentences", "corpus"]] = None
+
+    def __post_init__(self) -> None:
+        if not self.lengths:
+            raise ValueError("lengths must name at least one evaluation length L'")
+        for length in self.lengths:
+            check_int("eval_len", length)
+            resolve_stride(self.mode, length, self.stride)
+        if not self.rules or not all(self.rules):
+            raise ValueError(f"rules must be a non-empty list of rule names, got {list(self.rules)}")
+        check_int("batch_size", self.batch_size)
+        if self.max_tokens is not None:
+            check_int("max_tokens", self.max_tokens)
+        if not self.depths or not all(0 <= d <= 100 for d in self.depths):
+            raise ValueError(f"depths must be a non-empty list of percents in 0..100, got "
+                             f"{list(self.depths)}")
+        check_int("trials", self.trials)
+        check_int("seed", self.seed, low=0)
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -472,9 +564,9 @@ class ReproducePreset(ConfigBase):
     bf16: bool = False
     t5_max_distance: Optional[int] = None
     embedding: Embedding = "gpt2"
-    task: Optional[Literal["passkey", "lines"]] = None
+    task: Optional[Task] = None
     task_fraction: float = 0.25
-    depths: tuple[float, ...] = (0.0, 25.0, 50.0, 75.0, 100.0)
+    depths: tuple[float, ...] = DEPTHS
     trials: int = 10
     profile_windows: int = 0
     profile_multiple: int = 4

@@ -46,31 +46,30 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Set
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from linbias.config import check_int
+from linbias.config import DEPTHS, MODES, EvalConfig, Mode, check_int, resolve_stride
 from linbias.data import (
     default_cache_dir, load_corpus, token_byte_lengths, token_stream,
 )
 from linbias.fileio import atomic_write_text
 from linbias.tasks import (
-    TASKS, Encoder, cell_record, encoder, k_max, make_trials, score, wilson,
+    Encoder, cell_record, encoder, k_max, make_trials, score, wilson,
 )
 from linbias.runs import Run, check_corpus, load_run
 
 __all__ = [
-    "DEPTHS", "MODES", "EvalModel", "Mode", "RunModel", "check_output_file", "evaluate_model",
+    "DEPTHS", "MODES", "EvalConfig", "EvalModel", "Mode", "RunModel", "check_output_file",
+    "eval_config", "evaluate_model",
     "evaluate_run", "evaluate_run_task", "evaluate_stream", "evaluate_task", "format_table",
     "json_record", "merge_cells", "attention_profile", "retrieval_summary", "retrieval_table", "write_json",
 ]
 
-Mode = Literal["nonoverlapping", "sliding"]
-MODES: tuple[str, ...] = ("nonoverlapping", "sliding")
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 
 _LN2 = math.log(2.0)
@@ -103,24 +102,6 @@ def _windows(n_targets: int, eval_len: int, stride: int) -> _Windows:
 
 
 # --- the core: any logits function --------------------------------------------------------------
-
-
-def _resolve_stride(mode: str, eval_len: int, stride: int | None) -> int:
-    if mode not in MODES:
-        raise ValueError(f"unknown evaluation mode {mode!r}; valid modes: {', '.join(MODES)}")
-    if stride is not None:  # typed first: 8.0 or True must not pass a comparison with eval_len
-        check_int("stride", stride, 1)
-    if mode == "nonoverlapping":
-        if stride is not None and stride != eval_len:
-            raise ValueError(
-                f"mode 'nonoverlapping' uses stride = eval_len ({eval_len}); got stride={stride}. "
-                "Use mode='sliding' for another stride"
-            )
-        return eval_len
-    if stride is None:
-        raise ValueError("mode 'sliding' needs a stride S with 1 <= S <= eval_len (S=1: slowest)")
-    check_int(f"stride (eval_len={eval_len})", stride, 1, eval_len)
-    return int(stride)
 
 
 def _prepare_stream(stream: Any, max_tokens: int | None, eval_len: int) -> np.ndarray:
@@ -247,7 +228,7 @@ def evaluate_stream(
     """
     check_int("eval_len", eval_len, 1)
     check_int("batch_size", batch_size, 1)
-    step = _resolve_stride(mode, eval_len, stride)
+    step = resolve_stride(mode, eval_len, stride)
     array = _prepare_stream(stream, max_tokens, eval_len)
     if byte_lengths is not None and int(array.max()) >= len(byte_lengths):
         raise ValueError(
@@ -295,24 +276,18 @@ def _result(
 # --- runs ----------------------------------------------------------------------------------------
 
 
-def check_request(
-    lengths: Sequence[int], mode: str, stride: int | None, scalings: Sequence[str],
-    batch_size: int, max_tokens: int | None,
-) -> None:
-    """Every protocol argument checked before any evaluation starts, so a typo never costs a long
-    run (the model-specific checks, such as which scaling rules apply, are the caller's)."""
-    if not _ordered(lengths) or len(list(lengths)) == 0:
-        raise ValueError(f"lengths must be a non-empty list of positive integers, got {lengths!r}")
-    for length in lengths:
-        check_int("eval_len", length, 1)
-        _resolve_stride(mode, int(length), stride)
-    check_int("batch_size", batch_size, 1)
-    if max_tokens is not None:
-        check_int("max_tokens", max_tokens, 1)
-    if not _ordered(scalings) or not list(scalings) or not all(
-        isinstance(rule, str) for rule in scalings
-    ):
-        raise ValueError(f"scalings must be a non-empty list of rule names, got {scalings!r}")
+_LIST_FIELDS = ("lengths", "rules", "depths")
+
+
+def eval_config(config: EvalConfig | None = None, **fields: Any) -> EvalConfig:
+    """``config`` with ``fields`` replaced, or the ``EvalConfig`` of ``fields`` alone; a list-like
+    (a numpy array, a range) is taken as the list of its values.
+
+    Raises:
+        ValueError: an unknown field (the valid ones named) or a bad value (from ``EvalConfig``).
+    """
+    fields = {k: list(v) if k in _LIST_FIELDS and _ordered(v) else v for k, v in fields.items()}
+    return EvalConfig.from_dict({**({} if config is None else config.to_dict()), **fields})
 
 
 def _ordered(values: Any) -> bool:
@@ -422,63 +397,63 @@ def skip_reason(model: EvalModel, eval_len: int, n_targets: int, where: str) -> 
 
 
 def evaluate_model(
-    model: EvalModel,
-    stream: np.ndarray,
-    byte_lengths: np.ndarray | None,
-    *,
-    lengths: Sequence[int],
-    scalings: Sequence[str],
-    data: str,
-    split: str,
-    mode: Mode = "nonoverlapping",
-    stride: int | None = None,
-    batch_size: int = 8,
-    max_tokens: int | None = None,
-    per_position: bool = False,
-    progress: bool = True,
+    model: EvalModel, stream: np.ndarray, byte_lengths: np.ndarray | None, config: EvalConfig,
+    *, data: str, progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """``evaluate_stream`` at each length and rule: the one loop behind ``evaluate_run`` and
-    ``linbias.hf.evaluate_hf``.
+    """``evaluate_stream`` at each length and rule of ``config``: the one loop behind
+    ``evaluate_run`` and ``linbias.hf.evaluate_hf``.
 
-    ``stream`` is the ``split`` of corpus ``data``, as recorded. Records hold ``position``,
+    ``stream`` is ``config.split`` of corpus ``data``, as recorded. Records hold ``position``,
     ``scaling``, ``train_len``, ``data``, ``split``, ``skipped`` and ``evaluate_stream``'s keys.
     With several lengths, one that cannot be evaluated is skipped (numbers ``None``); with a
     single length it is an error.
     """
-    check_request(lengths, mode, stride, scalings, batch_size, max_tokens)
-    model.check_rules(scalings)
-    n_targets = len(stream) - 1 if max_tokens is None else min(len(stream) - 1, max_tokens)
-    where = f"the {split} split of {data}" + (
-        f" with max_tokens={max_tokens}" if max_tokens is not None else "")
+    _perplexity(config)
+    model.check_rules(config.rules)
+    c = config
+    n_targets = len(stream) - 1 if c.max_tokens is None else min(len(stream) - 1, c.max_tokens)
+    where = f"the {c.split} split of {data}" + (
+        f" with max_tokens={c.max_tokens}" if c.max_tokens is not None else "")
     records = []
-    for eval_len in map(int, lengths):
+    for eval_len in c.lengths:
         reason = skip_reason(model, eval_len, n_targets, where)
-        if reason is not None and len(lengths) == 1:
+        if reason is not None and len(c.lengths) == 1:
             raise ValueError(reason)
-        for rule in scalings:
+        for rule in c.rules:
             first = {"position": model.position, "scaling": rule, "train_len": model.train_len,
-                     "data": data, "split": split, "skipped": reason}
+                     "data": data, "split": c.split, "skipped": reason}
             if reason is not None:
-                records.append({**first, **_skipped_record(eval_len, mode, stride, per_position)})
+                records.append({**first, **_skipped_record(eval_len, c)})
                 continue
             with model.under(rule):
                 result = evaluate_stream(
-                    model.logits, stream, byte_lengths, eval_len=eval_len, mode=mode,
-                    stride=stride, batch_size=batch_size, max_tokens=max_tokens,
-                    per_position=per_position, progress=progress,
+                    model.logits, stream, byte_lengths, eval_len=eval_len, mode=c.mode,
+                    stride=c.stride, batch_size=c.batch_size, max_tokens=c.max_tokens,
+                    per_position=c.per_position, progress=progress,
                 )
             records.append({**first, **result})
     return records
 
 
+def _perplexity(config: EvalConfig) -> None:
+    if config.task is not None:
+        raise ValueError(f"task={config.task!r} asks for retrieval, not perplexity: use "
+                         "evaluate_run_task (or evaluate_task, linbias.hf.evaluate_hf_task)")
+
+
+def _retrieval(config: EvalConfig) -> str:
+    require_task(config, {})
+    return str(config.task)
+
+
 def _run_model(run_or_path: Run | str | Path, device: str | torch.device | None,
-               scalings: Sequence[str]) -> RunModel:
+               rules: Sequence[str]) -> RunModel:
     """The run as an ``EvalModel`` on ``device``, its rules checked before any corpus is read."""
     run = run_or_path if isinstance(run_or_path, Run) else load_run(run_or_path)
     if device is not None:
         run.model.to(device)
     model = RunModel(run)
-    model.check_rules(scalings)
+    model.check_rules(rules)
     return model
 
 
@@ -494,90 +469,71 @@ def _run_stream(run: Run, spec: str, split: str, cache_dir: str | Path | None) -
 
 def evaluate_run(
     run_or_path: Run | str | Path,
+    config: EvalConfig | None = None,
     *,
-    lengths: Sequence[int],
-    split: str = "valid",
-    mode: Mode = "nonoverlapping",
-    stride: int | None = None,
-    scalings: Sequence[str] = ("none",),
-    batch_size: int = 8,
-    max_tokens: int | None = None,
-    per_position: bool = False,
-    data: str | None = None,
     cache_dir: str | Path | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
+    **fields: Any,
 ) -> list[dict[str, Any]]:
-    """Evaluate a trained run on a held-out split at several lengths and scaling rules.
+    """Perplexity of a trained run on a held-out split at each length and rule; with
+    ``config.task``, retrieval accuracy instead (``evaluate_task``, with the run's tokenizer).
 
     Args:
-        run_or_path: a ``Run`` or a run directory (loaded with ``linbias.train.load_run``).
-        lengths: evaluation lengths ``L'``, in the order the records are returned.
-        split: ``valid`` or ``test`` (or ``train``) of the corpus.
-        mode: ``nonoverlapping`` or ``sliding`` (see ``evaluate_stream``).
-        stride: the sliding stride ``S``, ``1 <= S <= min(lengths)``.
-        scalings: length-scaling rules, each set with ``GPT.scaled`` for its evaluations
-            and reset afterwards (ALiBi: keys of ``linbias.alibi.SCALING_RULES``).
-        batch_size: windows per forward.
-        max_tokens: score only the first ``max_tokens`` tokens of the split (``None``: all).
-        per_position: add the mean NLL by position inside the window to each record.
-        data: the corpus spec (``linbias.data.load_corpus``), encoded with the run's tokenizer;
-            ``None``: the run's own corpus (``train_config.data``), which must be unchanged since
-            training so that held-out text is still held out.
+        run_or_path: a ``Run`` or a run directory (loaded with ``linbias.runs.load_run``).
+        config: what to measure (``EvalConfig``); ``data`` ``None`` is the run's own corpus,
+            which must be unchanged since training so that held-out text is still held out.
         cache_dir: where token streams are cached (default ``linbias.data.default_cache_dir()``).
         device: where the model runs (default: where it is, the CPU after ``load_run``).
         progress: show progress bars.
+        **fields: ``EvalConfig`` fields, replacing ``config``'s (or making one):
+            ``evaluate_run(run, lengths=[128, 512], rules=["none", "linear"])``.
 
     Returns:
-        One record per (length, rule), lengths outer: ``position``, ``scaling``, ``train_len``,
-        ``split``, ``skipped`` (``None``, or why the length was not evaluated) and the keys of
-        ``evaluate_stream``. With several lengths, one the method cannot represent (``learned``
-        past its table) or the stream cannot fill is skipped: its numbers are ``None``.
+        With a task, ``evaluate_task``'s records; its passkey haystack is ``config.filler``
+        (``"corpus"``: the valid split of the run's corpus; ``None``: the run's ``mix_filler``,
+        what it was trained with). Otherwise one record per (length, rule), lengths outer: ``position``, ``scaling``, ``train_len``,
+        ``data``, ``split``, ``skipped`` (``None``, or why the length was not evaluated) and the
+        keys of ``evaluate_stream``. With several lengths, one the method cannot represent
+        (``learned`` past its table) or the stream cannot fill is skipped: its numbers are ``None``.
 
     Raises:
         RunError: the run directory is unusable (from ``load_run``).
-        ValueError: bad lengths, stride, mode, or a rule the position method does not support;
-            with a single length, a length that would be skipped.
+        ValueError: a bad config, or a rule the position method does not support; with a single
+            length, a length that would be skipped.
     """
-    check_request(lengths, mode, stride, scalings, batch_size, max_tokens)
-    model = _run_model(run_or_path, device, scalings)
+    config = eval_config(config, **fields)
+    model = _run_model(run_or_path, device, config.rules)
     run = model.run
-    spec = run.train_config.data if data is None else data
-    stream = _run_stream(run, spec, split, cache_dir)
-    return evaluate_model(
-        model, stream, token_byte_lengths(run.tokenizer), lengths=lengths, scalings=scalings,
-        data=spec, split=split, mode=mode, stride=stride,
-        batch_size=batch_size, max_tokens=max_tokens, per_position=per_position,
-        progress=progress,
-    )
+    if config.task is not None:
+        filler_ids = None
+        if (config.filler or run.train_config.mix_filler) == "corpus":
+            filler_ids = _run_stream(run, run.train_config.data, "valid", cache_dir)
+        return evaluate_task(model, encoder(run.tokenizer), config, filler_ids=filler_ids,
+                             progress=progress)
+    spec = run.train_config.data if config.data is None else config.data
+    stream = _run_stream(run, spec, config.split, cache_dir)
+    return evaluate_model(model, stream, token_byte_lengths(run.tokenizer), config, data=spec,
+                          progress=progress)
 
 
-def _skipped_record(eval_len: int, mode: str, stride: int | None, per_position: bool) -> dict[str, Any]:
-    out = {"eval_len": eval_len, "mode": mode, "stride": eval_len if stride is None else stride,
+def _skipped_record(eval_len: int, c: EvalConfig) -> dict[str, Any]:
+    out = {"eval_len": eval_len, "mode": c.mode, "stride": eval_len if c.stride is None else c.stride,
            "ppl": None, "bpb": None, "nll": None, "tokens": 0, "bytes": None, "seconds": 0.0}
-    return {**out, "per_position": None} if per_position else out
+    return {**out, "per_position": None} if c.per_position else out
 
 
 # --- retrieval: accuracy per (length, depth) cell -----------------------------------------------
 
-DEPTHS: tuple[float, ...] = (0.0, 25.0, 50.0, 75.0, 100.0)
-
-
 def evaluate_task(
     model: EvalModel,
     encode: Encoder,
+    config: EvalConfig,
     *,
-    task: str,
-    lengths: Sequence[int],
-    depths: Sequence[float] = DEPTHS,
-    trials: int = 10,
-    scalings: Sequence[str] = ("none",),
-    seed: int = 0,
-    batch_size: int = 8,
     filler_ids: Sequence[int] | None = None,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Retrieval accuracy of ``model`` on ``task`` at each length, needle depth and rule.
+    """Retrieval accuracy of ``model`` on ``config.task`` at each length, needle depth and rule.
 
     Every rule sees the same prompts (a paired comparison): the trials of a cell are seeded by
     ``(seed, length, depth)``. A length the model cannot represent (``max_len``) is skipped.
@@ -585,13 +541,8 @@ def evaluate_task(
     Args:
         model: an ``EvalModel`` (``RunModel``, ``linbias.hf.HFModel``).
         encode: the model's tokenizer as ``linbias.tasks.encoder(tokenizer)``.
-        task: a name in ``linbias.tasks.TASKS``.
-        lengths: prompt-plus-answer lengths in tokens (``L'``).
-        depths: needle depths in percent, 0..100.
-        trials: trials per cell.
-        scalings: rules, as for ``evaluate_run``.
-        seed: fixes every trial.
-        batch_size: trials per forward (left-padded).
+        config: the task, lengths (prompt plus answer, in tokens), depths, trials, rules, seed and
+            batch size (trials per forward, left-padded).
         filler_ids: ``passkey``: a token stream to cut the haystack from (default: the filler
             sentences).
         progress: a progress bar over cells.
@@ -601,44 +552,31 @@ def evaluate_task(
         ``filler``, ``skipped`` and ``linbias.tasks.cell_record``'s keys (``accuracy`` ``None``
         when skipped).
     """
-    _check_task_request(task, lengths, depths, trials, scalings, batch_size)
-    check_int("seed", seed, 0)
-    model.check_rules(scalings)
+    task, c = _retrieval(config), config
+    model.check_rules(c.rules)
     head = {"position": model.position, "train_len": model.train_len,
             "filler": "sentences" if filler_ids is None else "corpus"}
-    bar = tqdm(total=len(lengths) * len(depths) * len(scalings), disable=not progress,
+    bar = tqdm(total=len(c.lengths) * len(c.depths) * len(c.rules), disable=not progress,
                unit="cell", dynamic_ncols=True, desc=task, leave=False)
     records = []
     with bar:
-        for length in map(int, lengths):
+        for length in c.lengths:
             cells = [] if _beyond(model, length) else [
-                (float(d), make_trials(task, encode, length, float(d), trials,
-                                       _cell_seed(seed, length, d), filler_ids)) for d in depths]
-            for rule in scalings:
+                (d, make_trials(task, encode, length, d, c.trials, _cell_seed(c.seed, length, d),
+                                filler_ids)) for d in c.depths]
+            for rule in c.rules:
                 if not cells:
                     records += [{**head, "scaling": rule, **_skipped_cell(model, task, length, d)}
-                                for d in depths]
-                    bar.update(len(depths))
+                                for d in c.depths]
+                    bar.update(len(c.depths))
                     continue
                 with model.under(rule):
                     for depth, cell in cells:
-                        results = score(model.logits, cell, batch_size)
+                        results = score(model.logits, cell, c.batch_size)
                         records.append({**head, "scaling": rule, "skipped": None,
                                         **cell_record(task, length, depth, results, cell)})
                         bar.update(1)
     return records
-
-
-def _check_task_request(task: str, lengths: Sequence[int], depths: Sequence[float], trials: int,
-                        scalings: Sequence[str], batch_size: int) -> None:
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
-    check_request(lengths, "nonoverlapping", None, scalings, batch_size, None)
-    if not _ordered(depths) or not list(depths) or not all(
-        isinstance(d, (int, float)) and not isinstance(d, bool) and 0 <= d <= 100 for d in depths
-    ):
-        raise ValueError(f"depths must be a non-empty list of percents in 0..100, got {depths!r}")
-    check_int("trials", trials, 1)
 
 
 def _beyond(model: EvalModel, length: int) -> bool:
@@ -735,7 +673,7 @@ def attention_profile(
     model: EvalModel,
     windows_KT: torch.Tensor,
     *,
-    scalings: Sequence[str] = ("none",),
+    rules: Sequence[str] = ("none",),
     distances: Sequence[float] = PROFILE_DISTANCES,
 ) -> list[dict[str, Any]]:
     """The receptive field: each head's share of attention mass beyond distance ``d``.
@@ -750,7 +688,7 @@ def attention_profile(
         One record per (rule, layer, head, distance): ``position``, ``scaling``, ``train_len``,
         ``eval_len`` (T), ``layer``, ``head``, ``distance`` (tokens), ``share``.
     """
-    model.check_rules(scalings)
+    model.check_rules(rules)
     if model.train_len is None:
         raise ValueError("the attention profile counts distances in multiples of L: the model "
                          "needs a train_len")
@@ -760,7 +698,7 @@ def attention_profile(
     i_T1 = torch.arange(T)[:, None]
     gap_TT = i_T1 - torch.arange(T)[None, :]  # query i minus key j
     records = []
-    for rule in scalings:
+    for rule in rules:
         with model.under(rule):
             maps = model.attention_maps(windows_KT)
         for layer, p_KHTT in enumerate(maps):
@@ -775,40 +713,17 @@ def attention_profile(
     return records
 
 
-def evaluate_run_task(
-    run_or_path: Run | str | Path,
-    *,
-    task: str,
-    lengths: Sequence[int],
-    depths: Sequence[float] = DEPTHS,
-    trials: int = 10,
-    scalings: Sequence[str] = ("none",),
-    seed: int = 0,
-    batch_size: int = 8,
-    filler: Literal["sentences", "corpus"] | None = None,
-    cache_dir: str | Path | None = None,
-    device: str | torch.device | None = None,
-    progress: bool = True,
-) -> list[dict[str, Any]]:
-    """``evaluate_task`` for a trained run, with its own tokenizer.
+def evaluate_run_task(run_or_path: Run | str | Path, config: EvalConfig | None = None,
+                      **kwargs: Any) -> list[dict[str, Any]]:
+    """``evaluate_run`` for a retrieval task, which ``config`` or ``task=`` must name."""
+    require_task(config, kwargs)
+    return evaluate_run(run_or_path, config, **kwargs)
 
-    Args:
-        filler: the passkey haystack: ``"sentences"``, or ``"corpus"`` (the valid split of the
-            run's corpus); default: the run's ``mix_filler`` (what it was trained with).
-        Others: as ``evaluate_task``.
-    """
-    _check_task_request(task, lengths, depths, trials, scalings, batch_size)
-    model = _run_model(run_or_path, device, scalings)
-    run = model.run
-    filler = filler or run.train_config.mix_filler
-    if filler not in ("sentences", "corpus"):
-        raise ValueError(f"unknown filler {filler!r}; valid: sentences, corpus")
-    filler_ids = None
-    if filler == "corpus":
-        filler_ids = _run_stream(run, run.train_config.data, "valid", cache_dir)
-    return evaluate_task(model, encoder(run.tokenizer), task=task, lengths=lengths,
-                         depths=depths, trials=trials, scalings=scalings, seed=seed,
-                         batch_size=batch_size, filler_ids=filler_ids, progress=progress)
+
+def require_task(config: EvalConfig | None, fields: dict[str, Any]) -> None:
+    """Refuse a retrieval call whose ``config`` and ``fields`` name no task."""
+    if (config is None or config.task is None) and fields.get("task") is None:
+        raise ValueError("retrieval needs a task: give task='passkey' or task='lines'")
 
 
 # --- output --------------------------------------------------------------------------------------

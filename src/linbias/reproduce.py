@@ -190,7 +190,7 @@ def _evaluate_one(run_dir: Path, p: ReproducePreset, force: bool, cache_dir: Opt
                 "weights_sha": (run_dir / "checkpoint.json").read_text()}
     return _cached(run_dir / _EVAL_FILE, settings, force, lambda: evaluate_run(
         run_dir, lengths=[m * p.train_len for m in p.multiples], split="valid",
-        scalings=_rules(read_configs(run_dir)[0].position), batch_size=p.eval_batch_size,
+        rules=_rules(read_configs(run_dir)[0].position), batch_size=p.eval_batch_size,
         max_tokens=p.eval_tokens or None, per_position=True, cache_dir=cache_dir, progress=progress,
     ))
 
@@ -201,7 +201,7 @@ def _retrieve_one(run_dir: Path, p: ReproducePreset, force: bool,
                 "trials": p.trials, "weights_sha": (run_dir / "checkpoint.json").read_text()}
     return _cached(run_dir / _RETRIEVAL_FILE, settings, force, lambda: evaluate_run_task(
         run_dir, task=str(p.task), lengths=[m * p.train_len for m in p.multiples],
-        depths=p.depths, trials=p.trials, scalings=_rules(read_configs(run_dir)[0].position),
+        depths=p.depths, trials=p.trials, rules=_rules(read_configs(run_dir)[0].position),
         batch_size=p.eval_batch_size, progress=progress,
     ))
 
@@ -223,7 +223,7 @@ def _profile_one(run_dir: Path, p: ReproducePreset, force: bool,
                              f"needs {p.profile_windows} windows of {T}")
         windows = torch.from_numpy(np.asarray(stream[: p.profile_windows * T], dtype=np.int64))
         return attention_profile(RunModel(run), windows.view(p.profile_windows, T),
-                                 scalings=_rules(run.config.position))
+                                 rules=_rules(run.config.position))
     return _cached(run_dir / _PROFILE_FILE, settings, force, compute)
 
 
@@ -307,12 +307,12 @@ def _finetune_one(child: Child, out: Path, configs: tuple[ModelConfig, TrainConf
                 "model": mc.to_dict(), "weights_sha": (weights / "checkpoint.json").read_text()}
 
     def compute() -> list[dict[str, Any]]:
-        ppl = evaluate_run(run, lengths=lengths, scalings=rules, batch_size=p.eval_batch_size,
+        ppl = evaluate_run(run, lengths=lengths, rules=rules, batch_size=p.eval_batch_size,
                            max_tokens=p.eval_tokens or None, cache_dir=cache_dir, progress=progress)
         k_max: dict[str, Any] = {}
         if p.task is not None:
             cells = evaluate_run_task(run, task=p.task, lengths=task_lengths, depths=p.depths,
-                                      trials=p.trials, scalings=rules,
+                                      trials=p.trials, rules=rules,
                                       batch_size=p.eval_batch_size, progress=progress)
             k_max = {r["scaling"]: r for r in retrieval_summary(cells)}
         return [{"position": position, "mode": mode, "steps": steps, "scaling": rule,

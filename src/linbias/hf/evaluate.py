@@ -7,7 +7,8 @@ from __future__ import annotations
 import inspect
 import json
 from collections.abc import Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -24,31 +25,29 @@ from transformers import (
 from linbias.alibi import check_rule
 from linbias.config import check_int
 from linbias.data import default_cache_dir, load_corpus, token_byte_lengths, token_stream
-from linbias.evaluate import DEPTHS, Mode, check_request, evaluate_model, evaluate_task
+from linbias.config import EvalConfig
+from linbias.evaluate import eval_config, evaluate_model, evaluate_task, require_task
 from linbias.hf.extend import _base_model, _default_train_len, _family, extended
 from linbias.tasks import encoder
 
 __all__ = ["HFModel", "evaluate_hf", "evaluate_hf_task"]
 
+
 def evaluate_hf(
     model_or_path: PreTrainedModel | str | Path,
+    config: EvalConfig | None = None,
     *,
     tokenizer: PreTrainedTokenizerBase | None = None,
     train_len: int | None = None,
-    lengths: Sequence[int],
-    scalings: Sequence[str] = ("none",),
-    data: str = "stdlib",
-    split: str = "valid",
-    mode: Mode = "nonoverlapping",
-    stride: int | None = None,
-    batch_size: int = 8,
-    max_tokens: int | None = None,
-    per_position: bool = False,
     cache_dir: str | Path | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
+    **fields: Any,
 ) -> list[dict[str, Any]]:
-    """Evaluate a transformers causal LM on a linbias corpus at several lengths and scaling rules.
+    """Evaluate a transformers causal LM on a linbias corpus at several lengths and scaling rules;
+    with ``config.task``, its retrieval accuracy instead: ``linbias.evaluate.evaluate_task`` with
+    plain prompts in the model's own tokenizer (no special tokens, no chat template), batched with
+    left padding, the haystack being the filler sentences.
 
     The counterpart of ``linbias.evaluate.evaluate_run`` (same protocols through
     ``evaluate_stream``, same record keys, ``position`` being the model family, e.g. ``"mpt"``).
@@ -69,17 +68,16 @@ def evaluate_hf(
         model_or_path: a loaded model, or a local directory (e.g. from ``export_to_hf``) or Hub
             name for ``AutoModelForCausalLM.from_pretrained``. A Hub name needs network access or
             the local Hugging Face cache.
+        config: what to measure (``linbias.config.EvalConfig``); ``data`` ``None`` is
+            ``stdlib``.
         tokenizer: the model's tokenizer; default: ``AutoTokenizer`` from the same place (for a
             loaded model, its ``name_or_path``).
         train_len: the training length L for the scaling rules; default as ``extend_context``
             (MPT: ``max_seq_len``; Falcon: ``max_position_embeddings``; BLOOM: required).
-        lengths: evaluation lengths ``L'``, in the order the records are returned.
-        scalings: rule names (``linbias.alibi.SCALING_RULES``), each evaluated separately.
-        data: corpus spec for ``linbias.data.load_corpus`` (``stdlib``, ``text:PATH``, ``hf:...``).
-        split: ``valid``, ``test`` or ``train``.
-        mode, stride, batch_size, max_tokens, per_position, progress: as for ``evaluate_stream``.
         cache_dir: token-stream cache; default ``linbias.data.default_cache_dir()``.
         device: move the model there first (default: where it is).
+        progress: show progress bars.
+        **fields: ``EvalConfig`` fields, replacing ``config``'s (as for ``evaluate_run``).
 
     Returns:
         One record per length and rule, as ``evaluate_run``'s: ``position`` (family), ``scaling``,
@@ -93,24 +91,34 @@ def evaluate_hf(
             model without ALiBi, BLOOM without ``train_len``, a tokenizer without a fast backend
             or an eos token; with a single length, a length that would be skipped.
     """
+    config = eval_config(config, **fields)
+    if config.filler not in (None, "sentences"):
+        raise ValueError("filler='corpus' cuts the haystack from a run's corpus; a transformers "
+                         "model uses the filler sentences: drop it")
     model, tokenizer = _load_hf(model_or_path, tokenizer)
-    check_request(lengths, mode, stride, scalings, batch_size, max_tokens)
     adapter = HFModel(model, train_len)
-    adapter.check_rules(scalings)
+    adapter.check_rules(config.rules)
+    if config.task is not None:
+        with _evaluating(model, device):
+            return evaluate_task(adapter, encoder(tokenizer), config, progress=progress)
     backend, eos = _fast_backend(tokenizer)
+    data = config.data or "stdlib"
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    stream = token_stream(load_corpus(data), backend, split, cache, eot=eos)
+    stream = token_stream(load_corpus(data), backend, config.split, cache, eot=eos)
+    with _evaluating(model, device):
+        return evaluate_model(adapter, stream, _hf_byte_lengths(backend), config, data=data,
+                              progress=progress)
+
+
+@contextmanager
+def _evaluating(model: PreTrainedModel, device: str | torch.device | None) -> Iterator[None]:
+    """The model on ``device`` in eval mode, then back in the mode it was in."""
     if device is not None:
         model.to(device)
     training = model.training
     model.eval()
     try:
-        return evaluate_model(
-            adapter, stream, _hf_byte_lengths(backend), lengths=lengths, scalings=scalings,
-            data=data, split=split, mode=mode, stride=stride,
-            batch_size=batch_size, max_tokens=max_tokens, per_position=per_position,
-            progress=progress,
-        )
+        yield
     finally:
         model.train(training)
 
@@ -181,39 +189,11 @@ class HFModel:
         return extended(self.model, self.train_len, rule)
 
 
-def evaluate_hf_task(
-    model_or_path: PreTrainedModel | str | Path,
-    *,
-    tokenizer: PreTrainedTokenizerBase | None = None,
-    train_len: int | None = None,
-    task: str,
-    lengths: Sequence[int],
-    depths: Sequence[float] = DEPTHS,
-    trials: int = 10,
-    scalings: Sequence[str] = ("none",),
-    seed: int = 0,
-    batch_size: int = 8,
-    device: str | torch.device | None = None,
-    progress: bool = True,
-) -> list[dict[str, Any]]:
-    """Retrieval accuracy of a transformers causal LM: ``linbias.evaluate.evaluate_task`` with
-    plain prompts in the model's own tokenizer (no special tokens, no chat template), batched
-    with left padding. Arguments as ``evaluate_hf`` and ``evaluate_task``; the haystack is the
-    filler sentences.
-    """
-    model, tokenizer = _load_hf(model_or_path, tokenizer)
-    adapter = HFModel(model, train_len)
-    adapter.check_rules(scalings)
-    if device is not None:
-        model.to(device)
-    training = model.training
-    model.eval()
-    try:
-        return evaluate_task(adapter, encoder(tokenizer), task=task, lengths=lengths,
-                             depths=depths, trials=trials, scalings=scalings, seed=seed,
-                             batch_size=batch_size, progress=progress)
-    finally:
-        model.train(training)
+def evaluate_hf_task(model_or_path: PreTrainedModel | str | Path,
+                     config: EvalConfig | None = None, **kwargs: Any) -> list[dict[str, Any]]:
+    """``evaluate_hf`` for a retrieval task, which ``config`` or ``task=`` must name."""
+    require_task(config, kwargs)
+    return evaluate_hf(model_or_path, config, **kwargs)
 
 
 def _load_hf(

@@ -66,8 +66,9 @@ def export_to_hf(run_or_path: Run | str | Path, out_dir: str | Path) -> Path:
     weights (``tie_word_embeddings``). But ``MptModel`` builds every Linear and LayerNorm without a
     bias and every MLP 4 * d_model wide, whatever ``no_bias`` and ``expansion_ratio`` say, and
     builds its ALiBi with ``alibi_bias_max=8`` whatever ``attn_config`` says. So only a model whose
-    biases are all zero (or absent), with ``d_ff = 4 * d_model`` and ``alibi_max_bias = 8``,
-    exports exactly; anything else is refused rather than approximated. BLOOM is no alternative:
+    biases are all zero (or absent), with ``d_ff = 4 * d_model``, ``alibi_max_bias = 8`` and
+    ``position_scale = 1`` (a fine-tune with fixed interpolation scales every slope), exports
+    exactly; anything else is refused rather than approximated. BLOOM is no alternative:
     its tanh-approximated GELU and its LayerNorm on the word embeddings cannot be made exact.
     Dropout only acts in training; the export has none.
 
@@ -190,6 +191,12 @@ def _mpt_tensors(model: torch.nn.Module, config: ModelConfig) -> dict[str, torch
         raise ValueError(
             f"alibi_max_bias={config.alibi_max_bias:g} cannot be exported: transformers' MptModel "
             "builds its ALiBi slopes with alibi_bias_max=8 whatever its config says"
+        )
+    if config.position_scale != 1.0:
+        raise ValueError(
+            f"position_scale={config.position_scale:g} (a fine-tune's fixed interpolation) cannot "
+            "be exported: MPT's slopes are 2^(-8h/H), and no alibi_bias_max turns them into "
+            f"slopes x {config.position_scale:g}; evaluate the run with linbias instead"
         )
     if config.ff_dim != 4 * config.d_model:
         raise ValueError(
