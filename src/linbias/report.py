@@ -255,13 +255,17 @@ def plot_attention_profile(records: Sequence[Record], path: str | Path) -> None:
 def finetune_curves(rows: Sequence[Record]) -> dict[str, dict[str, dict[int, float | None]]]:
     """The fine-tune study by curve (method, mode, rule) and metric: ``{metric: {steps: mean}}``.
 
-    Metrics are ``ppl@N`` for each evaluated length N and ``k_max``; each value is the mean over
-    seeds, ``None`` where a seed has none (a length the method cannot reach).
+    Metrics are ``ppl@N`` for each evaluated length N, with a retrieval task ``acc@N`` (its
+    accuracy at N) and ``k_max``; each value is the mean over seeds, ``None`` where a seed has
+    none (a length the method cannot reach).
     """
     out: dict[str, dict[str, dict[int, list]]] = {}
     for r in rows:
         label = f"{_label(r['position'], r['scaling'])} ({r['mode']})"
-        metrics = {f"ppl@{n}": v for n, v in r["ppl"].items()}
+        # A rule acts only past the fine-tune length: up to it, its numbers are the plain ones.
+        lengths = [n for n in r["ppl"] if r["scaling"] == "none" or int(n) > r["train_len"]]
+        metrics = {f"ppl@{n}": r["ppl"][n] for n in lengths}
+        metrics.update({f"acc@{n}": r["accuracy"][n] for n in lengths if n in r["accuracy"]})
         if r.get("k_max") is not None:
             metrics["k_max"] = r["k_max"]
         for name, value in metrics.items():
@@ -282,22 +286,26 @@ def plot_finetune(rows: Sequence[Record], path: str | Path, title: str = "") -> 
     curves = finetune_curves(rows)
     if not curves:
         raise ValueError("plot_finetune needs at least one record")
+    order = {"ppl": 0, "acc": 1, "k_max": 2}
     metrics = sorted({m for c in curves.values() for m in c},
-                     key=lambda m: (m == "k_max", int(m[4:]) if m.startswith("ppl@") else 0))
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), dpi=110,
-                             squeeze=False)
+                     key=lambda m: (order[m.split("@")[0]], int(m.split("@")[1]) if "@" in m else 0))
+    cols = min(3, len(metrics) + 1)  # the last panel holds the legend
+    rows = -(-(len(metrics) + 1) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 3.4 * rows), dpi=110, squeeze=False)
     for ax, metric in zip(axes.flat, metrics):
         for n, (label, c) in enumerate(sorted(curves.items())):
             points = [(x, y) for x, y in c.get(metric, {}).items() if y is not None]
             if points:
                 ax.plot(*zip(*points), marker="o", lw=1.2, color=f"C{n % 10}", label=label,
                         ls="--" if "(fixed)" in label else "-")
-        ax.set_title(metric.replace("ppl@", "perplexity at L'="), fontsize=9)
+        ax.set_title(metric.replace("ppl@", "perplexity at L'=").replace(
+            "acc@", "retrieval accuracy at L'="), fontsize=9)
         ax.set_xlabel("fine-tune steps", fontsize=8)
-        if metric.startswith("ppl@"):
-            ax.set_yscale("log")
         ax.grid(True, alpha=0.3)
-    axes.flat[-1].legend(fontsize=6, loc="best")
+    handles = {h.get_label(): h for ax in axes.flat for h in ax.get_lines()}
+    for ax in axes.flat[len(metrics):]:
+        ax.set_axis_off()
+    axes.flat[-1].legend(handles.values(), handles.keys(), fontsize=7, loc="center")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path)

@@ -320,7 +320,8 @@ def _finetune_one(child: Child, out: Path, configs: tuple[ModelConfig, TrainConf
                  "k_max": k_max[rule]["k_max"] if rule in k_max else None,
                  "accuracy": {str(b["length"]): b["accuracy"] for b in k_max[rule]["by_length"]}
                  if rule in k_max else {}} for rule in rules]
-    return _cached(path, settings, force, compute)
+    return [{**r, "train_len": run.config.train_len}
+            for r in _cached(path, settings, force, compute)]
 
 
 def _duration(seconds: float) -> str:
@@ -424,6 +425,7 @@ def reproduce(
             child, out, child_configs[child], child_plans.get(child), p, force, cache, progress)]
     results = {
         "preset": {"name": preset, **p.to_dict()}, "data": data, "seed": seed, "seeds": seeds,
+        "positions": list(positions),
         "corpus": corpus.describe(), "machine": _machine(p),
         "seconds": round(time.perf_counter() - started, 1), "training": training,
         "finding": finding(records, p.train_len), "results": records,
@@ -536,6 +538,8 @@ def _command(results: dict[str, Any], p: ReproducePreset) -> str:
     flags = [f"--preset {name}", f"--seeds {results.get('seeds', 1)}"]
     if results["data"] != "stdlib":
         flags.append(f"--data {results['data']}")
+    if results.get("positions", list(POSITION_METHODS)) != list(POSITION_METHODS):
+        flags.append(f"--positions {','.join(results['positions'])}")
     if name in REPRODUCE_PRESETS and p.embedding != REPRODUCE_PRESETS[name].embedding:
         flags.append(f"--embedding {p.embedding}")
     return "linbias reproduce " + " ".join(flags) + " --out OUT"
@@ -639,17 +643,22 @@ def _finetune_md(results: dict[str, Any], p: ReproducePreset) -> str:
     steps = sorted({r["steps"] for r in rows})
     L2 = p.finetune_multiple * p.train_len
     tables = []
-    for metric in (f"ppl@{L2}", f"ppl@{4 * L2}", "k_max"):
-        fmt = "{:.0f}" if metric == "k_max" else "{:.2f}"
-        rows = [[label] + ["—" if c.get(metric, {}).get(n) is None else
-                           fmt.format(c[metric][n]) for n in steps] for label, c in curves.items()]
-        name = (f"Perplexity at L' = {metric[4:]}" if metric.startswith("ppl@") else
-                f"{p.task} k_max (tokens; lengths {', '.join(f'{m}L' for m in p.multiples)}, "
-                f"{p.trials} trials x {len(p.depths)} depths per length)")
+    metrics = [f"ppl@{L2}", f"ppl@{4 * L2}"]
+    if p.task is not None:
+        metrics += [f"acc@{L2}", f"acc@{4 * L2}", "k_max"]
+    for metric in metrics:
+        fmt = {"ppl": "{:.2f}", "acc": "{:.0%}", "k_max": "{:.0f}"}[metric.split("@")[0]]
+        rows = [[label] + ["—" if c[metric].get(n) is None else fmt.format(c[metric][n])
+                           for n in steps] for label, c in curves.items() if metric in c]
+        name = {"ppl": f"Perplexity at L' = {metric[4:]}",
+                "acc": f"{p.task} accuracy at L' = {metric[4:]} ({p.trials} trials x "
+                       f"{len(p.depths)} depths)",
+                "k_max": f"{p.task} k_max (tokens; over lengths "
+                         f"{', '.join(f'{m}L' for m in p.multiples)})"}[metric.split("@")[0]]
         tables.append(f"{name}:\n\n" + md_table([f"{n} steps" for n in steps], rows,
                                                  first="method (mode)"))
     skipped = " `learned` is left out: its table has one row per position up to L." \
-        if any(t["position"] == "learned" for t in results["training"]) else ""
+        if "learned" in results.get("positions", []) else ""
     return f"""
 ## Fine-tuned at {L2} = {p.finetune_multiple}L, then tested longer
 
