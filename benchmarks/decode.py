@@ -67,7 +67,7 @@ def op_steps(context: int, train_len: int) -> dict[str, Callable[[], object]]:
 def build(preset: str, position: str, train_len: int, scaling: str = "none") -> GPT:
     torch.manual_seed(0)  # the same weights for every variant (no position method has parameters)
     model = GPT(model_config(preset, position=position, train_len=train_len)).eval()
-    model.set_scaling(scaling)
+    model.set_rule(scaling)
     return model
 
 

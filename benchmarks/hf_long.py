@@ -16,10 +16,10 @@ Every measurement runs in a fresh process: one warm-up forward of 256 tokens, th
 forward of L' tokens. Extra peak memory is the peak resident set during that forward minus the
 resident set before it (``benchmarks/peak_memory.py``). The vocabulary is small (512) so that the
 output layer, the same for every variant, does not hide attention. ``max |dlogit|`` compares the
-linbias and native logits of the same model (Falcon's native attention also rounds slope x
-position to bfloat16, which linbias's does not). Native runs are skipped where their ``H x L' x
-L'`` tensors would not fit in the available memory. Targets at 8k: linbias within 1.5x of the
-GPT's time, and its extra peak memory within 2x of the GPT's.
+linbias and native logits of the same model (Falcon's linbias path passes Falcon's own per-key
+bias, rounded to bfloat16 as Falcon rounds it, as ``key_bias``). Native runs are skipped where
+their ``H x L' x L'`` tensors would not fit in the available memory. Targets at 8k: linbias
+within 1.5x of the GPT's time, and its extra peak memory within 2x of the GPT's.
 
     OMP_NUM_THREADS=1 python benchmarks/hf_long.py                   # 2k, 8k, 32k: ~10 minutes
     OMP_NUM_THREADS=1 python benchmarks/hf_long.py --lengths 2048,8192 --json out.json
@@ -62,7 +62,7 @@ def build(family: str, variant: str) -> torch.nn.Module:
 
         gpt = GPT(model_config("tiny", d_model=D_MODEL, n_heads=HEADS, n_layers=LAYERS,
                                vocab_size=VOCAB, train_len=TRAIN_LEN, position="alibi"))
-        gpt.set_scaling("linear")
+        gpt.set_rule("linear")
         return gpt.eval()
     import transformers as tf
 

@@ -6,16 +6,22 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
-def naive_alibi_attention(q, k, v, slopes, *, causal=True, scale=None, key_padding_mask=None):
-    """score[h, i, j] = q_i . k_j * scale - m_h * (i - j), in float64, loops over heads.
+def naive_alibi_attention(q, k, v, slopes, *, causal=True, scale=None, key_padding_mask=None,
+                          key_bias=None):
+    """score[b, h, i, j] = q_i . k_j * scale - m[b, h] (i - j) + key_bias[b, h, j], in float64,
+    loops over rows and heads; slopes ``[H]`` or ``[B, H]``, key_bias ``[H, K]`` or ``[B, H, K]``.
 
     Deliberately shares no code with linbias: positions, masks and grouped heads are spelled out.
     """
-    q, k, v, slopes = q.double(), k.double(), v.double(), slopes.double()
+    q, k, v = q.double(), k.double(), v.double()
     B, H, Lq, D = q.shape
     Lk, group = k.shape[2], H // k.shape[1]
+    slopes = slopes.double().expand(B, H)
+    key_bias = torch.zeros(B, H, Lk, dtype=torch.float64) if key_bias is None else \
+        key_bias.double().expand(B, H, Lk)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     out = torch.zeros(B, H, Lq, D, dtype=torch.float64)
     i_abs = torch.arange(Lk - Lq, Lk, dtype=torch.float64).view(-1, 1)
@@ -24,7 +30,7 @@ def naive_alibi_attention(q, k, v, slopes, *, causal=True, scale=None, key_paddi
         for h in range(H):
             kh, vh = k[b, h // group], v[b, h // group]
             dist = (i_abs - j) if causal else (i_abs - j).abs()
-            scores = q[b, h] @ kh.T * scale - slopes[h] * dist
+            scores = q[b, h] @ kh.T * scale - slopes[b, h] * dist + key_bias[b, h]
             allowed = torch.ones(Lq, Lk, dtype=torch.bool)
             if causal:
                 allowed &= j <= i_abs
@@ -49,6 +55,22 @@ def reference_attention(q, k, v, bias=None, key_padding_mask=None) -> torch.Tens
     has_key = visible.any(-1, keepdim=True)  # a query with no visible key gives zeros
     probs = torch.softmax(scores.masked_fill(~visible, float("-inf")).masked_fill(~has_key, 0), -1)
     return (probs @ v).masked_fill(~has_key, 0.0)
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the numel of the largest tensor any aten op produces inside the ``with`` block: a
+    check that no heads x L x L tensor is built."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
 
 
 @pytest.fixture(autouse=True)

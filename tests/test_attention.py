@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import naive_alibi_attention, reference_attention
+from conftest import LargestTensor, naive_alibi_attention, reference_attention
 from linbias import BACKENDS, alibi_attention, alibi_slopes
 from linbias.attention import causal_attention
 import linbias.attention as attention
@@ -276,19 +276,6 @@ def test_flex_matches_reference():
 # --- per-row slopes [B, H]: each row of the batch its own (e.g. interpolated for its length) ------
 
 
-def _per_row_reference(q, k, v, slopes_BH, key_padding_mask=None, **kwargs):
-    """The float64 reference run one row at a time, each with its own slopes."""
-    rows = [
-        naive_alibi_attention(
-            q[b : b + 1], k[b : b + 1], v[b : b + 1], slopes_BH[b],
-            key_padding_mask=None if key_padding_mask is None else key_padding_mask[b : b + 1],
-            **kwargs,
-        )
-        for b in range(len(q))
-    ]
-    return torch.cat(rows)
-
-
 def _row_slopes(B, H):
     return alibi_slopes(H) * torch.tensor([1.0, 0.5, 0.125, 0.03])[:B].view(-1, 1)
 
@@ -302,7 +289,7 @@ def test_per_row_slopes_match_reference(backend, causal, Lq, padded):
     kpm = _left_padding(3, 70) if padded else None
     slopes = _row_slopes(3, 8)
     out = alibi_attention(q, k, v, slopes, causal=causal, key_padding_mask=kpm, backend=backend)
-    ref = _per_row_reference(q, k, v, slopes, causal=causal, key_padding_mask=kpm)
+    ref = naive_alibi_attention(q, k, v, slopes, causal=causal, key_padding_mask=kpm)
     assert (out.double() - ref).abs().max() < 2e-5
     # each row really used its own slopes: the shared first row's would differ
     shared = alibi_attention(q, k, v, slopes[0], causal=causal, key_padding_mask=kpm, backend=backend)
@@ -310,13 +297,20 @@ def test_per_row_slopes_match_reference(backend, causal, Lq, padded):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_per_row_slopes_many_blocks(monkeypatch, causal):
+@pytest.mark.parametrize("with_key_bias", [False, True])  # every segment carries its keys' part
+def test_per_row_slopes_many_blocks(monkeypatch, causal, with_key_bias):
     monkeypatch.setattr(attention, "_BIAS_BUDGET", 4.0)
     q, k, v = _inputs(2, 4, 2, 150, 170, 8, dtype=torch.float64)
     kpm = _left_padding(2, 170)
     slopes = _row_slopes(2, 4).double()
-    out = alibi_attention(q, k, v, slopes, causal=causal, key_padding_mask=kpm, backend="sdpa")
-    ref = _per_row_reference(q, k, v, slopes, causal=causal, key_padding_mask=kpm)
+    key_bias = _key_bias(2, 4, 170, dtype=torch.float64) if with_key_bias else None
+    out = alibi_attention(q, k, v, slopes, causal=causal, key_padding_mask=kpm, key_bias=key_bias,
+                          backend="sdpa")
+    if with_key_bias:
+        ref = naive_alibi_attention(q, k, v, slopes, key_bias=key_bias, causal=causal,
+                                    key_padding_mask=kpm)
+    else:
+        ref = naive_alibi_attention(q, k, v, slopes, causal=causal, key_padding_mask=kpm)
     assert (out - ref).abs().max() < 1e-12
 
 
@@ -341,7 +335,7 @@ def test_per_row_slopes_can_be_learnt():
     grad = torch.randn_like(out)
     (got,) = torch.autograd.grad(out, slopes, grad)
     leaf = slopes.detach().double().requires_grad_()
-    ref = _per_row_reference(q, k, v, leaf, key_padding_mask=_left_padding(2, 20))
+    ref = naive_alibi_attention(q, k, v, leaf, key_padding_mask=_left_padding(2, 20))
     (want,) = torch.autograd.grad(ref, leaf, grad.double())
     assert got.shape == (2, 4) and (got.double() - want).abs().max() < 1e-4
 
@@ -359,22 +353,7 @@ def test_flex_per_row_slopes():
     kpm = _left_padding(2, 128)
     slopes = _row_slopes(2, 4)
     out = alibi_attention(q, k, v, slopes, key_padding_mask=kpm, backend="flex")
-    assert (out.double() - _per_row_reference(q, k, v, slopes, key_padding_mask=kpm)).abs().max() < 1e-5
-
-
-class _LargestTensor(TorchDispatchMode):
-    """Records the largest tensor any aten op produces."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
+    assert (out.double() - naive_alibi_attention(q, k, v, slopes, key_padding_mask=kpm)).abs().max() < 1e-5
 
 
 class _Copies(TorchDispatchMode):
@@ -394,7 +373,7 @@ class _Copies(TorchDispatchMode):
 def test_fast_path_never_builds_heads_by_length_squared(causal):
     B, H, L, D = 1, 8, 4096, 8
     q, k, v = _inputs(B, H, H, L, L, D)
-    with _LargestTensor() as mode:
+    with LargestTensor() as mode:
         alibi_attention(q, k, v, alibi_slopes(H), causal=causal, backend="sdpa")
     assert mode.largest < H * L * L // 8
     assert mode.largest <= max(B * H * L * D, H * 512 * 512)
@@ -403,7 +382,7 @@ def test_fast_path_never_builds_heads_by_length_squared(causal):
 def test_decoding_step_builds_bias_in_linear_memory():
     H, T, D = 8, 20000, 8
     q, k, v = _inputs(1, H, H, 1, T, D)
-    with _LargestTensor() as mode:
+    with LargestTensor() as mode:
         out = alibi_attention(q, k, v, alibi_slopes(H), backend="sdpa")
     assert mode.largest <= H * T * D
     ref = naive_alibi_attention(q, k, v, alibi_slopes(H))
@@ -488,7 +467,7 @@ def test_decode_builds_nothing_larger_than_its_bias(padded):
     B, H, Hkv, T, D = 2, 8, 2, 20000, 8
     q, k, v = _inputs(B, H, Hkv, 1, T, D)
     kpm = _left_padding(B, T) if padded else None
-    with _LargestTensor() as mode:
+    with LargestTensor() as mode:
         out = alibi_attention(q, k, v, alibi_slopes(H), key_padding_mask=kpm)
     assert mode.largest <= (B if padded else 1) * H * T
     ref = naive_alibi_attention(q, k, v, alibi_slopes(H), key_padding_mask=kpm)
@@ -744,3 +723,167 @@ def test_causal_attention_with_a_bias_matches_reference_and_its_gradients(
     ref.backward(grad_out.double())
     for got, want in zip(leaves, ref_leaves):
         torch.testing.assert_close(got.grad.double(), want.grad, atol=1e-5, rtol=1e-5)
+
+
+# --- key_bias: a per-key term added to every query's score ----------------------------------------
+
+
+def _key_bias(B, H, Lk, per_row=True, dtype=torch.float32):
+    """Values of the size a model's per-key bias has (Falcon's ``m j / sqrt(d)`` at a few hundred
+    keys), not a smooth function of j: any position error shows."""
+    shape = (B, H, Lk) if per_row else (H, Lk)
+    return 3 * torch.randn(*shape, dtype=dtype)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("Lq,Hkv", [(1, 2), (3, 8), (70, 2)])  # decode-shaped and segmented
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("per_row", [False, True])  # per-row slopes and a [B, H, K] key_bias
+def test_key_bias_matches_float64_reference(backend, causal, Lq, Hkv, padded, per_row):
+    B, H, Lk = 3, 8, 70
+    q, k, v = _inputs(B, H, Hkv, Lq, Lk, 16)
+    kpm = _decode_padding(Lk) if padded else None  # a row with every key padded too
+    slopes = _row_slopes(B, H) if per_row else alibi_slopes(H)
+    key_bias = _key_bias(B, H, Lk, per_row)
+    out = alibi_attention(q, k, v, slopes, causal=causal, key_padding_mask=kpm, key_bias=key_bias,
+                          backend=backend)
+    ref = naive_alibi_attention(q, k, v, slopes, key_bias=key_bias, causal=causal,
+                                key_padding_mask=kpm)
+    assert out.dtype == torch.float32 and out.shape == q.shape
+    assert (out.double() - ref).abs().max() < 2e-5
+    if padded:
+        assert torch.all(out[2] == 0)
+    # the key_bias was used: without it the answer differs
+    plain = alibi_attention(q, k, v, slopes, causal=causal, key_padding_mask=kpm, backend=backend)
+    assert (out - plain).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("Lq", [1, 3, 70])
+def test_key_bias_with_zero_slopes_is_alibi_counted_per_key(Lq):
+    # Causal -m (i - j) is the per-key m j up to a constant per query: zero slopes and the key_bias
+    # m j give ALiBi. With the positions counted along a mask with a gap (as BLOOM and Falcon
+    # count them), the same key_bias gives what slots cannot.
+    B, H, Lk = 2, 4, 70
+    q, k, v = _inputs(B, H, 2, Lq, Lk, 16)
+    slopes = alibi_slopes(H)
+    kpm = torch.ones(B, Lk, dtype=torch.bool)
+    kpm[1, 10:20] = False  # a gap between real tokens
+    slots = torch.arange(Lk, dtype=torch.float32).expand(B, Lk)
+    zero = torch.zeros(H)
+    by_slot = slopes[:, None] * slots[:, None]
+    out = alibi_attention(q, k, v, zero, key_padding_mask=kpm, key_bias=by_slot)
+    ref = naive_alibi_attention(q, k, v, slopes, key_padding_mask=kpm)
+    assert (out.double() - ref).abs().max() < 2e-5
+    along_mask = (kpm.cumsum(-1) - 1).float()  # position of each real key among real keys
+    by_position = slopes[:, None] * along_mask[:, None]
+    out = alibi_attention(q, k, v, zero, key_padding_mask=kpm, key_bias=by_position)
+    assert (out[0].double() - ref[0]).abs().max() < 2e-5  # no gap: the same
+    assert (out[1].double() - ref[1]).abs().max() > 1e-3  # the gap shortens distances
+    ref = naive_alibi_attention(q, k, v, zero, key_bias=by_position, key_padding_mask=kpm)
+    assert (out.double() - ref).abs().max() < 2e-5
+
+
+@pytest.mark.parametrize("Lq", [2, 6])  # the decode path and the segments
+@pytest.mark.parametrize("causal", [True, False])
+def test_key_bias_gradcheck(monkeypatch, Lq, causal):
+    # Gradients of q, k, v through the sdpa backend's kernel calls that carry a key_bias.
+    monkeypatch.setattr(attention, "_BIAS_BUDGET", 1.0)
+    q, k, v = _inputs(2, 4, 2, Lq, 9, 3, dtype=torch.float64, grad=True)
+    kpm = _left_padding(2, 9)
+    key_bias = _key_bias(2, 4, 9, dtype=torch.float64)
+
+    def f(q, k, v):
+        return alibi_attention(q, k, v, _row_slopes(2, 4).double(), causal=causal,
+                               key_padding_mask=kpm, key_bias=key_bias, backend="sdpa")
+
+    assert torch.autograd.gradcheck(f, (q, k, v))
+
+
+@pytest.mark.parametrize("backend", ["reference", "blocked", "auto"])
+def test_key_bias_can_be_learnt(backend):
+    q, k, v = _inputs(2, 4, 2, 12, 20, 8, grad=True)
+    kpm = _left_padding(2, 20)
+    key_bias = _key_bias(2, 4, 20).requires_grad_()
+    out = alibi_attention(q, k, v, alibi_slopes(4), key_padding_mask=kpm, key_bias=key_bias,
+                          backend=backend)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (key_bias, q, k, v), grad)
+    leaves = [t.detach().double().requires_grad_() for t in (key_bias, q, k, v)]
+    ref = naive_alibi_attention(*leaves[1:], alibi_slopes(4), key_bias=leaves[0], key_padding_mask=kpm)
+    want = torch.autograd.grad(ref, leaves, grad.double())
+    assert got[0].abs().max() > 1e-3
+    for g, w in zip(got, want):
+        assert (g.double() - w).abs().max() < 1e-4
+
+
+def test_backends_that_cannot_take_a_key_bias_refuse_it():
+    q, k, v = _inputs(1, 4, 4, 6, 6, 8)
+    key_bias = _key_bias(1, 4, 6)
+    c = attention._Call(q, k, v, alibi_slopes(4), True, 0.5, None, key_bias)
+    assert "key_bias" in BACKENDS["flash"].unavailable(c)
+    with pytest.raises(RuntimeError, match="'flash' cannot run.*key_bias.*'flex' or 'blocked'"):
+        alibi_attention(q, k, v, alibi_slopes(4), key_bias=key_bias, backend="flash")
+    learnt = key_bias.clone().requires_grad_()
+    c = attention._Call(q, k, v, alibi_slopes(4), True, 0.5, None, learnt)
+    assert attention._auto(c) == "blocked"
+    assert "key_bias" in BACKENDS["flash"].unavailable(c)
+    with pytest.raises(RuntimeError, match="'sdpa' cannot run.*gradient for key_bias.*'blocked'"):
+        alibi_attention(q, k, v, alibi_slopes(4), key_bias=learnt, backend="sdpa")
+    with torch.no_grad():  # inference keeps the fast kernel
+        assert attention._auto(c) == "sdpa"
+
+
+@pytest.mark.parametrize(
+    "key_bias,error,match",
+    [
+        ([[0.0] * 6] * 4, TypeError, r"key_bias must be a torch\.Tensor or None, got list"),
+        (torch.zeros(4, 6, dtype=torch.long), TypeError, r"floating-point.*key_bias\.float\(\)"),
+        (torch.zeros(4, 5), ValueError, r"\[heads, keys\] = \[4, 6\].*\[batch, heads, keys\] = "
+                                        r"\[2, 4, 6\], got \(4, 5\)"),
+        (torch.zeros(3, 4, 6), ValueError, r"\[2, 4, 6\], got \(3, 4, 6\)"),
+        (torch.zeros(2, 4, 1, 6), ValueError, r"key_bias must have shape"),
+        (torch.full((4, 6), math.nan), ValueError, r"key_bias must be finite.*key_padding_mask"),
+        (torch.full((4, 6), -math.inf), ValueError, r"key_bias must be finite"),
+    ],
+)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_bad_key_bias_is_refused(backend, key_bias, error, match):
+    q, k, v = _inputs(2, 4, 2, 3, 6, 8)
+    with pytest.raises(error, match=match):
+        alibi_attention(q, k, v, alibi_slopes(4), key_bias=key_bias, backend=backend)
+
+
+@pytest.mark.parametrize("slopes", ["zero", "alibi"])
+def test_key_bias_builds_nothing_quadratic(slopes):
+    # A long segmented call with a per-row key_bias: the bias stays [B, H, 1, keys] per segment.
+    B, H, L, D = 2, 8, 4096, 8
+    q, k, v = _inputs(B, H, H, L, L, D)
+    kpm = _left_padding(B, L)
+    key_bias = _key_bias(B, H, L)
+    m = torch.zeros(H) if slopes == "zero" else alibi_slopes(H)
+    with LargestTensor() as mode:
+        alibi_attention(q, k, v, m, key_padding_mask=kpm, key_bias=key_bias, backend="sdpa")
+    assert mode.largest < H * L * L // 8
+    assert mode.largest <= max(B * H * L * D, H * 512 * 512)
+
+
+def test_key_bias_decode_builds_nothing_larger_than_its_bias():
+    B, H, Hkv, T, D = 2, 8, 2, 20000, 8
+    q, k, v = _inputs(B, H, Hkv, 1, T, D)
+    kpm = _left_padding(B, T)
+    key_bias = _key_bias(B, H, T)
+    with LargestTensor() as mode:
+        out = alibi_attention(q, k, v, torch.zeros(H), key_padding_mask=kpm, key_bias=key_bias)
+    assert mode.largest <= B * H * T
+    ref = naive_alibi_attention(q, k, v, torch.zeros(H), key_bias=key_bias, key_padding_mask=kpm)
+    assert (out.double() - ref).abs().max() < 1e-5
+
+
+def test_flex_key_bias():
+    q, k, v = _inputs(2, 4, 2, 96, 128, 16)
+    kpm = _left_padding(2, 128)
+    slopes, key_bias = _row_slopes(2, 4), _key_bias(2, 4, 128)
+    out = alibi_attention(q, k, v, slopes, key_padding_mask=kpm, key_bias=key_bias, backend="flex")
+    ref = naive_alibi_attention(q, k, v, slopes, key_bias=key_bias, key_padding_mask=kpm)
+    assert (out.double() - ref).abs().max() < 1e-5

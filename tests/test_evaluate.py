@@ -237,15 +237,15 @@ def test_run_model_left_padding_changes_no_logit(run, rule) -> None:
         for b, r in enumerate(rows):
             alone = model.logits(r[None])[0]
             torch.testing.assert_close(padded[b, T - len(r):], alone, atol=1e-5, rtol=1e-5)
-    assert run.model.position.scaling == "none"  # restored after the block
+    assert run.model.position.rule == "none"  # restored after the block
 
 
 def test_scaling_changes_alibi_only_past_train_len(run, tiny_cache_dir) -> None:
-    run.model.set_scaling("log")  # a rule set before the call is put back after it
+    run.model.set_rule("log")  # a rule set before the call is put back after it
     records = evaluate_run(run, lengths=[16, 32, 96], rules=("none", "linear", "sqrt"),
                            cache_dir=tiny_cache_dir, progress=False, max_tokens=200)
-    assert run.model.position.scaling == "log"
-    run.model.set_scaling("none")
+    assert run.model.position.rule == "log"
+    run.model.set_rule("none")
     nll = {(r["eval_len"], r["scaling"]): r["nll"] for r in records}
     assert [r["scaling"] for r in records[:3]] == ["none", "linear", "sqrt"]
     for length in (16, 32):  # L' <= L = 32: every rule leaves the slopes alone
@@ -255,13 +255,13 @@ def test_scaling_changes_alibi_only_past_train_len(run, tiny_cache_dir) -> None:
 
 def test_scaling_is_reset_after_an_error(run, tiny_cache_dir, monkeypatch) -> None:
     def fail(*args, **kwargs):
-        assert run.model.position.scaling == "linear"
+        assert run.model.position.rule == "linear"
         raise RuntimeError("interrupted")
 
     monkeypatch.setattr(ev, "evaluate_stream", fail)
     with pytest.raises(RuntimeError, match="interrupted"):
         evaluate_run(run, lengths=[64], rules=("linear",), cache_dir=tiny_cache_dir)
-    assert run.model.position.scaling == "none"
+    assert run.model.position.rule == "none"
 
 
 def _learned_run(run: Run) -> Run:
@@ -303,7 +303,7 @@ def test_evaluate_task_scores_the_same_prompts_under_every_rule(run) -> None:
     again = ev.evaluate_run_task(run, task="passkey", lengths=[320], depths=[0, 100], trials=3,
                                  progress=False)
     assert again == [r for r in records if r["length"] == 320 and r["scaling"] == "none"]
-    assert run.model.position.scaling == "none"
+    assert run.model.position.rule == "none"
 
 
 def test_evaluate_task_skips_lengths_past_a_learned_table(run) -> None:

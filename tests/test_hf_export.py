@@ -132,7 +132,7 @@ def test_export_logits_match_beyond_train_len_with_extend_context(exported, bias
     ids = torch.randint(run.config.vocab_size, (2, 100))  # about 3 L
     with pytest.raises(RuntimeError):  # as any MPT: the bias is built for max_seq_len keys only
         model(ids)
-    run.model.set_scaling(rule)
+    run.model.set_rule(rule)
     with torch.no_grad(), hf.extended(model, rule=rule):  # train_len from max_seq_len
         assert _max_diff(model(ids).logits, run.model(ids)) < ATOL
 
@@ -150,7 +150,7 @@ def test_export_of_untied_odd_head_model_with_dropout(tiny_alibi_run, tmp_path) 
         expected = run.model(ids)
         assert expected.abs().max() > 5  # large logits: a loose match would show
         assert _max_diff(model(ids).logits, expected) < ATOL
-        run.model.set_scaling("linear")
+        run.model.set_rule("linear")
         with hf.extended(model):
             long_ids = torch.randint(run.config.vocab_size, (2, 40))
             assert _max_diff(model(long_ids).logits, run.model(long_ids)) < ATOL

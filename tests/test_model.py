@@ -50,8 +50,8 @@ def test_every_method_runs_past_train_len_or_refuses(name: str, factor: int) -> 
         with pytest.raises(ValueError, match=rf"{L} rows.*cannot extrapolate"):
             model(idx)
         return
-    for rule in model.position.scaling_rules:
-        model.set_scaling(rule)
+    for rule in model.position.rules:
+        model.set_rule(rule)
         logits = model(idx)
         assert logits.shape == (2, factor * L, V) and torch.isfinite(logits).all()
 
@@ -88,7 +88,7 @@ def test_kv_cache_alibi_interpolation_uses_the_length_so_far() -> None:
     # full forward sees the slopes of incremental decoding at that step. Exact for one layer only:
     # deeper cached keys come from hidden states computed under the earlier (larger) slopes.
     model = make_model("alibi", n_layers=1)
-    model.set_scaling("linear")
+    model.set_rule("linear")
     idx = tokens(2, 3 * L)
     cache = model.new_cache()
     model(idx[:, :20], cache=cache)
@@ -131,7 +131,7 @@ def alibi_layer_reference(attn, x: torch.Tensor, slopes: torch.Tensor) -> torch.
 @pytest.mark.parametrize("T, rule", [(12, "none"), (3 * L, "none"), (3 * L, "linear")])
 def test_alibi_attention_layer_matches_float64_reference(T: int, rule: str) -> None:
     model = make_model("alibi", bias=True)  # biases on, so the reference checks them too
-    model.set_scaling(rule)
+    model.set_rule(rule)
     attn = model.blocks[0].attn
     x = torch.randn(2, T, 32, generator=torch.Generator().manual_seed(3))
     slopes = model.position.slopes * (min(1.0, L / T) if rule == "linear" else 1.0)
@@ -145,7 +145,7 @@ def test_alibi_scaling_changes_outputs_only_past_train_len(rule: str) -> None:
     model = make_model("alibi")
     short, long = tokens(2, L), tokens(2, 2 * L)
     base_short, base_long = model(short), model(long)
-    model.set_scaling(rule)
+    model.set_rule(rule)
     assert torch.equal(model(short), base_short)
     assert (model(long) - base_long).abs().max() > 1e-3
 
@@ -343,7 +343,7 @@ def test_learned_generation_stops_at_its_table() -> None:
 def test_alibi_interpolation_counts_real_tokens_not_padding() -> None:
     # Past train_len with a scaling rule, a left-padded row must get the slopes of its own length.
     model = make_model("alibi")
-    model.set_scaling("linear")
+    model.set_rule("linear")
     n, pad = 2 * L + 3, 5
     real = tokens(1, n)
     idx = torch.cat([torch.zeros(1, pad, dtype=torch.long), real], dim=1)
@@ -360,12 +360,12 @@ def test_alibi_interpolation_counts_real_tokens_not_padding() -> None:
 
 def test_scaled_sets_a_rule_for_a_block_and_restores_it_after_an_error() -> None:
     model = make_model("alibi")
-    model.set_scaling("log")
+    model.set_rule("log")
     with pytest.raises(RuntimeError, match="inside"):
         with model.scaled("linear"):
-            assert model.position.scaling == "linear"
+            assert model.position.rule == "linear"
             raise RuntimeError("inside")
-    assert model.position.scaling == "log"
+    assert model.position.rule == "log"
     with pytest.raises(ValueError, match="valid rules"), model.scaled("cubic"):
         pass
-    assert model.position.scaling == "log"
+    assert model.position.rule == "log"

@@ -43,21 +43,21 @@ def test_registry_names_classes_and_limits() -> None:
     for name, cls in POSITION_METHODS.items():
         method = make_position(cfg(name))
         assert type(method) is cls and cls.name == name and isinstance(method, PositionMethod)
-        assert method.scaling == "none"
+        assert method.rule == "none"
         assert method.max_len == (16 if name == "learned" else None)
 
 
 @pytest.mark.parametrize("name", sorted(POSITION_METHODS))
-def test_set_scaling_validates_per_method(name: str) -> None:
+def test_set_rule_validates_per_method(name: str) -> None:
     method = make_position(cfg(name))
     valid = {"alibi": tuple(SCALING_RULES), "rotary": ("none", "linear")}.get(name, ("none",))
     for rule in valid:
-        method.set_scaling(rule)
-        assert method.scaling == rule
+        method.set_rule(rule)
+        assert method.rule == rule
     bad = "yarn" if "linear" in valid else "linear"  # a real rule elsewhere, or none at all
     with pytest.raises(ValueError, match=f"valid rules: {', '.join(valid)}$"):
-        method.set_scaling(bad)
-    assert method.scaling == valid[-1]  # unchanged by the failed call
+        method.set_rule(bad)
+    assert method.rule == valid[-1]  # unchanged by the failed call
 
 
 @pytest.mark.parametrize("name", ["none", "rotary", "t5", "alibi"])
@@ -151,7 +151,7 @@ def test_rotary_linear_scaling_is_position_interpolation() -> None:
     q, k, _ = qkv(64, 64)
     pos = torch.arange(64)  # L' = 64 = 4L
     expected = method.rotate(q, k, pos * (L / 64), pos * (L / 64))
-    method.set_scaling("linear")
+    method.set_rule("linear")
     for got, want in zip(method.rotate(q, k, pos, pos), expected):
         torch.testing.assert_close(got, want)
     short = torch.arange(L)  # within the training length: unchanged
@@ -171,7 +171,7 @@ def test_position_scale_multiplies_positions_at_every_length_before_the_rule() -
     pos = torch.arange(64)
     for got, want in zip(fixed.rotate(q, k, pos, pos), plain.rotate(q, k, pos / 4, pos / 4)):
         torch.testing.assert_close(got, want)
-    fixed.set_scaling("linear")  # L' = 64 = 4L: a further L / L'
+    fixed.set_rule("linear")  # L' = 64 = 4L: a further L / L'
     for got, want in zip(fixed.rotate(q, k, pos, pos), plain.rotate(q, k, pos / 16, pos / 16)):
         torch.testing.assert_close(got, want)
     alibi = make_position(cfg("alibi", train_len=L, n_heads=4, position_scale=0.25))
@@ -288,7 +288,7 @@ def test_alibi_attend_matches_materialised_bias(T: int, S: int) -> None:
     slopes = alibi_slopes(H).double()
     ref = reference_attention(q, k, v, bias=alibi_bias(slopes, T, S))
     torch.testing.assert_close(method.attend(q, k, v).double(), ref, atol=1e-5, rtol=1e-5)
-    method.set_scaling("linear")  # interpolation: slopes * L / L' only past train_len (16)
+    method.set_rule("linear")  # interpolation: slopes * L / L' only past train_len (16)
     factor = min(1.0, 16 / S)
     ref = reference_attention(q, k, v, bias=alibi_bias(slopes * factor, T, S))
     torch.testing.assert_close(method.attend(q, k, v).double(), ref, atol=1e-5, rtol=1e-5)

@@ -212,7 +212,8 @@ def test_the_embedding_convention_replaces_the_presets_and_is_reported(tmp_path,
     saved = json.loads((tmp_path / "report/runs/alibi-seed0/config.json").read_text())
     assert saved["model"]["embedding"] == "fairseq" and results["preset"]["embedding"] == "fairseq"
     report = (tmp_path / "report/report.md").read_text()
-    assert f"--preset unit --seeds 1 --data {corpus} --embedding fairseq --out OUT" in report
+    assert f"--preset unit --seeds 1 --data {corpus} --positions alibi --embedding fairseq --out OUT" \
+        in report
     assert "`fairseq` convention" in report and "whole files split about 98/1/1%" in report
     assert results["corpus"]["split_by"] == "file"
 

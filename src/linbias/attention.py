@@ -3,6 +3,8 @@
 Shapes: ``B`` batch, ``H`` query heads, ``Hkv`` key/value heads (``H % Hkv == 0``), ``Lq`` queries,
 ``Lk`` keys, ``D`` head dim. Queries are the last ``Lq`` of the ``Lk`` positions (KV cache). Slopes
 are ``[H]``, or ``[B, H]`` when rows of a batch need their own (interpolated for each row's length).
+An optional ``key_bias`` ``[H, Lk]`` or ``[B, H, Lk]`` adds a per-key term to every query's score
+(a model whose ALiBi bias is counted along its mask, or rounded as the model rounds it).
 
 The fast path uses the fact that softmax is unchanged by a constant added along a row: for causal
 attention the bias ``-m_h * (i - j)`` of row ``i`` equals ``m_h * (j - c)`` plus a row constant,
@@ -39,11 +41,13 @@ class _Call:
     causal: bool
     scale: float
     key_padding_mask: Optional[Tensor]  # [B, Lk] bool, True = real token
+    key_bias: Optional[Tensor] = None  # [1 or B, H, Lk], in the dtype of slopes
 
     @property
     def needs_grad(self) -> bool:
         return torch.is_grad_enabled() and any(
-            t.requires_grad for t in (self.q, self.k, self.v, self.slopes)
+            t is not None and t.requires_grad
+            for t in (self.q, self.k, self.v, self.slopes, self.key_bias)
         )
 
     @property
@@ -51,9 +55,18 @@ class _Call:
         return torch.is_grad_enabled() and self.slopes.requires_grad
 
     @property
+    def key_bias_needs_grad(self) -> bool:
+        return torch.is_grad_enabled() and self.key_bias is not None and self.key_bias.requires_grad
+
+    @property
     def slopes_BH(self) -> Tensor:
         """The slopes as ``[1 or B, H]``: one row shared by the batch, or one per row."""
         return self.slopes.view(1, -1) if self.slopes.dim() == 1 else self.slopes
+
+    def key_bias_keys(self, k0: int, k1: int) -> Optional[Tensor]:
+        """``key_bias`` of keys ``k0 .. k1 - 1`` as ``[1 or B, H, 1, keys]``, broadcast over
+        queries; None without one."""
+        return None if self.key_bias is None else self.key_bias[:, :, None, k0:k1]
 
 
 @dataclass(frozen=True)
@@ -70,8 +83,51 @@ def _expand_kv(x: Tensor, n_heads: int) -> Tensor:
     return x if group == 1 else x.repeat_interleave(group, dim=1)
 
 
-def _visible(c: _Call, q_start: int, q_end: int, k_end: int) -> Tensor:
-    """Bool ``[B or 1, 1, q_end - q_start, k_end]``: which keys each query in the block may see."""
+# --- the visibility rule, in one place: a query row that sees no key gives zeros ----------------
+#
+# Only key padding can hide every key of a row (a causal query sees its own position, a
+# bidirectional one every key). Such a row is let see every key, so that softmax over it stays
+# finite in both passes, and its output is then set to zero, which also zeroes its gradients.
+# Without padding there is nothing to do: ``has_key`` is None and both steps are skipped.
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """Which query rows see at least one key."""
+
+    has_key: Optional[Tensor]  # [B, 1, Lq, 1] bool; None: every row does (no key padding)
+
+    @staticmethod
+    def of(key_padding_mask: Optional[Tensor], n_queries: int, causal: bool) -> "_Rows":
+        if key_padding_mask is None:
+            return _Rows(None)
+        if causal:  # query i, the (Lk - Lq + i)-th key, sees keys 0 .. itself
+            seen = key_padding_mask.cumsum(-1)[:, key_padding_mask.shape[1] - n_queries :] > 0
+        else:
+            seen = key_padding_mask.any(-1, keepdim=True).expand(-1, n_queries)
+        return _Rows(seen[:, None, :, None])
+
+    def block(self, q0: int, q1: int) -> "_Rows":
+        """The rows ``q0 .. q1 - 1``."""
+        return self if self.has_key is None else _Rows(self.has_key[:, :, q0:q1])
+
+    def open(self, visible: Tensor) -> Tensor:
+        """``visible`` (bool ``[..., Lq, keys]``, batch first) with each row that sees no key
+        seeing every key."""
+        if self.has_key is None:
+            return visible
+        has_key = self.has_key
+        has_key = has_key.view(has_key.shape[0], *[1] * (visible.dim() - 3), *has_key.shape[2:])
+        return visible | ~has_key
+
+    def zero(self, out: Tensor) -> Tensor:
+        """``out`` ``[B, H, Lq, D]`` with the rows that see no key set to zero."""
+        return out if self.has_key is None else out.masked_fill(~self.has_key, 0.0)
+
+
+def _visible(c: _Call, rows: _Rows, q_start: int, q_end: int, k_end: int) -> Tensor:
+    """Bool ``[B or 1, 1, q_end - q_start, k_end]``: which keys each query in the block may see,
+    rows that see none opened (``rows`` holds the block's rows)."""
     offset = c.k.shape[2] - c.q.shape[2]
     i_abs = torch.arange(offset + q_start, offset + q_end, device=c.q.device).view(-1, 1)
     j = torch.arange(k_end, device=c.q.device).view(1, -1)
@@ -79,7 +135,7 @@ def _visible(c: _Call, q_start: int, q_end: int, k_end: int) -> Tensor:
     mask = mask.view(1, 1, *mask.shape)
     if c.key_padding_mask is not None:
         mask = mask & c.key_padding_mask[:, None, None, :k_end]
-    return mask
+    return rows.open(mask)
 
 
 # --- attention without ALiBi: plain causal, or an additive [H, T, S] bias (T5) ---------------
@@ -111,10 +167,8 @@ def causal_attention(
     visible = (j <= i).view(1, 1, T, S)  # [B or 1, 1, T, S]; never a float heads x T x S mask
     if key_padding_mask is not None:
         visible = visible & key_padding_mask[:, None, None, :]
-    # A row with no visible key would be softmax over all -inf (NaN): let it see every key, then
-    # zero its output.
-    has_key = visible.any(-1, keepdim=True)
-    visible = visible | ~has_key
+    rows = _Rows.of(key_padding_mask, T, causal=True)
+    visible = rows.open(visible)
     if bias_HTS is not None and bias_HTS.requires_grad:  # fused kernels give a mask no gradient
         bias_HTS = bias_HTS.to(q_BHTD.dtype)
         out = _LearnedBiasAttention.apply(q_BHTD, k_BHSD, v_BHSD, bias_HTS, ~visible)
@@ -124,7 +178,7 @@ def causal_attention(
             # [B or 1, H, T, S]: four dimensions, or PyTorch skips its fused kernel.
             mask = bias_HTS.to(q_BHTD.dtype).masked_fill(~visible, float("-inf"))
         out = F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSD, attn_mask=mask)
-    return out if key_padding_mask is None else out.masked_fill(~has_key, 0.0)
+    return rows.zero(out)
 
 
 # Query rows per block of _LearnedBiasAttention: on CPU the scores of 128 rows stay in cache, and
@@ -194,11 +248,11 @@ def _reference(c: _Call) -> Tensor:
     scores = (c.q @ k.transpose(-1, -2)) * c.scale  # [B, H, Lq, Lk]
     bias = [alibi_bias(row.to(scores.dtype), Lq, Lk, causal=c.causal) for row in c.slopes_BH]
     scores = scores + torch.stack(bias)  # [1 or B, H, Lq, Lk]
-    visible = _visible(c, 0, Lq, Lk)
-    scores = scores.masked_fill(~visible, float("-inf"))
-    has_key = visible.any(-1, keepdim=True)
-    probs = torch.softmax(scores.masked_fill(~has_key, 0.0), dim=-1)
-    return (probs @ v).masked_fill(~has_key, 0.0)
+    if c.key_bias is not None:
+        scores = scores + c.key_bias_keys(0, Lk).to(scores.dtype)
+    rows = _Rows.of(c.key_padding_mask, Lq, c.causal)
+    scores = scores.masked_fill(~_visible(c, rows, 0, Lq, Lk), float("-inf"))
+    return rows.zero(torch.softmax(scores, dim=-1) @ v)
 
 
 def _always(c: _Call) -> Optional[str]:
@@ -264,7 +318,8 @@ def _segments(c: _Call) -> list[_Segment]:
 
 def _segment_mask(c: _Call, s: _Segment) -> Tensor:
     """The segment's additive mask: ``[1 or B, H, 1, keys]`` per-key bias (broadcast over
-    queries), or ``[1 or B, H, Bq, Bq]`` for a bidirectional diagonal block; padded keys -inf."""
+    queries), or ``[1 or B, H, Bq, Bq]`` for a bidirectional diagonal block; plus ``key_bias``,
+    which every segment carries whole (so it moves no segment's frame); padded keys -inf."""
     device, dtype = c.q.device, c.slopes.dtype
     j = torch.arange(s.k0, s.k1, device=device, dtype=dtype)
     if s.sign != 0:
@@ -273,6 +328,8 @@ def _segment_mask(c: _Call, s: _Segment) -> Tensor:
         offset = c.k.shape[2] - c.q.shape[2]
         i = torch.arange(offset + s.q0, offset + s.q1, device=device, dtype=dtype)
         mask = -c.slopes_BH[:, :, None, None] * (i.view(-1, 1) - j.view(1, -1)).abs()
+    if c.key_bias is not None:
+        mask = mask + c.key_bias_keys(s.k0, s.k1)
     if c.key_padding_mask is not None:
         pad = ~c.key_padding_mask[:, None, None, s.k0 : s.k1]
         mask = mask.masked_fill(pad, float("-inf"))
@@ -335,20 +392,19 @@ def _bias_forward(c: _Call, q: Tensor, k: Tensor, v: Tensor, segs: list[_Segment
 
 class _BiasAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, call: _Call) -> Tensor:
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, call: _Call, rows: _Rows) -> Tensor:
         segs = _segments(call)
         out, lse = _bias_forward(call, q, k, v, segs)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.call, ctx.segs = call, segs
+        ctx.call, ctx.segs, ctx.rows = call, segs, rows
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         q, k, v, out, lse = ctx.saved_tensors
-        c = ctx.call
-        if c.key_padding_mask is not None:  # rows that see no key: zero output, zero gradient
-            empty = ~torch.isfinite(lse)
-            lse, grad_out = lse.masked_fill(empty, 0.0), grad_out.masked_fill(empty[..., None], 0.0)
+        c, seen = ctx.call, ctx.rows
+        if seen.has_key is not None:  # rows that see no key: zero output, zero gradient
+            lse, grad_out = lse.masked_fill(~seen.has_key[..., 0], 0.0), seen.zero(grad_out)
         grad_out = _kernel_layout(grad_out, grad_out.dtype)
         grads: dict[str, Tensor] = {}
         for s in ctx.segs:
@@ -360,7 +416,7 @@ class _BiasAttention(torch.autograd.Function):
             )
             for name, part, where in (("q", dq_s, rows), ("k", dk_s, keys), ("v", dv_s, keys)):
                 _accumulate(grads, name, part, where, q.shape[2] if name == "q" else k.shape[2])
-        return grads["q"], grads["k"], grads["v"], None
+        return grads["q"], grads["k"], grads["v"], None, None
 
 
 def _accumulate(grads: dict[str, Tensor], name: str, part: Tensor, where: slice, length: int) -> None:
@@ -402,7 +458,7 @@ def _kernel_layout(x: Tensor, dtype: torch.dtype) -> Tensor:
 _DECODE_MAX_QUERIES = 4
 
 
-def _decode(c: _Call, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+def _decode(c: _Call, rows: _Rows, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """``[B, H, Lq, D]`` from inputs already in the kernel's layout and working dtype."""
     B, H, Lq, D = q.shape
     Hkv, Lk, group = k.shape[1], k.shape[2], H // k.shape[1]
@@ -411,33 +467,34 @@ def _decode(c: _Call, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         j_minus_i = j_minus_i - torch.arange(Lq, device=q.device, dtype=q.dtype).view(-1, 1)
     # [1 or B, Hkv, group, Lq, Lk]: head h = kv_head * group + g, as in _expand_kv.
     bias = c.slopes_BH.view(-1, Hkv, group, 1, 1) * (j_minus_i if c.causal else -j_minus_i.abs())
-    hidden = (j_minus_i > 0) if c.causal and Lq > 1 else None  # [Lq, Lk] future keys
-    has_key = None
+    if c.key_bias is not None:
+        bias = bias + c.key_bias.reshape(-1, Hkv, group, 1, Lk)
+    visible = (j_minus_i <= 0) if c.causal and Lq > 1 else None  # [Lq, Lk] no future keys
     if c.key_padding_mask is not None:
-        pad = ~c.key_padding_mask[:, None, :]  # [B, 1, Lk]
-        hidden = pad if hidden is None else pad | hidden  # [B, Lq or 1, Lk]
-        # A row that sees no key sees every key instead (no NaN, in either pass), then gets zeros.
-        has_key = ~hidden.all(-1, keepdim=True)  # [B, Lq or 1, 1]
-        hidden = (hidden & has_key)[:, None, None]  # [B, 1, 1, Lq or 1, Lk]
-    if hidden is not None:  # after the product: a zero slope times -inf would be nan
-        bias = bias.masked_fill(hidden, float("-inf"))
+        real = c.key_padding_mask[:, None, :]  # [B, 1, Lk]
+        visible = rows.open(real if visible is None else real & visible)  # [B, Lq or 1, Lk]
+    if visible is not None:  # after the product: a zero slope times -inf would be nan
+        bias = bias.masked_fill(~visible.view(-1, 1, 1, *visible.shape[-2:]), float("-inf"))
     out = F.scaled_dot_product_attention(
         q.reshape(B, Hkv, group * Lq, D), k, v, attn_mask=bias.flatten(2, 3), scale=c.scale
     ).reshape(B, H, Lq, D)
-    return out if has_key is None else out.masked_fill(~has_key[:, None], 0.0)
+    return rows.zero(out)
 
 
 def _sdpa(c: _Call) -> Tensor:
     # Half-precision inputs run in fp32 (the dtype of c.slopes): the bias needs its mantissa.
     H, dtype, work = c.q.shape[1], c.q.dtype, c.slopes.dtype
+    rows = _Rows.of(c.key_padding_mask, c.q.shape[2], c.causal)
     if c.q.shape[2] <= _DECODE_MAX_QUERIES:
-        out = _decode(c, *(_kernel_layout(t, work) for t in (c.q, c.k, c.v)))
+        out = _decode(c, rows, *(_kernel_layout(t, work) for t in (c.q, c.k, c.v)))
         return out if out.dtype == dtype else out.to(dtype)
     q, k, v = (_kernel_layout(t, work) for t in (c.q, _expand_kv(c.k, H), _expand_kv(c.v, H)))
     if c.needs_grad:
-        out = _BiasAttention.apply(q, k, v, c)
+        out = _BiasAttention.apply(q, k, v, c, rows)
     else:
         out = _bias_forward(c, q, k, v, _segments(c))[0]
+    # The kernel already gives zeros for a row that sees no key; the rule says so explicitly.
+    out = rows.zero(out)
     return out if out.dtype == dtype else out.to(dtype)
 
 
@@ -448,6 +505,8 @@ def _sdpa_unavailable(c: _Call) -> Optional[str]:
         return f"the per-key-bias kernel is CPU-only (inputs are on {c.q.device.type})"
     if c.slopes_need_grad:
         return "its fused kernel gives no gradient for slopes (use 'blocked' to learn them)"
+    if c.key_bias_needs_grad:
+        return "its fused kernel gives no gradient for key_bias (use 'blocked' to learn it)"
     return None
 
 
@@ -460,6 +519,7 @@ def _blocked(c: _Call) -> Tensor:
     B, H, Lq, _ = c.q.shape
     Lk, offset = c.k.shape[2], c.k.shape[2] - Lq
     k, v = _expand_kv(c.k, H), _expand_kv(c.v, H)
+    rows = _Rows.of(c.key_padding_mask, Lq, c.causal)
     block = max(1, min(Lq, _BLOCK_ELEMENTS // max(1, H * Lk)))
     outs = []
     for q0 in range(0, Lq, block):
@@ -468,14 +528,15 @@ def _blocked(c: _Call) -> Tensor:
         i = torch.arange(offset + q0, offset + q1, device=c.q.device).view(-1, 1)
         dist = (i - torch.arange(k_end, device=c.q.device).view(1, -1)).to(torch.float32)
         dist = dist if c.causal else dist.abs()
-        bias = (-c.slopes_BH[:, :, None, None] * dist).to(c.q.dtype)  # [1 or B, H, Bq, k_end]
-        visible = _visible(c, q0, q1, k_end)
-        has_key = visible.any(-1, keepdim=True)
-        bias = bias.masked_fill(~(visible | ~has_key), float("-inf"))
+        bias = -c.slopes_BH[:, :, None, None] * dist  # [1 or B, H, Bq, k_end]
+        if c.key_bias is not None:
+            bias = bias + c.key_bias_keys(0, k_end)
+        visible = _visible(c, rows.block(q0, q1), q0, q1, k_end)
+        bias = bias.to(c.q.dtype).masked_fill(~visible, float("-inf"))
         out = F.scaled_dot_product_attention(
             c.q[:, :, q0:q1], k[:, :, :k_end], v[:, :, :k_end], attn_mask=bias, scale=c.scale
         )
-        outs.append(out.masked_fill(~has_key, 0.0))
+        outs.append(rows.block(q0, q1).zero(out))
     return torch.cat(outs, dim=2)
 
 
@@ -497,11 +558,13 @@ def _flex(c: _Call) -> Tensor:
     Lk = c.k.shape[2]
     offset, kpm, causal = Lk - Lq, c.key_padding_mask, c.causal
     slopes = c.slopes_BH.expand(B, H).contiguous()  # indexed by row and head in score_mod
+    key_bias = None if c.key_bias is None else c.key_bias.expand(B, H, Lk).contiguous()
 
     def score_mod(score, b, h, q_idx, kv_idx):
         dist = q_idx + offset - kv_idx
         dist = dist if causal else dist.abs()
-        return score - slopes[b, h] * dist
+        score = score - slopes[b, h] * dist
+        return score if key_bias is None else score + key_bias[b, h, kv_idx]
 
     def mask_mod(b, h, q_idx, kv_idx):
         keep = (kv_idx <= q_idx + offset) if causal else (kv_idx >= 0)
@@ -514,7 +577,7 @@ def _flex(c: _Call) -> Tensor:
         c.q, c.k, c.v, score_mod=score_mod, block_mask=block_mask, scale=c.scale,
         enable_gqa=c.k.shape[1] != H,
     )
-    return out
+    return _Rows.of(kpm, Lq, causal).zero(out)
 
 
 def _flex_unavailable(c: _Call) -> Optional[str]:
@@ -526,6 +589,8 @@ def _flex_unavailable(c: _Call) -> Optional[str]:
         return "FlexAttention on CPU runs float32 only"
     if c.q.device.type == "cpu" and c.needs_grad:
         return "FlexAttention has no backward pass on CPU (use 'sdpa' or 'blocked' for training)"
+    if c.key_bias_needs_grad:
+        return "its score function gives no gradient for key_bias (use 'blocked' to learn it)"
     return None
 
 
@@ -545,6 +610,8 @@ def _flash(c: _Call) -> Tensor:
 
 
 def _flash_unavailable(c: _Call) -> Optional[str]:
+    if c.key_bias is not None:
+        return "flash-attn takes no per-key bias (key_bias); use 'flex' or 'blocked'"
     if c.slopes_need_grad:
         return "flash-attn gives no gradient for slopes (use 'flex' or 'blocked' to learn them)"
     try:
@@ -644,6 +711,35 @@ def _check(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, key_padding_mask: Op
             )
 
 
+def _check_key_bias(key_bias: Optional[Tensor], q: Tensor, n_keys: int) -> None:
+    if key_bias is None:
+        return
+    B, H = q.shape[:2]
+    if not isinstance(key_bias, torch.Tensor):
+        raise TypeError(
+            f"key_bias must be a torch.Tensor or None, got {type(key_bias).__name__}; use "
+            "torch.as_tensor(key_bias)"
+        )
+    if not key_bias.dtype.is_floating_point:
+        raise TypeError(f"key_bias must be a floating-point tensor, got {key_bias.dtype}; use "
+                        "key_bias.float()")
+    if tuple(key_bias.shape) not in ((H, n_keys), (B, H, n_keys)):
+        raise ValueError(
+            f"key_bias must have shape [heads, keys] = [{H}, {n_keys}] (shared by the batch) or "
+            f"[batch, heads, keys] = [{B}, {H}, {n_keys}], got {tuple(key_bias.shape)}"
+        )
+    if key_bias.device != q.device:
+        raise ValueError(f"key_bias is on {key_bias.device} but q is on {q.device}")
+    # Checked on the CPU only, as slopes are: on an accelerator the check would stall the host.
+    # One sum in float64 (nan and inf carry through it; finite float32 values cannot overflow
+    # it) costs a fraction of isfinite().all(), which is several kernels.
+    if key_bias.device.type == "cpu" and not math.isfinite(key_bias.detach().sum(dtype=torch.float64)):
+        raise ValueError(
+            "key_bias must be finite (nan or inf found); hide keys with key_padding_mask, not "
+            "with -inf"
+        )
+
+
 def _scale(scale: Optional[float], head_dim: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
@@ -657,7 +753,8 @@ def _scale(scale: Optional[float], head_dim: int) -> float:
 
 
 def _auto(c: _Call) -> str:
-    # Fastest first; "flex" only where it is compiled for a GPU (on CPU "sdpa" is faster).
+    # Fastest first; "flex" only where it is compiled for a GPU (on CPU "sdpa" is faster). Only a
+    # backend that can run the call is picked (flash takes no key_bias, for one).
     preferred = ("flash", "flex") if c.q.device.type == "cuda" else ("sdpa",)
     for name in preferred:
         if name in BACKENDS and BACKENDS[name].unavailable(c) is None:
@@ -674,9 +771,10 @@ def alibi_attention(
     causal: bool = True,
     scale: Optional[float] = None,
     key_padding_mask: Optional[Tensor] = None,
+    key_bias: Optional[Tensor] = None,
     backend: str = "auto",
 ) -> Tensor:
-    """Attention with linear biases: ``softmax(q k^T * scale - m_h * distance) v``.
+    """Attention with linear biases: ``softmax(q k^T * scale - m_h * distance + key_bias) v``.
 
     Args:
         q: ``[B, H, Lq, D]`` queries, the last ``Lq`` positions of the keys.
@@ -690,6 +788,15 @@ def alibi_attention(
         scale: multiplies ``q k^T`` before the bias is added; default ``1 / sqrt(D)``.
         key_padding_mask: ``[B, Lk]`` bool, True = real token. Masked keys are never attended;
             a query that sees no key gets zeros.
+        key_bias: optional ``[H, Lk]`` (shared by the batch) or ``[B, H, Lk]`` float, finite:
+            ``key_bias[b, h, j]`` is added to the score of every query of row ``b``, head ``h``
+            with key ``j``, after ``scale`` and alongside the slopes' term, so the score is
+            ``q_i . k_j * scale - m_h * (i - j) + key_bias[b, h, j]``. Costs ``O(B H Lk)``
+            memory, never ``O(Lq Lk)``. With zero slopes it carries a bias counted per key, such
+            as one along the positions of a mask with gaps (softmax ignores a constant per query,
+            so a causal ``-m (i - j)`` is the per-key ``m j``). Every backend but ``"flash"``
+            takes it; a ``key_bias`` that requires grad is learnt on ``"reference"`` and
+            ``"blocked"`` (``"auto"`` picks ``"blocked"`` then).
         backend: a key of ``BACKENDS`` or ``"auto"`` (the fastest correct one for this call).
 
     Returns:
@@ -697,14 +804,20 @@ def alibi_attention(
 
     Raises:
         TypeError: an argument of the wrong type (a list or array, integer or mixed dtypes).
-        ValueError: inconsistent shapes, no heads or no head dim, nan/inf slopes or scale.
+        ValueError: inconsistent shapes, no heads or no head dim, nan/inf slopes, scale or
+            key_bias.
         RuntimeError: the named backend cannot run this call (the message says why).
     """
     _check_types(q, k, v, key_padding_mask, causal)
     _check(q, k, v, slopes, key_padding_mask)
+    _check_key_bias(key_bias, q, k.shape[2])
+    work = torch.promote_types(q.dtype, torch.float32)
+    if key_bias is not None:
+        key_bias = key_bias.to(work)
+        key_bias = key_bias if key_bias.dim() == 3 else key_bias[None]
     call = _Call(
-        q, k, v, slopes.to(q.device, torch.promote_types(q.dtype, torch.float32)), causal,
-        _scale(scale, q.shape[-1]), key_padding_mask,
+        q, k, v, slopes.to(q.device, work), causal, _scale(scale, q.shape[-1]), key_padding_mask,
+        key_bias,
     )
     if backend == "auto":  # _auto picks only a backend that can run the call
         return BACKENDS[_auto(call)].run(call)

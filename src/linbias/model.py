@@ -164,19 +164,19 @@ class GPT(nn.Module):
         """An empty KV cache for incremental decoding with ``forward(..., cache=cache)``."""
         return KVCache(self.config.n_layers)
 
-    def set_scaling(self, rule: str) -> None:
+    def set_rule(self, rule: str) -> None:
         """Set the position method's length-scaling rule (e.g. ALiBi ``"linear"`` interpolation)."""
-        self.position.set_scaling(rule)
+        self.position.set_rule(rule)
 
     @contextmanager
     def scaled(self, rule: str) -> Iterator[GPT]:
         """The model under ``rule`` for the duration of a ``with`` block, then its rule before."""
-        previous = self.position.scaling
+        previous = self.position.rule
         try:
-            self.set_scaling(rule)
+            self.set_rule(rule)
             yield self
         finally:
-            self.set_scaling(previous)
+            self.set_rule(previous)
 
     def forward(
         self,

@@ -125,36 +125,36 @@ class PositionMethod(nn.Module):
     """One position method: hooks for embeddings, q/k rotation and attention.
 
     The model owns one instance, shared by every layer (T5 shares its bias across layers).
-    ``scaling`` names the length-scaling rule used beyond ``train_len`` (``set_scaling``).
+    ``rule`` names the length-scaling rule used beyond ``train_len`` (``set_rule``).
     """
 
     name: ClassVar[str]
-    scaling_rules: ClassVar[tuple[str, ...]] = ("none",)
+    rules: ClassVar[tuple[str, ...]] = ("none",)
     # Whether config.position_scale (a fixed factor on every distance) applies to this method.
     scalable: ClassVar[bool] = False
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.scaling: str = "none"
+        self.rule: str = "none"
 
     @property
     def max_len(self) -> int | None:
         """The longest input this method can represent; ``None`` means unbounded."""
         return None
 
-    def set_scaling(self, rule: str) -> None:
+    def set_rule(self, rule: str) -> None:
         """Choose how positions are scaled when the input is longer than ``train_len``.
 
         Raises:
             ValueError: the rule is not one this method supports (the message lists them).
         """
-        if rule not in self.scaling_rules:
+        if rule not in self.rules:
             raise ValueError(
                 f"{self.name!r} positions do not support scaling rule {rule!r}; "
-                f"valid rules: {', '.join(self.scaling_rules)}"
+                f"valid rules: {', '.join(self.rules)}"
             )
-        self.scaling = rule
+        self.rule = rule
 
     def embed(self, x_BTC: Tensor, pos_T: Tensor) -> Tensor:
         """Add position information to token embeddings (default: unchanged)."""
@@ -259,14 +259,14 @@ class RotaryPositions(PositionMethod):
     """
 
     name = "rotary"
-    scaling_rules = ("none", "linear")
+    rules = ("none", "linear")
     scalable = True
 
     def rotate(self, q_BHTD: Tensor, k_BHTD: Tensor, q_pos: Tensor,
                k_pos: Tensor) -> tuple[Tensor, Tensor]:
         factor = self.config.position_scale  # a fine-tune's fixed interpolation, at every length
-        if self.scaling != "none":
-            factor *= scaling_factor(self.config.train_len, int(k_pos.max()) + 1, self.scaling)
+        if self.rule != "none":
+            factor *= scaling_factor(self.config.train_len, int(k_pos.max()) + 1, self.rule)
         if factor != 1.0:
             q_pos, k_pos = q_pos * factor, k_pos * factor
         D, base = q_BHTD.shape[-1], self.config.rotary_base
@@ -346,7 +346,7 @@ class AlibiPositions(PositionMethod):
     """
 
     name = "alibi"
-    scaling_rules = tuple(SCALING_RULES)
+    rules = tuple(SCALING_RULES)
     scalable = True
 
     def __init__(self, config: ModelConfig) -> None:
@@ -359,15 +359,15 @@ class AlibiPositions(PositionMethod):
     def attend(self, q_BHTD: Tensor, k_BHSD: Tensor, v_BHSD: Tensor, *,
                key_padding_mask: Tensor | None = None, state: Tensor | None = None) -> Tensor:
         L = self.config.train_len
-        if self.scaling == "none" or key_padding_mask is None:
-            slopes = interpolate_slopes(self.slopes, L, eval_len=k_BHSD.shape[-2], rule=self.scaling)
+        if self.rule == "none" or key_padding_mask is None:
+            slopes = interpolate_slopes(self.slopes, L, eval_len=k_BHSD.shape[-2], rule=self.rule)
             return alibi_attention(q_BHTD, k_BHSD, v_BHSD, slopes, key_padding_mask=key_padding_mask)
         # L' counts a row's real tokens, not its padding: rows of one length share their slopes.
         lengths_B = row_lengths(key_padding_mask)
         out_BHTD = torch.empty_like(q_BHTD)
         for length in lengths_B.unique().tolist():
             rows = lengths_B == length
-            slopes = interpolate_slopes(self.slopes, L, eval_len=length, rule=self.scaling)
+            slopes = interpolate_slopes(self.slopes, L, eval_len=length, rule=self.rule)
             out_BHTD[rows] = alibi_attention(
                 q_BHTD[rows], k_BHSD[rows], v_BHSD[rows], slopes, key_padding_mask=key_padding_mask[rows]
             )

@@ -80,7 +80,7 @@ __all__ = ["ReproducePreset", "REPRODUCE_PRESETS", "reproduce"]
 
 
 def _rules(position: str) -> list[str]:
-    return list(POSITION_METHODS[position].scaling_rules)
+    return list(POSITION_METHODS[position].rules)
 
 
 # reproduce's own file in a run directory: a run holding it is still provably a run.

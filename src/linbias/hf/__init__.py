@@ -22,20 +22,25 @@ so logits are bit-identical to the unpatched model. Past it, with ``attention="l
 default), every attention module calls ``linbias.alibi_attention`` with the family's slopes,
 scaled per row (``[B, H]`` slopes when rows differ), the key padding of the mask, and the KV cache
 as the family fills it: no ``H x L x L`` score tensor or ``L x L`` mask is built (O(L) memory on
-CPU; ``flash`` or ``flex`` on a GPU, as for linbias models). ``attention="native"`` keeps the
-family's attention past L too (eager scores, or Falcon's materialised bias for SDPA), for debugging
-and comparison. The family's attention also runs past L when a call needs what only it gives:
-``output_attentions``, attention dropout in training, a 4-D mask, BLOOM's ``slow_but_exact``, or
-(BLOOM, Falcon) a 2-D mask with a pad between real tokens (they count positions along the mask,
-linbias in slots; the two agree for left and right padding).
+CPU; ``flash`` or ``flex`` on a GPU, as for linbias models). Where the family counts positions
+along the mask or rounds its bias, its own per-key bias (``[B, H, K]``, scaled slopes) goes to
+``alibi_attention`` as ``key_bias``, with zero slopes: Falcon always, BLOOM when a row's mask has
+a pad between real tokens. ``attention="native"`` keeps the family's attention past L too (eager
+scores, or Falcon's materialised bias for SDPA), for debugging and comparison. The family's
+attention also runs past L when a call needs what only it gives, with a ``UserWarning`` once per
+extension and reason: ``output_attentions``, attention dropout in training, or (MPT) a 4-D mask.
+BLOOM and Falcon build their bias from the 2-D mask and take no 4-D one (unpatched they fail on
+it); the extension refuses it with a ``ValueError``.
 
-Conventions on the fast path: BLOOM's float32 slopes; MPT's slopes as its builder computes them;
-Falcon's bias divided by sqrt(head dim) (doubled, as transformers' eager Falcon adds it twice) with
-each scaled slope rounded to bfloat16 as Falcon rounds it. Falcon also rounds each product slope x
-position to bfloat16 (an error of up to 2^-8 of the product, which a linear bias cannot carry):
-there the fast path multiplies exactly, so it differs from ``"native"`` by that rounding. Measured
-max |logit difference| to ``"native"``: 1.4e-4 on the tests' tiny models, 1.2e-2 at 2k and 6.3e-3
-at 8k tokens in ``benchmarks/hf_long.py``; BLOOM and MPT agree to 1.2e-5 or better.
+Conventions on the fast path: BLOOM's float32 slopes (or its float32 per-key bias); MPT's slopes
+as its builder computes them; Falcon's own bias tensor, built by its rule with the scaled slopes
+(slope rounded to bfloat16, times the position along the mask, in bfloat16), divided by
+sqrt(head dim) as ``FalconModel`` divides it (transformers' eager Falcon adds it twice, and so
+does the fast path then). BLOOM's ``slow_but_exact`` output projection is computed as BLOOM
+computes it. Measured max |logit difference| to ``"native"`` (fp32): 0 for Falcon (1.5e-7 with
+multi-query heads) and 2.4e-7 or less for BLOOM and MPT on the tests' tiny models at 2-4x
+train_len; 0 for Falcon and 1.2e-5 or less for BLOOM and MPT at 2k and 8k tokens in
+``benchmarks/hf_long.py``. The tests require 1e-4.
 
 How each family is patched. Everything is per instance (instance attributes and hooks on the base
 model and its attention modules, originals kept for ``undo``); no class or module function of

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import warnings
 from collections.abc import Sequence
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -163,7 +164,9 @@ class HFModel:
 
     def attention_maps(self, ids_BT: torch.Tensor) -> list[torch.Tensor]:
         device = next(self.model.parameters()).device
-        with torch.inference_mode():
+        with torch.inference_mode(), warnings.catch_warnings():
+            # Probabilities are what is asked for: the family's own attention is the point here.
+            warnings.filterwarnings("ignore", message="linbias attention cannot return attention")
             out = self.model(input_ids=ids_BT.to(device), use_cache=False, output_attentions=True)
         maps = getattr(out, "attentions", None)
         if not maps or any(m is None for m in maps):

@@ -12,6 +12,7 @@ import functools
 import inspect
 import math
 import types
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -46,6 +47,8 @@ FAMILIES: dict[str, str] = {
     "falcon": "FalconForCausalLM, FalconModel with config.alibi=True",
 }
 
+_FAMILY_NAMES = {"bloom": "BLOOM", "mpt": "MPT", "falcon": "Falcon"}  # as messages spell them
+
 # Which attention an extended model runs past train_len: linbias.alibi_attention (O(L) memory, the
 # flash and flex backends on a GPU), or the family's own (a bias or scores per query and key).
 Attention = Literal["linbias", "native"]
@@ -78,6 +81,7 @@ class _Plan:
     n_keys: int  # key slots the family's own code covers (a static cache holds more than tokens)
     mask_BK: torch.Tensor | None  # the 2-D attention mask, when there is one
     fast: bool  # attention through linbias.alibi_attention
+    gaps: bool = False  # a row of the mask has a pad between two real tokens
 
 
 @dataclass
@@ -88,11 +92,12 @@ class _Extension:
     train_len: int
     rule: str
     attention: str
-    dropout: float  # the family's attention dropout, which alibi_attention does not apply
+    config: Any  # the model's config, read at call time (its attention implementation may change)
     restore: list[Callable[[], None]] = field(default_factory=list)
     # Set by the base model's forward pre-hook for the builders and the mask below, which the
     # family calls without the lengths (so one forward at a time per model).
     plan: _Plan | None = None
+    warned: set[str] = field(default_factory=set)  # the fallbacks already warned about
 
     def unscaled(self, lengths: list[int]) -> bool:
         return all(scaling_factor(self.train_len, n, self.rule) == 1.0 for n in lengths)
@@ -113,6 +118,9 @@ class _AlibiCall:
     slopes: torch.Tensor  # [H], or [B, H] when rows differ; the bias is -slopes * (i - j)
     key_padding_mask: torch.Tensor | None  # [B, n_tokens] bool, True = real; None: no padding
     n_tokens: int
+    # [B, H, n_tokens]: the family's own per-key bias (slopes then zero), for families that count
+    # positions along the mask or round the bias; None: the slopes carry the whole bias.
+    key_bias: torch.Tensor | None = None
 
     def attend(
         self, q_BHTD: torch.Tensor, k_BHKD: torch.Tensor, v_BHKD: torch.Tensor, scale: float
@@ -121,7 +129,7 @@ class _AlibiCall:
         n = self.n_tokens  # a static cache's empty slots come after the tokens
         out_BHTD = alibi_attention(
             q_BHTD, k_BHKD[:, :, :n], v_BHKD[:, :, :n], self.slopes, scale=scale,
-            key_padding_mask=self.key_padding_mask,
+            key_padding_mask=self.key_padding_mask, key_bias=self.key_bias,
         )
         return out_BHTD.transpose(1, 2).flatten(2)
 
@@ -151,8 +159,10 @@ def extend_context(
         attention: what computes attention once a row is longer than ``train_len``:
             ``"linbias"`` (default) is ``linbias.alibi_attention``, which builds no tensor of
             queries x keys; ``"native"`` keeps the family's own attention (for debugging and
-            comparison). Both use the family's slopes and conventions; Falcon's differ in how
-            the bias is rounded (see the package docstring).
+            comparison). Both use the family's slopes and conventions (Falcon's bias rounded to
+            bfloat16 as Falcon rounds it). A call that needs what only the family's attention
+            gives (``output_attentions``, attention dropout in training, a 4-D mask) runs it, with
+            a ``UserWarning`` once per extension and reason.
 
     Returns:
         ``model`` itself.
@@ -175,8 +185,8 @@ def extend_context(
         raise ValueError(f"unknown attention {attention!r}; valid: {', '.join(ATTENTIONS)}")
     _check_internals(family)
     undo(model)
-    ext = _Extension(family, train_len, rule, attention, _attention_dropout(family, base.config))
-    _PATCHERS[family](base, ext)
+    ext = _Extension(family, train_len, rule, attention, base.config)
+    _patch(ext, base, *_PATCHES[family])
     _set(ext, base, _STATE, ext)
     return model
 
@@ -255,8 +265,11 @@ def _default_train_len(family: str, base: Any) -> int:
     )
 
 
-def _attention_dropout(family: str, config: Any) -> float:
-    return config.attn_config.attn_pdrop if family == "mpt" else config.attention_dropout
+def _attention_dropout(family: str, config: Any) -> tuple[float, str]:
+    """The family's attention dropout probability and where its config keeps it."""
+    if family == "mpt":
+        return config.attn_config.attn_pdrop, "config.attn_config.attn_pdrop"
+    return config.attention_dropout, "config.attention_dropout"
 
 
 # What each family's code must still call for the patches to mean what they say: the names each
@@ -264,7 +277,9 @@ def _attention_dropout(family: str, config: Any) -> float:
 _INTERNALS: dict[str, tuple[tuple[type, tuple[str, ...]], ...]] = {
     "bloom": (
         (BloomModel, ("build_alibi_tensor", "create_causal_mask")),
-        (BloomAttention, ("query_key_value", "_reshape", "update", "dense")),
+        (BloomAttention, (
+            "query_key_value", "_reshape", "update", "dense", "pretraining_tp", "slow_but_exact",
+        )),
     ),
     "mpt": (
         (MptModel, ("build_mpt_alibi_tensor", "create_causal_mask")),
@@ -360,6 +375,12 @@ def _plan_call(
         return None
     batch, new, past, n_keys = sizes
     mask = call.arguments.get("attention_mask")
+    if mask is not None and mask.dim() != 2 and ext.family != "mpt":
+        name = _FAMILY_NAMES[ext.family]
+        raise ValueError(
+            f"{name} takes only a 2-D attention_mask [batch, keys] (1 = real token), from which "
+            f"it builds its ALiBi bias; got shape {tuple(mask.shape)}. Pass the 2-D padding mask"
+        )
     mask_BK = mask if mask is not None and mask.dim() == 2 else None
     lengths = _real_lengths(mask_BK) if mask_BK is not None else [past + new] * batch
     fast = _takes_fast_path(ext, module, call.arguments, lengths)
@@ -371,7 +392,8 @@ def _plan_call(
         mask_BK[:, : past + new] = 1
         call.arguments["attention_mask"] = mask_BK
         changed = call.args, call.kwargs
-    ext.plan = _Plan(lengths, past + new, n_keys, mask_BK, fast)
+    gaps = fast and ext.family == "bloom" and mask is not None and _has_gaps(mask_BK)
+    ext.plan = _Plan(lengths, past + new, n_keys, mask_BK, fast, gaps)
     return changed
 
 
@@ -379,34 +401,59 @@ def _takes_fast_path(
     ext: _Extension, base: torch.nn.Module, arguments: dict, lengths: list[int]
 ) -> bool:
     """Past train_len with ``attention="linbias"``, unless the call needs what only the family's
-    own attention gives: probabilities, attention dropout, a custom 4-D mask, or BLOOM's and
-    Falcon's positions counted along a mask with a gap (``linbias`` counts them in slots)."""
+    own attention gives; each such fallback warns once per extension and reason."""
     if ext.attention != "linbias" or max(lengths, default=0) <= ext.train_len:
         return False
-    mask = arguments.get("attention_mask")
+    fallbacks = _fallbacks(ext, base, arguments)
+    for reason, message in fallbacks:
+        if reason not in ext.warned:
+            ext.warned.add(reason)
+            warnings.warn(message, UserWarning, stacklevel=2)
+    return not fallbacks
+
+
+def _fallbacks(ext: _Extension, base: torch.nn.Module, arguments: dict) -> list[tuple[str, str]]:
+    """``(reason, message)`` for each thing this call asks that ``alibi_attention`` cannot give:
+    attention probabilities, attention dropout in training, a custom 4-D mask."""
+    own = (f"this call used {_FAMILY_NAMES[ext.family]}'s own attention, which builds "
+           "H x L x L scores")
+    found = []
     output_attentions = arguments.get("output_attentions")
     if output_attentions is None:
         output_attentions = base.config.output_attentions
-    if output_attentions or (base.training and ext.dropout > 0):
-        return False
-    if mask is not None and (mask.dim() != 2 or (ext.family != "mpt" and _has_gaps(mask))):
-        return False
-    config = base.config
-    return ext.family != "bloom" or not (config.pretraining_tp > 1 and config.slow_but_exact)
+    if output_attentions:
+        found.append(("output_attentions", (
+            "linbias attention cannot return attention probabilities (output_attentions=True): "
+            f"{own}; pass output_attentions=False for the fast path")))
+    dropout, where = _attention_dropout(ext.family, base.config)
+    if base.training and dropout > 0:
+        found.append(("dropout", (
+            f"linbias attention applies no attention dropout ({where}={dropout}): {own}; call "
+            f"model.eval(), or set {where} = 0 before training, for the fast path")))
+    mask = arguments.get("attention_mask")
+    if mask is not None and mask.dim() != 2:  # MPT's: BLOOM's and Falcon's are refused
+        found.append(("mask", (
+            f"linbias attention takes only a 2-D attention mask [batch, keys] (1 = real token), "
+            f"got a {mask.dim()}-D one (generate builds one for a static cache): {own}; pass the "
+            "2-D padding mask, or generate with the default dynamic cache, for the fast path")))
+    return found
 
 
 def _alibi_call(
-    ext: _Extension, slopes_H: torch.Tensor, convert: Callable | None = None
+    ext: _Extension, slopes_H: torch.Tensor | None = None, key_bias_BHK: torch.Tensor | None = None
 ) -> _AlibiCall:
-    """The fast path's arguments for this call: the family's slopes scaled per row (``convert``
-    puts them in the op's convention), and the key padding."""
+    """The fast path's arguments for this call: the family's slopes scaled per row, or (zero
+    slopes) the family's own per-key bias ``[B, H, K]`` built with them; and the key padding."""
     plan = ext.plan
     assert plan is not None  # set by the pre-hook before the family's forward runs
-    same = all(n == plan.lengths[0] for n in plan.lengths)
-    slopes = ext.scaled(slopes_H, plan.lengths[:1] if same else plan.lengths)
-    slopes = slopes if convert is None else convert(slopes)
     padded = plan.mask_BK is not None and any(n != plan.n_tokens for n in plan.lengths)
     kpm = plan.mask_BK[:, : plan.n_tokens].bool() if padded else None
+    if key_bias_BHK is not None:
+        zero = key_bias_BHK.new_zeros(key_bias_BHK.shape[1], dtype=torch.float32)
+        return _AlibiCall(zero, kpm, plan.n_tokens, key_bias_BHK[:, :, : plan.n_tokens])
+    assert slopes_H is not None
+    same = all(n == plan.lengths[0] for n in plan.lengths)
+    slopes = ext.scaled(slopes_H, plan.lengths[:1] if same else plan.lengths)
     return _AlibiCall(slopes[0] if same else slopes, kpm, plan.n_tokens)
 
 
@@ -428,20 +475,47 @@ def _with_globals(fn: types.FunctionType, **names: Any) -> types.FunctionType:
     return functools.update_wrapper(copy, fn)
 
 
-def _patch_forward(ext: _Extension, base: Any, **names: Any) -> None:
-    """The base model's forward, on the instance, with ``create_causal_mask`` (and ``names``)
-    replaced; and the pre-hook that plans each call."""
+def _patch(
+    ext: _Extension, base: Any, builder_name: str, builder: Callable, cls: type, attention: Callable
+) -> None:
+    """Patch one base model: the bias builder its forward calls (``builder_name``, a method of the
+    model, or a function of its module: Falcon's) becomes ``builder`` (called with ``ext`` and the
+    original first); its forward, a copy whose ``create_causal_mask`` is ``_causal_mask``, gets
+    the pre-hook that plans each call; each ``cls`` module's forward becomes ``attention`` (called
+    with the module and its original forward first)."""
     forward = type(base).forward
-    mask = functools.partial(_causal_mask, ext, forward.__globals__["create_causal_mask"])
-    patched = _with_globals(forward, create_causal_mask=mask, **names)
-    _set(ext, base, "forward", types.MethodType(patched, base))
+    names = {"create_causal_mask": functools.partial(
+        _causal_mask, ext, forward.__globals__["create_causal_mask"])}
+    if hasattr(base, builder_name):
+        _set(ext, base, builder_name,
+             functools.partial(builder, ext, getattr(base, builder_name)))
+    else:
+        names[builder_name] = functools.partial(builder, ext, forward.__globals__[builder_name])
+    _set(ext, base, "forward", types.MethodType(_with_globals(forward, **names), base))
     _pre_hook(ext, base, _plan_call)
-
-
-def _patch_attention(ext: _Extension, base: Any, cls: type, fast: Callable) -> None:
     for attn in base.modules():
         if isinstance(attn, cls):
-            _set(ext, attn, "forward", functools.partial(fast, attn, attn.forward))
+            _set(ext, attn, "forward", functools.partial(attention, attn, attn.forward))
+
+
+def _scaled_key_alibi(
+    ext: _Extension, slope_dtype: torch.dtype, attention_mask: torch.Tensor, num_heads: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """BLOOM's and Falcon's per-key bias ``[B, H, K]``, as their ``build_alibi_tensor`` computes
+    it, with each row's slopes scaled for its L'.
+
+    Both add ``m_h * pos_j`` per key, ``pos`` counted along the mask (padded keys are masked
+    anyway), and rely on the causal mask and softmax's shift invariance for ``-m_h * (i - j)``.
+    Falcon rounds the slopes to bfloat16 and multiplies in bfloat16 (positions and products
+    rounded too); BLOOM stays in float32.
+    """
+    # The family's float32 slopes (Falcon's builder computes the same ones inline).
+    slopes_BH = ext.scaled(
+        _get_alibi_slopes(num_heads, attention_mask.device), _real_lengths(attention_mask)
+    )
+    pos_B1K = ((attention_mask.cumsum(dim=-1) - 1) * attention_mask)[:, None, :]
+    return (slopes_BH[:, :, None].to(slope_dtype) * pos_B1K).to(dtype)
 
 
 def _cumulative_alibi(
@@ -452,38 +526,29 @@ def _cumulative_alibi(
     num_heads: int,
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    """BLOOM's and Falcon's ``build_alibi_tensor``, with each row's slopes scaled for its L'.
-
-    Both add ``m_h * pos_j`` per key, ``pos`` counted along the mask (padded keys are masked
-    anyway), and rely on the causal mask and softmax's shift invariance for ``-m_h * (i - j)``.
-    Falcon rounds the slopes to bfloat16 and multiplies in bfloat16; BLOOM stays in float32.
-    """
-    lengths = _real_lengths(attention_mask)
-    if ext.unscaled(lengths):
+    """BLOOM's and Falcon's ``build_alibi_tensor`` (``[B * H, 1, K]``), each row's slopes scaled
+    for its L' (see ``_scaled_key_alibi``); the original when no row is scaled."""
+    if ext.unscaled(_real_lengths(attention_mask)):
         return original(attention_mask, num_heads, dtype)
-    batch, n_keys = attention_mask.shape
-    # The family's float32 slopes (Falcon's builder computes the same ones inline).
-    slopes_BH = ext.scaled(_get_alibi_slopes(num_heads, attention_mask.device), lengths)
-    pos_B1K = ((attention_mask.cumsum(dim=-1) - 1) * attention_mask)[:, None, :]
-    alibi_BHK = slopes_BH[:, :, None].to(slope_dtype) * pos_B1K
-    return alibi_BHK.reshape(batch * num_heads, 1, n_keys).to(dtype)
+    alibi_BHK = _scaled_key_alibi(ext, slope_dtype, attention_mask, num_heads, dtype)
+    return alibi_BHK.flatten(0, 1)[:, None, :]
 
 
 # --- BLOOM ---------------------------------------------------------------------------------------
-
-
-def _patch_bloom(base: BloomModel, ext: _Extension) -> None:
-    builder = functools.partial(_bloom_alibi, ext, base.build_alibi_tensor)
-    _set(ext, base, "build_alibi_tensor", builder)
-    _patch_forward(ext, base)
-    _patch_attention(ext, base, BloomAttention, _bloom_attention)
 
 
 def _bloom_alibi(
     ext: _Extension, original: Callable, attention_mask: torch.Tensor, num_heads: int,
     dtype: torch.dtype,
 ) -> torch.Tensor | _AlibiCall:
-    if ext.plan is not None and ext.plan.fast:
+    """BLOOM's ``build_alibi_tensor`` with scaled slopes; on the fast path an ``_AlibiCall``: the
+    scaled slopes, or, when a row's mask has a pad between real tokens (BLOOM counts positions
+    along the mask, not in slots), BLOOM's own per-key bias with zero slopes."""
+    plan = ext.plan
+    if plan is not None and plan.fast and plan.gaps:
+        return _alibi_call(ext, key_bias_BHK=_scaled_key_alibi(
+            ext, torch.float32, attention_mask, num_heads, dtype))
+    if plan is not None and plan.fast:
         return _alibi_call(ext, _get_alibi_slopes(num_heads, attention_mask.device))
     return _cumulative_alibi(ext, original, torch.float32, attention_mask, num_heads, dtype)
 
@@ -499,24 +564,28 @@ def _bloom_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """``BloomAttention.forward`` (transformers 5.23) through ``alibi_attention`` when the bias
-    is an ``_AlibiCall``; anything else goes to the original."""
+    is an ``_AlibiCall``; anything else goes to the original. The output projection is BLOOM's,
+    ``slow_but_exact`` included."""
     if not isinstance(alibi, _AlibiCall):
         return original(hidden_states, residual, alibi, attention_mask, layer_past, **kwargs)
     q_BHTD, k_BHKD, v_BHKD = attn._reshape(attn.query_key_value(hidden_states))
     if layer_past is not None:
         k_BHKD, v_BHKD = layer_past.update(k_BHKD, v_BHKD, attn.layer_idx)
     context = alibi.attend(q_BHTD, k_BHKD, v_BHKD, attn.inv_norm_factor)
-    return dropout_add(attn.dense(context), residual, attn.hidden_dropout, attn.training), None
+    if attn.pretraining_tp > 1 and attn.slow_but_exact:
+        # As BloomAttention computes it: the projection in pretraining_tp slices of the input
+        # features, summed (and, as there, without the dense layer's bias).
+        tp = attn.pretraining_tp
+        cut = [int(i * attn.hidden_size / tp) for i in range(tp + 1)]
+        out = torch.zeros_like(context)
+        for a, b in zip(cut[:-1], cut[1:]):
+            out = out + F.linear(context[:, :, a:b], attn.dense.weight[:, a:b])
+    else:
+        out = attn.dense(context)
+    return dropout_add(out, residual, attn.hidden_dropout, attn.training), None
 
 
 # --- MPT -----------------------------------------------------------------------------------------
-
-
-def _patch_mpt(base: MptModel, ext: _Extension) -> None:
-    builder = functools.partial(_mpt_alibi, ext, base.build_mpt_alibi_tensor)
-    _set(ext, base, "build_mpt_alibi_tensor", builder)
-    _patch_forward(ext, base)
-    _patch_attention(ext, base, MptAttention, _mpt_attention)
 
 
 def _mpt_alibi(
@@ -609,33 +678,24 @@ def _mpt_attention(
 # --- Falcon --------------------------------------------------------------------------------------
 
 
-def _patch_falcon(base: FalconModel, ext: _Extension) -> None:
-    original = type(base).forward.__globals__["build_alibi_tensor"]
-    builder = functools.partial(_falcon_alibi, ext, original, base.config)
-    _patch_forward(ext, base, build_alibi_tensor=builder)
-    _patch_attention(ext, base, FalconAttention, _falcon_attention)
-
-
 def _falcon_alibi(
-    ext: _Extension, original: Callable, config: Any, attention_mask: torch.Tensor,
-    num_heads: int, dtype: torch.dtype,
+    ext: _Extension, original: Callable, attention_mask: torch.Tensor, num_heads: int,
+    dtype: torch.dtype,
 ) -> torch.Tensor | _AlibiCall:
-    """Falcon's ``build_alibi_tensor`` with scaled slopes; on the fast path an ``_AlibiCall`` in
-    Falcon's conventions: each scaled slope rounded to bfloat16 as Falcon rounds it, and the bias
-    divided by sqrt(head dim) with the scores. Only the product slope x position, which Falcon
-    also rounds to bfloat16, is exact (float32) there."""
-    if ext.plan is not None and ext.plan.fast:
-        # transformers 5.23's eager Falcon adds the bias twice (to the scores, and folded into the
-        # mask); SDPA, the default, once. The fast path computes what the model does below L.
-        uses = 2 if config._attn_implementation == "eager" else 1
-        head_dim = config.hidden_size // num_heads
-
-        def falcon_convention(slopes: torch.Tensor) -> torch.Tensor:
-            return uses * slopes.to(torch.bfloat16).float() / math.sqrt(head_dim)
-
-        slopes_H = _get_alibi_slopes(num_heads, attention_mask.device)
-        return _alibi_call(ext, slopes_H, falcon_convention)
-    return _cumulative_alibi(ext, original, torch.bfloat16, attention_mask, num_heads, dtype)
+    """Falcon's ``build_alibi_tensor`` with scaled slopes; on the fast path an ``_AlibiCall``
+    whose ``key_bias`` is what Falcon's attention adds per key, from that very tensor: slope
+    rounded to bfloat16, times the position along the mask, in bfloat16 (product and, past 256,
+    position rounded), divided by sqrt(head dim) as ``FalconModel`` divides it."""
+    if ext.plan is None or not ext.plan.fast:
+        return _cumulative_alibi(ext, original, torch.bfloat16, attention_mask, num_heads, dtype)
+    alibi_BHK = _scaled_key_alibi(ext, torch.bfloat16, attention_mask, num_heads, dtype)
+    head_dim = ext.config.hidden_size // num_heads
+    # FalconModel folds alibi / sqrt(d) into its 4-D mask, which SDPA (the default) adds once;
+    # transformers 5.23's eager attention also adds alibi to the scores before scaling them.
+    key_bias_BHK = alibi_BHK / math.sqrt(head_dim)
+    if ext.config._attn_implementation == "eager":
+        key_bias_BHK = alibi_BHK * (1.0 / math.sqrt(head_dim)) + key_bias_BHK
+    return _alibi_call(ext, key_bias_BHK=key_bias_BHK)
 
 
 def _falcon_attention(
@@ -661,8 +721,10 @@ def _falcon_attention(
     return attn.dense(alibi.attend(q_BHTD, k_BHKD, v_BHKD, attn.inv_norm_factor)), None
 
 
-_PATCHERS: dict[str, Callable[[Any, _Extension], None]] = {
-    "bloom": _patch_bloom,
-    "mpt": _patch_mpt,
-    "falcon": _patch_falcon,
+# Per family: the bias builder its base model's forward calls, its replacement, the attention
+# class, and the attention forward that replaces that class's on each instance (see _patch).
+_PATCHES: dict[str, tuple[str, Callable, type, Callable]] = {
+    "bloom": ("build_alibi_tensor", _bloom_alibi, BloomAttention, _bloom_attention),
+    "mpt": ("build_mpt_alibi_tensor", _mpt_alibi, MptAttention, _mpt_attention),
+    "falcon": ("build_alibi_tensor", _falcon_alibi, FalconAttention, _falcon_attention),
 }
