@@ -295,9 +295,9 @@ def plot_finetune(rows: Sequence[Record], path: str | Path, title: str = "") -> 
     for ax, metric in zip(axes.flat, metrics):
         for n, (label, c) in enumerate(sorted(curves.items())):
             points = [(x, y) for x, y in c.get(metric, {}).items() if y is not None]
-            if points:
-                ax.plot(*zip(*points), marker="o", lw=1.2, color=f"C{n % 10}", label=label,
-                        ls="--" if "(fixed)" in label else "-")
+            if points:  # tab20: a colour of its own for each of up to 20 curves
+                ax.plot(*zip(*points), marker="o", lw=1.2, color=plt.get_cmap("tab20")(n % 20),
+                        label=label, ls="--" if "(fixed)" in label else "-")
         ax.set_title(metric.replace("ppl@", "perplexity at L'=").replace(
             "acc@", "retrieval accuracy at L'="), fontsize=9)
         ax.set_xlabel("fine-tune steps", fontsize=8)

@@ -657,7 +657,7 @@ def _finetune_md(results: dict[str, Any], p: ReproducePreset) -> str:
                          f"{', '.join(f'{m}L' for m in p.multiples)})"}[metric.split("@")[0]]
         tables.append(f"{name}:\n\n" + md_table([f"{n} steps" for n in steps], rows,
                                                  first="method (mode)"))
-    skipped = " `learned` is left out: its table has one row per position up to L." \
+    skipped = "`learned` is left out: its table has one row per position up to L." \
         if "learned" in results.get("positions", []) else ""
     return f"""
 ## Fine-tuned at {L2} = {p.finetune_multiple}L, then tested longer
@@ -667,7 +667,8 @@ task mix; AdamW from fresh moments, peak lr {p.finetune_lr}, warm-up {p.finetune
 {p.finetune_batch_size} sequences a step): `plain` keeps the positions it was trained with;
 `fixed` multiplies them by L/L2 = 1/{p.finetune_multiple} throughout (ALiBi slopes, rotary
 positions: BTLM's and Chen et al.'s interpolation). 0 steps is the model as it was, at the new
-length. `+ linear` scales further past L2 (L2/L'). Means over seeds.{skipped}
+length. `+ linear` scales further past L2 (L2/L'). {'Means over seeds.' if results.get('seeds', 1) > 1 else 'One seed.'}
+{skipped.strip()}
 
 {chr(10).join(t + chr(10) for t in tables)}
 ![metrics against fine-tune steps](finetune.png)
