@@ -116,3 +116,20 @@ def tiny_alibi_run(tmp_path_factory: pytest.TempPathFactory, tiny_text_corpus, t
                                batch_size=4, eval_every=0, save_every=0, warmup=1)
     out = tmp_path_factory.mktemp("tiny_alibi_run") / "run"
     return train(config, train_config, out, progress=False, cache_dir=tiny_cache_dir)
+
+
+@pytest.fixture(scope="module")
+def bias_free_dir(tiny_alibi_run):
+    """The tiny trained ALiBi run (train_len 32): no biases, the default, so it exports exactly."""
+    from safetensors.torch import load_file
+
+    assert not any(name.endswith(".bias") for name in load_file(str(tiny_alibi_run / "model.safetensors")))
+    return tiny_alibi_run
+
+
+@pytest.fixture(scope="module")
+def exported(bias_free_dir, tmp_path_factory: pytest.TempPathFactory):
+    """The tiny run exported to a transformers MPT directory."""
+    from linbias import hf
+
+    return hf.export_to_hf(bias_free_dir, tmp_path_factory.mktemp("export") / "hf")

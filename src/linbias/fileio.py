@@ -43,8 +43,12 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """``obj`` as indented JSON with sorted keys, atomically."""
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    """``obj`` as strict JSON (indented, sorted keys), atomically.
+
+    Raises:
+        ValueError: ``obj`` holds nan or inf, which JSON has no way to write (nothing is written).
+    """
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
 def sha256_file(path: Path) -> str:
