@@ -487,6 +487,13 @@ def test_a_child_before_its_first_step_gives_the_parent_logits(parent):
     assert torch.equal(child_model(run, mc).eval()(idx), run.model(idx))
 
 
+def test_a_child_may_take_another_slope_range(parent):
+    from linbias.runs import child_model
+
+    mc, _ = _child(parent, alibi_max_bias=16.0)  # MPT-7B-StoryWriter's change, 8 to 16
+    assert child_model(load_run(parent), mc).position.slopes.tolist() == [2 ** -8, 2 ** -16]
+
+
 def test_fixed_interpolation_trains_with_slopes_times_l_over_l2(parent, tmp_path, cache):
     run = load_run(parent)
     mc, tc = _child(parent, position_scale=32 / 64)
