@@ -26,9 +26,9 @@ def _run(code: str, replacements: dict[str, str], namespace: dict | None = None)
 
 def test_every_python_block_is_covered() -> None:
     blocks = _blocks()
-    assert len(blocks) == 4
-    assert "alibi_attention" in blocks[0] and "load_run" in blocks[1] and "extend_context" in blocks[2]
-    assert "padding=True" in blocks[3]
+    assert len(blocks) == 5
+    assert "alibi_attention" in blocks[0] and "load_run" in blocks[1] and "EvalConfig" in blocks[2]
+    assert "extend_context" in blocks[3] and "padding=True" in blocks[4]
 
 
 def test_the_attention_block_runs() -> None:
@@ -39,6 +39,19 @@ def test_the_attention_block_runs() -> None:
 def test_the_load_run_block_runs(tiny_alibi_run: Path) -> None:
     ns = _run(_blocks()[1], {'"runs/alibi"': repr(str(tiny_alibi_run))})
     assert ns["logits"].shape[-1] == ns["run"].config.vocab_size
+
+
+def test_the_evaluation_block_runs(tiny_alibi_run: Path, monkeypatch: pytest.MonkeyPatch,
+                                   tiny_cache_dir: Path) -> None:
+    monkeypatch.setenv("LINBIAS_CACHE", str(tiny_cache_dir))
+    ns = _run(_blocks()[2], {'"runs/alibi"': repr(str(tiny_alibi_run)),
+                             "lengths=(128, 512, 2048)": "lengths=(32, 64, 128)",
+                             "max_tokens=20000": "max_tokens=200",
+                             # the tiny tokenizer's passkey prompt alone takes 250 tokens
+                             'task="passkey", trials=5': 'task="passkey", trials=1, lengths=(256,)'})
+    assert [(r["eval_len"], r["scaling"]) for r in ns["records"]] == [
+        (n, rule) for n in (32, 64, 128) for rule in ("none", "linear")]
+    assert {r["task"] for r in ns["cells"]} == {"passkey"}
 
 
 def test_the_transformers_block_runs(tiny_alibi_run: Path, tmp_path: Path) -> None:
@@ -53,7 +66,7 @@ def test_the_transformers_block_runs(tiny_alibi_run: Path, tmp_path: Path) -> No
     BloomForCausalLM(BloomConfig(vocab_size=300, hidden_size=32, n_layer=1, n_head=2)).save_pretrained(bloom)
     AutoTokenizer.from_pretrained(mpt).save_pretrained(bloom)
     long_text = "def f(x):\n    return x * 2\n" * 12  # past the tiny models' 32 tokens
-    ns = _run(_blocks()[2], {'"mosaicml/mpt-7b"': repr(str(mpt)), "max_new_tokens=4000":
+    ns = _run(_blocks()[3], {'"mosaicml/mpt-7b"': repr(str(mpt)), "max_new_tokens=4000":
                              "max_new_tokens=8", '"bigscience/bloom-560m"': repr(str(bloom)),
                              "train_len=2048": "train_len=32"}, {"long_text": long_text})
     assert ns["out"].shape[1] == ns["ids"].shape[1] + 8 and ns["ids"].shape[1] > 32
@@ -67,7 +80,7 @@ def test_the_batched_export_block_runs(tiny_alibi_run: Path, tmp_path: Path) -> 
     from linbias.hf import export_to_hf, extend_context
 
     out = export_to_hf(tiny_alibi_run, tmp_path / "mpt")
-    ns = _run(_blocks()[3], {"max_new_tokens=2000": "max_new_tokens=40"},
+    ns = _run(_blocks()[4], {"max_new_tokens=2000": "max_new_tokens=40"},
               {"OUT": str(out), "AutoTokenizer": AutoTokenizer,
                "AutoModelForCausalLM": AutoModelForCausalLM, "extend_context": extend_context})
     assert ns["out"].shape == (2, ns["batch"]["input_ids"].shape[1] + 40)  # past train_len 32
