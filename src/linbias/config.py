@@ -609,7 +609,7 @@ REPRODUCE_PRESETS: dict[str, ReproducePreset] = {
     "finetune": ReproducePreset(model="tiny", train_len=128, steps=1200, batch_size=16, lr=2e-3,
                                 warmup=100, vocab_size=2048, t5_max_distance=64, task="passkey",
                                 task_fraction=0.5, trials=5, eval_tokens=65536,
-                                finetune_steps=(0, 50, 100, 200), expected_minutes=40),
+                                finetune_steps=(0, 50, 100, 200), expected_minutes=30),
     "paper-small": ReproducePreset(model="small", train_len=256, steps=5000, batch_size=32,
                                    lr=1e-3, warmup=250, t5_max_distance=64, expected_minutes=810),
 }
