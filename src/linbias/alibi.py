@@ -16,7 +16,7 @@ import torch
 from linbias.config import check_int
 
 __all__ = [
-    "alibi_slopes", "alibi_bias", "check_rule", "check_slopes", "row_lengths", "interpolate_slopes", "SCALING_RULES",
+    "alibi_slopes", "alibi_bias", "check_rule", "check_slopes", "row_lengths", "row_slopes", "interpolate_slopes", "SCALING_RULES",
     "scaling_factor",
 ]
 
@@ -160,6 +160,11 @@ def row_lengths(key_padding_mask: torch.Tensor) -> torch.Tensor:
     """L' of each row of a padded batch: its real tokens (True in ``[B, S]``), at least 1, so a
     fully padded row still has a valid length. ``[B]`` int64."""
     return key_padding_mask.sum(-1).clamp(min=1)
+
+
+def row_slopes(slopes: torch.Tensor, train_len: int, lengths: list[int], rule: str) -> torch.Tensor:
+    """``interpolate_slopes`` for each row of a batch at its own length ``L'``: ``[B, H]``."""
+    return torch.stack([interpolate_slopes(slopes, train_len, n, rule) for n in lengths])
 
 
 def interpolate_slopes(

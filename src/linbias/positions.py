@@ -30,6 +30,7 @@ from linbias.alibi import (
     alibi_slopes,
     interpolate_slopes,
     row_lengths,
+    row_slopes,
     scaling_factor,
 )
 from linbias.attention import alibi_attention, causal_attention
@@ -362,16 +363,13 @@ class AlibiPositions(PositionMethod):
         if self.rule == "none" or key_padding_mask is None:
             slopes = interpolate_slopes(self.slopes, L, eval_len=k_BHSD.shape[-2], rule=self.rule)
             return alibi_attention(q_BHTD, k_BHSD, v_BHSD, slopes, key_padding_mask=key_padding_mask)
-        # L' counts a row's real tokens, not its padding: rows of one length share their slopes.
-        lengths_B = row_lengths(key_padding_mask)
-        out_BHTD = torch.empty_like(q_BHTD)
-        for length in lengths_B.unique().tolist():
-            rows = lengths_B == length
-            slopes = interpolate_slopes(self.slopes, L, eval_len=length, rule=self.rule)
-            out_BHTD[rows] = alibi_attention(
-                q_BHTD[rows], k_BHSD[rows], v_BHSD[rows], slopes, key_padding_mask=key_padding_mask[rows]
-            )
-        return out_BHTD
+        # L' counts a row's real tokens, not its padding: each row gets the slopes it would get
+        # alone, all rows in one call ([B, H] slopes; [H] when every row has the same).
+        lengths = row_lengths(key_padding_mask).tolist()
+        slopes = row_slopes(self.slopes, L, lengths if len(set(lengths)) > 1 else lengths[:1],
+                            self.rule)
+        return alibi_attention(q_BHTD, k_BHSD, v_BHSD, slopes if len(slopes) > 1 else slopes[0],
+                               key_padding_mask=key_padding_mask)
 
 
 POSITION_METHODS: dict[str, type[PositionMethod]] = {

@@ -31,7 +31,7 @@ from transformers.models.bloom.modeling_bloom import (
 from transformers.models.falcon.modeling_falcon import FalconAttention, FalconModel
 from transformers.models.mpt.modeling_mpt import MptAttention, MptModel
 
-from linbias.alibi import check_rule, interpolate_slopes, row_lengths, scaling_factor
+from linbias.alibi import check_rule, row_lengths, row_slopes, scaling_factor
 from linbias.attention import alibi_attention
 from linbias.config import check_int
 
@@ -104,9 +104,7 @@ class _Extension:
 
     def scaled(self, slopes_H: torch.Tensor, lengths: list[int]) -> torch.Tensor:
         """Slopes for each row's current length, ``[B, H]``."""
-        return torch.stack(
-            [interpolate_slopes(slopes_H, self.train_len, n, self.rule) for n in lengths]
-        )
+        return row_slopes(slopes_H, self.train_len, lengths, self.rule)
 
 
 @dataclass(frozen=True)
