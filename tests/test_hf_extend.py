@@ -910,3 +910,12 @@ def test_unsupported_transformers_release_is_refused(monkeypatch):
         hf.extend_context(model)
     monkeypatch.undo()
     assert not hasattr(model.transformer, hf.extend._STATE)  # nothing was patched
+
+
+def test_a_builder_called_after_a_forward_follows_no_stale_plan():
+    model = hf.extend_context(make("bloom"), train_len=TRAIN_LEN)
+    logits(model, tokens(2, 2 * TRAIN_LEN))  # past train_len: this call's plan took the fast path
+    base = model.transformer
+    mask = torch.ones(2, 2 * TRAIN_LEN, dtype=torch.long)
+    alibi = base.build_alibi_tensor(mask, model.config.n_head, torch.float32)
+    assert isinstance(alibi, torch.Tensor) and alibi.shape[-1] == 2 * TRAIN_LEN

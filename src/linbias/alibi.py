@@ -164,7 +164,9 @@ def row_lengths(key_padding_mask: torch.Tensor) -> torch.Tensor:
 
 def row_slopes(slopes: torch.Tensor, train_len: int, lengths: list[int], rule: str) -> torch.Tensor:
     """``interpolate_slopes`` for each row of a batch at its own length ``L'``: ``[B, H]``."""
-    return torch.stack([interpolate_slopes(slopes, train_len, n, rule) for n in lengths])
+    check_slopes(slopes)  # once, not once per row
+    factors = [scaling_factor(train_len, n, rule) for n in lengths]
+    return torch.tensor(factors, dtype=slopes.dtype, device=slopes.device)[:, None] * slopes
 
 
 def interpolate_slopes(

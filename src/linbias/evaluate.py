@@ -65,7 +65,7 @@ from linbias.runs import Run, check_corpus, load_run
 
 __all__ = [
     "DEPTHS", "MODES", "EvalConfig", "EvalModel", "Mode", "RunModel", "check_output_file",
-    "eval_config", "evaluate_model",
+    "eval_config", "evaluate_model", "run_stream",
     "evaluate_run", "evaluate_run_task", "evaluate_stream", "evaluate_task", "format_table",
     "json_record", "merge_cells", "attention_profile", "retrieval_summary", "retrieval_table", "write_json",
 ]
@@ -457,7 +457,7 @@ def _run_model(run_or_path: Run | str | Path, device: str | torch.device | None,
     return model
 
 
-def _run_stream(run: Run, spec: str, split: str, cache_dir: str | Path | None) -> np.ndarray:
+def run_stream(run: Run, spec: str, split: str, cache_dir: str | Path | None) -> np.ndarray:
     """A split of corpus ``spec`` in the run's tokens; the run's own corpus must be unchanged
     since training, so that held-out text is still held out."""
     corpus = load_corpus(spec)
@@ -508,11 +508,11 @@ def evaluate_run(
     if config.task is not None:
         filler_ids = None
         if (config.filler or run.train_config.mix_filler) == "corpus":
-            filler_ids = _run_stream(run, run.train_config.data, "valid", cache_dir)
+            filler_ids = run_stream(run, run.train_config.data, "valid", cache_dir)
         return evaluate_task(model, encoder(run.tokenizer), config, filler_ids=filler_ids,
                              progress=progress)
     spec = run.train_config.data if config.data is None else config.data
-    stream = _run_stream(run, spec, config.split, cache_dir)
+    stream = run_stream(run, spec, config.split, cache_dir)
     return evaluate_model(model, stream, token_byte_lengths(run.tokenizer), config, data=spec,
                           progress=progress)
 

@@ -12,9 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
+from linbias.fileio import atomic_write
+
 __all__ = [
     "aggregate", "beyond_table", "describe_finding", "finding", "finetune_curves",
-    "markdown_table", "md_table", "plot_finetune", "plot_ppl_vs_length", "series",
+    "markdown_table", "md_table", "plot_finetune", "plot_ppl_vs_length", "rule_label", "series",
 ]
 
 Record = dict[str, Any]
@@ -23,7 +25,7 @@ Record = dict[str, Any]
 _RULE_STYLES = {"none": "-", "linear": "--", "sqrt": ":", "log": (0, (3, 1, 1, 1))}
 
 
-def _label(position: str, scaling: str) -> str:
+def rule_label(position: str, scaling: str) -> str:
     return position if scaling == "none" else f"{position} + {scaling}"
 
 
@@ -66,7 +68,7 @@ def series(records: Sequence[Record]) -> dict[str, dict[int, float]]:
     out: dict[str, dict[int, float]] = {}
     for r in records:
         if r.get("ppl") is not None:
-            out.setdefault(_label(r["position"], r["scaling"]), {})[int(r["eval_len"])] = r["ppl"]
+            out.setdefault(rule_label(r["position"], r["scaling"]), {})[int(r["eval_len"])] = r["ppl"]
     return out
 
 
@@ -117,11 +119,11 @@ def md_table(columns: Sequence[str], rows: Sequence[Sequence[str]], first: str =
 def markdown_table(records: Sequence[Record], train_len: int) -> str:
     """Perplexity by method (rows) and evaluation length (columns), ``—`` where not evaluated;
     with several seeds (``aggregate``), the mean and the min-max range."""
-    cells = {(_label(r["position"], r["scaling"]), int(r["eval_len"])): r for r in records}
+    cells = {(rule_label(r["position"], r["scaling"]), int(r["eval_len"])): r for r in records}
     lengths = sorted({int(r["eval_len"]) for r in records})
     columns = [f"L'={n}" + (" (L)" if n == train_len else f" ({n // train_len}L)"
                             if n % train_len == 0 else "") for n in lengths]
-    order = sorted({_label(r["position"], r["scaling"]) for r in records},
+    order = sorted({rule_label(r["position"], r["scaling"]) for r in records},
                    key=lambda s: (s.split(" + ")[0] != "alibi", s))
     return md_table(columns, [[name] + [_cell(cells.get((name, n))) for n in lengths]
                               for name in order])
@@ -132,13 +134,13 @@ def beyond_table(records: Sequence[Record], train_len: int, multiple: int = 4) -
     against beyond it (L .. 2L-1, and 2L .. L'-1), per method: where extrapolation fails."""
     L, rows = train_len, []
     parts = [(L // 2, L), (L, 2 * L), (2 * L, multiple * L)]
-    for r in sorted(records, key=lambda r: (r["position"] != "alibi", _label(r["position"], r["scaling"]))):
+    for r in sorted(records, key=lambda r: (r["position"] != "alibi", rule_label(r["position"], r["scaling"]))):
         curve = r.get("per_position")
         if int(r["eval_len"]) != multiple * L or not curve:
             continue
         means = [sum(curve[a:b]) / (b - a) for a, b in parts]
         cells = [f"{means[0]:.3f}"] + [f"{m:.3f} ({m - means[0]:+.3f})" for m in means[1:]]
-        rows.append([_label(r["position"], r["scaling"])] + cells)
+        rows.append([rule_label(r["position"], r["scaling"])] + cells)
     return md_table([f"positions {a}-{b - 1}" for a, b in parts], rows) if rows else ""
 
 
@@ -155,7 +157,7 @@ def plot_ppl_vs_length(records: Sequence[Record], train_len: int, path: str | Pa
     ranges: dict[str, dict[int, tuple[float, float]]] = {}
     for r in records:
         if r.get("ppl_min") is not None:
-            ranges.setdefault(_label(r["position"], r["scaling"]), {})[int(r["eval_len"])] = (
+            ranges.setdefault(rule_label(r["position"], r["scaling"]), {})[int(r["eval_len"])] = (
                 r["ppl_min"], r["ppl_max"])
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
     colours = {}
@@ -185,7 +187,7 @@ def plot_ppl_vs_length(records: Sequence[Record], train_len: int, path: str | Pa
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_write(Path(path), lambda f: fig.savefig(f, format="png"))  # never a torn plot
     plt.close(fig)
 
 
@@ -222,7 +224,7 @@ def plot_attention_profile(records: Sequence[Record], path: str | Path) -> None:
 
     shares: dict[str, dict[tuple[int, int], dict[int, list[float]]]] = {}
     for r in records:
-        panel = shares.setdefault(_label(r["position"], r["scaling"]), {})
+        panel = shares.setdefault(rule_label(r["position"], r["scaling"]), {})
         panel.setdefault((r["layer"], r["head"]), {}).setdefault(r["distance"], []).append(r["share"])
     if not shares:
         raise ValueError("plot_attention_profile needs at least one record")
@@ -248,7 +250,7 @@ def plot_attention_profile(records: Sequence[Record], path: str | Path) -> None:
     eval_len = records[0]["eval_len"]
     fig.suptitle(f"Where each head looks at L' = {eval_len} (one line per head)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_write(Path(path), lambda f: fig.savefig(f, format="png"))  # never a torn plot
     plt.close(fig)
 
 
@@ -261,7 +263,7 @@ def finetune_curves(rows: Sequence[Record]) -> dict[str, dict[str, dict[int, flo
     """
     out: dict[str, dict[str, dict[int, list]]] = {}
     for r in rows:
-        label = f"{_label(r['position'], r['scaling'])} ({r['mode']})"
+        label = f"{rule_label(r['position'], r['scaling'])} ({r['mode']})"
         # A rule acts only past the fine-tune length: up to it, its numbers are the plain ones.
         lengths = [n for n in r["ppl"] if r["scaling"] == "none" or int(n) > r["train_len"]]
         metrics = {f"ppl@{n}": r["ppl"][n] for n in lengths}
@@ -308,5 +310,5 @@ def plot_finetune(rows: Sequence[Record], path: str | Path, title: str = "") -> 
     axes.flat[-1].legend(handles.values(), handles.keys(), fontsize=7, loc="center")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_write(Path(path), lambda f: fig.savefig(f, format="png"))  # never a torn plot
     plt.close(fig)

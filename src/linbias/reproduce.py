@@ -36,7 +36,7 @@ from linbias.config import (
     check_int,
     model_config,
 )
-from linbias.data import Corpus, default_cache_dir, load_corpus, token_stream
+from linbias.data import Corpus, load_corpus
 from linbias.fileio import atomic_write_text
 from linbias.evaluate import (
     RunModel,
@@ -46,6 +46,7 @@ from linbias.evaluate import (
     json_record,
     merge_cells,
     retrieval_summary,
+    run_stream,
 )
 from linbias.tasks import plot_heatmaps
 from linbias.positions import POSITION_METHODS
@@ -60,6 +61,7 @@ from linbias.report import (
     plot_attention_profile,
     plot_finetune,
     plot_ppl_vs_length,
+    rule_label,
 )
 from linbias.runs import (
     ConfigMismatch,
@@ -213,8 +215,7 @@ def _profile_one(run_dir: Path, p: ReproducePreset, force: bool,
 
     def compute() -> list[dict[str, Any]]:
         run = load_run(run_dir)
-        stream = token_stream(load_corpus(run.train_config.data), run.tokenizer, "valid",
-                              cache_dir if cache_dir is not None else default_cache_dir())
+        stream = run_stream(run, run.train_config.data, "valid", cache_dir)  # held out still
         T = p.profile_multiple * p.train_len
         if run.model.position.max_len is not None and T > run.model.position.max_len:
             return []  # e.g. learned positions: no attention at all past their table
@@ -576,7 +577,7 @@ last column is k_max over all lengths together.
 
 
 def _label(r: dict[str, Any]) -> str:
-    return r["position"] + ("" if r["scaling"] == "none" else f" + {r['scaling']}")
+    return rule_label(r["position"], r["scaling"])
 
 
 def _profile_md(results: dict[str, Any], p: ReproducePreset) -> str:

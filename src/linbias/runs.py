@@ -26,6 +26,7 @@ deleted, and a run's own files are the only ones replaced (``check_run_dir``, ``
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -58,7 +59,7 @@ RUN_FORMAT = "linbias-run/1"
 _RUN_FILES = frozenset({"config.json", "tokenizer.json", "model.safetensors", "checkpoint.json",
                         "log.jsonl"})
 _STATE_FILE = re.compile(r"state-\d{8,}\.safetensors")
-# data.atomic_write's temporary files: ".NAME.<random>.tmp", left behind only by a kill.
+# fileio.atomic_write's temporary files: ".NAME.<random>.tmp", left behind only by a kill.
 _TEMP_FILE = re.compile(r"\.(?P<name>.+)\.[A-Za-z0-9_]+\.tmp")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -552,9 +553,10 @@ def save_checkpoint(out: Path, model: GPT, opt: torch.optim.Optimizer, step: int
                "rng.torch": torch.get_rng_state()}
     if torch.cuda.is_available():  # every rank was seeded alike, so rank 0's state serves all
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    atomic_write(out / state_name, lambda f: f.write(save(tensors)))
+    data = save(tensors)
+    atomic_write(out / state_name, lambda f: f.write(data))
     write_json(out / "checkpoint.json", {"step": step, "state": state_name,
-                                         "sha256": sha256_file(out / state_name)})
+                                         "sha256": hashlib.sha256(data).hexdigest()})
     # Only the state file this run verified or wrote itself: a name built here, never one read.
     if previous is not None and previous != step:
         (out / _state_name(previous)).unlink(missing_ok=True)

@@ -5,7 +5,6 @@ See the package docstring (``linbias.hf``) for why MPT.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -20,6 +19,7 @@ from transformers import AutoModelForCausalLM, MptConfig, MptForCausalLM, PreTra
 import linbias
 from linbias.config import ModelConfig
 from linbias.data import EOT
+from linbias.fileio import sha256_file, write_json
 from linbias.runs import Run, load_run
 
 __all__ = ["EXPORT_MARKER", "export_to_hf"]
@@ -115,16 +115,12 @@ def export_to_hf(run_or_path: Run | str | Path, out_dir: str | Path) -> Path:
         marker = {"format": _EXPORT_FORMAT, "hf_format": "mpt", "source": str(run.path),
                   "linbias_version": linbias.__version__, "train_len": run.config.train_len,
                   "max_logit_diff": diff, "model": run.config.to_dict(),
-                  "files": {p.name: _file_sha256(p) for p in sorted(tmp.iterdir())}}
-        (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
+                  "files": {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}}
+        write_json(tmp / EXPORT_MARKER, marker)
         _replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-def _file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _check_export_dir(out: Path, run_dir: Path) -> None:
@@ -149,7 +145,7 @@ def _check_export_dir(out: Path, run_dir: Path) -> None:
     changed = sorted(
         p.name for p in out.iterdir()
         if p.name != EXPORT_MARKER and (not p.is_file() or p.is_symlink()
-                                        or written.get(p.name) != _file_sha256(p))
+                                        or written.get(p.name) != sha256_file(p))
     )
     if changed:
         raise ValueError(

@@ -95,8 +95,9 @@ class _Extension:
     config: Any  # the model's config, read at call time (its attention implementation may change)
     restore: list[Callable[[], None]] = field(default_factory=list)
     # Set by the base model's forward pre-hook for the builders and the mask below, which the
-    # family calls without the lengths (so one forward at a time per model).
+    # family calls without the lengths (so one forward at a time per model); cleared after it.
     plan: _Plan | None = None
+    signature: inspect.Signature | None = None  # of the base model's forward, looked up once
     warned: set[str] = field(default_factory=set)  # the fallbacks already warned about
 
     def unscaled(self, lengths: list[int]) -> bool:
@@ -320,14 +321,17 @@ def _set(ext: _Extension, obj: Any, name: str, value: Any) -> None:
     ext.restore.append(restore)
 
 
-def _pre_hook(ext: _Extension, module: torch.nn.Module, hook: Callable) -> None:
-    handle = module.register_forward_pre_hook(functools.partial(hook, ext), with_kwargs=True)
-    ext.restore.append(handle.remove)
+def _hooks(ext: _Extension, module: torch.nn.Module) -> None:
+    """Plan each forward of ``module`` before it runs, and drop the plan when it ends (even by
+    an error): a builder called outside a forward then has no stale plan to follow."""
+    ext.signature = inspect.signature(module.forward)
+    before = module.register_forward_pre_hook(functools.partial(_plan_call, ext), with_kwargs=True)
+    after = module.register_forward_hook(functools.partial(_end_call, ext), always_call=True)
+    ext.restore += [before.remove, after.remove]
 
 
-def _arguments(module: torch.nn.Module, args: tuple, kwargs: dict) -> inspect.BoundArguments:
-    """The forward call's arguments by name, however they were passed."""
-    return inspect.signature(module.forward).bind(*args, **kwargs)
+def _end_call(ext: _Extension, module: torch.nn.Module, args: tuple, output: Any) -> None:
+    ext.plan = None
 
 
 def _call_sizes(arguments: dict) -> tuple[int, int, int, int] | None:
@@ -366,7 +370,7 @@ def _plan_call(
     """Forward pre-hook of the base model: record the call's plan for the builders. BLOOM without a
     mask also gets an all-ones one when its slopes change or the fast path runs, so the bias goes
     through the instance's ``build_alibi_tensor`` (its mask-free path uses module-level code)."""
-    call = _arguments(module, args, kwargs)
+    call = ext.signature.bind(*args, **kwargs)  # the arguments by name, however passed
     sizes = _call_sizes(call.arguments)
     if sizes is None:
         ext.plan = None
@@ -490,7 +494,7 @@ def _patch(
     else:
         names[builder_name] = functools.partial(builder, ext, forward.__globals__[builder_name])
     _set(ext, base, "forward", types.MethodType(_with_globals(forward, **names), base))
-    _pre_hook(ext, base, _plan_call)
+    _hooks(ext, base)
     for attn in base.modules():
         if isinstance(attn, cls):
             _set(ext, attn, "forward", functools.partial(attention, attn, attn.forward))
