@@ -208,7 +208,7 @@ class GPT(nn.Module):
             )
         x_BTC = self.drop(self.position.embed(self.tok_emb(idx) * self.emb_scale, pos))
         # Once per forward, not per layer: e.g. T5's bias, one table shared by all layers.
-        state = self.position.prepare(T, start + T, idx.device)
+        state = self.position.prepare(T, start + T, idx.device, key_padding_mask)
         for block in self.blocks:
             x_BTC = block(x_BTC, pos, cache, key_padding_mask, state)
         return self.lm_head(self.ln_f(x_BTC))

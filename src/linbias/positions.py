@@ -5,7 +5,8 @@ overrides only the ones it needs:
 
 - ``embed``   adds to the token embeddings (sinusoidal, Vaswani et al. 2017; learned absolute),
 - ``rotate``  rotates queries and keys (rotary, Su et al. 2021, "RoFormer"),
-- ``prepare`` computes, once per forward, state that every layer's ``attend`` shares (T5's bias),
+- ``prepare`` computes, once per forward, state that every layer's ``attend`` shares (T5's bias,
+  ALiBi's slopes for the call's L'),
 - ``attend``  adds a score bias (T5, Raffel et al. 2020; ALiBi, Press et al. 2022).
 
 Each method declares ``max_len`` (``None``: any length) and the scaling rules it accepts, so the
@@ -171,13 +172,15 @@ class PositionMethod(nn.Module):
         """What in ``config`` will spoil inputs longer than ``train_len`` (default: nothing)."""
         return []
 
-    def prepare(self, q_len: int, k_len: int, device: torch.device) -> Tensor | None:
+    def prepare(self, q_len: int, k_len: int, device: torch.device,
+                key_padding_mask: Tensor | None = None) -> Tensor | None:
         """State for one forward pass, handed to every layer's ``attend`` (default: none).
 
         The model calls it once per forward, so work that is the same in every layer is done once.
 
         Args:
             q_len, k_len: ``T`` new tokens and ``S`` keys (cached plus new) of this forward.
+            key_padding_mask: ``[B, S]`` bool, True = real token, as ``attend`` gets it.
         """
         return None
 
@@ -322,7 +325,8 @@ class T5Positions(PositionMethod):
             f"longer than {first} tokens use them; use {' or '.join(fixes)}"
         ]
 
-    def prepare(self, q_len: int, k_len: int, device: torch.device) -> Tensor:
+    def prepare(self, q_len: int, k_len: int, device: torch.device,
+                key_padding_mask: Tensor | None = None) -> Tensor:
         # One gather per forward; autograd sums every layer's gradient into the one table.
         return self.bias(q_len, k_len)
 
@@ -357,19 +361,27 @@ class AlibiPositions(PositionMethod):
         slopes = alibi_slopes(config.n_heads, config.alibi_max_bias) * config.position_scale
         self.register_buffer("slopes", slopes, persistent=False)
 
-    def attend(self, q_BHTD: Tensor, k_BHSD: Tensor, v_BHSD: Tensor, *,
-               key_padding_mask: Tensor | None = None, state: Tensor | None = None) -> Tensor:
+    def prepare(self, q_len: int, k_len: int, device: torch.device,
+                key_padding_mask: Tensor | None = None) -> Tensor:
+        # The slopes of this forward, once for every layer.
+        return self._slopes(k_len, key_padding_mask)
+
+    def _slopes(self, k_len: int, key_padding_mask: Tensor | None) -> Tensor:
+        """``[H]`` slopes for this call's L', or ``[B, H]`` when padded rows differ in L'."""
         L = self.config.train_len
         if self.rule == "none" or key_padding_mask is None:
-            slopes = interpolate_slopes(self.slopes, L, eval_len=k_BHSD.shape[-2], rule=self.rule)
-            return alibi_attention(q_BHTD, k_BHSD, v_BHSD, slopes, key_padding_mask=key_padding_mask)
+            return interpolate_slopes(self.slopes, L, eval_len=k_len, rule=self.rule)
         # L' counts a row's real tokens, not its padding: each row gets the slopes it would get
-        # alone, all rows in one call ([B, H] slopes; [H] when every row has the same).
+        # alone, all rows in one call.
         lengths = row_lengths(key_padding_mask).tolist()
         slopes = row_slopes(self.slopes, L, lengths if len(set(lengths)) > 1 else lengths[:1],
                             self.rule)
-        return alibi_attention(q_BHTD, k_BHSD, v_BHSD, slopes if len(slopes) > 1 else slopes[0],
-                               key_padding_mask=key_padding_mask)
+        return slopes if len(slopes) > 1 else slopes[0]
+
+    def attend(self, q_BHTD: Tensor, k_BHSD: Tensor, v_BHSD: Tensor, *,
+               key_padding_mask: Tensor | None = None, state: Tensor | None = None) -> Tensor:
+        slopes = self._slopes(k_BHSD.shape[-2], key_padding_mask) if state is None else state
+        return alibi_attention(q_BHTD, k_BHSD, v_BHSD, slopes, key_padding_mask=key_padding_mask)
 
 
 POSITION_METHODS: dict[str, type[PositionMethod]] = {
