@@ -469,19 +469,17 @@ def _is_results(head: bytes) -> bool:
 
 _REPORT_TITLE = "# Train short, test long — preset"
 
+
+def _is_plot(head: bytes) -> bool:
+    # matplotlib names itself in a tEXt chunk right after the PNG header.
+    return head.startswith(b"\x89PNG\r\n\x1a\n") and b"Matplotlib" in head[:256]
+
 # The signature of each report file this module writes: only such a file is ever replaced.
 _REPORT_FILES: dict[str, Callable[[bytes], bool]] = {
     "results.json": _is_results,
     "report.md": lambda head: head.startswith(_REPORT_TITLE.encode()),
-    # matplotlib names itself in a tEXt chunk right after the PNG header.
-    "ppl_vs_length.png": lambda head: head.startswith(b"\x89PNG\r\n\x1a\n")
-    and b"Matplotlib" in head[:256],
-    "retrieval.png": lambda head: head.startswith(b"\x89PNG\r\n\x1a\n")
-    and b"Matplotlib" in head[:256],
-    "attention_profile.png": lambda head: head.startswith(b"\x89PNG\r\n\x1a\n")
-    and b"Matplotlib" in head[:256],
-    "finetune.png": lambda head: head.startswith(b"\x89PNG\r\n\x1a\n")
-    and b"Matplotlib" in head[:256],
+    **{name: _is_plot for name in ("ppl_vs_length.png", "retrieval.png",
+                                   "attention_profile.png", "finetune.png")},
 }
 
 
