@@ -1,6 +1,7 @@
 """The command-line surface: sub-commands, their flags, and clear errors for bad input."""
 
 import json
+import re
 
 import pytest
 
@@ -86,7 +87,7 @@ def test_a_bad_json_path_is_reported_before_evaluating(tmp_path, capsys, monkeyp
                                (tmp_path / "a_file" / "eval.json", "a_file is a file")]:
         assert main(["eval", str(tmp_path), "--lengths", "16", "--json", str(json_path)]) == 2
         err = capsys.readouterr().err
-        assert err.startswith("linbias eval: error: cannot write results to") and message in err
+        assert err.startswith("linbias eval: error: cannot write") and message in err
 
 
 def test_wrong_typed_run_config_is_one_clear_line(tmp_path, capsys):
@@ -157,3 +158,43 @@ def test_eval_task_writes_a_table_json_and_heatmap(tiny_alibi_run, tmp_path, cap
 def test_eval_flags_of_the_other_kind_are_refused(tiny_alibi_run, capsys, flags, message):
     assert main(["eval", str(tiny_alibi_run), "--lengths", "320", *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+# --- outputs replace only what linbias wrote for them --------------------------------------------
+
+
+def test_eval_outputs_never_replace_a_users_file_or_a_runs(tiny_alibi_run, tiny_cache_dir,
+                                                          tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LINBIAS_CACHE", str(tiny_cache_dir))
+    run = str(tiny_alibi_run)
+    config = (tiny_alibi_run / "config.json").read_bytes()
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "link.json").symlink_to(tmp_path / "notes.txt")
+    for flag, path, message in [
+        ("--json", tiny_alibi_run / "config.json", "is inside .*, a linbias run or export"),
+        ("--json", tmp_path / "notes.txt", "was not written by linbias eval --json: pass --force"),
+        ("--json", tmp_path / "link.json", "is a link"),
+    ]:
+        assert main(["eval", run, "--lengths", "16", flag, str(path), "--no-progress"]) == 2
+        assert re.search(message, capsys.readouterr().err)
+    for path, message in [(tiny_alibi_run / "model.safetensors", "is inside"),
+                          (tmp_path / "notes.txt", "not written by linbias eval --heatmap")]:
+        assert main(["eval", run, "--task", "passkey", "--lengths", "32", "--trials", "1",
+                     "--depths", "50", "--heatmap", str(path), "--no-progress"]) == 2
+        assert re.search(message, capsys.readouterr().err)
+    assert (tiny_alibi_run / "config.json").read_bytes() == config
+    assert (tmp_path / "notes.txt").read_text() == "mine" and (tmp_path / "link.json").is_symlink()
+    for _ in range(2):  # an earlier eval's results are replaced
+        assert main(["eval", run, "--lengths", "16", "--json", str(tmp_path / "e.json"),
+                     "--no-progress"]) == 0
+    assert main(["eval", run, "--lengths", "16", "--json", str(tmp_path / "notes.txt"), "--force",
+                 "--no-progress"]) == 0
+    assert json.loads((tmp_path / "notes.txt").read_text())["results"][0]["eval_len"] == 16
+
+
+def test_a_length_that_cannot_fit_in_memory_is_one_line_before_any_work(tiny_alibi_run, capsys):
+    assert main(["eval", str(tiny_alibi_run), "--task", "passkey", "--lengths", "100000000",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"length 100000000 needs at least \d+\.\d GiB for its logits .* evaluate "
+                     r"shorter --lengths", err) and "Traceback" not in err

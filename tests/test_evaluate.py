@@ -452,7 +452,7 @@ def test_json_schema_and_table(run, tiny_cache_dir, tmp_path) -> None:
     path = tmp_path / "out" / "eval.json"
     write_json(records, path)
     loaded = json.loads(path.read_text())
-    assert list(loaded) == ["results"] and len(loaded["results"]) == 4
+    assert list(loaded) == ["results", "written_by"] and len(loaded["results"]) == 4
     assert not list(path.parent.glob(".*tmp"))  # the temporary file was renamed away
     for r, original in zip(loaded["results"], records):
         assert set(r) == RECORD_KEYS | {"per_position"}
@@ -589,19 +589,35 @@ def test_eval_config_takes_any_ordered_list_of_lengths() -> None:
 # --- the output file -----------------------------------------------------------------------------
 
 
-def test_check_output_file(tmp_path: Path) -> None:
-    ev.check_output_file(tmp_path / "new" / "deeper" / "eval.json")  # folders are created later
+def test_check_results_path(tmp_path: Path) -> None:
+    ev.check_results_path(tmp_path / "new" / "deeper" / "eval.json")  # folders are created later
     assert not (tmp_path / "new").exists() and list(tmp_path.iterdir()) == []  # probe removed
     with pytest.raises(ValueError, match="it is a folder; give a file name"):
-        ev.check_output_file(tmp_path)
+        ev.check_results_path(tmp_path)
     (tmp_path / "plain").write_text("")
     with pytest.raises(ValueError, match="plain is a file, not a folder"):
-        ev.check_output_file(tmp_path / "plain" / "eval.json")
+        ev.check_results_path(tmp_path / "plain" / "eval.json")
     with pytest.raises(ValueError, match="is a folder"):
         write_json([], tmp_path)
 
 
-def test_check_output_file_in_a_read_only_folder(tmp_path: Path) -> None:
+def test_results_replace_only_earlier_results(tmp_path: Path) -> None:
+    record = {"scaling": "none", "eval_len": 32, "ppl": 2.0}
+    write_json([record], tmp_path / "eval.json")
+    write_json([record], tmp_path / "eval.json")  # its own stamp: replaced
+    assert json.loads((tmp_path / "eval.json").read_text())["written_by"] == ev.EVAL_JSON
+    (tmp_path / "old.json").write_text(json.dumps({"results": [record]}))  # an older release's
+    write_json([record], tmp_path / "old.json")
+    (tmp_path / "notes.txt").write_text("my notes")
+    with pytest.raises(ValueError, match="notes.txt exists and was not written by linbias eval "
+                                         "--json: pass --force"):
+        write_json([record], tmp_path / "notes.txt")
+    assert (tmp_path / "notes.txt").read_text() == "my notes"
+    write_json([record], tmp_path / "notes.txt", force=True)
+    assert json.loads((tmp_path / "notes.txt").read_text())["results"] == [record]
+
+
+def test_check_results_path_in_a_read_only_folder(tmp_path: Path) -> None:
     if os.geteuid() == 0:  # root writes anywhere a mode allows: use a folder no one can add to
         if not Path("/sys").is_dir():
             pytest.skip("needs /sys, or a user other than root")
@@ -611,7 +627,7 @@ def test_check_output_file_in_a_read_only_folder(tmp_path: Path) -> None:
         folder.chmod(0o500)
     try:
         with pytest.raises(ValueError, match=f"{folder} is not writable"):
-            ev.check_output_file(folder / "eval.json")
+            ev.check_results_path(folder / "eval.json")
     finally:
         tmp_path.chmod(0o700)
 

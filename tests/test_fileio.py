@@ -46,3 +46,124 @@ def test_sha256_file_matches_hashlib_across_chunks(tmp_path: Path) -> None:
     data = bytes(range(256)) * (3 * 4096 + 7)  # a little over 3 MiB: several 1 MiB chunks
     (tmp_path / "blob").write_bytes(data)
     assert sha256_file(tmp_path / "blob") == hashlib.sha256(data).hexdigest()
+
+
+# --- output files: only over what linbias wrote for the same purpose -----------------------------
+
+
+def test_files_get_the_mode_open_gives_them(tmp_path: Path) -> None:
+    import os
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "shared.txt", "x")
+        os.umask(0o077)
+        atomic_write_text(tmp_path / "private.txt", "x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "shared.txt").stat().st_mode & 0o777 == 0o644  # mkstemp alone: 0600
+    assert (tmp_path / "private.txt").stat().st_mode & 0o777 == 0o600
+
+
+def test_check_output_writes_only_over_its_own_kind(tmp_path: Path) -> None:
+    from linbias.fileio import OutputError, check_output
+
+    check_output(tmp_path / "new" / "deeper" / "eval.json", "p")  # nothing there: fine
+    mine, other = tmp_path / "mine.json", tmp_path / "notes.json"
+    write_json(mine, {"written_by": "p", "results": []})
+    other.write_text('{"results": []}')
+    check_output(mine, "p")
+    with pytest.raises(OutputError, match="was not written by q: pass --force"):
+        check_output(mine, "q")
+    with pytest.raises(OutputError, match="notes.json exists and was not written by p"):
+        check_output(other, "p")
+    check_output(other, "p", force=True)
+    check_output(other, "p", legacy=lambda path: path.name == "notes.json")
+    (tmp_path / "link.json").symlink_to(mine)
+    with pytest.raises(OutputError, match="is a link"):
+        check_output(tmp_path / "link.json", "p", force=True)
+    with pytest.raises(OutputError, match="is a folder"):
+        check_output(tmp_path, "p", force=True)
+
+
+@pytest.mark.parametrize("marker, content", [
+    ("config.json", {"format": "linbias-run/1"}), ("linbias_export.json", {"format": "x"}),
+])
+def test_no_output_goes_inside_a_run_or_an_export(tmp_path: Path, marker: str, content) -> None:
+    from linbias.fileio import OutputError, check_output, owning_folder
+
+    (tmp_path / "whole").mkdir()
+    write_json(tmp_path / "whole" / marker, content)
+    for path in (tmp_path / "whole" / marker, tmp_path / "whole" / "sub" / "eval.json"):
+        assert owning_folder(path) == tmp_path / "whole"
+        with pytest.raises(OutputError, match="inside .*whole, a linbias run or export"):
+            check_output(path, "p", force=True)
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "config.json").write_text('{"format": "someone-else"}')
+    assert owning_folder(tmp_path / "plain" / "eval.json") is None
+
+
+def test_a_png_stamp_is_read_back(tmp_path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from linbias.fileio import stamp_of, write_png
+
+    fig = Figure()
+    FigureCanvasAgg(fig)
+    write_png(tmp_path / "a.png", fig, "linbias eval --heatmap")
+    assert stamp_of(tmp_path / "a.png") == "linbias eval --heatmap"
+    fig.savefig(tmp_path / "b.png")  # someone else's plot
+    assert stamp_of(tmp_path / "b.png") is None
+
+
+# --- one writer per folder, with real processes --------------------------------------------------
+
+_HOLD = """
+import sys, time
+from pathlib import Path
+from linbias.fileio import locked_folder
+with locked_folder(Path(sys.argv[1]), "the folder"):
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+def _holder(folder: Path):
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(folder)], stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_second_writer_is_refused_with_the_holders_pid(tmp_path: Path) -> None:
+    import os
+
+    from linbias.fileio import LOCK_NAME, Busy, locked_folder, writer_of
+
+    folder = tmp_path / "run"
+    proc = _holder(folder)
+    try:
+        assert writer_of(folder / LOCK_NAME) == proc.pid
+        with pytest.raises(Busy, match=rf"being written by another linbias process \(pid {proc.pid}\)"):
+            with locked_folder(folder, "the folder"):
+                pass
+    finally:
+        proc.kill()  # a kill, not an exit: the kernel releases the lock
+        proc.wait()
+    assert writer_of(folder / LOCK_NAME) is None
+    with locked_folder(folder, "the folder"):  # the lock file a kill left is no obstacle
+        assert writer_of(folder / LOCK_NAME) == os.getpid()
+    assert list(folder.iterdir()) == []  # the lock file goes when the holder ends
+
+
+def test_a_refused_writer_leaves_no_folder_it_created(tmp_path: Path) -> None:
+    from linbias.fileio import locked_folder
+
+    with pytest.raises(ValueError, match="refused"):
+        with locked_folder(tmp_path / "new" , "the folder"):
+            raise ValueError("refused")
+    assert not (tmp_path / "new").exists()

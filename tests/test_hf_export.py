@@ -289,3 +289,64 @@ def test_a_fine_tuned_run_exports_with_its_new_training_length(bias_free_dir, ti
     with torch.no_grad():
         ref = child.model(ids)
         assert _max_diff(mpt(ids).logits, ref) <= 1e-4 * float(ref.abs().max())
+
+
+# --- one writer, whole runs only, and a stop that leaves nothing behind --------------------------
+
+
+def test_export_refuses_a_target_inside_a_run_and_a_run_without_a_checkpoint(tiny_alibi_run,
+                                                                              tmp_path) -> None:
+    run_dir = Path(shutil.copytree(tiny_alibi_run, tmp_path / "run"))
+    with pytest.raises(ValueError, match="is inside .*run, a linbias run or export"):
+        hf.export_to_hf(run_dir, run_dir / "hf")
+    (run_dir / "checkpoint.json").unlink()
+    with pytest.raises(ValueError, match="never saved a checkpoint"):
+        hf.export_to_hf(run_dir, tmp_path / "hf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_two_exports_into_one_target_are_one_at_a_time(bias_free_dir, tmp_path) -> None:
+    import subprocess
+    import sys
+
+    hold = ("import sys, time\nfrom pathlib import Path\nfrom linbias.fileio import exclusive\n"
+            "with exclusive(Path(sys.argv[1]), 'x'):\n    print('held', flush=True)\n"
+            "    time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path / ".hf.linbias.lock")],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        with pytest.raises(RuntimeError, match=rf"the export .*hf is being written by another "
+                                               rf"linbias process \(pid {proc.pid}\)"):
+            hf.export_to_hf(bias_free_dir, tmp_path / "hf")
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not (tmp_path / "hf").exists()
+
+
+def test_sigterm_during_an_export_leaves_nothing_behind(bias_free_dir, tmp_path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "exports" / "hf"
+    proc = subprocess.Popen([sys.executable, "-m", "linbias", "export", str(bias_free_dir),
+                             "--to-hf", str(out)], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(out.parent.glob(".hf.tmp-*")):  # the export is being written
+        assert proc.poll() is None and time.time() < deadline, "the export never started writing"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == f"linbias export: interrupted; {out} was not changed"
+    assert list(out.parent.iterdir()) == []  # no hidden partial export, no lock file
+
+
+def test_eval_of_an_export_without_hf_names_the_flag(exported: Path, capsys) -> None:
+    assert main(["eval", str(exported), "--lengths", "16"]) == 2
+    assert f"is a transformers model (config.json of model_type 'mpt'), not a linbias run: " \
+        f"evaluate it with --hf {exported}" in \
+        capsys.readouterr().err

@@ -293,3 +293,39 @@ def test_the_fine_tune_study_trains_evaluates_and_reuses(tmp_path, run, monkeypa
     assert run(out, preset="unit-ft", positions=("alibi", "learned", "none"))["finetune"] == \
         results["finetune"]
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*")} == before  # all reused
+
+
+# --- one reproduce per --out, never inside the corpus or a run ---------------------------------
+
+
+def test_a_second_reproduce_into_one_out_is_refused_before_any_work(tmp_path, run):
+    import subprocess
+    import sys
+
+    from linbias.fileio import Busy
+
+    out = tmp_path / "report"
+    hold = ("import sys, time\nfrom pathlib import Path\nfrom linbias.fileio import locked_folder\n"
+            "with locked_folder(Path(sys.argv[1]), 'x'):\n    print('held', flush=True)\n"
+            "    time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", hold, str(out)], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        with pytest.raises(Busy, match=rf"the report .*report is being written by another linbias "
+                                       rf"process \(pid {proc.pid}\)"):
+            run(out)
+        assert [p.name for p in out.iterdir()] == [".linbias.lock"]  # nothing trained or written
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_an_out_inside_the_corpus_or_a_run_is_refused(tmp_path, run, corpus, tiny_alibi_run):
+    root = Path(corpus.removeprefix("text:"))
+    with pytest.raises(ValueError, match="is inside the corpus folder"):
+        run(root / "rep")
+    assert not (root / "rep").exists()
+    with pytest.raises(RunError, match="is inside .*, a linbias run or export"):
+        run(tiny_alibi_run / "rep")
+    assert not (tiny_alibi_run / "rep").exists()

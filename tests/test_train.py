@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save
 
 import linbias.train as train_mod
+from conftest import forget_checksums
 from linbias.cli import main
 from linbias.config import ModelConfig, model_config
 from linbias.data import split_of
@@ -137,7 +138,7 @@ def test_corrupt_checkpoint_is_refused(tmp_path, corpus):
     with pytest.raises(RunError, match="truncated or corrupt"):
         train(mc, tc, out, resume=True, progress=False, cache_dir=tmp_path / "cache")
     (out / "model.safetensors").write_bytes(b"\x00" * 10)
-    with pytest.raises(RunError, match="corrupt or truncated"):
+    with pytest.raises(RunError, match="model.safetensors is not the file .* sha256 differs"):
         load_run(out)
 
 
@@ -413,6 +414,7 @@ def test_a_run_is_resumed_and_evaluated_only_on_the_corpus_it_was_trained_on(
 
     meta = json.loads((run_copy / "config.json").read_text())
     assert meta["corpus"] == load_corpus(corpus).name and load_run(run_copy).corpus == meta["corpus"]
+    forget_checksums(run_copy)  # as a run written before they were recorded
     if recorded is None:
         del meta["corpus"]
     else:
@@ -602,3 +604,85 @@ def test_cli_fine_tune_takes_the_parents_model_and_corpus(parent, tmp_path, cach
     assert child.train_config.data == run.train_config.data and child.train_config.steps == 2
     assert main(["train", "--init-from", str(tmp_path / "nothing"), "--out", str(tmp_path / "c2"),
                  "--no-progress"]) == 2
+
+
+# --- one writer per run, with real processes ---------------------------------------------------------
+
+
+def _train_cli(corpus: str, out: Path, cache: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "linbias", "train", "--position", "alibi", "--train-len", "32",
+            "--n-layers", "1", "--d-model", "32", "--n-heads", "2", "--vocab-size", "300",
+            "--batch-size", "4", "--eval-every", "0", "--save-every", "1", "--warmup", "1",
+            "--data", corpus, "--out", str(out), "--no-progress", *extra]
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.time() + seconds
+    while not path.exists():
+        assert proc.poll() is None, "the first process ended early"
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def test_a_second_writer_of_a_run_is_refused_with_the_first_ones_pid(tmp_path, corpus):
+    out, env = tmp_path / "run", {**os.environ, "LINBIAS_CACHE": str(tmp_path / "cache")}
+    first = subprocess.Popen(_train_cli(corpus, out, tmp_path / "cache", "--steps", "100000"),
+                             env=env, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(out / "checkpoint.json", first)
+        log = (out / "log.jsonl").read_text()
+        for extra in (["--steps", "10", "--position", "rotary", "--seed", "2"], ["--resume"]):
+            second = subprocess.run(_train_cli(corpus, out, tmp_path / "cache", *extra), env=env,
+                                    capture_output=True, text=True, timeout=300)
+            assert second.returncode == 2
+            assert f"the run {out} is being written by another linbias process (pid " \
+                   f"{first.pid})" in second.stderr
+        assert json.loads((out / "config.json").read_text())["model"]["position"] == "alibi"
+    finally:
+        first.send_signal(signal.SIGINT)
+        first.wait(timeout=120)
+    assert first.returncode == 130
+    steps = [r["step"] for r in read_log(out)]  # one writer: each step logged once, in order
+    assert steps == sorted(set(steps)) and (out / "log.jsonl").read_text().startswith(log)
+
+
+def test_ctrl_c_says_how_to_resume(tmp_path, corpus):
+    out, env = tmp_path / "run", {**os.environ, "LINBIAS_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.Popen(_train_cli(corpus, out, tmp_path / "cache", "--steps", "100000"),
+                            env=env, stderr=subprocess.PIPE, text=True)
+    _wait_for(out / "checkpoint.json", proc)
+    proc.send_signal(signal.SIGTERM)  # as a scheduler or torchrun stops it: the same as Ctrl-C
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        f"linbias train: interrupted; the run keeps its last checkpoint: continue it with "
+        f"'linbias train --resume --out {out}'")
+    assert not (out / ".linbias.lock").exists()
+    from linbias.runs import read_checkpoint, read_configs
+
+    step = read_checkpoint(out).step
+    train(*read_configs(out), out, resume=True, stop_after=1, progress=False,
+          cache_dir=tmp_path / "cache")
+    assert read_checkpoint(out).step == step + 1
+
+
+def test_an_out_inside_the_corpus_folder_is_refused_before_any_work(tmp_path, corpus):
+    root = Path(corpus.removeprefix("text:"))
+    with pytest.raises(ValueError, match=r"--out .* is inside the corpus folder .*: what linbias "
+                                         r"writes there would become part of the corpus"):
+        train(*_configs(corpus), root / "runs" / "a", progress=False, cache_dir=tmp_path / "cache")
+    assert not (root / "runs").exists() and not (tmp_path / "cache").exists()
+
+
+def test_a_full_cache_names_the_cache_and_the_fix(tmp_path, corpus, monkeypatch):
+    import errno
+
+    import linbias.data
+
+    def full(path, write):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(linbias.data, "atomic_write", full)
+    with pytest.raises(OSError, match=r"cannot write .*cache.* into the token cache \(No space "
+                                      r"left on device\): free space there, or point LINBIAS_CACHE"):
+        train(*_configs(corpus), tmp_path / "run", progress=False, cache_dir=tmp_path / "cache")

@@ -12,7 +12,9 @@ import argparse
 import dataclasses
 import inspect
 import re
+import signal
 import sys
+import threading
 import typing
 from pathlib import Path
 from typing import Any, get_args
@@ -190,7 +192,11 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
     add_fields(p, EvalConfig, "evaluation", flags={"rules": "scaling"})
     p.add_argument("--heatmap", type=Path, default=None,
                    help="with --task: write a PNG heatmap (length x depth, one panel per rule) here")
-    p.add_argument("--json", type=Path, default=None, help="write {\"results\": [...]} here")
+    p.add_argument("--json", type=Path, default=None, help="write {\"results\": [...]} here (a new "
+                   "file, or an earlier eval's results)")
+    p.add_argument("--force", action="store_true",
+                   help="replace whatever file --json or --heatmap names (never inside a run or "
+                   "export folder)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -205,7 +211,9 @@ def _run_eval(args: argparse.Namespace) -> int:
     evaluation length, non-overlapping or with a sliding window, with and without length-
     scaling rules; with --task, retrieval accuracy per length and needle depth instead.
     """
-    from linbias.evaluate import check_output_file, write_json
+    from linbias.evaluate import check_results_path, write_json
+    from linbias.fileio import check_output
+    from linbias.tasks import HEATMAP
 
     if (args.run is None) == (args.hf is None):
         raise ValueError("give either a run directory or --hf PATH_OR_NAME (one of them, not both)")
@@ -221,9 +229,11 @@ def _run_eval(args: argparse.Namespace) -> int:
                          f"{'it' if len(wrong) == 1 else 'them'} or " +
                          ("add --task" if task is None else "evaluate perplexity separately"))
     config = EvalConfig.from_dict(fields)  # every value checked before a model is loaded
-    for path in (args.json, args.heatmap):
-        if path is not None:
-            check_output_file(path)  # now, not after an evaluation that may take hours
+    # Now, not after an evaluation that may take hours.
+    if args.json is not None:
+        check_results_path(args.json, force=args.force)
+    if args.heatmap is not None:
+        check_output(args.heatmap, HEATMAP, force=args.force, flag="--heatmap")
     progress = not args.no_progress
     if args.hf is not None:
         from linbias.hf import evaluate_hf
@@ -235,7 +245,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         records = evaluate_run(args.run, config, progress=progress)
     (_print_perplexity if config.task is None else _print_task)(args, config, records)
     if args.json:
-        write_json(records, args.json)
+        write_json(records, args.json, force=args.force)
         print(f"wrote {args.json}")
     return 0
 
@@ -250,7 +260,7 @@ def _print_perplexity(args: argparse.Namespace, config: Any, records: list[dict]
 
 def _print_task(args: argparse.Namespace, config: Any, records: list[dict]) -> None:
     from linbias.evaluate import retrieval_table
-    from linbias.tasks import accuracy_table, plot_heatmaps
+    from linbias.tasks import HEATMAP, accuracy_table, plot_heatmaps
 
     done = [r for r in records if not r["skipped"]]
     for rule in config.rules:
@@ -260,7 +270,7 @@ def _print_task(args: argparse.Namespace, config: Any, records: list[dict]) -> N
         if not done:
             raise ValueError("no length could be evaluated, so there is no heatmap to draw")
         plot_heatmaps({f"{done[0]['position']} / {rule}": [r for r in done if r["scaling"] == rule]
-                       for rule in config.rules}, args.heatmap)
+                       for rule in config.rules}, args.heatmap, stamp=HEATMAP)
         print(f"wrote {args.heatmap}")
 
 
@@ -357,18 +367,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupted(args: argparse.Namespace) -> str:
+    """What an interrupted command left, and how to go on."""
+    out = getattr(args, "out", None)
+    if args.command == "train" and (Path(out) / "checkpoint.json").exists():
+        return (f"interrupted; the run keeps its last checkpoint: continue it with 'linbias train "
+                f"--resume --out {out}'")
+    if args.command == "train" and (Path(out) / "config.json").exists():
+        return (f"interrupted before the run's first checkpoint: {out} cannot be resumed; train "
+                "again into a new --out")
+    if args.command == "reproduce":
+        return "interrupted; run the same command again to continue (finished runs are reused)"
+    if args.command == "export":
+        return f"interrupted; {args.to_hf} was not changed"
+    return "interrupted; nothing was written"
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # SIGTERM unwinds like Ctrl-C: temporary files and locks are released
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         return args.func(args) or 0
-    except (ValueError, OSError, ImportError, RuntimeError) as exc:
+    except KeyboardInterrupt:
+        print(f"linbias {args.command}: {_interrupted(args)}", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, ImportError, RuntimeError, MemoryError) as exc:
         # Bad input or an unusable path (OSError names it): one clear line, not a traceback.
         print(f"linbias {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

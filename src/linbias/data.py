@@ -54,6 +54,7 @@ import sys
 import sysconfig
 import warnings
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from functools import lru_cache
@@ -126,13 +127,16 @@ class Corpus:
         split_by: how the splits were made: ``"file"`` (whole documents by content hash),
             ``"document"`` (each document cut 98/1/1% in order) or ``"source"`` (the dataset's own
             splits).
+        root: the folder whose files it reads (``None`` for one file or a dataset).
     """
 
     def __init__(
         self, name: str, load: Callable[[Split], list[str]], skipped: int = 0, *,
         duplicates: int = 0, not_regular: int = 0, split_by: SplitBy = "file",
+        root: Path | None = None,
     ) -> None:
         self.name = name
+        self.root = root
         self.split_by = split_by
         self.skipped = skipped
         self.duplicates = duplicates
@@ -156,6 +160,21 @@ class Corpus:
                 "hold out 1% of each (split inside documents); give more text"
             )
         return docs
+
+    def check_outside(self, path: str | Path, flag: str = "--out") -> None:
+        """Refuse an output folder inside the folder this corpus reads: what is written there
+        would become documents, and the corpus (and its held-out split) would change.
+
+        Raises:
+            ValueError: naming both folders.
+        """
+        if self.root is None:
+            return
+        root, target = Path(os.path.realpath(self.root)), Path(os.path.realpath(path))
+        if target == root or root in target.parents:
+            raise ValueError(f"{flag} {path} is inside the corpus folder {self.root}: what linbias "
+                             f"writes there would become part of the corpus; choose a {flag} "
+                             "outside it")
 
     def describe(self) -> dict[str, Any]:
         """Documents and UTF-8 bytes per split, how they were split, and what was left out.
@@ -339,7 +358,7 @@ def _files_corpus(label: str, root: Path, paths: list[Path]) -> Corpus:
             fingerprint.update(b"cut-inside-documents")
     return Corpus(f"{_slug(label)}-{fingerprint.hexdigest()}", splits.__getitem__, tally.unusable,
                   duplicates=tally.duplicates, not_regular=len(tally.not_regular),
-                  split_by=split_by)
+                  split_by=split_by, root=root)
 
 
 # A by-file split is kept when valid and test each get at least this share of the characters
@@ -543,8 +562,19 @@ def train_tokenizer(
     docs = corpus.documents("train")
     tokenizer.train_from_iterator(docs, trainer, length=len(docs))
     if path is not None:
-        save_tokenizer(tokenizer, path)
+        with _cache_write(path):
+            save_tokenizer(tokenizer, path)
     return tokenizer
+
+
+@contextmanager
+def _cache_write(path: Path) -> Iterator[None]:
+    """A write into the cache whose failure (a full disk) names the cache and the fix."""
+    try:
+        yield
+    except OSError as exc:
+        raise OSError(f"cannot write {path} into the token cache ({exc.strerror or exc}):"
+                      " free space there, or point LINBIAS_CACHE at a folder with room") from exc
 
 
 # GPT-2's pre-tokenizer regex (the one ByteLevel(use_regex=True) applies) with every run bounded
@@ -719,7 +749,8 @@ def token_stream(
         warnings.warn(f"rebuilding the cached token stream {path}: it does not load as a 1-D "
                       f"{np.dtype(dtype).name} array", stacklevel=2)
     ids = _encode_documents(tokenizer, corpus.documents(split), dtype, eot)
-    atomic_write(path, lambda f: np.save(f, ids, allow_pickle=False))
+    with _cache_write(path):
+        atomic_write(path, lambda f: np.save(f, ids, allow_pickle=False))
     return np.load(path, mmap_mode="r")
 
 

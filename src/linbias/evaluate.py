@@ -39,8 +39,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Set
 from contextlib import AbstractContextManager, contextmanager
@@ -57,14 +55,14 @@ from linbias.config import DEPTHS, MODES, EvalConfig, Mode, check_int, resolve_s
 from linbias.data import (
     default_cache_dir, load_corpus, token_byte_lengths, token_stream,
 )
-from linbias.fileio import atomic_write_text
+from linbias.fileio import OutputError, atomic_write_text, check_output
 from linbias.tasks import (
     Encoder, cell_record, encoder, k_max, make_trials, score, wilson,
 )
 from linbias.runs import Run, check_corpus, load_run
 
 __all__ = [
-    "DEPTHS", "MODES", "EvalConfig", "EvalModel", "Mode", "RunModel", "check_output_file",
+    "DEPTHS", "MODES", "EvalConfig", "EvalModel", "Mode", "RunModel", "check_results_path",
     "eval_config", "evaluate_model", "run_stream",
     "evaluate_run", "evaluate_run_task", "evaluate_stream", "evaluate_task", "format_table",
     "json_record", "merge_cells", "attention_profile", "retrieval_summary", "retrieval_table", "write_json",
@@ -341,6 +339,7 @@ class RunModel:
         self.position: str = run.config.position
         self.train_len: int | None = run.config.train_len
         self.max_len: int | None = run.model.position.max_len
+        self.vocab_size: int = run.config.vocab_size
 
     def logits(self, ids_BT: torch.Tensor, mask_BT: torch.Tensor | None = None) -> torch.Tensor:
         device = next(self.run.model.parameters()).device
@@ -419,13 +418,15 @@ def evaluate_model(
         reason = skip_reason(model, eval_len, n_targets, where)
         if reason is not None and len(c.lengths) == 1:
             raise ValueError(reason)
+        if reason is None:
+            check_fits(model, eval_len, 1)
         for rule in c.rules:
             first = {"position": model.position, "scaling": rule, "train_len": model.train_len,
                      "data": data, "split": c.split, "skipped": reason}
             if reason is not None:
                 records.append({**first, **_skipped_record(eval_len, c)})
                 continue
-            with model.under(rule):
+            with model.under(rule), fits_in_memory(eval_len):
                 result = evaluate_stream(
                     model.logits, stream, byte_lengths, eval_len=eval_len, mode=c.mode,
                     stride=c.stride, batch_size=c.batch_size, max_tokens=c.max_tokens,
@@ -433,6 +434,50 @@ def evaluate_model(
                 )
             records.append({**first, **result})
     return records
+
+
+def _available_memory() -> int | None:
+    """Bytes the kernel says a new allocation can take now (Linux), else ``None``."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_fits(model: EvalModel, length: int, rows: int) -> None:
+    """Refuse, before any work, a length whose logits alone (``rows x length x vocab`` floats)
+    would not fit in the memory available now: a clear error instead of the allocator's (or the
+    kernel's out-of-memory kill).
+
+    Raises:
+        MemoryError: naming the length, the estimate and the fix.
+    """
+    vocab, free = getattr(model, "vocab_size", None), _available_memory()
+    if not vocab or free is None:
+        return
+    need = rows * length * int(vocab) * 4
+    if need > free:
+        raise MemoryError(f"length {length} needs at least {need / 2**30:.1f} GiB for its logits "
+                          f"({rows} x {length} x {vocab} floats), more than the "
+                          f"{free / 2**30:.1f} GiB available: evaluate shorter --lengths, or a "
+                          "smaller --batch-size")
+
+
+@contextmanager
+def fits_in_memory(length: int) -> Iterator[None]:
+    """Turn an allocation failure at length ``length`` into one clear error naming the fix."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as exc:
+        if not isinstance(exc, (MemoryError, torch.OutOfMemoryError)) and \
+                "alloc" not in str(exc).lower():
+            raise
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise MemoryError(f"length {length} does not fit in this machine's memory ({first}); "
+                          "evaluate shorter --lengths, or with a smaller --batch-size") from None
 
 
 def _perplexity(config: EvalConfig) -> None:
@@ -561,16 +606,19 @@ def evaluate_task(
     records = []
     with bar:
         for length in c.lengths:
-            cells = [] if _beyond(model, length) else [
-                (d, make_trials(task, encode, length, d, c.trials, _cell_seed(c.seed, length, d),
-                                filler_ids)) for d in c.depths]
+            if not _beyond(model, length):
+                check_fits(model, length, min(c.batch_size, c.trials))
+            with fits_in_memory(length):
+                cells = [] if _beyond(model, length) else [
+                    (d, make_trials(task, encode, length, d, c.trials,
+                                    _cell_seed(c.seed, length, d), filler_ids)) for d in c.depths]
             for rule in c.rules:
                 if not cells:
                     records += [{**head, "scaling": rule, **_skipped_cell(model, task, length, d)}
                                 for d in c.depths]
                     bar.update(len(c.depths))
                     continue
-                with model.under(rule):
+                with model.under(rule), fits_in_memory(length):
                     for depth, cell in cells:
                         results = score(model.logits, cell, c.batch_size)
                         records.append({**head, "scaling": rule, "skipped": None,
@@ -805,45 +853,45 @@ def json_record(record: dict[str, Any]) -> dict[str, Any]:
     return {**out, "non_finite": non_finite} if non_finite else out
 
 
-def write_json(records: Sequence[dict[str, Any]], path: str | Path) -> None:
-    """Write ``{"results": records}`` to ``path`` atomically (a reader never sees half a file).
+# The stamp of an eval --json file: another is replaced only over a file carrying it.
+EVAL_JSON = "linbias eval --json"
+
+
+def _earlier_eval_json(path: Path) -> bool:
+    """A results file of an eval from before files were stamped: ``{"results": [records]}``."""
+    try:
+        obj = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(obj, dict) and set(obj) == {"results"} and isinstance(obj["results"], list) \
+        and all(isinstance(r, dict) and "scaling" in r for r in obj["results"])
+
+
+def check_results_path(path: str | Path, *, force: bool = False) -> None:
+    """Check, before an evaluation that may take hours, that ``write_json`` may write ``path``:
+    nothing there, or an earlier eval's results; any file only with ``force`` (``fileio.check_output``).
+
+    Raises:
+        OutputError: naming what is in the way and the fix.
+    """
+    check_output(path, EVAL_JSON, force=force, flag="--json", legacy=_earlier_eval_json)
+
+
+def write_json(records: Sequence[dict[str, Any]], path: str | Path, *, force: bool = False) -> None:
+    """Write ``{"results": records, "written_by": "linbias eval --json"}`` to ``path`` atomically.
 
     JSON has no NaN or Infinity, so a non-finite number (a diverged model's loss, a perplexity past
     the float range) is written as ``null`` and its key listed in the record's ``"non_finite"``;
     the file is always strict JSON.
 
     Raises:
-        ValueError: ``path`` is a folder or cannot be written (see ``check_output_file``).
+        OutputError: ``path`` may not be written (``check_results_path``).
     """
-    check_output_file(path)
+    check_results_path(path, force=force)
     results = [json_record(dict(r)) for r in records]
-    text = json.dumps({"results": results}, indent=2, allow_nan=False) + "\n"
+    text = json.dumps({"results": results, "written_by": EVAL_JSON}, indent=2,
+                      allow_nan=False) + "\n"
     try:
         atomic_write_text(Path(path), text)
     except OSError as e:
-        raise ValueError(f"cannot write the results to {path} ({e}); choose another path") from e
-
-
-def check_output_file(path: str | Path) -> None:
-    """Raise ``ValueError`` unless a file can be written at ``path``: call it before a long
-    evaluation, so that a bad ``--json`` is reported before the work, not after.
-
-    The file is written beside itself and renamed (``atomic_write``), so what must be writable is
-    the nearest existing folder above it; missing folders are created then.
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"cannot write results to {path}: it is a folder; give a file name, "
-                         f"e.g. {path / 'eval.json'}")
-    ancestor = path.parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise ValueError(f"cannot write results to {path}: {ancestor} is a file, not a folder")
-    try:  # a real probe: permissions, read-only mounts and ACLs all answer here
-        fd, probe = tempfile.mkstemp(dir=ancestor, prefix=".linbias-probe-", suffix=".tmp")
-    except OSError as e:
-        raise ValueError(f"cannot write results to {path}: {ancestor} is not writable ({e}); "
-                         "choose another path") from e
-    os.close(fd)
-    os.unlink(probe)
+        raise OutputError(f"cannot write the results to {path} ({e}); choose another path") from e

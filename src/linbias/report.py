@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from linbias.fileio import atomic_write
+from linbias.fileio import write_png
 
 __all__ = [
     "aggregate", "beyond_table", "describe_finding", "finding", "finetune_curves",
@@ -187,7 +187,7 @@ def plot_ppl_vs_length(records: Sequence[Record], train_len: int, path: str | Pa
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
-    atomic_write(Path(path), lambda f: fig.savefig(f, format="png"))  # never a torn plot
+    write_png(Path(path), fig, "linbias reproduce")  # never a torn plot
     plt.close(fig)
 
 
@@ -250,7 +250,7 @@ def plot_attention_profile(records: Sequence[Record], path: str | Path) -> None:
     eval_len = records[0]["eval_len"]
     fig.suptitle(f"Where each head looks at L' = {eval_len} (one line per head)", fontsize=10)
     fig.tight_layout()
-    atomic_write(Path(path), lambda f: fig.savefig(f, format="png"))  # never a torn plot
+    write_png(Path(path), fig, "linbias reproduce")  # never a torn plot
     plt.close(fig)
 
 
@@ -310,5 +310,5 @@ def plot_finetune(rows: Sequence[Record], path: str | Path, title: str = "") -> 
     axes.flat[-1].legend(handles.values(), handles.keys(), fontsize=7, loc="center")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    atomic_write(Path(path), lambda f: fig.savefig(f, format="png"))  # never a torn plot
+    write_png(Path(path), fig, "linbias reproduce")  # never a torn plot
     plt.close(fig)

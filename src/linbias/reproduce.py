@@ -37,7 +37,7 @@ from linbias.config import (
     model_config,
 )
 from linbias.data import Corpus, load_corpus
-from linbias.fileio import atomic_write_text
+from linbias.fileio import atomic_write_text, locked_folder, owning_folder
 from linbias.evaluate import (
     RunModel,
     attention_profile,
@@ -374,7 +374,18 @@ def reproduce(
         p = ReproducePreset.from_dict({**p.to_dict(), "embedding": embedding})  # checks the name
     check_int("seeds", seeds)
     out = Path(out)
-    cache = Path(cache_dir) if cache_dir is not None else None
+    corpus.check_outside(out)
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out} is a file, not a directory; choose another --out")
+    check_writable(out)
+    with locked_folder(out, f"the report {out}"):  # one reproduce per --out at a time
+        return _reproduce(preset, p, corpus, out, data, seed, seeds, positions, force,
+                          Path(cache_dir) if cache_dir is not None else None, progress, log)
+
+
+def _reproduce(preset: str, p: ReproducePreset, corpus: Corpus, out: Path, data: str, seed: int,
+               seeds: int, positions: tuple[str, ...], force: bool, cache: Optional[Path],
+               progress: bool, log: Callable[[str], None]) -> dict[str, Any]:
     _check_out(out)
     jobs = [(position, s) for s in range(seed, seed + seeds) for position in positions]
     configs = {job: _configs(job[0], p, data, job[1]) for job in jobs}
@@ -485,9 +496,10 @@ _REPORT_FILES: dict[str, Callable[[bytes], bool]] = {
 
 def _check_out(out: Path) -> None:
     """``out`` can hold the report: every file or folder reproduce would replace is its own."""
-    if out.exists() and not out.is_dir():
-        raise RunError(f"--out {out} is a file, not a directory; choose another --out")
-    check_writable(out)
+    whole = owning_folder(out)
+    if whole is not None:
+        raise RunError(f"--out {out} is inside {whole}, a linbias run or export whose files must "
+                       "stay as written; choose an --out outside it")
     if (out / "runs").exists() and not (out / "runs").is_dir():
         raise RunError(f"{out / 'runs'} is a file, not the runs folder; choose another --out")
     for name, ours in _REPORT_FILES.items():

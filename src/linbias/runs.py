@@ -6,9 +6,11 @@ A run directory holds everything later commands need:
                             "corpus": the corpus name with its content fingerprint}
     tokenizer.json         the byte-level BPE tokenizer (Hugging Face ``tokenizers``)
     model.safetensors      the latest weights
-    checkpoint.json        step, the state file below and its sha256
+    checkpoint.json        step, the state file below and its sha256, and the sha256 of
+                           config.json, tokenizer.json and model.safetensors at that step
     state-STEP.safetensors weights, optimizer moments, RNG (one per checkpoint, the older removed)
     log.jsonl              one JSON object per logged step: step, train_loss, valid_loss, ...
+    .linbias.lock          only while a process writes the run: its OS lock (``writing``)
 
 A fine-tuned run (``TrainConfig.init_from``) also records its parent in ``config.json``: ``"parent":
 {"path", "step", "config_sha256", "weights_sha256"}``, the parent's directory and step and the
@@ -21,6 +23,10 @@ line by line, each line before the checkpoint that covers it; a resume drops the
 checkpoint, and a line torn by a kill. ``config.json`` (written first, with its ``format`` marker)
 is what proves later that a directory is a run: nothing that is not provably a run is ever
 deleted, and a run's own files are the only ones replaced (``check_run_dir``, ``remove_run``).
+
+One process writes a run at a time (``writing``: an OS lock held from before the first check to
+the end). Every reader (``load_run``) checks what a resume checks: the recorded checksums, the
+weights against the config, the tokenizer against the vocabulary.
 """
 
 from __future__ import annotations
@@ -30,9 +36,11 @@ import hashlib
 import json
 import os
 import re
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from contextlib import AbstractContextManager
 from typing import Any, Optional
 
 import torch
@@ -41,7 +49,10 @@ from tokenizers import Tokenizer
 
 from linbias.config import ModelConfig, TrainConfig, is_finite_number
 from linbias.data import Corpus, load_tokenizer, save_tokenizer
-from linbias.fileio import atomic_write, atomic_write_text, sha256_file, write_json
+from linbias.fileio import (
+    LOCK_NAME, atomic_write, atomic_write_text, locked_folder, owning_folder, sha256_file,
+    write_json, writer_of,
+)
 from linbias.model import GPT
 
 __all__ = [
@@ -49,7 +60,7 @@ __all__ = [
     "check_child_config", "check_corpus", "check_parent", "child_model", "lineage_of",
     "check_new_out", "check_resume", "check_run_dir", "check_writable", "load_run",
     "read_checkpoint", "read_configs", "read_log", "recorded_corpus", "remove_run",
-    "restore_checkpoint", "save_checkpoint", "start_run",
+    "restore_checkpoint", "save_checkpoint", "start_run", "writing",
 ]
 
 RUN_FORMAT = "linbias-run/1"
@@ -57,7 +68,9 @@ RUN_FORMAT = "linbias-run/1"
 # The files a run writes. State files carry the step, zero-padded to 8 digits (more past 10^8
 # steps); a name is matched whole, so no path separator can ever reach an unlink.
 _RUN_FILES = frozenset({"config.json", "tokenizer.json", "model.safetensors", "checkpoint.json",
-                        "log.jsonl"})
+                        "log.jsonl", LOCK_NAME})
+# The files a checkpoint records the sha256 of (``Checkpoint.files``): what every reader verifies.
+_RECORDED = ("config.json", "tokenizer.json", "model.safetensors")
 _STATE_FILE = re.compile(r"state-\d{8,}\.safetensors")
 # fileio.atomic_write's temporary files: ".NAME.<random>.tmp", left behind only by a kill.
 _TEMP_FILE = re.compile(r"\.(?P<name>.+)\.[A-Za-z0-9_]+\.tmp")
@@ -103,11 +116,14 @@ class ConfigMismatch(RunError):
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """The validated content of ``checkpoint.json``."""
+    """The validated content of ``checkpoint.json``: the step, its state file and that file's
+    sha256, and the sha256 of the run's config, tokenizer and weights at that step (``files``;
+    empty for runs written before it was recorded)."""
 
     step: int
     state: str
     sha256: str
+    files: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 # --- files ---------------------------------------------------------------------------------------
@@ -129,6 +145,9 @@ def _run_meta(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "config.json"
     meta = _read_json(path, "the model and training configuration")
     fmt = meta.get("format") if isinstance(meta, dict) else None
+    if fmt is None and isinstance(meta, dict) and "model_type" in meta:
+        raise RunError(f"{run_dir} is a transformers model (config.json of model_type "
+                       f"{meta['model_type']!r}), not a linbias run: evaluate it with --hf {run_dir}")
     if fmt != RUN_FORMAT:
         raise RunError(
             f"{path} has format {fmt!r}, expected {RUN_FORMAT!r}: "
@@ -196,7 +215,7 @@ def read_checkpoint(run_dir: str | Path) -> Checkpoint:
     problem = _checkpoint_problem(ckpt)
     if problem:
         raise RunError(f"{path} is corrupt ({problem}); restore it, or train into another --out")
-    return Checkpoint(ckpt["step"], ckpt["state"], ckpt["sha256"])
+    return Checkpoint(ckpt["step"], ckpt["state"], ckpt["sha256"], dict(ckpt.get("files", {})))
 
 
 def _checkpoint_problem(ckpt: Any) -> str:
@@ -210,6 +229,10 @@ def _checkpoint_problem(ckpt: Any) -> str:
         return f"state must be {_state_name(step)!r}, got {state!r}"
     if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
         return f"sha256 must be 64 lowercase hex digits, got {sha!r}"
+    files = ckpt.get("files", {})
+    if not isinstance(files, dict) or set(files) - set(_RECORDED) or not all(
+            isinstance(v, str) and _SHA256.fullmatch(v) for v in files.values()):
+        return f"files must map {', '.join(_RECORDED)} to sha256 digests, got {files!r}"
     return ""
 
 
@@ -292,6 +315,10 @@ def remove_run(run_dir: str | Path, extra: tuple[str, ...] = ()) -> None:
     """
     run_dir = Path(run_dir)
     check_run_dir(run_dir, extra)
+    writer = writer_of(run_dir / LOCK_NAME)
+    if writer is not None:
+        raise RunError(f"{run_dir} is being trained by another process (pid {writer or '?'}); "
+                       "it is not removed: stop that process first")
     files = [p for p in run_dir.iterdir() if _is_run_file(p, frozenset(extra))]
     for p in sorted(files, key=lambda p: p.name == "config.json"):
         p.unlink()
@@ -332,29 +359,108 @@ def _load_model_weights(model: GPT, tensors: dict[str, torch.Tensor], source: Pa
 
 
 def load_run(path: str | Path) -> Run:
-    """Load a run directory written by ``train``.
+    """Load a run directory written by ``train``, after the checks ``--resume`` makes.
+
+    The weights, config and tokenizer must be the ones the last checkpoint recorded (their
+    sha256; for runs written before that was recorded, the weights must equal the checkpoint's
+    state file, itself checked against its sha256), the weights must fit the config, and the
+    tokenizer the vocabulary. A run without a checkpoint is refused. An unfinished run, or one that
+    another process is training right now, loads with a warning that says which step is used (for
+    a run being trained: the last checkpoint, read from its verified state file).
 
     Returns:
         ``Run`` with ``.model`` in eval mode (``model(idx)`` gives ``[B, T, vocab]`` logits),
         ``.tokenizer`` (a ``tokenizers.Tokenizer``), ``.config`` and ``.train_config``.
 
     Raises:
-        RunError: missing or corrupt files, or an unknown format; the message names the file.
+        RunError: missing, corrupt or changed files, or an unknown format; the message names the
+            file and the fix.
     """
     run_dir = Path(path)
     if not run_dir.is_dir():
         raise RunError(f"no run directory at {run_dir}")
     config, train_config = read_configs(run_dir)
+    meta = _run_meta(run_dir)
+    parent = _read_lineage(run_dir, meta)
     tok_path = run_dir / "tokenizer.json"
     if not tok_path.is_file():
         raise RunError(f"{run_dir} is not a usable linbias run: tokenizer.json is missing")
+    if not (run_dir / "checkpoint.json").exists():
+        writer = writer_of(run_dir / LOCK_NAME)
+        if writer is not None:
+            raise RunError(f"{run_dir} is being trained by another process (pid {writer or '?'}) "
+                           "and has no checkpoint yet: read it after its first checkpoint")
+        raise RunError(f"{run_dir} never saved a checkpoint (training was stopped before its first "
+                       "one: killed, or the disk filled), so nothing in it is verified: train it "
+                       "again into a new --out")
+    ckpt, tensors, note = _verified_weights(run_dir)
     model = GPT(config)
-    _load_model_weights(model, _load_safetensors(run_dir / "model.safetensors"), run_dir)
+    _load_model_weights(model, tensors, run_dir)
     model.eval()
-    meta = _run_meta(run_dir)
-    parent = _read_lineage(run_dir, meta)
-    return Run(run_dir, model, load_tokenizer(tok_path), config, train_config, meta.get("corpus"),
-               parent)
+    tokenizer = load_tokenizer(tok_path)
+    if tokenizer.get_vocab_size() > config.vocab_size:
+        raise RunError(f"{tok_path} has {tokenizer.get_vocab_size()} tokens, more than the model's "
+                       f"vocab_size {config.vocab_size}: it is not this run's tokenizer; restore it")
+    if ckpt.step < train_config.steps and not note:
+        note = f"it is unfinished (step {ckpt.step} of {train_config.steps})"
+    if note:
+        warnings.warn(f"{run_dir}: {note}; using its weights at step {ckpt.step}", stacklevel=2)
+    return Run(run_dir, model, tokenizer, config, train_config, meta.get("corpus"), parent)
+
+
+def _verified_weights(run_dir: Path) -> tuple[Checkpoint, dict[str, torch.Tensor], str]:
+    """The weights of the last checkpoint, checked, and a note when another process writes the
+    run (its files may move on while they are read: its checkpoint's state file is used)."""
+    for attempt in range(5):
+        writer = writer_of(run_dir / LOCK_NAME)
+        ckpt = read_checkpoint(run_dir)
+        try:
+            if writer is None:
+                _check_recorded(run_dir, ckpt, _RECORDED)
+                tensors = _load_safetensors(run_dir / "model.safetensors")
+                if not ckpt.files:  # written before checksums were recorded: the state decides
+                    _check_legacy_weights(run_dir, ckpt, tensors)
+                return ckpt, tensors, ""
+            _check_recorded(run_dir, ckpt, ("config.json", "tokenizer.json"))
+            return ckpt, _model_tensors(_verified_state(run_dir, ckpt)), (
+                f"another process (pid {writer or '?'}) is training it now")
+        except RunError:
+            if writer is None or attempt == 4:
+                raise
+        time.sleep(0.2)  # the writer replaced the checkpoint while it was read: read it again
+    raise AssertionError("unreachable")
+
+
+def _check_recorded(run_dir: Path, ckpt: Checkpoint, names: tuple[str, ...]) -> None:
+    """Each file of ``names`` whose sha256 the checkpoint recorded must still have it."""
+    for name in names:
+        recorded = ckpt.files.get(name)
+        if recorded is None or sha256_file(run_dir / name) == recorded:
+            continue
+        fix = (f"restore it, or resume with 'linbias train --resume --out {run_dir}' if the run is "
+               "unfinished (a save cut short)" if name == "model.safetensors" else
+               "restore it: training writes it once, and no later step rewrites it")
+        raise RunError(f"{run_dir / name} is not the file the last checkpoint (step {ckpt.step}) "
+                       f"recorded (its sha256 differs: edited, or another run's); {fix}")
+
+
+def _verified_state(run_dir: Path, ckpt: Checkpoint) -> dict[str, torch.Tensor]:
+    state_path = run_dir / ckpt.state
+    if not state_path.is_file() or sha256_file(state_path) != ckpt.sha256:
+        raise RunError(f"{state_path} is missing, truncated or corrupt (checksum mismatch)")
+    return _load_safetensors(state_path)
+
+
+def _model_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k[6:]: v for k, v in state.items() if k.startswith("model.")}
+
+
+def _check_legacy_weights(run_dir: Path, ckpt: Checkpoint, tensors: dict[str, torch.Tensor]) -> None:
+    saved = _model_tensors(_verified_state(run_dir, ckpt))
+    if saved.keys() != tensors.keys() or not all(torch.equal(saved[k], tensors[k]) for k in saved):
+        raise RunError(f"{run_dir / 'model.safetensors'} differs from the weights of the last "
+                       f"checkpoint (step {ckpt.step}, {ckpt.state}): it was edited or a save was "
+                       "cut short; restore it, or resume the run if it is unfinished")
 
 
 # --- fine-tuning: a run started from another's weights -------------------------------------------
@@ -489,7 +595,11 @@ def check_new_out(out: Path) -> None:
     """A new run goes only into an absent or empty directory: nothing of the user's is replaced."""
     if out.exists() and not out.is_dir():
         raise RunError(f"--out {out} is a file, not a directory; choose another --out")
-    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    whole = owning_folder(out)
+    if whole is not None:
+        raise RunError(f"--out {out} is inside {whole}, a linbias run or export whose files must "
+                       "stay as written; choose an --out outside it")
+    entries = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME) if out.is_dir() else []
     if "config.json" in entries:
         try:
             _run_meta(out)
@@ -504,6 +614,16 @@ def check_new_out(out: Path) -> None:
             "a new run needs an absent or empty directory: choose another --out"
         )
     check_writable(out)
+
+
+def writing(run_dir: str | Path) -> AbstractContextManager[None]:
+    """Hold a run directory for the one process that writes it (``fileio.locked_folder``): the
+    directory is created if absent, and another writer is refused with this process's pid.
+
+    Raises:
+        Busy: another process writes the run.
+    """
+    return locked_folder(Path(run_dir), f"the run {run_dir}")
 
 
 def start_run(out: Path, tokenizer: Tokenizer, mc: ModelConfig, tc: TrainConfig,
@@ -535,28 +655,54 @@ def _optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
 
 def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
     sd = opt.state_dict()
+    params = [p for group in opt.param_groups for p in group["params"]]
     state: dict[int, dict[str, torch.Tensor]] = {}
     for name, value in tensors.items():
         if name.startswith("optim."):
             _, i, key = name.split(".", 2)
             state.setdefault(int(i), {})[key] = value
+    for i, moments in state.items():
+        # load_state_dict takes any shape; a wrong one would fail only in a later step.
+        if not 0 <= i < len(params):
+            raise ValueError(f"optimizer state for parameter {i}, which the model does not have")
+        for key, value in moments.items():
+            if key != "step" and value.shape != params[i].shape:
+                raise ValueError(f"optim.{i}.{key} has shape {tuple(value.shape)}, the parameter "
+                                 f"{tuple(params[i].shape)}")
     sd["state"] = state
     opt.load_state_dict(sd)
 
 
 def save_checkpoint(out: Path, model: GPT, opt: torch.optim.Optimizer, step: int,
                 previous: Optional[int]) -> None:
-    weights = _state_dict(model)
-    atomic_write(out / "model.safetensors", lambda f: f.write(save(weights)))
+    """Write the weights, then the state file, then ``checkpoint.json`` naming both (with the
+    sha256 of the state, the weights, the config and the tokenizer), then drop the previous state.
+
+    Raises:
+        RunError: the disk is full or the folder unwritable; the previous checkpoint is intact.
+    """
+    model_tensors = _state_dict(model)
+    weights = save(model_tensors)
     state_name = _state_name(step)
-    tensors = {**{f"model.{k}": v for k, v in weights.items()}, **_optimizer_tensors(opt),
-               "rng.torch": torch.get_rng_state()}
+    tensors = {**{f"model.{k}": v for k, v in model_tensors.items()},
+               **_optimizer_tensors(opt), "rng.torch": torch.get_rng_state()}
     if torch.cuda.is_available():  # every rank was seeded alike, so rank 0's state serves all
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
     data = save(tensors)
-    atomic_write(out / state_name, lambda f: f.write(data))
-    write_json(out / "checkpoint.json", {"step": step, "state": state_name,
-                                         "sha256": hashlib.sha256(data).hexdigest()})
+    files = {"config.json": sha256_file(out / "config.json"),
+             "tokenizer.json": sha256_file(out / "tokenizer.json"),
+             "model.safetensors": hashlib.sha256(weights).hexdigest()}
+    try:
+        atomic_write(out / "model.safetensors", lambda f: f.write(weights))
+        atomic_write(out / state_name, lambda f: f.write(data))
+        write_json(out / "checkpoint.json", {"step": step, "state": state_name,
+                                             "sha256": hashlib.sha256(data).hexdigest(),
+                                             "files": files})
+    except OSError as exc:
+        raise RunError(
+            f"cannot save the checkpoint of step {step} in {out} ({exc.strerror or exc}): the "
+            f"last checkpoint{'' if previous is None else f' (step {previous})'} is kept; free "
+            f"space or fix the folder, then 'linbias train --resume --out {out}'") from exc
     # Only the state file this run verified or wrote itself: a name built here, never one read.
     if previous is not None and previous != step:
         (out / _state_name(previous)).unlink(missing_ok=True)
@@ -571,11 +717,13 @@ def restore_checkpoint(out: Path, model: GPT, opt: torch.optim.Optimizer, tc: Tr
         raise RunError(f"{out / 'checkpoint.json'} is at step {ckpt.step}, past steps={tc.steps}; "
                        "cannot resume")
     state_path = out / ckpt.state
-    if not state_path.is_file() or sha256_file(state_path) != ckpt.sha256:
-        raise RunError(f"{state_path} is missing, truncated or corrupt (checksum mismatch); cannot resume")
+    try:
+        tensors = _verified_state(out, ckpt)
+        _check_recorded(out, ckpt, ("config.json", "tokenizer.json"))
+    except RunError as exc:
+        raise RunError(f"{exc}; cannot resume") from exc
     kept = [line for line, record in _log_lines(out / "log.jsonl") if record["step"] <= ckpt.step]
-    tensors = _load_safetensors(state_path)
-    _load_model_weights(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, state_path)
+    _load_model_weights(model, _model_tensors(tensors), state_path)
     try:
         _restore_optimizer(opt, tensors)
         torch.set_rng_state(tensors["rng.torch"])

@@ -44,7 +44,7 @@ import tokenizers
 import torch
 
 from linbias.config import check_int
-from linbias.fileio import atomic_write
+from linbias.fileio import write_png
 
 __all__ = [
     "FILLER", "LINES_INSTRUCTION", "LINE_WORDS", "PASSKEY_INSTRUCTION", "PASSKEY_QUESTION", "TASKS",
@@ -534,9 +534,15 @@ def accuracy_table(records: Sequence[Record]) -> str:
     return "\n\n".join(blocks)
 
 
-def plot_heatmaps(panels: dict[str, list[Record]], path: str | Path) -> None:
+# The stamp of an eval --heatmap file: another is replaced only over a file carrying it.
+HEATMAP = "linbias eval --heatmap"
+
+
+def plot_heatmaps(panels: dict[str, list[Record]], path: str | Path,
+                  stamp: str = "linbias reproduce") -> None:
     """Small multiples, one per panel (e.g. "alibi / linear"): x = length, y = depth, colour =
-    accuracy on a fixed 0..1 scale, each cell annotated in percent; written as a PNG."""
+    accuracy on a fixed 0..1 scale, each cell annotated in percent; written as a PNG stamped with
+    ``stamp`` (the command writing it, see ``fileio.check_output``)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure  # no pyplot: no global figure state
 
@@ -565,4 +571,4 @@ def plot_heatmaps(panels: dict[str, list[Record]], path: str | Path) -> None:
     for row in grid:
         row[0].set_ylabel("needle depth")
     fig.colorbar(image, ax=list(grid.flat), label="accuracy")
-    atomic_write(Path(path), lambda f: fig.savefig(f, format="png", dpi=120))
+    write_png(Path(path), fig, stamp, dpi=120)

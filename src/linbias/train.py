@@ -46,7 +46,7 @@ from linbias.runs import (
     RUN_FORMAT, Checkpoint, ConfigMismatch, Run, RunError, append_log, check_corpus, check_new_out,
     check_resume, check_run_dir, check_child_config, check_parent, check_writable, child_model,
     lineage_of, load_run, read_checkpoint, read_configs, read_log, recorded_corpus, remove_run,
-    restore_checkpoint, save_checkpoint, start_run,
+    restore_checkpoint, save_checkpoint, start_run, writing,
 )
 from linbias.tasks import TaskMix, encoder
 
@@ -197,7 +197,17 @@ def train(
     if stop_after is not None:
         check_int("stop_after", stop_after)
     d = _init_distributed()
-    out, tc = Path(out), train_config
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out} is a file, not a directory; choose another --out")
+    check_writable(out)
+    # One writer per run: rank 0 holds the lock from before the first check to the end.
+    with writing(out) if d.main else nullcontext():
+        return _train(d, model_config, train_config, out, resume, progress, cache_dir, stop_after)
+
+
+def _train(d: _Dist, model_config: ModelConfig, tc: TrainConfig, out: Path, resume: bool,
+           progress: bool, cache_dir: str | Path | None, stop_after: Optional[int]) -> Path:
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     if resume:
         mc = check_resume(out, model_config, tc)
@@ -206,6 +216,7 @@ def train(
     if not resume:
         check_new_out(out)  # every rank, before rank 0 writes anything (see _main_first)
     corpus = load_corpus(tc.data)
+    corpus.check_outside(out)
     if resume:
         check_corpus(out, recorded_corpus(out), corpus)
     elif d.main:

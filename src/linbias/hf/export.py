@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, MptConfig, MptForCausalLM, PreTra
 import linbias
 from linbias.config import ModelConfig
 from linbias.data import EOT
-from linbias.fileio import sha256_file, write_json
+from linbias.fileio import LOCK_NAME, exclusive, owning_folder, sha256_file, write_json
 from linbias.runs import Run, load_run
 
 __all__ = ["EXPORT_MARKER", "export_to_hf"]
@@ -89,9 +89,19 @@ def export_to_hf(run_or_path: Run | str | Path, out_dir: str | Path) -> Path:
         RuntimeError: the written model's logits differ (another transformers version).
         RunError: an unusable run directory.
     """
-    run = run_or_path if isinstance(run_or_path, Run) else load_run(run_or_path)
     out = Path(out_dir).absolute()
-    _check_export_dir(out, run.path)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file; export_to_hf writes a directory: choose another "
+                         "--to-hf directory (new or empty)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # One export into a target at a time: the lock sits beside it, since the target is replaced.
+    with exclusive(out.parent / f".{out.name}{LOCK_NAME}", f"the export {out}"):
+        run = run_or_path if isinstance(run_or_path, Run) else load_run(run_or_path)
+        _check_export_dir(out, run.path)
+        return _export(run, out)
+
+
+def _export(run: Run, out: Path) -> Path:
     tensors = _mpt_tensors(run.model, run.config)  # every refusal comes before any file is written
     mpt = MptForCausalLM(_mpt_config(run))
     mpt.load_state_dict(tensors, strict=True)
@@ -102,7 +112,6 @@ def export_to_hf(run_or_path: Run | str | Path, out_dir: str | Path) -> Path:
         pad_token=EOT, padding_side="left",
         clean_up_tokenization_spaces=False,  # decode gives back the text, spaces and all
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
     # A fresh, uniquely named folder: the only one this function ever removes on failure.
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     umask = os.umask(0o022)
@@ -132,6 +141,10 @@ def _check_export_dir(out: Path, run_dir: Path) -> None:
         raise ValueError(f"{out} is the current directory or holds it; {fix}")
     if run == out.resolve() or out.resolve() in run.parents:
         raise ValueError(f"{out} holds the run being exported ({run_dir}); {fix}")
+    whole = owning_folder(out)
+    if whole is not None:
+        raise ValueError(f"{out} is inside {whole}, a linbias run or export whose files must stay "
+                         f"as written; {fix}")
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} is a file; export_to_hf writes a directory: {fix}")
     if not out.is_dir() or not any(out.iterdir()):
