@@ -119,7 +119,8 @@ def tiny_cache_dir(tmp_path_factory: pytest.TempPathFactory):
 def tiny_alibi_run(tmp_path_factory: pytest.TempPathFactory, tiny_text_corpus, tiny_cache_dir):
     """Path of an ALiBi run (train_len 32, 1 layer, d_model 32, 2 heads) trained for 5 steps."""
     from linbias.config import model_config
-    from linbias.train import TrainConfig, train
+    from linbias.config import TrainConfig
+    from linbias.train import train
 
     torch.manual_seed(0)
     config = model_config("tiny", position="alibi", train_len=32, n_layers=1, d_model=32, n_heads=2)

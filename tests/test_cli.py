@@ -1,5 +1,6 @@
 """The command-line surface: sub-commands, their flags, and clear errors for bad input."""
 
+import argparse
 import json
 import re
 
@@ -20,39 +21,105 @@ def test_version(capsys):
     assert exit_.value.code == 0 and linbias.__version__ in capsys.readouterr().out
 
 
-# The whole surface, pinned: a change to a command or flag must change this test too.
-SURFACE = {
-    'eval': (['run'], [
-        '--batch-size', '--data', '--depths', '--filler', '--heatmap', '--hf', '--json',
-        '--lengths', '--max-tokens', '--mode', '--no-per-position', '--no-progress',
-        '--per-position', '--scaling',
-        '--seed', '--split', '--stride', '--task', '--train-len', '--trials',
-    ]),
-    'export': (['run'], [
-        '--to-hf',
-    ]),
-    'reproduce': ([], [
-        '--data', '--embedding', '--force', '--no-progress', '--out', '--positions', '--preset',
-        '--seed', '--seeds',
-    ]),
-    'train': ([], [
-        '--alibi-max-bias', '--batch-size', '--bf16', '--bias', '--d-ff', '--d-model', '--data',
-        '--dropout', '--embedding', '--eval-batches', '--eval-every', '--grad-accum',
-        '--grad-clip', '--init-from', '--log-every', '--lr', '--min-lr-ratio', '--mix-filler', '--mix-fraction',
-        '--mix-task', '--n-heads', '--n-layers', '--no-bf16', '--no-bias', '--no-progress',
-        '--no-tie-weights', '--out', '--position', '--position-scale', '--preset', '--resume',
-        '--rotary-base',
-        '--save-every', '--seed', '--steps', '--t5-buckets', '--t5-max-distance',
-        '--tie-weights', '--train-len', '--vocab-size', '--warmup', '--weight-decay',
-    ]),
-}
+# The whole surface, pinned: each command's arguments with their type, default (None: not given,
+# the config's own default applies), choices and whether required. A change to a command or a flag
+# must change this test too.
+SURFACE = {'eval': {'--batch-size': ('int', None, None, False),
+          '--data': ('str', None, None, False),
+          '--depths': ('list of float', None, None, False),
+          '--filler': ('str', None, ('sentences', 'corpus'), False),
+          '--force': ('flag', False, None, False),
+          '--heatmap': ('Path', None, None, False),
+          '--hf': ('str', None, None, False),
+          '--json': ('Path', None, None, False),
+          '--lengths': ('list of int', None, None, True),
+          '--max-tokens': ('int', None, None, False),
+          '--mode': ('str', None, ('nonoverlapping', 'sliding'), False),
+          '--no-progress': ('flag', False, None, False),
+          '--per-position': ('bool', None, None, False),
+          '--scaling': ('list of str', None, None, False),
+          '--seed': ('int', None, None, False),
+          '--split': ('str', None, ('valid', 'test', 'train'), False),
+          '--stride': ('int', None, None, False),
+          '--task': ('str', None, ('passkey', 'lines'), False),
+          '--train-len': ('int', None, None, False),
+          '--trials': ('int', None, None, False),
+          'run': ('Path', None, None, False)},
+ 'export': {'--to-hf': ('Path', None, None, True), 'run': ('Path', None, None, True)},
+ 'reproduce': {'--data': ('str', 'stdlib', None, False),
+               '--embedding': ('str', None, ('gpt2', 'fairseq'), False),
+               '--force': ('flag', False, None, False),
+               '--no-progress': ('flag', False, None, False),
+               '--out': ('Path', None, None, False),
+               '--positions': ('list of str',
+                               ['none', 'sinusoidal', 'learned', 'rotary', 't5', 'alibi'],
+                               None,
+                               False),
+               '--preset': ('str',
+                            'quick',
+                            ('finetune', 'paper-small', 'quick', 'retrieval'),
+                            False),
+               '--seed': ('int', 0, None, False),
+               '--seeds': ('int', 1, None, False)},
+ 'train': {'--alibi-max-bias': ('float', None, None, False),
+           '--batch-size': ('int', None, None, False),
+           '--bf16': ('bool', None, None, False),
+           '--bias': ('bool', None, None, False),
+           '--d-ff': ('int', None, None, False),
+           '--d-model': ('int', None, None, False),
+           '--data': ('str', None, None, False),
+           '--dropout': ('float', None, None, False),
+           '--embedding': ('str', None, ('gpt2', 'fairseq'), False),
+           '--eval-batches': ('int', None, None, False),
+           '--eval-every': ('int', None, None, False),
+           '--grad-accum': ('int', None, None, False),
+           '--grad-clip': ('float', None, None, False),
+           '--init-from': ('str', None, None, False),
+           '--log-every': ('int', None, None, False),
+           '--lr': ('float', None, None, False),
+           '--min-lr-ratio': ('float', None, None, False),
+           '--mix-filler': ('str', None, ('sentences', 'corpus'), False),
+           '--mix-fraction': ('float', None, None, False),
+           '--mix-task': ('str', None, ('passkey', 'lines'), False),
+           '--n-heads': ('int', None, None, False),
+           '--n-layers': ('int', None, None, False),
+           '--no-progress': ('flag', False, None, False),
+           '--out': ('Path', None, None, True),
+           '--position': ('str',
+                          None,
+                          ('none', 'sinusoidal', 'learned', 'rotary', 't5', 'alibi'),
+                          False),
+           '--position-scale': ('float', None, None, False),
+           '--preset': ('str', None, ('base', 'small', 'tiny'), False),
+           '--resume': ('flag', False, None, False),
+           '--rotary-base': ('float', None, None, False),
+           '--save-every': ('int', None, None, False),
+           '--seed': ('int', None, None, False),
+           '--steps': ('int', None, None, False),
+           '--t5-buckets': ('int', None, None, False),
+           '--t5-max-distance': ('int', None, None, False),
+           '--tie-weights': ('bool', None, None, False),
+           '--train-len': ('int', None, None, False),
+           '--vocab-size': ('int', None, None, False),
+           '--warmup': ('int', None, None, False),
+           '--weight-decay': ('float', None, None, False)}}
+
+
+def _describe(action: argparse.Action) -> tuple:
+    if isinstance(action, argparse.BooleanOptionalAction):
+        kind = "bool"
+    elif isinstance(action, argparse._StoreTrueAction):
+        kind = "flag"
+    else:
+        kind = getattr(action.type, "__name__", "str") if action.type is not None else "str"
+    return (kind, action.default, tuple(action.choices) if action.choices else None,
+            bool(action.required))
 
 
 def test_the_cli_surface_is_pinned():
     sub = next(a for a in build_parser()._actions if a.dest == "command")
-    got = {name: ([a.dest for a in p._actions if not a.option_strings],
-                  sorted(s for a in p._actions for s in a.option_strings
-                         if s.startswith("--") and s != "--help"))
+    got = {name: {(a.option_strings[0] if a.option_strings else a.dest): _describe(a)
+                  for a in p._actions if not isinstance(a, argparse._HelpAction)}
            for name, p in sub.choices.items()}
     assert got == SURFACE
 
@@ -92,7 +159,8 @@ def test_a_bad_json_path_is_reported_before_evaluating(tmp_path, capsys, monkeyp
 
 def test_wrong_typed_run_config_is_one_clear_line(tmp_path, capsys):
     from linbias.config import ModelConfig
-    from linbias.train import RUN_FORMAT, TrainConfig
+    from linbias.config import TrainConfig
+    from linbias.runs import RUN_FORMAT
 
     model = {**ModelConfig().to_dict(), "tie_weights": "no"}  # truthy: it would have tied them
     config = {"format": RUN_FORMAT, "model": model, "train": TrainConfig().to_dict()}

@@ -180,7 +180,7 @@ def test_train_config_fields_are_checked_too(field: str, value: object) -> None:
 
 
 def test_reproduce_preset_tuples_from_json_lists() -> None:
-    from linbias.reproduce import REPRODUCE_PRESETS, ReproducePreset
+    from linbias.config import REPRODUCE_PRESETS, ReproducePreset
 
     preset = REPRODUCE_PRESETS["quick"]
     again = ReproducePreset.from_json(preset.to_json())  # JSON turns the tuple into a list
@@ -243,3 +243,29 @@ def test_train_config_rejects_non_finite_and_out_of_range_floats(field, value):
 def test_train_config_accepts_the_edges_of_each_range():
     tc = TrainConfig(min_lr_ratio=0, weight_decay=0.0, grad_clip=0.0, lr=1e-8)
     assert TrainConfig(min_lr_ratio=1.0).min_lr_ratio == 1.0 and tc.grad_clip == 0.0
+
+
+@pytest.mark.parametrize("old, name, home", [
+    ("linbias.train", "load_run", "linbias.runs"), ("linbias.train", "RunError", "linbias.runs"),
+    ("linbias.evaluate", "DEPTHS", "linbias.config"),
+])
+def test_a_moved_name_still_imports_from_its_old_path_with_a_warning(old, name, home):
+    import importlib
+
+    with pytest.warns(DeprecationWarning, match=rf"{old}.{name} moved to {home}.{name}"):
+        value = getattr(importlib.import_module(old), name)
+    assert value is getattr(importlib.import_module(home), name)
+    with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
+        getattr(importlib.import_module(old), "nothing")
+
+
+def test_checks_sit_at_the_bottom_of_the_import_graph():
+    import ast
+    from pathlib import Path
+
+    import linbias.checks
+
+    tree = ast.parse(Path(linbias.checks.__file__).read_text())
+    imported = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert not any(m.startswith("linbias") for m in imported)

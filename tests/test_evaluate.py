@@ -16,10 +16,11 @@ import torch.nn.functional as F
 from linbias import evaluate as ev
 from linbias.config import EvalConfig
 from linbias.data import load_corpus, token_byte_lengths, token_stream
-from linbias.evaluate import evaluate_run, evaluate_stream, format_table, write_json
+from linbias.evaluate import evaluate_run, evaluate_stream, write_results
+from linbias.report import format_table, retrieval_table
 from linbias.model import GPT
 from linbias.tasks import encoder, make_trials, score
-from linbias.train import Run, RunError, load_run
+from linbias.runs import Run, RunError, load_run
 
 RECORD_KEYS = {"position", "scaling", "train_len", "data", "split", "skipped", "eval_len", "mode",
                "stride", "ppl", "bpb", "nll", "tokens", "bytes", "seconds"}
@@ -315,7 +316,7 @@ def test_evaluate_task_skips_lengths_past_a_learned_table(run) -> None:
     assert "position table has 400" in records[1]["skipped"] and records[1]["accuracy"] is None
     (summary,) = ev.retrieval_summary(records)
     assert summary["by_length"][1] == {"length": 640, "accuracy": None, "k_max": None}
-    assert "-" in ev.retrieval_table(records)
+    assert "-" in retrieval_table(records)
 
 
 def test_retrieval_summary_k_max_by_hand() -> None:
@@ -450,7 +451,7 @@ def test_json_schema_and_table(run, tiny_cache_dir, tmp_path) -> None:
                            rules=("none", "linear"), max_tokens=150, cache_dir=tiny_cache_dir,
                            progress=False)
     path = tmp_path / "out" / "eval.json"
-    write_json(records, path)
+    write_results(path, records)
     loaded = json.loads(path.read_text())
     assert list(loaded) == ["results", "written_by"] and len(loaded["results"]) == 4
     assert not list(path.parent.glob(".*tmp"))  # the temporary file was renamed away
@@ -506,7 +507,7 @@ def test_a_diverged_model_has_no_perplexity(value: float, tmp_path: Path) -> Non
     assert "not finite" in table.splitlines()[1] and "inf" not in table.splitlines()[1]
     assert "the model's loss is not finite" in table
     path = tmp_path / "eval.json"
-    write_json([record], path)
+    write_results(path, [record])
     (written,) = _strict_json(path.read_text())["results"]
     assert written["ppl"] is written["nll"] is written["bpb"] is None
     assert written["per_position"] == [None] * 8
@@ -525,7 +526,7 @@ def test_a_perplexity_past_the_float_range_is_called_an_overflow(tmp_path: Path)
     assert math.isfinite(r["nll"]) and r["nll"] > 700 and r["ppl"] == math.inf
     table = format_table([r])
     assert "overflow" in table and "the loss itself is finite" in table
-    write_json([r], tmp_path / "r.json")
+    write_results(tmp_path / "r.json", [r])
     (written,) = _strict_json((tmp_path / "r.json").read_text())["results"]
     assert written["ppl"] is None and written["non_finite"] == ["ppl"]
     assert written["nll"] == r["nll"]
@@ -534,7 +535,7 @@ def test_a_perplexity_past_the_float_range_is_called_an_overflow(tmp_path: Path)
 def test_finite_records_have_no_flag(tmp_path: Path) -> None:
     r = evaluate_stream(_constant_logits(0.0), np.arange(20) % 7, None, eval_len=4,
                         progress=False)
-    write_json([r], tmp_path / "r.json")
+    write_results(tmp_path / "r.json", [r])
     (written,) = _strict_json((tmp_path / "r.json").read_text())["results"]
     assert "non_finite" not in written and written["ppl"] == pytest.approx(7.0)
 
@@ -598,22 +599,22 @@ def test_check_results_path(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="plain is a file, not a folder"):
         ev.check_results_path(tmp_path / "plain" / "eval.json")
     with pytest.raises(ValueError, match="is a folder"):
-        write_json([], tmp_path)
+        write_results(tmp_path, [])
 
 
 def test_results_replace_only_earlier_results(tmp_path: Path) -> None:
     record = {"scaling": "none", "eval_len": 32, "ppl": 2.0}
-    write_json([record], tmp_path / "eval.json")
-    write_json([record], tmp_path / "eval.json")  # its own stamp: replaced
+    write_results(tmp_path / "eval.json", [record])
+    write_results(tmp_path / "eval.json", [record])  # its own stamp: replaced
     assert json.loads((tmp_path / "eval.json").read_text())["written_by"] == ev.EVAL_JSON
     (tmp_path / "old.json").write_text(json.dumps({"results": [record]}))  # an older release's
-    write_json([record], tmp_path / "old.json")
+    write_results(tmp_path / "old.json", [record])
     (tmp_path / "notes.txt").write_text("my notes")
     with pytest.raises(ValueError, match="notes.txt exists and was not written by linbias eval "
                                          "--json: pass --force"):
-        write_json([record], tmp_path / "notes.txt")
+        write_results(tmp_path / "notes.txt", [record])
     assert (tmp_path / "notes.txt").read_text() == "my notes"
-    write_json([record], tmp_path / "notes.txt", force=True)
+    write_results(tmp_path / "notes.txt", [record], force=True)
     assert json.loads((tmp_path / "notes.txt").read_text())["results"] == [record]
 
 

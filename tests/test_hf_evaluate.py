@@ -27,7 +27,7 @@ from linbias.cli import main  # noqa: E402
 from linbias.config import model_config  # noqa: E402
 from linbias.data import token_byte_lengths  # noqa: E402
 from linbias.evaluate import evaluate_run  # noqa: E402
-from linbias.train import load_run  # noqa: E402
+from linbias.runs import load_run  # noqa: E402
 
 ATOL = 1e-4
 
@@ -165,7 +165,8 @@ def test_passkey_round_trips_through_the_export(tiny_text_corpus, tiny_cache_dir
     """A run trained with the passkey mix, exported: same prompts, same logits, same accuracy."""
     from linbias.evaluate import RunModel, evaluate_run_task
     from linbias.tasks import encoder, make_trials
-    from linbias.train import TrainConfig, train
+    from linbias.config import TrainConfig
+    from linbias.train import train
 
     torch.manual_seed(0)
     config = model_config("tiny", position="alibi", train_len=384, n_layers=1, d_model=32, n_heads=2)

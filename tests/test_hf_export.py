@@ -26,7 +26,7 @@ from linbias import hf  # noqa: E402
 from linbias.cli import main  # noqa: E402
 from linbias.config import model_config  # noqa: E402
 from linbias.model import GPT  # noqa: E402
-from linbias.train import Run, load_run  # noqa: E402
+from linbias.runs import Run, load_run  # noqa: E402
 
 ATOL = 1e-4
 
@@ -276,7 +276,8 @@ def test_cli_export_and_eval(bias_free_dir, tiny_alibi_run, tmp_path, monkeypatc
 
 def test_a_fine_tuned_run_exports_with_its_new_training_length(bias_free_dir, tiny_cache_dir,
                                                                 tmp_path) -> None:
-    from linbias.train import TrainConfig, train
+    from linbias.config import TrainConfig
+    from linbias.train import train
 
     parent = load_run(bias_free_dir)
     mc = model_config("tiny", **{**parent.config.to_dict(), "train_len": 64})

@@ -8,8 +8,9 @@ import pytest
 
 import linbias.reproduce as reproduce_mod
 from linbias.data import split_of
-from linbias.reproduce import ReproducePreset, reproduce
-from linbias.train import RunError
+from linbias.config import ReproducePreset
+from linbias.reproduce import reproduce
+from linbias.runs import RunError
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,9 @@ from linbias.model import GPT
 from linbias.tasks import (
     TaskMix,
     FILLER, LINE_WORDS, LINES_INSTRUCTION, PASSKEY_INSTRUCTION, PASSKEY_QUESTION, TASKS, Trial,
-    accuracy_table, cell_record, encoder, k_max, make_trials, plot_heatmaps, score, wilson,
+    cell_record, encoder, k_max, make_trials, score, wilson,
 )
+from linbias.report import accuracy_table, plot_heatmaps
 
 QUESTIONS = " What is the pass key? The pass key is What is the REGISTER_CONTENT in line ? It is"
 TASK_TEXT = PASSKEY_INSTRUCTION + FILLER + LINES_INSTRUCTION + QUESTIONS + " ".join(LINE_WORDS)

@@ -19,7 +19,9 @@ from conftest import forget_checksums
 from linbias.cli import main
 from linbias.config import ModelConfig, model_config
 from linbias.data import split_of
-from linbias.train import Diverged, RunError, TrainConfig, load_run, read_log, train
+from linbias.config import TrainConfig
+from linbias.runs import RunError, load_run, read_log
+from linbias.train import Diverged, train
 
 LINES = [
     "def add(a, b):\n    return a + b\n",
@@ -102,7 +104,8 @@ def _kill_at_checkpoint(mc, tc, out: Path, cache: Path, min_step: int) -> Path:
     """Train in a subprocess and SIGKILL it once a checkpoint of ``min_step`` or later exists."""
     script = textwrap.dedent(f"""
         from linbias.config import ModelConfig
-        from linbias.train import TrainConfig, train
+        from linbias.config import TrainConfig
+        from linbias.train import train
         mc = ModelConfig.from_json({mc.to_json()!r})
         tc = TrainConfig.from_json({tc.to_json()!r})
         train(mc, tc, {str(out)!r}, progress=False, cache_dir={str(cache)!r})

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 import linbias
-from linbias.config import PRESETS, Embedding, EvalConfig, ModelConfig, model_config
+from linbias.config import PRESETS, Embedding, EvalConfig, ModelConfig, check_protocol
 from linbias.positions import POSITION_METHODS
 
 
@@ -145,37 +145,14 @@ def _run_train(args: argparse.Namespace) -> int:
     torchrun for several processes (DistributedDataParallel).
     """
     from linbias.config import TrainConfig
-    from linbias.runs import read_configs
+    from linbias.runs import run_configs
     from linbias.train import train
 
-    model_args, train_args = given(args, ModelConfig, ("vocab_size",)), given(args, TrainConfig)
-    if "init_from" in train_args and not args.resume:
-        # A fine-tune: the model, corpus and tokenizer are the parent's unless given.
-        parent_mc, parent_tc = _parent_configs(train_args["init_from"])
-        base = model_config(args.preset).to_dict() if args.preset else parent_mc.to_dict()
-        mc = ModelConfig.from_dict({**base, **model_args, "vocab_size": parent_mc.vocab_size})
-        tc = TrainConfig(**{"data": parent_tc.data, "vocab_size": parent_tc.vocab_size,
-                            **train_args})
-    elif args.resume:
-        saved_mc, saved_tc = read_configs(args.out)
-        base = model_config(args.preset).to_dict() if args.preset else saved_mc.to_dict()
-        mc = ModelConfig.from_dict({**base, **model_args, "vocab_size": saved_mc.vocab_size})
-        tc = TrainConfig.from_dict({**saved_tc.to_dict(), **train_args})
-    else:
-        mc = model_config(args.preset or "tiny", **model_args)
-        tc = TrainConfig(**train_args)
+    mc, tc = run_configs(given(args, ModelConfig, ("vocab_size",)), given(args, TrainConfig),
+                         preset=args.preset, resume=args.out if args.resume else None)
     out = train(mc, tc, args.out, resume=args.resume, progress=not args.no_progress)
     print(f"run written to {out}")
     return 0
-
-
-def _parent_configs(path: str) -> tuple[ModelConfig, Any]:
-    from linbias.runs import RunError, read_configs
-
-    try:
-        return read_configs(path)
-    except RunError as exc:
-        raise RunError(f"cannot fine-tune from --init-from {path}: {exc}") from exc
 
 
 def _eval_parser(sub: argparse._SubParsersAction) -> None:
@@ -200,10 +177,6 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
-_PERPLEXITY_ONLY = ("data", "mode", "stride", "max_tokens", "per_position")
-_TASK_ONLY = ("depths", "trials", "seed", "filler", "heatmap")
-
-
 def _run_eval(args: argparse.Namespace) -> int:
     """perplexity or retrieval past the training length
 
@@ -211,23 +184,19 @@ def _run_eval(args: argparse.Namespace) -> int:
     evaluation length, non-overlapping or with a sliding window, with and without length-
     scaling rules; with --task, retrieval accuracy per length and needle depth instead.
     """
-    from linbias.evaluate import check_results_path, write_json
+    from linbias.evaluate import check_results_path, write_results
     from linbias.fileio import check_output
-    from linbias.tasks import HEATMAP
+    from linbias.report import HEATMAP
 
     if (args.run is None) == (args.hf is None):
         raise ValueError("give either a run directory or --hf PATH_OR_NAME (one of them, not both)")
     if args.hf is None and args.train_len is not None:
         raise ValueError("--train-len applies to --hf models; a run has its own (config.json)")
     fields = given(args, EvalConfig)
-    task = fields.get("task")
-    wrong = ["--" + name.replace("_", "-") for name in (_TASK_ONLY if task is None else
-             _PERPLEXITY_ONLY) if fields.get(name, getattr(args, name, None)) is not None]
-    if wrong:
-        raise ValueError(f"{', '.join(wrong)} appl{'ies' if len(wrong) == 1 else 'y'} only "
-                         f"{'with' if task is None else 'without'} --task; drop "
-                         f"{'it' if len(wrong) == 1 else 'them'} or " +
-                         ("add --task" if task is None else "evaluate perplexity separately"))
+    flag = lambda field: "--" + field.replace("_", "-")  # noqa: E731
+    if args.heatmap is not None and fields.get("task") is None:
+        raise ValueError("--heatmap applies only with --task; drop it or add --task")
+    check_protocol(fields.get("task"), fields, name=flag, task_word="--task")
     config = EvalConfig.from_dict(fields)  # every value checked before a model is loaded
     # Now, not after an evaluation that may take hours.
     if args.json is not None:
@@ -245,22 +214,21 @@ def _run_eval(args: argparse.Namespace) -> int:
         records = evaluate_run(args.run, config, progress=progress)
     (_print_perplexity if config.task is None else _print_task)(args, config, records)
     if args.json:
-        write_json(records, args.json, force=args.force)
+        write_results(args.json, records, force=args.force)
         print(f"wrote {args.json}")
     return 0
 
 
 def _print_perplexity(args: argparse.Namespace, config: Any, records: list[dict]) -> None:
-    from linbias.evaluate import format_table
+    from linbias.report import format_table, per_position_summary
 
     print(format_table(records))
     if config.per_position:
-        print(_per_position_summary(records))
+        print(per_position_summary(records))
 
 
 def _print_task(args: argparse.Namespace, config: Any, records: list[dict]) -> None:
-    from linbias.evaluate import retrieval_table
-    from linbias.tasks import HEATMAP, accuracy_table, plot_heatmaps
+    from linbias.report import HEATMAP, accuracy_table, plot_heatmaps, retrieval_table
 
     done = [r for r in records if not r["skipped"]]
     for rule in config.rules:
@@ -272,20 +240,6 @@ def _print_task(args: argparse.Namespace, config: Any, records: list[dict]) -> N
         plot_heatmaps({f"{done[0]['position']} / {rule}": [r for r in done if r["scaling"] == rule]
                        for rule in config.rules}, args.heatmap, stamp=HEATMAP)
         print(f"wrote {args.heatmap}")
-
-
-def _per_position_summary(records: list[dict]) -> str:
-    """Mean loss in eight equal parts of the window: the early-token curse at a glance."""
-    lines = ["mean loss (nats) by eighth of the window:"]
-    for r in records:
-        curve = r.get("per_position")
-        if not curve:
-            continue
-        n = len(curve)
-        parts = [sum(curve[i * n // 8 : (i + 1) * n // 8]) / max(1, (i + 1) * n // 8 - i * n // 8)
-                 for i in range(8)]
-        lines.append(f"  L'={r['eval_len']} {r['scaling']}: " + " ".join(f"{x:.3f}" for x in parts))
-    return "\n".join(lines)
 
 
 def _export_parser(sub: argparse._SubParsersAction) -> None:
@@ -311,7 +265,7 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 def _reproduce_parser(sub: argparse._SubParsersAction) -> None:
-    from linbias.reproduce import REPRODUCE_PRESETS
+    from linbias.config import REPRODUCE_PRESETS
 
     p = _command(sub, _run_reproduce)
     p.add_argument("--preset", choices=sorted(REPRODUCE_PRESETS), default="quick",

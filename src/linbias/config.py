@@ -19,7 +19,10 @@ import numbers
 import types
 import typing
 from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 from typing import Any, Literal, Optional, TypeVar, Union, get_args, get_origin
+
+from linbias.checks import check_int, check_positive_float, check_real, is_finite_number
 
 __all__ = [
     "DEPTHS", "INIT_STD", "MODES", "REPRODUCE_PRESETS", "ConfigBase", "Embedding", "EvalConfig",
@@ -190,26 +193,6 @@ def _describe(hint: Any) -> str:
     return names.get(hint, getattr(hint, "__name__", str(hint)))
 
 
-def check_int(name: str, value: Any, low: int = 1, high: int | None = None) -> None:
-    """Raise ``ValueError`` naming ``name`` unless ``value`` is an integer in ``low..high``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low or (
-        high is not None and value > high
-    ):
-        bound = (f"an integer in {low}..{high}" if high is not None else
-                 "a positive integer" if low == 1 else "a non-negative integer" if low == 0 else
-                 f"an integer >= {low}")
-        raise ValueError(f"{name} must be {bound}, got {value!r}")
-
-
-def check_positive_float(name: str, value: Any) -> None:
-    """Raise ``ValueError`` naming ``name`` unless ``value`` is a finite real number above 0."""
-    # inf passes "> 0" yet poisons everything it touches (inf * 0 = nan), so finiteness is checked.
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
-        math.isfinite(value) and value > 0
-    ):
-        raise ValueError(f"{name} must be a finite positive number, got {value!r}")
-
-
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig(ConfigBase):
     """A GPT decoder and its position method.
@@ -284,8 +267,7 @@ class ModelConfig(ConfigBase):
             raise ValueError(
                 f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
             )
-        if self.position == "rotary" and self.head_dim % 2 != 0:
-            raise ValueError(f"rotary positions need an even head dim, got {self.head_dim}")
+        POSITION_METHODS[self.position].check_config(self)
         if self.t5_max_distance <= self.t5_buckets // 2:
             raise ValueError(
                 f"t5_max_distance ({self.t5_max_distance}) must exceed half of t5_buckets "
@@ -303,18 +285,6 @@ class ModelConfig(ConfigBase):
     def head_dim(self) -> int:
         """Per-head width ``d_model / n_heads``."""
         return self.d_model // self.n_heads
-
-
-def _check_real(name: str, value: Any, low: float, high: float = math.inf, *,
-                low_open: bool = False) -> None:
-    """Raise ``ValueError`` naming ``name`` unless ``value`` is a finite real number in range."""
-    if not is_finite_number(value) or value < low or (low_open and value == low) or value > high:
-        bound = f"{'>' if low_open else '>='} {low:g}" + (f" and <= {high:g}" if high < math.inf else "")
-        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
-
-
-def is_finite_number(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -378,11 +348,11 @@ class TrainConfig(ConfigBase):
         for name in ("warmup", "eval_every", "save_every", "seed"):
             check_int(name, getattr(self, name), low=0)
         # Finite and in range: one inf or nan here makes every later loss nan, silently.
-        _check_real("lr", self.lr, 0.0, low_open=True)
-        _check_real("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
-        _check_real("weight_decay", self.weight_decay, 0.0)
-        _check_real("grad_clip", self.grad_clip, 0.0)
-        _check_real("mix_fraction", self.mix_fraction, 0.0, 1.0)
+        check_real("lr", self.lr, 0.0, low_open=True)
+        check_real("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        check_real("weight_decay", self.weight_decay, 0.0)
+        check_real("grad_clip", self.grad_clip, 0.0)
+        check_real("mix_fraction", self.mix_fraction, 0.0, 1.0)
         if (self.mix_task is None) != (self.mix_fraction == 0):
             raise ValueError(
                 f"mix_task={self.mix_task!r} with mix_fraction={self.mix_fraction:g}: give both "
@@ -484,6 +454,34 @@ class EvalConfig(ConfigBase):
                              f"{list(self.depths)}")
         check_int("trials", self.trials)
         check_int("seed", self.seed, low=0)
+        # A field of the other protocol given a value of its own would be silently ignored.
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        check_protocol(self.task, [n for n in (*_TASK_ONLY, *_PERPLEXITY_ONLY)
+                                   if getattr(self, n) != defaults[n]])
+
+
+# The EvalConfig fields of one protocol: retrieval (a task) or perplexity (no task).
+_TASK_ONLY = ("depths", "trials", "seed", "filler")
+_PERPLEXITY_ONLY = ("data", "mode", "stride", "max_tokens", "per_position")
+
+
+def check_protocol(task: Optional[str], given: Iterable[str], *,
+                   name: Callable[[str], str] = str, task_word: str = "a task") -> None:
+    """Refuse fields of the protocol ``task`` does not run (retrieval fields without a task,
+    perplexity fields with one): they would be ignored. ``name`` spells a field (the CLI: its
+    flag), ``task_word`` the task itself.
+
+    Raises:
+        ValueError: naming each such field and the fix.
+    """
+    given = set(given)
+    wrong = [name(n) for n in (_TASK_ONLY if task is None else _PERPLEXITY_ONLY) if n in given]
+    if wrong:
+        one = len(wrong) == 1
+        raise ValueError(f"{', '.join(wrong)} appl{'ies' if one else 'y'} only "
+                         f"{'with' if task is None else 'without'} {task_word}; drop "
+                         f"{'it' if one else 'them'} or " +
+                         (f"add {task_word}" if task is None else "evaluate perplexity separately"))
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -589,7 +587,7 @@ class ReproducePreset(ConfigBase):
         check_int("finetune_multiple", self.finetune_multiple, low=2)
         check_int("finetune_batch_size", self.finetune_batch_size)
         check_int("finetune_warmup", self.finetune_warmup, low=0)
-        _check_real("finetune_lr", self.finetune_lr, 0.0, low_open=True)
+        check_real("finetune_lr", self.finetune_lr, 0.0, low_open=True)
 
 
 REPRODUCE_PRESETS: dict[str, ReproducePreset] = {

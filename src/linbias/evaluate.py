@@ -22,7 +22,7 @@ Position interpolation for ALiBi (Al-Khateeb et al. 2023, arXiv 2310.13017) is e
 setting a scaling rule on the model (``GPT.scaled``) for the duration of an evaluation.
 
 A diverged model's loss is not finite: its records keep ``nan``/``inf`` (never a made-up
-perplexity), ``format_table`` says the loss is not finite, and ``write_json``, since JSON has no
+perplexity), ``report.format_table`` says the loss is not finite, and ``write_results``, since JSON has no
 NaN or Infinity, writes such a number as ``null`` and lists its key in the record's
 ``"non_finite"``.
 
@@ -40,6 +40,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Set
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -51,22 +52,30 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from linbias.config import DEPTHS, MODES, EvalConfig, Mode, check_int, resolve_stride
+from linbias.checks import check_int
+from linbias.config import EvalConfig, Mode, check_protocol, resolve_stride
+from linbias.deprecation import moved
 from linbias.data import (
     default_cache_dir, load_corpus, token_byte_lengths, token_stream,
 )
-from linbias.fileio import OutputError, atomic_write_text, check_output
+from linbias import fileio
+from linbias.fileio import OutputError, check_output
 from linbias.tasks import (
     Encoder, cell_record, encoder, k_max, make_trials, score, wilson,
 )
 from linbias.runs import Run, check_corpus, load_run
 
 __all__ = [
-    "DEPTHS", "MODES", "EvalConfig", "EvalModel", "Mode", "RunModel", "check_results_path",
+    "EvalModel", "RunModel", "check_results_path", "check_fits", "fits_in_memory",
     "eval_config", "evaluate_model", "run_stream",
-    "evaluate_run", "evaluate_run_task", "evaluate_stream", "evaluate_task", "format_table",
-    "json_record", "merge_cells", "attention_profile", "retrieval_summary", "retrieval_table", "write_json",
+    "evaluate_run", "evaluate_run_task", "evaluate_stream", "evaluate_task",
+    "json_record", "merge_cells", "attention_profile", "retrieval_summary",
+    "write_results",
 ]
+
+# Configuration names lived here before ``linbias.config`` held every config.
+__getattr__ = moved(__name__, {**dict.fromkeys(("DEPTHS", "MODES"), "linbias.config"),
+                               **dict.fromkeys(("format_table", "retrieval_table"), "linbias.report")})
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -285,7 +294,9 @@ def eval_config(config: EvalConfig | None = None, **fields: Any) -> EvalConfig:
         ValueError: an unknown field (the valid ones named) or a bad value (from ``EvalConfig``).
     """
     fields = {k: list(v) if k in _LIST_FIELDS and _ordered(v) else v for k, v in fields.items()}
-    return EvalConfig.from_dict({**({} if config is None else config.to_dict()), **fields})
+    merged = EvalConfig.from_dict({**({} if config is None else config.to_dict()), **fields})
+    check_protocol(merged.task, [k for k, v in fields.items() if v is not None])
+    return merged
 
 
 def _ordered(values: Any) -> bool:
@@ -696,22 +707,6 @@ def _distances(cells: Sequence[dict[str, Any]]) -> list[tuple[int, int, int]]:
     return [(round(r["mean_distance"]), r["correct"], r["n"]) for r in cells]
 
 
-def retrieval_table(records: Sequence[dict[str, Any]]) -> str:
-    """Accuracy by length (pooled over depths) and ``k_max``, one row per position and rule."""
-    summary = retrieval_summary(records)
-    lengths = sorted({b["length"] for s in summary for b in s["by_length"]})
-    head = ["position", "scaling", *[f"L'={n}" for n in lengths], "k_max"]
-    rows = [head]
-    for s in summary:
-        acc = {b["length"]: b["accuracy"] for b in s["by_length"]}
-        rows.append([s["position"], s["scaling"],
-                     *["-" if acc.get(n) is None else f"{100 * acc[n]:.0f}%" for n in lengths],
-                     "-" if s["k_max"] is None else str(s["k_max"])])
-    width = [max(len(r[j]) for r in rows) for j in range(len(head))]
-    return "\n".join("  ".join(c.ljust(w) if j < 2 else c.rjust(w) for j, (c, w) in
-                               enumerate(zip(r, width))) for r in rows)
-
-
 # --- where the model looks: the attention-distance profile ---------------------------------------
 
 PROFILE_DISTANCES: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)  # multiples of L
@@ -776,64 +771,9 @@ def require_task(config: EvalConfig | None, fields: dict[str, Any]) -> None:
 
 # --- output --------------------------------------------------------------------------------------
 
-_COLUMNS = ("position", "scaling", "L", "L'", "mode", "ppl", "bpb", "tokens", "s")
-
-
-def _number(value: float | None, digits: int) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
 
 def _finite(value: Any) -> bool:
     return not isinstance(value, float) or math.isfinite(value)
-
-
-def _row(r: dict[str, Any]) -> list[str]:
-    mode = r["mode"] if r["mode"] == "nonoverlapping" else f"{r['mode']} S={r['stride']}"
-    if r.get("skipped"):
-        ppl = "skipped"
-    elif not _finite(r.get("nll")):
-        ppl = "not finite"  # never "inf" for a nan loss: the note below the table says why
-    elif not _finite(r["ppl"]):
-        ppl = "overflow"
-    else:
-        ppl = _number(r["ppl"], 3)
-    bpb = _number(r["bpb"], 4) if _finite(r["bpb"]) else "not finite"
-    return [str(r.get("position", "-")), str(r.get("scaling", "none")),
-            str(r.get("train_len", "-")), str(r["eval_len"]), mode, ppl, bpb,
-            str(r["tokens"]), _number(r["seconds"], 1)]
-
-
-def _note(r: dict[str, Any]) -> str | None:
-    """Why a row has no usable perplexity, or ``None``."""
-    where = f"L'={r['eval_len']} ({r.get('scaling', 'none')})"
-    if r.get("skipped"):
-        return f"skipped {where}: {r['skipped']}"
-    if not _finite(r.get("nll")):
-        return (f"{where}: the model's loss is not finite (mean nll {r['nll']}): its weights or "
-                "logits hold inf or nan (a diverged run?), so it has no perplexity")
-    if not _finite(r["ppl"]):
-        return (f"{where}: perplexity exp({r['nll']:.1f}) overflows a float; the loss itself is "
-                "finite: compare nll or bpb")
-    return None
-
-
-def format_table(records: Sequence[dict[str, Any]]) -> str:
-    """The records as an aligned text table, one row each; below it, why a row was skipped or
-    has no perplexity (a loss that is not finite, a perplexity past the float range).
-
-    Columns: position, scaling, L (train_len), L' (eval_len), mode (with the stride when
-    sliding), ppl, bpb, tokens (scored), s (seconds).
-    """
-    rows = [list(_COLUMNS)] + [_row(r) for r in records]
-    widths = [max(len(row[c]) for row in rows) for c in range(len(_COLUMNS))]
-    numeric = set(range(2, len(_COLUMNS))) - {4}  # right-align numbers, left-align names
-    lines = [
-        "  ".join(cell.rjust(w) if c in numeric else cell.ljust(w)
-                  for c, (cell, w) in enumerate(zip(row, widths))).rstrip()
-        for row in rows
-    ]
-    lines += [note for note in map(_note, records) if note is not None]
-    return "\n".join(lines)
 
 
 def json_record(record: dict[str, Any]) -> dict[str, Any]:
@@ -867,8 +807,16 @@ def _earlier_eval_json(path: Path) -> bool:
         and all(isinstance(r, dict) and "scaling" in r for r in obj["results"])
 
 
+def write_json(records: Sequence[dict[str, Any]], path: str | Path) -> None:
+    """Deprecated: ``write_results(path, records)`` (path first, as every writer takes it)."""
+    warnings.warn("linbias.evaluate.write_json(records, path) is now write_results(path, "
+                  "records); the old name goes in the next release", DeprecationWarning,
+                  stacklevel=2)
+    write_results(path, records)
+
+
 def check_results_path(path: str | Path, *, force: bool = False) -> None:
-    """Check, before an evaluation that may take hours, that ``write_json`` may write ``path``:
+    """Check, before an evaluation that may take hours, that ``write_results`` may write ``path``:
     nothing there, or an earlier eval's results; any file only with ``force`` (``fileio.check_output``).
 
     Raises:
@@ -877,21 +825,20 @@ def check_results_path(path: str | Path, *, force: bool = False) -> None:
     check_output(path, EVAL_JSON, force=force, flag="--json", legacy=_earlier_eval_json)
 
 
-def write_json(records: Sequence[dict[str, Any]], path: str | Path, *, force: bool = False) -> None:
-    """Write ``{"results": records, "written_by": "linbias eval --json"}`` to ``path`` atomically.
+def write_results(path: str | Path, records: Sequence[dict[str, Any]], *,
+                  force: bool = False) -> None:
+    """Write ``{"results": records, "written_by": "linbias eval --json"}`` to ``path`` as strict
+    JSON, atomically (``fileio.write_json``).
 
     JSON has no NaN or Infinity, so a non-finite number (a diverged model's loss, a perplexity past
-    the float range) is written as ``null`` and its key listed in the record's ``"non_finite"``;
-    the file is always strict JSON.
+    the float range) is written as ``null`` and its key listed in the record's ``"non_finite"``.
 
     Raises:
         OutputError: ``path`` may not be written (``check_results_path``).
     """
     check_results_path(path, force=force)
-    results = [json_record(dict(r)) for r in records]
-    text = json.dumps({"results": results, "written_by": EVAL_JSON}, indent=2,
-                      allow_nan=False) + "\n"
     try:
-        atomic_write_text(Path(path), text)
+        fileio.write_json(Path(path), {"results": [json_record(dict(r)) for r in records],
+                                       "written_by": EVAL_JSON})
     except OSError as e:
         raise OutputError(f"cannot write the results to {path} ({e}); choose another path") from e

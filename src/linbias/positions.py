@@ -134,6 +134,16 @@ class PositionMethod(nn.Module):
     rules: ClassVar[tuple[str, ...]] = ("none",)
     # Whether config.position_scale (a fixed factor on every distance) applies to this method.
     scalable: ClassVar[bool] = False
+    # Whether the weights fix train_len (a table of one row per position): no other length trains.
+    fixes_train_len: ClassVar[bool] = False
+
+    @classmethod
+    def check_config(cls, config: ModelConfig) -> None:
+        """Refuse a config this method cannot build (default: any config is fine).
+
+        Raises:
+            ValueError: naming the field and the requirement.
+        """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -233,6 +243,7 @@ class LearnedPositions(PositionMethod):
     """A trained table of ``train_len`` absolute position embeddings (GPT-2); cannot extrapolate."""
 
     name = "learned"
+    fixes_train_len = True
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
@@ -265,6 +276,11 @@ class RotaryPositions(PositionMethod):
     name = "rotary"
     rules = ("none", "linear")
     scalable = True
+
+    @classmethod
+    def check_config(cls, config: ModelConfig) -> None:
+        if config.head_dim % 2 != 0:  # q and k rotate in pairs of dimensions
+            raise ValueError(f"rotary positions need an even head dim, got {config.head_dim}")
 
     def rotate(self, q_BHTD: Tensor, k_BHTD: Tensor, q_pos: Tensor,
                k_pos: Tensor) -> tuple[Tensor, Tensor]:

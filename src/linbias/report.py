@@ -9,14 +9,22 @@ uses the mean over seeds, and tables and plots also show the min-max range.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from linbias.fileio import write_png
+import numpy as np
+
+from linbias.config import REPRODUCE_PRESETS, ReproducePreset
+from linbias.evaluate import merge_cells, retrieval_summary
+from linbias.fileio import atomic_write_text, write_json, write_png
+from linbias.positions import POSITION_METHODS
 
 __all__ = [
-    "aggregate", "beyond_table", "describe_finding", "finding", "finetune_curves",
-    "markdown_table", "md_table", "plot_finetune", "plot_ppl_vs_length", "rule_label", "series",
+    "HEATMAP", "REPORT_TITLE", "accuracy_table", "aggregate", "beyond_table", "describe_finding",
+    "finding", "finetune_curves", "format_table", "markdown_table", "md_table", "per_position_summary",
+    "plot_finetune", "plot_heatmaps", "plot_ppl_vs_length", "retrieval_table", "rule_label",
+    "series", "write_report",
 ]
 
 Record = dict[str, Any]
@@ -312,3 +320,383 @@ def plot_finetune(rows: Sequence[Record], path: str | Path, title: str = "") -> 
     fig.tight_layout()
     write_png(Path(path), fig, "linbias reproduce")  # never a torn plot
     plt.close(fig)
+
+
+# --- perplexity and retrieval tables (linbias eval) -------------------------------------------
+
+
+_COLUMNS = ("position", "scaling", "L", "L'", "mode", "ppl", "bpb", "tokens", "s")
+
+def _finite(value: Any) -> bool:
+    return not isinstance(value, float) or math.isfinite(value)
+
+
+def _number(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+def _row(r: dict[str, Any]) -> list[str]:
+    mode = r["mode"] if r["mode"] == "nonoverlapping" else f"{r['mode']} S={r['stride']}"
+    if r.get("skipped"):
+        ppl = "skipped"
+    elif not _finite(r.get("nll")):
+        ppl = "not finite"  # never "inf" for a nan loss: the note below the table says why
+    elif not _finite(r["ppl"]):
+        ppl = "overflow"
+    else:
+        ppl = _number(r["ppl"], 3)
+    bpb = _number(r["bpb"], 4) if _finite(r["bpb"]) else "not finite"
+    return [str(r.get("position", "-")), str(r.get("scaling", "none")),
+            str(r.get("train_len", "-")), str(r["eval_len"]), mode, ppl, bpb,
+            str(r["tokens"]), _number(r["seconds"], 1)]
+
+def _note(r: dict[str, Any]) -> str | None:
+    """Why a row has no usable perplexity, or ``None``."""
+    where = f"L'={r['eval_len']} ({r.get('scaling', 'none')})"
+    if r.get("skipped"):
+        return f"skipped {where}: {r['skipped']}"
+    if not _finite(r.get("nll")):
+        return (f"{where}: the model's loss is not finite (mean nll {r['nll']}): its weights or "
+                "logits hold inf or nan (a diverged run?), so it has no perplexity")
+    if not _finite(r["ppl"]):
+        return (f"{where}: perplexity exp({r['nll']:.1f}) overflows a float; the loss itself is "
+                "finite: compare nll or bpb")
+    return None
+
+def format_table(records: Sequence[dict[str, Any]]) -> str:
+    """The records as an aligned text table, one row each; below it, why a row was skipped or
+    has no perplexity (a loss that is not finite, a perplexity past the float range).
+
+    Columns: position, scaling, L (train_len), L' (eval_len), mode (with the stride when
+    sliding), ppl, bpb, tokens (scored), s (seconds).
+    """
+    rows = [list(_COLUMNS)] + [_row(r) for r in records]
+    widths = [max(len(row[c]) for row in rows) for c in range(len(_COLUMNS))]
+    numeric = set(range(2, len(_COLUMNS))) - {4}  # right-align numbers, left-align names
+    lines = [
+        "  ".join(cell.rjust(w) if c in numeric else cell.ljust(w)
+                  for c, (cell, w) in enumerate(zip(row, widths))).rstrip()
+        for row in rows
+    ]
+    lines += [note for note in map(_note, records) if note is not None]
+    return "\n".join(lines)
+
+def retrieval_table(records: Sequence[dict[str, Any]]) -> str:
+    """Accuracy by length (pooled over depths) and ``k_max``, one row per position and rule."""
+    summary = retrieval_summary(records)
+    lengths = sorted({b["length"] for s in summary for b in s["by_length"]})
+    head = ["position", "scaling", *[f"L'={n}" for n in lengths], "k_max"]
+    rows = [head]
+    for s in summary:
+        acc = {b["length"]: b["accuracy"] for b in s["by_length"]}
+        rows.append([s["position"], s["scaling"],
+                     *["-" if acc.get(n) is None else f"{100 * acc[n]:.0f}%" for n in lengths],
+                     "-" if s["k_max"] is None else str(s["k_max"])])
+    width = [max(len(r[j]) for r in rows) for j in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) if j < 2 else c.rjust(w) for j, (c, w) in
+                               enumerate(zip(r, width))) for r in rows)
+
+
+# --- retrieval accuracy: tables and heatmaps --------------------------------------------------
+
+
+def _grid(records: Sequence[Record]) -> tuple[list[float], list[int], dict[tuple, Record]]:
+    """Depths (rows), lengths (columns) and the record of each cell."""
+    cells: dict[tuple, Record] = {}
+    for r in records:
+        key = (float(r["depth"]), int(r["length"]))
+        if key in cells:
+            raise ValueError(f"two records for depth {key[0]:g}, length {key[1]}; give one per "
+                             "cell (one task and model per table or panel)")
+        cells[key] = r
+    return sorted({d for d, _ in cells}), sorted({n for _, n in cells}), cells
+
+
+def accuracy_table(records: Sequence[Record]) -> str:
+    """A terminal table per task: rows = depth, columns = length, cells = accuracy (n)."""
+    blocks = []
+    for task in dict.fromkeys(r["task"] for r in records):
+        depths, lengths, cells = _grid([r for r in records if r["task"] == task])
+        rows = [["depth \\ length"] + [str(n) for n in lengths]]
+        for d in depths:
+            rows.append([f"{d:g}%"] + [
+                f"{100 * cells[d, n]['accuracy']:.1f}% ({cells[d, n]['n']})" if (d, n) in cells
+                else "-" for n in lengths])
+        width = [max(len(row[j]) for row in rows) for j in range(len(rows[0]))]
+        text = ["  ".join(c.rjust(w) for c, w in zip(row, width)) for row in rows]
+        blocks.append("\n".join([f"{task}: accuracy (n trials)"] + text))
+    return "\n\n".join(blocks)
+
+# The stamp of an eval --heatmap file: another is replaced only over a file carrying it.
+HEATMAP = "linbias eval --heatmap"
+
+def plot_heatmaps(panels: dict[str, list[Record]], path: str | Path,
+                  stamp: str = "linbias reproduce") -> None:
+    """Small multiples, one per panel (e.g. "alibi / linear"): x = length, y = depth, colour =
+    accuracy on a fixed 0..1 scale, each cell annotated in percent; written as a PNG stamped with
+    ``stamp`` (the command writing it, see ``fileio.check_output``)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # no pyplot: no global figure state
+
+    if not panels or not all(panels.values()):
+        raise ValueError("plot_heatmaps needs at least one panel, each with records")
+    cols = min(5, len(panels))  # small multiples in rows of five
+    rows = -(-len(panels) // cols)
+    fig = Figure(figsize=(1.5 + 3.2 * cols, 0.4 + 3.0 * rows), layout="constrained")
+    FigureCanvasAgg(fig)
+    grid = fig.subplots(rows, cols, squeeze=False)
+    axes = list(grid.flat)[: len(panels)]
+    for ax in list(grid.flat)[len(panels):]:
+        ax.set_visible(False)
+    for ax, (label, records) in zip(axes, panels.items()):
+        depths, lengths, cells = _grid(records)
+        acc = np.full((len(depths), len(lengths)), np.nan)
+        for (d, n), r in cells.items():
+            acc[depths.index(d), lengths.index(n)] = r["accuracy"]
+            ax.text(lengths.index(n), depths.index(d), f"{100 * r['accuracy']:.0f}",
+                    ha="center", va="center", fontsize=7)
+        image = ax.imshow(acc, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
+        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
+        ax.set_yticks(range(len(depths)), [f"{d:g}%" for d in depths], fontsize=7)
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("length (tokens)")
+    for row in grid:
+        row[0].set_ylabel("needle depth")
+    fig.colorbar(image, ax=list(grid.flat), label="accuracy")
+    write_png(Path(path), fig, stamp, dpi=120)
+
+
+# --- the early-token curse at a glance --------------------------------------------------------
+
+
+def per_position_summary(records: list[dict]) -> str:
+    """Mean loss in eight equal parts of the window: the early-token curse at a glance."""
+    lines = ["mean loss (nats) by eighth of the window:"]
+    for r in records:
+        curve = r.get("per_position")
+        if not curve:
+            continue
+        n = len(curve)
+        parts = [sum(curve[i * n // 8 : (i + 1) * n // 8]) / max(1, (i + 1) * n // 8 - i * n // 8)
+                 for i in range(8)]
+        lines.append(f"  L'={r['eval_len']} {r['scaling']}: " + " ".join(f"{x:.3f}" for x in parts))
+    return "\n".join(lines)
+
+
+# --- the reproduce report: report.md beside results.json and the plots ------------------------
+
+
+REPORT_TITLE = "# Train short, test long — preset"
+
+_SPLIT_WORDS = {
+    "file": "whole files split about 98/1/1% by a hash of their content",
+    "document": "every document cut in order, its first 98% to train, the next 1% to valid, the "
+    "last 1% to test (too few files to split by file)",
+    "source": "the dataset's own splits",
+}
+
+def _command(results: dict[str, Any], p: ReproducePreset) -> str:
+    """The command line that reproduces ``results``."""
+    name = results["preset"]["name"]
+    flags = [f"--preset {name}", f"--seeds {results.get('seeds', 1)}"]
+    if results["data"] != "stdlib":
+        flags.append(f"--data {results['data']}")
+    if results.get("positions", list(POSITION_METHODS)) != list(POSITION_METHODS):
+        flags.append(f"--positions {','.join(results['positions'])}")
+    if name in REPRODUCE_PRESETS and p.embedding != REPRODUCE_PRESETS[name].embedding:
+        flags.append(f"--embedding {p.embedding}")
+    return "linbias reproduce " + " ".join(flags) + " --out OUT"
+
+def _retrieval_md(results: dict[str, Any], p: ReproducePreset) -> str:
+    if "retrieval" not in results:
+        return ""
+    summary = results["retrieval_summary"]
+    lengths = [m * p.train_len for m in p.multiples]
+    rows = []
+    for s in summary:
+        at = {b["length"]: b for b in s["by_length"]}
+        cells = ["—" if at.get(n, {}).get("accuracy") is None else
+                 f"{100 * at[n]['accuracy']:.0f}% ({at[n]['k_max']})" for n in lengths]
+        rows.append([_label(s)] + cells + ["—" if s["k_max"] is None else str(s["k_max"])])
+    table = md_table([f"L'={n} ({m}L)" for n, m in zip(lengths, p.multiples)] + ["k_max"], rows)
+    n_trials = p.trials * results.get("seeds", 1)
+    return f"""
+## Retrieval past L: {p.task}
+
+Every model was trained with {100 * p.task_fraction:.0f}% of its rows replaced by {p.task}
+sequences of length L (needle at a uniform random depth), then asked at each L' with the needle
+at depths {', '.join(f'{d:g}%' for d in p.depths)}, {n_trials} trials per cell
+({p.trials} per seed). Each cell: accuracy (exact match of the greedy answer, pooled over depths)
+and in brackets that length's k_max, the longest needle distance (tokens from the needle to the
+question) up to which every depth retrieves in at least 20% of trials (Chen et al. 2023); the
+last column is k_max over all lengths together.
+
+{table}
+
+![retrieval accuracy by length and depth](retrieval.png)
+"""
+
+def _label(r: dict[str, Any]) -> str:
+    return rule_label(r["position"], r["scaling"])
+
+def _profile_md(results: dict[str, Any], p: ReproducePreset) -> str:
+    records = results.get("attention_profile")
+    if not records:
+        return ""
+    distances = sorted({r["distance"] for r in records})
+    rows = []
+    for label in dict.fromkeys(_label(r) for r in records):
+        cells = []
+        for d in distances:
+            shares = [r["share"] for r in records if _label(r) == label and r["distance"] == d]
+            cells.append(f"{sum(shares) / len(shares):.3f} (max {max(shares):.2f})")
+        rows.append([label] + cells)
+    table = md_table([f"beyond {d}" for d in distances], rows)
+    return f"""
+## Where the model looks
+
+Share of attention mass beyond distance d at L' = {p.profile_multiple * p.train_len}: mean over every layer and
+head (and the largest head), for the queries of the second half of {p.profile_windows} windows of
+the validation split{', pooled over seeds' if results.get('seeds', 1) > 1 else ''}.
+
+{table}
+
+![attention mass beyond distance d, per head](attention_profile.png)
+"""
+
+def _sliding_md(results: dict[str, Any], p: ReproducePreset) -> str:
+    records = results.get("sliding")
+    if not records:
+        return ""
+    ppl: dict[tuple[str, int, str], list[float]] = {}
+    for r in records:
+        if r["ppl"] is not None:
+            ppl.setdefault((_label(r), r["eval_len"], r["mode"]), []).append(r["ppl"])
+    lengths = sorted({r["eval_len"] for r in records})
+    rows = []
+    for label in dict.fromkeys(_label(r) for r in records):
+        cells = []
+        for n in lengths:
+            a, b = ppl.get((label, n, "nonoverlapping")), ppl.get((label, n, "sliding"))
+            cells.append("—" if not a or not b else
+                         f"{sum(a) / len(a):.2f} → {sum(b) / len(b):.2f}")
+        rows.append([label] + cells)
+    table = md_table([f"L'={n}" for n in lengths], rows)
+    return f"""
+## Sliding window against non-overlapping windows
+
+Perplexity over the first {p.sliding_tokens} tokens of the validation split: non-overlapping windows
+of L' → a sliding window of stride 1 (after the first window, every token is predicted with
+L' - 1 tokens of context: the ALiBi paper's appendix B), for each L' up to half of those tokens.
+Only these tokens are scored, because stride 1 costs one forward per token{'; means over seeds' if results.get('seeds', 1) > 1 else ''}.
+
+{table}
+"""
+
+def _finetune_md(results: dict[str, Any], p: ReproducePreset) -> str:
+    rows = results.get("finetune")
+    if not rows:
+        return ""
+    curves = finetune_curves(rows)
+    steps = sorted({r["steps"] for r in rows})
+    L2 = p.finetune_multiple * p.train_len
+    tables = []
+    metrics = [f"ppl@{L2}", f"ppl@{4 * L2}"]
+    if p.task is not None:
+        metrics += [f"acc@{L2}", f"acc@{4 * L2}", "k_max"]
+    for metric in metrics:
+        fmt = {"ppl": "{:.2f}", "acc": "{:.0%}", "k_max": "{:.0f}"}[metric.split("@")[0]]
+        rows = [[label] + ["—" if c[metric].get(n) is None else fmt.format(c[metric][n])
+                           for n in steps] for label, c in curves.items() if metric in c]
+        name = {"ppl": f"Perplexity at L' = {metric[4:]}",
+                "acc": f"{p.task} accuracy at L' = {metric[4:]} ({p.trials} trials x "
+                       f"{len(p.depths)} depths)",
+                "k_max": f"{p.task} k_max (tokens; over lengths "
+                         f"{', '.join(f'{m}L' for m in p.multiples)})"}[metric.split("@")[0]]
+        tables.append(f"{name}:\n\n" + md_table([f"{n} steps" for n in steps], rows,
+                                                 first="method (mode)"))
+    tables_of_l = [name for name in results.get("positions", [])
+                   if POSITION_METHODS[name].fixes_train_len]
+    skipped = "".join(f"`{name}` is left out: its table has one row per position up to L."
+                      for name in tables_of_l)
+    return f"""
+## Fine-tuned at {L2} = {p.finetune_multiple}L, then tested longer
+
+Each model above was trained on for 0 to {max(steps)} steps at L2 = {L2} (its own corpus and
+task mix; AdamW from fresh moments, peak lr {p.finetune_lr}, warm-up {p.finetune_warmup}, cosine,
+{p.finetune_batch_size} sequences a step): `plain` keeps the positions it was trained with;
+`fixed` multiplies them by L/L2 = 1/{p.finetune_multiple} throughout (ALiBi slopes, rotary
+positions: BTLM's and Chen et al.'s interpolation). 0 steps is the model as it was, at the new
+length. `+ linear` scales further past L2 (L2/L'). {'Means over seeds.' if results.get('seeds', 1) > 1 else 'One seed.'}
+{skipped.strip()}
+
+{chr(10).join(t + chr(10) for t in tables)}
+![metrics against fine-tune steps](finetune.png)
+"""
+
+def _report_md(results: dict[str, Any], p: ReproducePreset) -> str:
+    t = results["training"]
+    corpus = results["corpus"]
+    tokens = t[0]["tokens"] if t else 0
+    m = results["machine"]
+    combined = aggregate(results["results"])
+    seeds = results.get("seeds", 1)
+    first = results["seed"]
+    seed_words = (f"seed {first} for every method" if seeds == 1 else
+                  f"seeds {first}-{first + seeds - 1} for every method ({seeds} models each)")
+    spread = ("" if seeds == 1 else f" Each cell is the mean over {seeds} seeds, with their "
+              "min-max range in brackets; the plot's bands show the same range.")
+    return f"""{REPORT_TITLE} `{results['preset']['name']}`
+
+Perplexity on the validation split (non-overlapping windows of L'), every position method
+trained at L = {p.train_len} tokens.{spread}
+
+{markdown_table(combined, p.train_len)}
+
+![perplexity against evaluation length](ppl_vs_length.png)
+
+## The paper's finding (Press et al. 2022, figure 1)
+
+{describe_finding(results['finding'], combined)}
+
+Where the loss goes: mean loss (nats) per token at L' = 4L, by position inside the window. Tokens
+before L/2 are left out (they have little context whatever the method: the early-token curse).
+
+{beyond_table(combined, p.train_len)}
+{_retrieval_md(results, p)}{_profile_md(results, p)}{_sliding_md(results, p)}{_finetune_md(results, p)}
+## How it was made
+
+- Corpus: `{results['data']}` — train {corpus['train']['documents']} documents
+  ({corpus['train']['bytes']:,} bytes), valid {corpus['valid']['documents']} documents
+  ({corpus['valid']['bytes']:,} bytes), {_SPLIT_WORDS.get(corpus.get('split_by', 'file'), '?')};
+  byte-level BPE, vocabulary {p.vocab_size}.
+- Model: preset `{p.model}`; each method trained {p.steps} steps x {p.batch_size} sequences x
+  {p.train_len} tokens = {tokens:,} tokens, AdamW, peak lr {p.lr}, warmup {p.warmup}, cosine
+  decay, {seed_words}; {m.get('precision', 'float32')} throughout; token embeddings of the
+  `{p.embedding}` convention.
+- Evaluation: {f'the first {p.eval_tokens}' if p.eval_tokens else 'all'} tokens of the validation split, non-overlapping
+  windows of L' = {', '.join(f'{k}L' for k in p.multiples)}; every scored token counted.
+  `learned` is evaluated only where its table reaches. Rules: ALiBi slopes x L/L' (`linear`,
+  Al-Khateeb et al. 2023), x sqrt(L/L') (`sqrt`), x log L / log L' (`log`); rotary positions
+  x L/L' (`linear`, Chen et al. 2023). Rules act only when L' > L.
+- Machine: {m['processor']}, PyTorch CPU capability {m.get('cpu_capability', '?')},
+  {m['threads']} threads, torch {m['torch']}, Python {m['python']}.
+  Total time of this invocation: {results['seconds']:.0f} s (finished runs are reused).
+- Reproduce: `{_command(results, p)}`.
+"""
+
+def write_report(out: Path, results: dict[str, Any], p: ReproducePreset) -> None:
+    write_json(out / "results.json", results)
+    plot_ppl_vs_length(aggregate(results["results"]), p.train_len, out / "ppl_vs_length.png",
+                       title=f"Train short (L={p.train_len}), test long — preset {results['preset']['name']}")
+    if "retrieval" in results:
+        cells = [r for r in merge_cells(results["retrieval"]) if not r["skipped"]]
+        panels: dict[str, list[dict[str, Any]]] = {}
+        for r in cells:
+            panels.setdefault(f"{r['position']} / {r['scaling']}", []).append(r)
+        plot_heatmaps(panels, out / "retrieval.png")
+    if results.get("attention_profile"):
+        plot_attention_profile(results["attention_profile"], out / "attention_profile.png")
+    if results.get("finetune"):
+        plot_finetune(results["finetune"], out / "finetune.png",
+                      title=f"Fine-tuned at {p.finetune_multiple * p.train_len} from L = {p.train_len}")
+    atomic_write_text(out / "report.md", _report_md(results, p))

@@ -28,16 +28,10 @@ from typing import Any, Callable, Literal, Optional
 import numpy as np
 import torch
 
-from linbias.config import (
-    REPRODUCE_PRESETS,
-    ModelConfig,
-    ReproducePreset,
-    TrainConfig,
-    check_int,
-    model_config,
-)
+from linbias.checks import check_int
+from linbias.config import REPRODUCE_PRESETS, ModelConfig, ReproducePreset, TrainConfig, model_config
 from linbias.data import Corpus, load_corpus
-from linbias.fileio import atomic_write_text, locked_folder, owning_folder
+from linbias.fileio import locked_folder, owning_folder, write_json
 from linbias.evaluate import (
     RunModel,
     attention_profile,
@@ -48,23 +42,12 @@ from linbias.evaluate import (
     retrieval_summary,
     run_stream,
 )
-from linbias.tasks import plot_heatmaps
 from linbias.positions import POSITION_METHODS
-from linbias.report import (
-    aggregate,
-    beyond_table,
-    describe_finding,
-    finding,
-    markdown_table,
-    md_table,
-    finetune_curves,
-    plot_attention_profile,
-    plot_finetune,
-    plot_ppl_vs_length,
-    rule_label,
-)
+from linbias.report import REPORT_TITLE, finding, write_report
 from linbias.runs import (
     ConfigMismatch,
+    last_checkpoint,
+    child_configs,
     RunError,
     check_resume,
     check_run_dir,
@@ -78,7 +61,7 @@ from linbias.runs import (
 )
 from linbias.train import train
 
-__all__ = ["ReproducePreset", "REPRODUCE_PRESETS", "reproduce"]
+__all__ = ["reproduce"]
 
 
 def _rules(position: str) -> list[str]:
@@ -130,9 +113,10 @@ def _plan(run_dir: Path, mc: ModelConfig, tc: TrainConfig, force: bool) -> Actio
         return "replace"
     try:
         check_resume(run_dir, mc, tc)
-        if not (run_dir / "checkpoint.json").exists():
+        ckpt = last_checkpoint(run_dir)
+        if ckpt is None:
             return "restart"
-        step = read_checkpoint(run_dir).step
+        step = ckpt.step
         if step == tc.steps:
             _final_record(run_dir, tc.steps)
     except ConfigMismatch as exc:
@@ -181,15 +165,14 @@ def _cached(path: Path, settings: dict[str, Any], force: bool,
                 isinstance(saved.get("results"), list):
             return saved["results"]
     records = [json_record(r) for r in compute()]  # strict JSON: a non-finite number is null
-    atomic_write_text(path, json.dumps({"settings": settings, "results": records}, indent=1,
-                                       allow_nan=False))
+    write_json(path, {"settings": settings, "results": records})
     return records
 
 
 def _evaluate_one(run_dir: Path, p: ReproducePreset, force: bool, cache_dir: Optional[Path],
                   progress: bool) -> list[dict[str, Any]]:
     settings = {"multiples": list(p.multiples), "eval_tokens": p.eval_tokens, "per_position": True,
-                "weights_sha": (run_dir / "checkpoint.json").read_text()}
+                "weights_sha": read_checkpoint(run_dir).sha256}
     return _cached(run_dir / _EVAL_FILE, settings, force, lambda: evaluate_run(
         run_dir, lengths=[m * p.train_len for m in p.multiples], split="valid",
         rules=_rules(read_configs(run_dir)[0].position), batch_size=p.eval_batch_size,
@@ -200,7 +183,7 @@ def _evaluate_one(run_dir: Path, p: ReproducePreset, force: bool, cache_dir: Opt
 def _retrieve_one(run_dir: Path, p: ReproducePreset, force: bool,
                   progress: bool) -> list[dict[str, Any]]:
     settings = {"task": p.task, "multiples": list(p.multiples), "depths": list(p.depths),
-                "trials": p.trials, "weights_sha": (run_dir / "checkpoint.json").read_text()}
+                "trials": p.trials, "weights_sha": read_checkpoint(run_dir).sha256}
     return _cached(run_dir / _RETRIEVAL_FILE, settings, force, lambda: evaluate_run_task(
         run_dir, task=str(p.task), lengths=[m * p.train_len for m in p.multiples],
         depths=p.depths, trials=p.trials, rules=_rules(read_configs(run_dir)[0].position),
@@ -211,7 +194,7 @@ def _retrieve_one(run_dir: Path, p: ReproducePreset, force: bool,
 def _profile_one(run_dir: Path, p: ReproducePreset, force: bool,
                  cache_dir: Optional[Path]) -> list[dict[str, Any]]:
     settings = {"profile_windows": p.profile_windows, "eval_len": p.profile_multiple * p.train_len,
-                "weights_sha": (run_dir / "checkpoint.json").read_text()}
+                "weights_sha": read_checkpoint(run_dir).sha256}
 
     def compute() -> list[dict[str, Any]]:
         run = load_run(run_dir)
@@ -231,7 +214,7 @@ def _profile_one(run_dir: Path, p: ReproducePreset, force: bool,
 def _sliding_one(run_dir: Path, p: ReproducePreset, force: bool, cache_dir: Optional[Path],
                  progress: bool) -> list[dict[str, Any]]:
     settings = {"sliding_tokens": p.sliding_tokens, "multiples": list(p.multiples),
-                "weights_sha": (run_dir / "checkpoint.json").read_text()}
+                "weights_sha": read_checkpoint(run_dir).sha256}
     lengths = [m * p.train_len for m in p.multiples]
 
     def compute() -> list[dict[str, Any]]:
@@ -258,8 +241,9 @@ Child = tuple[str, int, str, int]  # (position, seed, mode, steps)
 
 
 def _children(jobs: list[tuple[str, int]], p: ReproducePreset) -> list[Child]:
-    # Learned positions have one table row per position up to L: no longer length to train at.
-    return [(position, s, mode, steps) for position, s in jobs if position != "learned"
+    # A table of one row per position up to L (learned) has no longer length to train at.
+    return [(position, s, mode, steps) for position, s in jobs
+            if not POSITION_METHODS[position].fixes_train_len
             for mode in (("plain", "fixed") if POSITION_METHODS[position].scalable else ("plain",))
             for steps in p.finetune_steps]
 
@@ -274,13 +258,12 @@ def _child_configs(parent_dir: Path, parent: tuple[ModelConfig, TrainConfig], mo
     """The fine-tune of ``parent``: at ``finetune_multiple * L``, positions x ``1 / multiple`` if
     ``mode`` is ``"fixed"``, the parent's data and mix, a fresh schedule of ``steps``."""
     mc, tc = parent
-    mc = ModelConfig.from_dict({**mc.to_dict(), "train_len": p.finetune_multiple * mc.train_len,
-                                "position_scale": 1 / p.finetune_multiple if mode == "fixed" else 1.0})
-    tc = TrainConfig.from_dict({**tc.to_dict(), "steps": max(steps, 1), "lr": p.finetune_lr,
-                                "warmup": p.finetune_warmup, "batch_size": p.finetune_batch_size,
-                                "save_every": max(steps, 1), "eval_every": 0,
-                                "init_from": str(parent_dir)})
-    return mc, tc
+    model = {**mc.to_dict(), "train_len": p.finetune_multiple * mc.train_len,
+             "position_scale": 1 / p.finetune_multiple if mode == "fixed" else 1.0}
+    return child_configs(parent, model, {
+        **tc.to_dict(), "steps": max(steps, 1), "lr": p.finetune_lr, "warmup": p.finetune_warmup,
+        "batch_size": p.finetune_batch_size, "save_every": max(steps, 1), "eval_every": 0,
+        "init_from": str(parent_dir)})
 
 
 def _finetune_one(child: Child, out: Path, configs: tuple[ModelConfig, TrainConfig],
@@ -305,7 +288,7 @@ def _finetune_one(child: Child, out: Path, configs: tuple[ModelConfig, TrainConf
     task_lengths = [m * p.train_len for m in p.multiples]
     settings = {"lengths": lengths, "eval_tokens": p.eval_tokens, "task": p.task,
                 "task_lengths": task_lengths, "depths": list(p.depths), "trials": p.trials,
-                "model": mc.to_dict(), "weights_sha": (weights / "checkpoint.json").read_text()}
+                "model": mc.to_dict(), "weights_sha": read_checkpoint(weights).sha256}
 
     def compute() -> list[dict[str, Any]]:
         ppl = evaluate_run(run, lengths=lengths, rules=rules, batch_size=p.eval_batch_size,
@@ -451,7 +434,7 @@ def _reproduce(preset: str, p: ReproducePreset, corpus: Corpus, out: Path, data:
         results["sliding"] = sliding
     if p.finetune_steps:
         results["finetune"] = finetune
-    _write_report(out, results, p)
+    write_report(out, results, p)
     log(f"wrote {out / 'results.json'}, {out / 'report.md'}, {out / 'ppl_vs_length.png'}")
     return results
 
@@ -478,9 +461,6 @@ def _is_results(head: bytes) -> bool:
     return isinstance(obj, dict) and {"preset", "finding", "results"} <= obj.keys()
 
 
-_REPORT_TITLE = "# Train short, test long — preset"
-
-
 def _is_plot(head: bytes) -> bool:
     # matplotlib names itself in a tEXt chunk right after the PNG header.
     return head.startswith(b"\x89PNG\r\n\x1a\n") and b"Matplotlib" in head[:256]
@@ -488,7 +468,7 @@ def _is_plot(head: bytes) -> bool:
 # The signature of each report file this module writes: only such a file is ever replaced.
 _REPORT_FILES: dict[str, Callable[[bytes], bool]] = {
     "results.json": _is_results,
-    "report.md": lambda head: head.startswith(_REPORT_TITLE.encode()),
+    "report.md": lambda head: head.startswith(REPORT_TITLE.encode()),
     **{name: _is_plot for name in ("ppl_vs_length.png", "retrieval.png",
                                    "attention_profile.png", "finetune.png")},
 }
@@ -517,222 +497,3 @@ def _machine(p: ReproducePreset) -> dict[str, Any]:
             "python": platform.python_version()}
 
 
-def _write_report(out: Path, results: dict[str, Any], p: ReproducePreset) -> None:
-    atomic_write_text(out / "results.json", json.dumps(results, indent=1, allow_nan=False) + "\n")
-    plot_ppl_vs_length(aggregate(results["results"]), p.train_len, out / "ppl_vs_length.png",
-                       title=f"Train short (L={p.train_len}), test long — preset {results['preset']['name']}")
-    if "retrieval" in results:
-        cells = [r for r in merge_cells(results["retrieval"]) if not r["skipped"]]
-        panels: dict[str, list[dict[str, Any]]] = {}
-        for r in cells:
-            panels.setdefault(f"{r['position']} / {r['scaling']}", []).append(r)
-        plot_heatmaps(panels, out / "retrieval.png")
-    if results.get("attention_profile"):
-        plot_attention_profile(results["attention_profile"], out / "attention_profile.png")
-    if results.get("finetune"):
-        plot_finetune(results["finetune"], out / "finetune.png",
-                      title=f"Fine-tuned at {p.finetune_multiple * p.train_len} from L = {p.train_len}")
-    atomic_write_text(out / "report.md", _report_md(results, p))
-
-
-_SPLIT_WORDS = {
-    "file": "whole files split about 98/1/1% by a hash of their content",
-    "document": "every document cut in order, its first 98% to train, the next 1% to valid, the "
-    "last 1% to test (too few files to split by file)",
-    "source": "the dataset's own splits",
-}
-
-
-def _command(results: dict[str, Any], p: ReproducePreset) -> str:
-    """The command line that reproduces ``results``."""
-    name = results["preset"]["name"]
-    flags = [f"--preset {name}", f"--seeds {results.get('seeds', 1)}"]
-    if results["data"] != "stdlib":
-        flags.append(f"--data {results['data']}")
-    if results.get("positions", list(POSITION_METHODS)) != list(POSITION_METHODS):
-        flags.append(f"--positions {','.join(results['positions'])}")
-    if name in REPRODUCE_PRESETS and p.embedding != REPRODUCE_PRESETS[name].embedding:
-        flags.append(f"--embedding {p.embedding}")
-    return "linbias reproduce " + " ".join(flags) + " --out OUT"
-
-
-def _retrieval_md(results: dict[str, Any], p: ReproducePreset) -> str:
-    if "retrieval" not in results:
-        return ""
-    summary = results["retrieval_summary"]
-    lengths = [m * p.train_len for m in p.multiples]
-    rows = []
-    for s in summary:
-        at = {b["length"]: b for b in s["by_length"]}
-        cells = ["—" if at.get(n, {}).get("accuracy") is None else
-                 f"{100 * at[n]['accuracy']:.0f}% ({at[n]['k_max']})" for n in lengths]
-        rows.append([_label(s)] + cells + ["—" if s["k_max"] is None else str(s["k_max"])])
-    table = md_table([f"L'={n} ({m}L)" for n, m in zip(lengths, p.multiples)] + ["k_max"], rows)
-    n_trials = p.trials * results.get("seeds", 1)
-    return f"""
-## Retrieval past L: {p.task}
-
-Every model was trained with {100 * p.task_fraction:.0f}% of its rows replaced by {p.task}
-sequences of length L (needle at a uniform random depth), then asked at each L' with the needle
-at depths {', '.join(f'{d:g}%' for d in p.depths)}, {n_trials} trials per cell
-({p.trials} per seed). Each cell: accuracy (exact match of the greedy answer, pooled over depths)
-and in brackets that length's k_max, the longest needle distance (tokens from the needle to the
-question) up to which every depth retrieves in at least 20% of trials (Chen et al. 2023); the
-last column is k_max over all lengths together.
-
-{table}
-
-![retrieval accuracy by length and depth](retrieval.png)
-"""
-
-
-def _label(r: dict[str, Any]) -> str:
-    return rule_label(r["position"], r["scaling"])
-
-
-def _profile_md(results: dict[str, Any], p: ReproducePreset) -> str:
-    records = results.get("attention_profile")
-    if not records:
-        return ""
-    distances = sorted({r["distance"] for r in records})
-    rows = []
-    for label in dict.fromkeys(_label(r) for r in records):
-        cells = []
-        for d in distances:
-            shares = [r["share"] for r in records if _label(r) == label and r["distance"] == d]
-            cells.append(f"{sum(shares) / len(shares):.3f} (max {max(shares):.2f})")
-        rows.append([label] + cells)
-    table = md_table([f"beyond {d}" for d in distances], rows)
-    return f"""
-## Where the model looks
-
-Share of attention mass beyond distance d at L' = {p.profile_multiple * p.train_len}: mean over every layer and
-head (and the largest head), for the queries of the second half of {p.profile_windows} windows of
-the validation split{', pooled over seeds' if results.get('seeds', 1) > 1 else ''}.
-
-{table}
-
-![attention mass beyond distance d, per head](attention_profile.png)
-"""
-
-
-def _sliding_md(results: dict[str, Any], p: ReproducePreset) -> str:
-    records = results.get("sliding")
-    if not records:
-        return ""
-    ppl: dict[tuple[str, int, str], list[float]] = {}
-    for r in records:
-        if r["ppl"] is not None:
-            ppl.setdefault((_label(r), r["eval_len"], r["mode"]), []).append(r["ppl"])
-    lengths = sorted({r["eval_len"] for r in records})
-    rows = []
-    for label in dict.fromkeys(_label(r) for r in records):
-        cells = []
-        for n in lengths:
-            a, b = ppl.get((label, n, "nonoverlapping")), ppl.get((label, n, "sliding"))
-            cells.append("—" if not a or not b else
-                         f"{sum(a) / len(a):.2f} → {sum(b) / len(b):.2f}")
-        rows.append([label] + cells)
-    table = md_table([f"L'={n}" for n in lengths], rows)
-    return f"""
-## Sliding window against non-overlapping windows
-
-Perplexity over the first {p.sliding_tokens} tokens of the validation split: non-overlapping windows
-of L' → a sliding window of stride 1 (after the first window, every token is predicted with
-L' - 1 tokens of context: the ALiBi paper's appendix B), for each L' up to half of those tokens.
-Only these tokens are scored, because stride 1 costs one forward per token{'; means over seeds' if results.get('seeds', 1) > 1 else ''}.
-
-{table}
-"""
-
-
-def _finetune_md(results: dict[str, Any], p: ReproducePreset) -> str:
-    rows = results.get("finetune")
-    if not rows:
-        return ""
-    curves = finetune_curves(rows)
-    steps = sorted({r["steps"] for r in rows})
-    L2 = p.finetune_multiple * p.train_len
-    tables = []
-    metrics = [f"ppl@{L2}", f"ppl@{4 * L2}"]
-    if p.task is not None:
-        metrics += [f"acc@{L2}", f"acc@{4 * L2}", "k_max"]
-    for metric in metrics:
-        fmt = {"ppl": "{:.2f}", "acc": "{:.0%}", "k_max": "{:.0f}"}[metric.split("@")[0]]
-        rows = [[label] + ["—" if c[metric].get(n) is None else fmt.format(c[metric][n])
-                           for n in steps] for label, c in curves.items() if metric in c]
-        name = {"ppl": f"Perplexity at L' = {metric[4:]}",
-                "acc": f"{p.task} accuracy at L' = {metric[4:]} ({p.trials} trials x "
-                       f"{len(p.depths)} depths)",
-                "k_max": f"{p.task} k_max (tokens; over lengths "
-                         f"{', '.join(f'{m}L' for m in p.multiples)})"}[metric.split("@")[0]]
-        tables.append(f"{name}:\n\n" + md_table([f"{n} steps" for n in steps], rows,
-                                                 first="method (mode)"))
-    skipped = "`learned` is left out: its table has one row per position up to L." \
-        if "learned" in results.get("positions", []) else ""
-    return f"""
-## Fine-tuned at {L2} = {p.finetune_multiple}L, then tested longer
-
-Each model above was trained on for 0 to {max(steps)} steps at L2 = {L2} (its own corpus and
-task mix; AdamW from fresh moments, peak lr {p.finetune_lr}, warm-up {p.finetune_warmup}, cosine,
-{p.finetune_batch_size} sequences a step): `plain` keeps the positions it was trained with;
-`fixed` multiplies them by L/L2 = 1/{p.finetune_multiple} throughout (ALiBi slopes, rotary
-positions: BTLM's and Chen et al.'s interpolation). 0 steps is the model as it was, at the new
-length. `+ linear` scales further past L2 (L2/L'). {'Means over seeds.' if results.get('seeds', 1) > 1 else 'One seed.'}
-{skipped.strip()}
-
-{chr(10).join(t + chr(10) for t in tables)}
-![metrics against fine-tune steps](finetune.png)
-"""
-
-
-def _report_md(results: dict[str, Any], p: ReproducePreset) -> str:
-    t = results["training"]
-    corpus = results["corpus"]
-    tokens = t[0]["tokens"] if t else 0
-    m = results["machine"]
-    combined = aggregate(results["results"])
-    seeds = results.get("seeds", 1)
-    first = results["seed"]
-    seed_words = (f"seed {first} for every method" if seeds == 1 else
-                  f"seeds {first}-{first + seeds - 1} for every method ({seeds} models each)")
-    spread = ("" if seeds == 1 else f" Each cell is the mean over {seeds} seeds, with their "
-              "min-max range in brackets; the plot's bands show the same range.")
-    return f"""{_REPORT_TITLE} `{results['preset']['name']}`
-
-Perplexity on the validation split (non-overlapping windows of L'), every position method
-trained at L = {p.train_len} tokens.{spread}
-
-{markdown_table(combined, p.train_len)}
-
-![perplexity against evaluation length](ppl_vs_length.png)
-
-## The paper's finding (Press et al. 2022, figure 1)
-
-{describe_finding(results['finding'], combined)}
-
-Where the loss goes: mean loss (nats) per token at L' = 4L, by position inside the window. Tokens
-before L/2 are left out (they have little context whatever the method: the early-token curse).
-
-{beyond_table(combined, p.train_len)}
-{_retrieval_md(results, p)}{_profile_md(results, p)}{_sliding_md(results, p)}{_finetune_md(results, p)}
-## How it was made
-
-- Corpus: `{results['data']}` — train {corpus['train']['documents']} documents
-  ({corpus['train']['bytes']:,} bytes), valid {corpus['valid']['documents']} documents
-  ({corpus['valid']['bytes']:,} bytes), {_SPLIT_WORDS.get(corpus.get('split_by', 'file'), '?')};
-  byte-level BPE, vocabulary {p.vocab_size}.
-- Model: preset `{p.model}`; each method trained {p.steps} steps x {p.batch_size} sequences x
-  {p.train_len} tokens = {tokens:,} tokens, AdamW, peak lr {p.lr}, warmup {p.warmup}, cosine
-  decay, {seed_words}; {m.get('precision', 'float32')} throughout; token embeddings of the
-  `{p.embedding}` convention.
-- Evaluation: {f'the first {p.eval_tokens}' if p.eval_tokens else 'all'} tokens of the validation split, non-overlapping
-  windows of L' = {', '.join(f'{k}L' for k in p.multiples)}; every scored token counted.
-  `learned` is evaluated only where its table reaches. Rules: ALiBi slopes x L/L' (`linear`,
-  Al-Khateeb et al. 2023), x sqrt(L/L') (`sqrt`), x log L / log L' (`log`); rotary positions
-  x L/L' (`linear`, Chen et al. 2023). Rules act only when L' > L.
-- Machine: {m['processor']}, PyTorch CPU capability {m.get('cpu_capability', '?')},
-  {m['threads']} threads, torch {m['torch']}, Python {m['python']}.
-  Total time of this invocation: {results['seconds']:.0f} s (finished runs are reused).
-- Reproduce: `{_command(results, p)}`.
-"""

@@ -47,20 +47,23 @@ import torch
 from safetensors.torch import load_file, save
 from tokenizers import Tokenizer
 
-from linbias.config import ModelConfig, TrainConfig, is_finite_number
+from linbias.checks import is_finite_number
+from linbias.config import ModelConfig, TrainConfig, model_config
 from linbias.data import Corpus, load_tokenizer, save_tokenizer
 from linbias.fileio import (
     LOCK_NAME, atomic_write, atomic_write_text, locked_folder, owning_folder, sha256_file,
     write_json, writer_of,
 )
 from linbias.model import GPT
+from linbias.positions import POSITION_METHODS
 
 __all__ = [
     "RUN_FORMAT", "Checkpoint", "ConfigMismatch", "Lineage", "Run", "RunError", "append_log",
-    "check_child_config", "check_corpus", "check_parent", "child_model", "lineage_of",
-    "check_new_out", "check_resume", "check_run_dir", "check_writable", "load_run",
+    "check_child_config", "check_corpus", "check_parent", "child_configs", "child_model",
+    "lineage_of",
+    "check_new_out", "check_resume", "check_run_dir", "check_writable", "last_checkpoint", "load_run",
     "read_checkpoint", "read_configs", "read_log", "recorded_corpus", "remove_run",
-    "restore_checkpoint", "save_checkpoint", "start_run", "writing",
+    "restore_checkpoint", "run_configs", "save_checkpoint", "start_run", "writing",
 ]
 
 RUN_FORMAT = "linbias-run/1"
@@ -216,6 +219,11 @@ def read_checkpoint(run_dir: str | Path) -> Checkpoint:
     if problem:
         raise RunError(f"{path} is corrupt ({problem}); restore it, or train into another --out")
     return Checkpoint(ckpt["step"], ckpt["state"], ckpt["sha256"], dict(ckpt.get("files", {})))
+
+
+def last_checkpoint(run_dir: str | Path) -> Optional[Checkpoint]:
+    """``read_checkpoint``, or ``None`` for a run that never saved one."""
+    return read_checkpoint(run_dir) if (Path(run_dir) / "checkpoint.json").exists() else None
 
 
 def _checkpoint_problem(ckpt: Any) -> str:
@@ -499,6 +507,54 @@ def check_parent(parent_dir: str | Path) -> Run:
     return run
 
 
+# What a fine-tune takes from its parent unless given: the corpus and the tokenizer.
+_INHERITED = ("data", "vocab_size")
+
+
+def run_configs(model: dict[str, Any], train: dict[str, Any], *, preset: Optional[str] = None,
+                resume: str | Path | None = None) -> tuple[ModelConfig, TrainConfig]:
+    """The configs a ``train`` call runs with, from the fields a caller gives (the CLI: its flags).
+
+    - A new run: the model ``preset`` (default ``tiny``) with ``model`` replacing its fields, and
+      ``TrainConfig(**train)``.
+    - ``resume``: the run's saved configs with the given fields replacing theirs (``check_resume``
+      then refuses any that differ), the model fields on top of ``preset`` if one is named.
+    - A fine-tune (``train["init_from"]``): the parent's model (or ``preset``'s) with ``model``
+      replacing its fields, and a fresh ``TrainConfig(**train)`` that takes the parent's corpus and
+      tokenizer (``data``, ``vocab_size``) unless given; ``vocab_size`` of the model is always the
+      parent's.
+
+    Raises:
+        RunError: the run to resume or fine-tune from has no readable configs.
+        ValueError: an unknown preset or field, or a bad value.
+    """
+    if resume is None and train.get("init_from") is None:
+        return model_config(preset or "tiny", **model), TrainConfig(**train)
+    source = resume if resume is not None else train["init_from"]
+    try:
+        saved_mc, saved_tc = read_configs(source)
+    except RunError as exc:
+        if resume is not None:
+            raise
+        raise RunError(f"cannot fine-tune from --init-from {source}: {exc}") from exc
+    if resume is None:
+        return child_configs((saved_mc, saved_tc), model, train, preset=preset)
+    base = model_config(preset).to_dict() if preset else saved_mc.to_dict()
+    mc = ModelConfig.from_dict({**base, **model, "vocab_size": saved_mc.vocab_size})
+    return mc, TrainConfig.from_dict({**saved_tc.to_dict(), **train})
+
+
+def child_configs(parent: tuple[ModelConfig, TrainConfig], model: dict[str, Any],
+                  train: dict[str, Any], *, preset: Optional[str] = None,
+                  ) -> tuple[ModelConfig, TrainConfig]:
+    """A fine-tune's configs from its parent's (see ``run_configs``), without reading a file."""
+    parent_mc, parent_tc = parent
+    base = model_config(preset).to_dict() if preset else parent_mc.to_dict()
+    mc = ModelConfig.from_dict({**base, **model, "vocab_size": parent_mc.vocab_size})
+    inherited = {k: getattr(parent_tc, k) for k in _INHERITED}
+    return mc, TrainConfig(**{**inherited, **train})
+
+
 def child_model(parent: Run, config: ModelConfig) -> GPT:
     """A GPT of ``config`` holding ``parent``'s weights: a fine-tune before its first step.
 
@@ -518,10 +574,12 @@ def check_child_config(parent: Run, config: ModelConfig) -> None:
         RunError: naming each conflicting field with both values.
     """
     given, saved = config.to_dict(), parent.config.to_dict()
-    fixed = _WEIGHT_FIELDS + (("train_len",) if parent.config.position == "learned" else ())
+    table = POSITION_METHODS[parent.config.position].fixes_train_len
+    fixed = _WEIGHT_FIELDS + (("train_len",) if table else ())
     diff = [f"{k} (parent {saved[k]!r}, given {given[k]!r})" for k in fixed if given[k] != saved[k]]
     if diff:
-        why = (" (learned positions have one table row per position up to train_len)"
+        why = (f" ({parent.config.position} positions have one table row per position up to "
+               "train_len)"
                if any(d.startswith("train_len") for d in diff) else "")
         raise RunError(
             f"cannot fine-tune from {parent.path}: the settings conflict with its weights in "

@@ -36,21 +36,23 @@ import random
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import tokenizers
 import torch
 
-from linbias.config import check_int
-from linbias.fileio import write_png
+from linbias.checks import check_int
+from linbias.deprecation import moved
 
 __all__ = [
     "FILLER", "LINES_INSTRUCTION", "LINE_WORDS", "PASSKEY_INSTRUCTION", "PASSKEY_QUESTION", "TASKS",
-    "Encoder", "TaskMix", "Trial", "accuracy_table", "cell_record", "encoder", "k_max", "lines", "make_trials",
-    "passkey", "plot_heatmaps", "score", "wilson",
+    "Encoder", "TaskMix", "Trial", "cell_record", "encoder", "k_max", "lines", "make_trials",
+    "passkey", "score", "wilson",
 ]
+
+# Tables and plots live in linbias.report.
+__getattr__ = moved(__name__, dict.fromkeys(("accuracy_table", "plot_heatmaps"), "linbias.report"))
 
 Encode = Callable[[str], list[int]]
 Decode = Callable[[Sequence[int]], str]
@@ -506,69 +508,3 @@ def cell_record(
             "mean_distance": sum(t.distance for t in trials) / n}
 
 
-def _grid(records: Sequence[Record]) -> tuple[list[float], list[int], dict[tuple, Record]]:
-    """Depths (rows), lengths (columns) and the record of each cell."""
-    cells: dict[tuple, Record] = {}
-    for r in records:
-        key = (float(r["depth"]), int(r["length"]))
-        if key in cells:
-            raise ValueError(f"two records for depth {key[0]:g}, length {key[1]}; give one per "
-                             "cell (one task and model per table or panel)")
-        cells[key] = r
-    return sorted({d for d, _ in cells}), sorted({n for _, n in cells}), cells
-
-
-def accuracy_table(records: Sequence[Record]) -> str:
-    """A terminal table per task: rows = depth, columns = length, cells = accuracy (n)."""
-    blocks = []
-    for task in dict.fromkeys(r["task"] for r in records):
-        depths, lengths, cells = _grid([r for r in records if r["task"] == task])
-        rows = [["depth \\ length"] + [str(n) for n in lengths]]
-        for d in depths:
-            rows.append([f"{d:g}%"] + [
-                f"{100 * cells[d, n]['accuracy']:.1f}% ({cells[d, n]['n']})" if (d, n) in cells
-                else "-" for n in lengths])
-        width = [max(len(row[j]) for row in rows) for j in range(len(rows[0]))]
-        text = ["  ".join(c.rjust(w) for c, w in zip(row, width)) for row in rows]
-        blocks.append("\n".join([f"{task}: accuracy (n trials)"] + text))
-    return "\n\n".join(blocks)
-
-
-# The stamp of an eval --heatmap file: another is replaced only over a file carrying it.
-HEATMAP = "linbias eval --heatmap"
-
-
-def plot_heatmaps(panels: dict[str, list[Record]], path: str | Path,
-                  stamp: str = "linbias reproduce") -> None:
-    """Small multiples, one per panel (e.g. "alibi / linear"): x = length, y = depth, colour =
-    accuracy on a fixed 0..1 scale, each cell annotated in percent; written as a PNG stamped with
-    ``stamp`` (the command writing it, see ``fileio.check_output``)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure  # no pyplot: no global figure state
-
-    if not panels or not all(panels.values()):
-        raise ValueError("plot_heatmaps needs at least one panel, each with records")
-    cols = min(5, len(panels))  # small multiples in rows of five
-    rows = -(-len(panels) // cols)
-    fig = Figure(figsize=(1.5 + 3.2 * cols, 0.4 + 3.0 * rows), layout="constrained")
-    FigureCanvasAgg(fig)
-    grid = fig.subplots(rows, cols, squeeze=False)
-    axes = list(grid.flat)[: len(panels)]
-    for ax in list(grid.flat)[len(panels):]:
-        ax.set_visible(False)
-    for ax, (label, records) in zip(axes, panels.items()):
-        depths, lengths, cells = _grid(records)
-        acc = np.full((len(depths), len(lengths)), np.nan)
-        for (d, n), r in cells.items():
-            acc[depths.index(d), lengths.index(n)] = r["accuracy"]
-            ax.text(lengths.index(n), depths.index(d), f"{100 * r['accuracy']:.0f}",
-                    ha="center", va="center", fontsize=7)
-        image = ax.imshow(acc, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
-        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
-        ax.set_yticks(range(len(depths)), [f"{d:g}%" for d in depths], fontsize=7)
-        ax.set_title(label, fontsize=9)
-        ax.set_xlabel("length (tokens)")
-    for row in grid:
-        row[0].set_ylabel("needle depth")
-    fig.colorbar(image, ax=list(grid.flat), label="accuracy")
-    write_png(Path(path), fig, stamp, dpi=120)

@@ -35,26 +35,24 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from linbias.config import ModelConfig, TrainConfig, check_int
+from linbias.checks import check_int
+from linbias.config import ModelConfig, TrainConfig
 from linbias.data import (
     default_cache_dir, get_batch, load_corpus, load_tokenizer, token_stream, train_tokenizer,
 )
 from linbias.model import GPT
 from linbias.positions import position_warnings
-# Re-exported: the run-directory API lived here before ``linbias.runs``.
-from linbias.runs import (
-    RUN_FORMAT, Checkpoint, ConfigMismatch, Run, RunError, append_log, check_corpus, check_new_out,
-    check_resume, check_run_dir, check_child_config, check_parent, check_writable, child_model,
-    lineage_of, load_run, read_checkpoint, read_configs, read_log, recorded_corpus, remove_run,
-    restore_checkpoint, save_checkpoint, start_run, writing,
-)
+from linbias import runs
+from linbias.deprecation import moved
 from linbias.tasks import TaskMix, encoder
 
-__all__ = [
-    "RUN_FORMAT", "Checkpoint", "ConfigMismatch", "Diverged", "Run", "RunError", "TrainConfig",
-    "check_corpus", "check_resume", "check_run_dir", "check_writable", "load_run", "lr_at",
-    "read_checkpoint", "read_configs", "read_log", "remove_run", "train",
-]
+__all__ = ["Diverged", "lr_at", "train"]
+
+# The run-directory API lived here before ``linbias.runs``.
+__getattr__ = moved(__name__, dict.fromkeys(
+    ("RUN_FORMAT", "Checkpoint", "ConfigMismatch", "Run", "RunError", "check_corpus",
+     "check_resume", "check_run_dir", "check_writable", "load_run", "read_checkpoint",
+     "read_configs", "read_log", "remove_run"), "linbias.runs"))
 
 class Diverged(RuntimeError):
     """Training stopped because a loss or the gradient norm stopped being finite."""
@@ -155,7 +153,7 @@ def _check_streams(streams: dict[str, np.ndarray], mc: ModelConfig, tc: TrainCon
     # get_batch needs train_len + 1 tokens for one window; found here, not after the last step.
     for split, stream in streams.items():
         if len(stream) < mc.train_len + 1:
-            raise RunError(
+            raise runs.RunError(
                 f"the {split} split of {tc.data!r} has {len(stream)} tokens, fewer than one window "
                 f"of train_len + 1 = {mc.train_len + 1}: use a larger corpus or a smaller --train-len"
             )
@@ -189,7 +187,7 @@ def train(
         The run directory.
 
     Raises:
-        RunError: ``out`` is in the way or unusable, a split is too short, the checkpoint or
+        linbias.runs.RunError: ``out`` is in the way or unusable, a split is too short, the checkpoint or
             log to resume from is corrupt, or the run to fine-tune from is unfinished, corrupt or
             conflicts with the settings; all found before step 1.
         Diverged: a loss or the gradient norm stopped being finite (the last checkpoint is kept).
@@ -199,10 +197,10 @@ def train(
     d = _init_distributed()
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise RunError(f"--out {out} is a file, not a directory; choose another --out")
-    check_writable(out)
+        raise runs.RunError(f"--out {out} is a file, not a directory; choose another --out")
+    runs.check_writable(out)
     # One writer per run: rank 0 holds the lock from before the first check to the end.
-    with writing(out) if d.main else nullcontext():
+    with runs.writing(out) if d.main else nullcontext():
         return _train(d, model_config, train_config, out, resume, progress, cache_dir, stop_after)
 
 
@@ -210,15 +208,15 @@ def _train(d: _Dist, model_config: ModelConfig, tc: TrainConfig, out: Path, resu
            progress: bool, cache_dir: str | Path | None, stop_after: Optional[int]) -> Path:
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     if resume:
-        mc = check_resume(out, model_config, tc)
-        check_writable(out)
+        mc = runs.check_resume(out, model_config, tc)
+        runs.check_writable(out)
     parent = None if resume or tc.init_from is None else _check_init_from(out, model_config, tc)
     if not resume:
-        check_new_out(out)  # every rank, before rank 0 writes anything (see _main_first)
+        runs.check_new_out(out)  # every rank, before rank 0 writes anything (see _main_first)
     corpus = load_corpus(tc.data)
     corpus.check_outside(out)
     if resume:
-        check_corpus(out, recorded_corpus(out), corpus)
+        runs.check_corpus(out, runs.recorded_corpus(out), corpus)
     elif d.main:
         for message in position_warnings(model_config):  # e.g. T5 buckets training never reaches
             warnings.warn(message, stacklevel=2)
@@ -241,14 +239,14 @@ def _train(d: _Dist, model_config: ModelConfig, tc: TrainConfig, out: Path, resu
         mix.check(mc.train_len)  # a task that does not fit L fails now, not at its first row
 
     torch.manual_seed(tc.seed)
-    model = (GPT(mc) if parent is None else child_model(parent, mc)).to(d.device)
+    model = (GPT(mc) if parent is None else runs.child_model(parent, mc)).to(d.device)
     opt = _optimizer(model, tc)
-    start = restore_checkpoint(out, model, opt, tc, trim_log=d.main) if resume else 0
+    start = runs.restore_checkpoint(out, model, opt, tc, trim_log=d.main) if resume else 0
     if not resume and d.main:
-        start_run(out, tokenizer, mc, tc, corpus.name,
-                  None if parent is None else lineage_of(parent.path))
+        runs.start_run(out, tokenizer, mc, tc, corpus.name,
+                  None if parent is None else runs.lineage_of(parent.path))
         if parent is not None:  # step 0: a kill before the first save still resumes
-            save_checkpoint(out, model, opt, 0, previous=None)
+            runs.save_checkpoint(out, model, opt, 0, previous=None)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if d.world_size > 1 else model
     model.train()
 
@@ -299,11 +297,11 @@ def _train(d: _Dist, model_config: ModelConfig, tc: TrainConfig, out: Path, resu
                     # Tokens per second of training since the last log line.
                     rate = window_tokens / max(time.perf_counter() - t0, 1e-9)
                     record["tokens_per_s"] = rate
-                    append_log(out, record)  # before the checkpoint that covers it
+                    runs.append_log(out, record)  # before the checkpoint that covers it
                 bar.set_postfix(loss=f"{record['train_loss']:.3f}", tok_s=f"{rate:.0f}")
                 bar.update(1)
                 if save:
-                    save_checkpoint(out, model, opt, done, previous=saved)
+                    runs.save_checkpoint(out, model, opt, done, previous=saved)
                 if "tokens_per_s" in record:
                     t0, window_tokens = time.perf_counter(), 0
             if save:
@@ -315,19 +313,19 @@ def _train(d: _Dist, model_config: ModelConfig, tc: TrainConfig, out: Path, resu
     return out
 
 
-def _check_init_from(out: Path, mc: ModelConfig, tc: TrainConfig) -> Run:
+def _check_init_from(out: Path, mc: ModelConfig, tc: TrainConfig) -> runs.Run:
     """The parent of a fine-tune, loaded and checked against the requested settings."""
     parent_dir = Path(str(tc.init_from))
     if parent_dir.resolve() == out.resolve():
-        raise RunError(f"--out {out} is the run to start from: a fine-tune goes into a new --out")
-    parent = check_parent(parent_dir)
+        raise runs.RunError(f"--out {out} is the run to start from: a fine-tune goes into a new --out")
+    parent = runs.check_parent(parent_dir)
     if tc.vocab_size != parent.train_config.vocab_size:
-        raise RunError(
+        raise runs.RunError(
             f"a fine-tune keeps the tokenizer of {parent_dir} (vocab_size "
             f"{parent.train_config.vocab_size}), given vocab_size={tc.vocab_size}: drop "
             "--vocab-size, or train a new run to change the tokenizer"
         )
-    check_child_config(parent, ModelConfig.from_dict(
+    runs.check_child_config(parent, ModelConfig.from_dict(
         {**mc.to_dict(), "vocab_size": parent.config.vocab_size}))
     return parent
 
