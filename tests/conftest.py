@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -82,6 +83,34 @@ def forget_checksums(run_dir) -> None:
     meta = json.loads(path.read_text())
     meta.pop("files")
     path.write_text(json.dumps(meta))
+
+
+_HOLD = """
+import sys, time
+from pathlib import Path
+from linbias.fileio import exclusive, locked_folder
+lock = {"folder": locked_folder, "file": exclusive}[sys.argv[1]]
+with lock(Path(sys.argv[2]), "x"):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+@contextmanager
+def another_writer(path, kind: str = "folder"):
+    """A real second process that holds ``path`` (``fileio.locked_folder``, or ``exclusive`` on a
+    lock file with ``kind="file"``) until the block ends, then is killed (the kernel frees it)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD, kind, str(path)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 @pytest.fixture(autouse=True)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import another_writer
+
 from linbias.fileio import atomic_write, atomic_write_text, sha256_file, write_json
 
 
@@ -119,25 +121,6 @@ def test_a_png_stamp_is_read_back(tmp_path: Path) -> None:
 
 # --- one writer per folder, with real processes --------------------------------------------------
 
-_HOLD = """
-import sys, time
-from pathlib import Path
-from linbias.fileio import locked_folder
-with locked_folder(Path(sys.argv[1]), "the folder"):
-    print("held", flush=True)
-    time.sleep(60)
-"""
-
-
-def _holder(folder: Path):
-    import subprocess
-    import sys
-
-    proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(folder)], stdout=subprocess.PIPE,
-                            text=True)
-    assert proc.stdout.readline().strip() == "held"
-    return proc
-
 
 def test_a_second_writer_is_refused_with_the_holders_pid(tmp_path: Path) -> None:
     import os
@@ -145,15 +128,11 @@ def test_a_second_writer_is_refused_with_the_holders_pid(tmp_path: Path) -> None
     from linbias.fileio import LOCK_NAME, Busy, locked_folder, writer_of
 
     folder = tmp_path / "run"
-    proc = _holder(folder)
-    try:
+    with another_writer(folder) as proc:  # killed at the end, not exited: the kernel frees it
         assert writer_of(folder / LOCK_NAME) == proc.pid
         with pytest.raises(Busy, match=rf"being written by another linbias process \(pid {proc.pid}\)"):
             with locked_folder(folder, "the folder"):
                 pass
-    finally:
-        proc.kill()  # a kill, not an exit: the kernel releases the lock
-        proc.wait()
     assert writer_of(folder / LOCK_NAME) is None
     with locked_folder(folder, "the folder"):  # the lock file a kill left is no obstacle
         assert writer_of(folder / LOCK_NAME) == os.getpid()

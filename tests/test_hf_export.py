@@ -307,22 +307,12 @@ def test_export_refuses_a_target_inside_a_run_and_a_run_without_a_checkpoint(tin
 
 
 def test_two_exports_into_one_target_are_one_at_a_time(bias_free_dir, tmp_path) -> None:
-    import subprocess
-    import sys
+    from conftest import another_writer
 
-    hold = ("import sys, time\nfrom pathlib import Path\nfrom linbias.fileio import exclusive\n"
-            "with exclusive(Path(sys.argv[1]), 'x'):\n    print('held', flush=True)\n"
-            "    time.sleep(60)\n")
-    proc = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path / ".hf.linbias.lock")],
-                            stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "held"
+    with another_writer(tmp_path / ".hf.linbias.lock", "file") as proc:
         with pytest.raises(RuntimeError, match=rf"the export .*hf is being written by another "
                                                rf"linbias process \(pid {proc.pid}\)"):
             hf.export_to_hf(bias_free_dir, tmp_path / "hf")
-    finally:
-        proc.kill()
-        proc.wait()
     assert not (tmp_path / "hf").exists()
 
 

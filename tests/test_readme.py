@@ -84,3 +84,67 @@ def test_the_batched_export_block_runs(tiny_alibi_run: Path, tmp_path: Path) -> 
               {"OUT": str(out), "AutoTokenizer": AutoTokenizer,
                "AutoModelForCausalLM": AutoModelForCausalLM, "extend_context": extend_context})
     assert ns["out"].shape == (2, ns["batch"]["input_ids"].shape[1] + 40)  # past train_len 32
+
+
+# --- the bash blocks: every command line is run (cheap stand-ins) or skipped with its reason ----
+
+# Commands that cannot run here: each must stay in the README as written, or this list changes.
+SKIPPED = {
+    "python3 -m pip install -e . && python3 -m linbias reproduce --preset quick --out reports/quick":
+        "the main job (minutes); CI runs the test command beside it",
+    "python3 -m pip install -e '.[test]' && python3 -m pytest": "this test suite itself",
+    "apt-get download python3.11-doc && dpkg-deb -x python3.11-doc_*.deb pydoc": "a download",
+    "linbias reproduce --data text:pydoc/usr/share/doc/python3.11/html/_sources --out reports/pydoc":
+        "a 10-minute job on the download above",
+    "torchrun --nproc_per_node 2 -m linbias train --position alibi --out runs/ddp":
+        "tests/test_train.py runs two processes against one",
+}
+TINY = ("--n-layers 1 --d-model 32 --n-heads 2 --vocab-size 300 --batch-size 4 --eval-every 0 "
+        "--warmup 1 --no-progress")
+
+
+def _bash_lines() -> list[str]:
+    blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S)
+    text = "\n".join(blocks).replace("\\\n", " ")
+    lines = [re.sub(r"\s+#.*$", "", line).strip() for line in text.splitlines()]
+    return [" ".join(line.split()) for line in lines if line and not line.startswith("#")]
+
+
+def test_every_bash_line_runs_or_is_skipped_for_a_reason(tiny_text_corpus: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        tiny_cache_dir: Path) -> None:
+    import shlex
+
+    from linbias.cli import main
+
+    monkeypatch.setenv("LINBIAS_CACHE", str(tiny_cache_dir))
+    monkeypatch.chdir(tmp_path)
+    data = f"--data text:{tiny_text_corpus}"
+    stand_ins = {  # what each command line becomes: the same command, at a tiny size
+        "--preset tiny --train-len 128 --steps 2000": f"--train-len 32 --steps 4 {TINY} {data}",
+        "--train-len 512 --steps 200 --lr 5e-4 --warmup 10": "--train-len 64 --steps 2 --lr 5e-4 "
+                                                              "--warmup 1 --no-progress",
+        "--train-len 512 --position-scale 0.25 --steps 200": "--train-len 64 --position-scale 0.5 "
+                                                              "--steps 2 --no-progress",
+        "--lengths 128,256,512,1024,2048": "--lengths 32,64 --max-tokens 200 --no-progress",
+        "--lengths 1024 --mode sliding --stride 128": "--lengths 64 --mode sliding --stride 16 "
+                                                       "--max-tokens 200 --no-progress",
+        "runs/passkey": "runs/alibi",
+        "--lengths 128,256,512,1024 --depths 0,25,50,75,100 --trials 20": "--lengths 256 --depths 50 "
+                                                                          "--trials 1 --no-progress",
+        "--resume --out runs/alibi": "--resume --out runs/alibi --no-progress",
+    }
+    ran = []
+    for line in _bash_lines():
+        if line in SKIPPED:
+            continue
+        if line.startswith("linbias eval --hf"):
+            continue  # a transformers model: tests/test_hf_evaluate.py runs the same protocol
+        assert line.startswith("linbias "), f"a README command this test does not know: {line}"
+        for old, new in stand_ins.items():
+            line = line.replace(old, new)
+        assert main(shlex.split(line)[1:]) == 0, line
+        ran.append(line.split()[1])
+    assert ran == ["train", "train", "train", "train", "eval", "eval", "eval"]
+    assert (tmp_path / "eval.json").is_file() and (tmp_path / "passkey.png").is_file()
+    assert (tmp_path / "runs" / "alibi-512-fixed" / "checkpoint.json").is_file()

@@ -300,26 +300,15 @@ def test_the_fine_tune_study_trains_evaluates_and_reuses(tmp_path, run, monkeypa
 
 
 def test_a_second_reproduce_into_one_out_is_refused_before_any_work(tmp_path, run):
-    import subprocess
-    import sys
-
+    from conftest import another_writer
     from linbias.fileio import Busy
 
     out = tmp_path / "report"
-    hold = ("import sys, time\nfrom pathlib import Path\nfrom linbias.fileio import locked_folder\n"
-            "with locked_folder(Path(sys.argv[1]), 'x'):\n    print('held', flush=True)\n"
-            "    time.sleep(60)\n")
-    proc = subprocess.Popen([sys.executable, "-c", hold, str(out)], stdout=subprocess.PIPE,
-                            text=True)
-    try:
-        assert proc.stdout.readline().strip() == "held"
+    with another_writer(out) as proc:
         with pytest.raises(Busy, match=rf"the report .*report is being written by another linbias "
                                        rf"process \(pid {proc.pid}\)"):
             run(out)
         assert [p.name for p in out.iterdir()] == [".linbias.lock"]  # nothing trained or written
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 def test_an_out_inside_the_corpus_or_a_run_is_refused(tmp_path, run, corpus, tiny_alibi_run):

@@ -219,27 +219,14 @@ def test_an_unfinished_run_loads_with_a_warning_naming_its_step(old_run: Path) -
         load_run(old_run)
 
 
-_HOLD_RUN = """
-import sys, time
-from linbias.runs import writing
-with writing(sys.argv[1]):
-    print("held", flush=True)
-    time.sleep(60)
-"""
-
-
 def test_a_run_being_trained_is_read_from_its_verified_checkpoint(run_copy: Path) -> None:
-    import subprocess
-    import sys
-
     import torch
     from safetensors.torch import load_file
 
+    from conftest import another_writer
+
     state = load_file(str(run_copy / read_checkpoint(run_copy).state))
-    proc = subprocess.Popen([sys.executable, "-c", _HOLD_RUN, str(run_copy)],
-                            stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "held"
+    with another_writer(run_copy) as proc:
         _edit_weights(run_copy)  # the writer has saved newer weights, its checkpoint.json not yet
         with pytest.warns(UserWarning, match=rf"pid {proc.pid}\) is training it now; using its "
                                              r"weights at step 5"):
@@ -250,9 +237,6 @@ def test_a_run_being_trained_is_read_from_its_verified_checkpoint(run_copy: Path
         with pytest.raises(RunError, match=rf"being trained by another process \(pid {proc.pid}\)"):
             from linbias.runs import remove_run
             remove_run(run_copy)
-    finally:
-        proc.kill()
-        proc.wait()
     with pytest.raises(RunError, match="sha256 differs"):  # nobody writes it: the edit is an edit
         load_run(run_copy)
 
