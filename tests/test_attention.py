@@ -263,6 +263,91 @@ def test_custom_scale():
     assert (out.double() - ref).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("scale", [0.0, -0.5, -4.0, 1e-30])
+@pytest.mark.parametrize("Lq", [2, 70])  # the decode path and the segments
+def test_zero_and_negative_scales_match_reference(backend, scale, Lq):
+    # Before: the fused kernel's causal mask (-inf written before scaling) gave nan in most rows.
+    q, k, v = _inputs(2, 4, 2, Lq, 90, 8, grad=True)
+    kpm = _left_padding(2, 90)
+    out = alibi_attention(q, k, v, alibi_slopes(4), scale=scale, key_padding_mask=kpm, backend=backend)
+    ref = naive_alibi_attention(q, k, v, alibi_slopes(4), scale=scale, key_padding_mask=kpm)
+    assert (out.double() - ref).abs().max() < 2e-5
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("slope", [2049.0, 1e6])
+@pytest.mark.parametrize("Lq", [1, 70])
+def test_slopes_above_2048_match_reference(backend, slope, Lq):
+    # Before: the fused path's block size raised "negative shift count".
+    q, k, v = _inputs(1, 2, 2, Lq, 80, 8)
+    slopes = torch.tensor([slope, 0.5])
+    out = alibi_attention(q, k, v, slopes, backend=backend)
+    assert (out.double() - naive_alibi_attention(q, k, v, slopes)).abs().max() < 2e-5
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+@pytest.mark.parametrize("Lq", [3, 40])
+def test_a_nonfinite_key_reaches_only_the_rows_that_see_it(backend, bad, Lq):
+    # Before: on "blocked", key j's nan also reached rows before j in its query block.
+    q, k, v = _inputs(1, 2, 2, Lq, 40, 8)
+    j = 40 - Lq // 2 - 1  # a key in the middle of the queries
+    k[0, 1, j, 3] = bad
+    out = alibi_attention(q, k, v, alibi_slopes(2), backend=backend)
+    rows_before = 40 - Lq + torch.arange(Lq) < j
+    assert torch.isfinite(out[0, 0]).all()
+    assert torch.isfinite(out[0, 1, rows_before]).all()
+    ref = naive_alibi_attention(q, k, v, alibi_slopes(2))
+    assert (out[0, 1, rows_before].double() - ref[0, 1, rows_before]).abs().max() < 2e-5
+    if math.isnan(bad):  # (an inf key scores +inf or -inf, by the sign of q's entry)
+        assert out[0, 1, ~rows_before].isnan().all()
+
+
+# Every backend against the float64 reference on random valid arguments, the extremes included: a
+# scale of 0, below 0 or huge, slopes of 0, below 0, tiny or huge, per row or per head.
+_SCALES = st.one_of(
+    st.none(), st.sampled_from([0.0, -1.0, 1e-30, 40.0]), st.floats(-3.0, 3.0)
+)
+_SLOPES = st.one_of(
+    st.sampled_from([0.0, 1e-6, 0.5, 16.0, 2049.0, 1e6]), st.floats(-1.0, 64.0)
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    H=st.sampled_from([1, 2, 4]),
+    group=st.sampled_from([1, 2]),
+    lq=st.one_of(st.integers(1, 6), st.integers(60, 80)),
+    extra=st.integers(0, 30),
+    d=st.sampled_from([1, 4, 8]),
+    causal=st.booleans(),
+    padded=st.booleans(),
+    per_row=st.booleans(),
+    scale=_SCALES,
+    slopes=st.lists(_SLOPES, min_size=8, max_size=8),
+    backend=st.sampled_from(CPU_BACKENDS),
+)
+def test_property_extreme_arguments_match_reference(
+    H, group, lq, extra, d, causal, padded, per_row, scale, slopes, backend
+):
+    Hkv, Lk = max(1, H // group), lq + extra
+    q, k, v = _inputs(2, H, Hkv, lq, Lk, d)
+    m = torch.tensor(slopes)[: 2 * H].view(2, H) if per_row else torch.tensor(slopes)[:H]
+    kpm = _left_padding(2, Lk) if padded else None
+    out = alibi_attention(
+        q, k, v, m, causal=causal, scale=scale, key_padding_mask=kpm, backend=backend
+    )
+    ref = naive_alibi_attention(q, k, v, m, causal=causal, scale=scale, key_padding_mask=kpm)
+    # fp32 keeps 2^-24 of each logit: |scale q . k| plus the folded bias (at most 512 near the
+    # diagonal, see _BIAS_BUDGET) bound what a logit can lose.
+    s = 1.0 / math.sqrt(d) if scale is None else abs(scale)
+    logit = s * q.norm(dim=-1).max() * k.norm(dim=-1).max() + 512.0
+    assert (out.double() - ref).abs().max() <= 4 * 2.0**-24 * logit * v.abs().max() + 1e-6
+
+
 def test_flex_matches_reference():
     # Strided views (one compile: each new layout would cost flex a recompile of several seconds).
     q, k, v = _inputs(2, 4, 2, 96, 128, 16)
@@ -461,15 +546,19 @@ def test_auto_takes_the_decode_path_for_a_few_queries(Lq, uses_decode):
 
 
 @pytest.mark.parametrize("padded", [False, True])
-def test_decode_builds_nothing_larger_than_its_bias(padded):
-    # One query over T keys: the bias is [B or 1, H, 1, T], O(T); grouped keys are never expanded
-    # (an expanded cache would be H * T * D).
-    B, H, Hkv, T, D = 2, 8, 2, 20000, 8
+@pytest.mark.parametrize("T", [4000, 20000])  # one kernel call; the scores route past 8192 keys
+def test_decode_builds_nothing_larger_than_its_bias(padded, T):
+    # One query over T keys: the bias is [B or 1, H, 1, T], the scores [B, H, 1, T], O(T);
+    # grouped keys are never expanded (an expanded cache would be H * T * D).
+    B, H, Hkv, D = 2, 8, 2, 8
     q, k, v = _inputs(B, H, Hkv, 1, T, D)
     kpm = _left_padding(B, T) if padded else None
     with LargestTensor() as mode:
         out = alibi_attention(q, k, v, alibi_slopes(H), key_padding_mask=kpm)
-    assert mode.largest <= (B if padded else 1) * H * T
+    if T < attention._DECODE_WINDOW_KEYS:
+        assert mode.largest <= (B if padded else 1) * H * T
+    else:  # the scores, and views of the cache (the mode counts views too: nothing is copied)
+        assert mode.largest <= max(B * H * T, k.numel())
     ref = naive_alibi_attention(q, k, v, alibi_slopes(H), key_padding_mask=kpm)
     assert (out.double() - ref).abs().max() < 1e-5
 
@@ -566,6 +655,8 @@ def _bad_call(case):
         "nan scale": dict(scale=math.nan),
         "inf scale": dict(scale=math.inf),
         "string scale": dict(scale="0.5"),
+        "bool scale": dict(scale=True),
+        "bool tensor scale": dict(scale=torch.tensor(False)),
     }
     return {**kw, **changes[case]}
 
@@ -595,6 +686,8 @@ BAD_CALLS = {  # case: (error, what the message must name)
     "nan scale": (ValueError, r"scale must be a finite number"),
     "inf scale": (ValueError, r"scale must be a finite number"),
     "string scale": (ValueError, r"scale must be a finite number"),
+    "bool scale": (TypeError, r"scale must be a number.*True"),
+    "bool tensor scale": (TypeError, r"scale must be a number"),
 }
 
 
@@ -875,7 +968,7 @@ def test_key_bias_decode_builds_nothing_larger_than_its_bias():
     key_bias = _key_bias(B, H, T)
     with LargestTensor() as mode:
         out = alibi_attention(q, k, v, torch.zeros(H), key_padding_mask=kpm, key_bias=key_bias)
-    assert mode.largest <= B * H * T
+    assert mode.largest <= max(B * H * T, k.numel())  # the scores; views of the cache
     ref = naive_alibi_attention(q, k, v, torch.zeros(H), key_bias=key_bias, key_padding_mask=kpm)
     assert (out.double() - ref).abs().max() < 1e-5
 

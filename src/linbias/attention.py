@@ -19,7 +19,7 @@ that: its whole ``[H, Lq, Lk]`` bias is linear in the context, and one kernel ca
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import torch
@@ -293,8 +293,12 @@ class _Segment:
 
 def _block_size(c: _Call) -> int:
     steepest = float(c.slopes.abs().max()) if c.slopes.numel() else 0.0
-    block = c.q.shape[2] if steepest == 0.0 else 1 << int(math.log2(2 * _BIAS_BUDGET / steepest))
-    return max(64, block if c.causal else min(block, _MAX_BIDIRECTIONAL_BLOCK))
+    if steepest <= 16.0:
+        block = c.q.shape[2] if steepest == 0.0 else 1 << int(math.log2(2 * _BIAS_BUDGET / steepest))
+        return max(64, block if c.causal else min(block, _MAX_BIDIRECTIONAL_BLOCK))
+    # Slopes past 16 (no trained model has them; a key one step back already weighs e^-16 less):
+    # blocks shrink, down to one query, so the budget still holds near the diagonal.
+    return 1 << max(0, math.floor(math.log2(2 * _BIAS_BUDGET / steepest)))
 
 
 def _segments(c: _Call) -> list[_Segment]:
@@ -473,15 +477,66 @@ def _decode(c: _Call, rows: _Rows, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     if c.key_padding_mask is not None:
         real = c.key_padding_mask[:, None, :]  # [B, 1, Lk]
         visible = rows.open(real if visible is None else real & visible)  # [B, Lq or 1, Lk]
+    if visible is not None:
+        visible = visible.view(-1, 1, 1, *visible.shape[-2:])
+    # The kernel adds its mask to q . k, so a nan in a future key would reach the rows before it;
+    # the scores route masks after. Only the last Lq - 1 keys can be future ones: a cheap check.
+    future_nan = visible is not None and Lq > 1 and c.causal and not bool(
+        torch.isfinite(k[:, :, Lk - Lq + 1 :]).all()
+    )
+    if Lk >= _DECODE_WINDOW_KEYS or future_nan:
+        return rows.zero(_decode_window(c, q, k, v, bias, visible))
     if visible is not None:  # after the product: a zero slope times -inf would be nan
-        bias = bias.masked_fill(~visible.view(-1, 1, 1, *visible.shape[-2:]), float("-inf"))
+        bias = bias.masked_fill(~visible, float("-inf"))
     out = F.scaled_dot_product_attention(
         q.reshape(B, Hkv, group * Lq, D), k, v, attn_mask=bias.flatten(2, 3), scale=c.scale
     ).reshape(B, H, Lq, D)
     return rows.zero(out)
 
 
+# Past this many cached keys a decoding step computes its scores itself, finds the keys that
+# weigh nothing in fp32 (ALiBi's bias puts most of a long cache there), and reads the values of
+# the others only. Reading every key once stays: without it nothing proves a far key negligible.
+_DECODE_WINDOW_KEYS = 8192
+
+
+def _decode_window(
+    c: _Call, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, visible: Optional[Tensor]
+) -> Tensor:
+    """A decoding step through explicit scores, over the keys from the first one that counts."""
+    B, H, Lq, D = q.shape
+    Hkv, Lk, group = k.shape[1], k.shape[2], H // k.shape[1]
+    # k @ q^T reads the cache row by row (q @ k^T through a transposed view was 1.2x slower).
+    qk = (k @ q.reshape(B, Hkv, group * Lq, D).transpose(-1, -2)).transpose(-1, -2)
+    scores = torch.add(bias, qk.view(B, Hkv, group, Lq, Lk), alpha=c.scale)
+    if visible is not None:
+        scores = scores.masked_fill(~visible, float("-inf"))
+    j0 = _first_key_that_counts(scores)
+    p = torch.softmax(scores[..., j0:], dim=-1).view(B, Hkv, group * Lq, Lk - j0)
+    return (p @ v[:, :, j0:]).view(B, H, Lq, D)
+
+
+def _negligible(n_keys: int) -> float:
+    """How far below its row's best a score must be to be left out: the ``n_keys`` left out then
+    weigh less than ``e^-20`` (2e-9) of the row, below fp32's rounding of its result."""
+    return math.log(max(n_keys, 1)) + 20.0
+
+
+def _first_key_that_counts(scores: Tensor) -> int:
+    """The first key whose score, in any row of ``scores`` ``[..., Lk]``, is within
+    ``_negligible(Lk)`` of that row's best. A nan score counts (so that nan reaches the output)."""
+    Lk = scores.shape[-1]
+    best = scores.amax(-1, keepdim=True)
+    counts = ~(scores < best - _negligible(Lk))  # nan in a score or its row's best: True
+    return int(counts.view(-1, Lk).any(0).int().argmax())
+
+
 def _sdpa(c: _Call) -> Tensor:
+    if c.scale < torch.finfo(torch.float32).tiny:
+        # The fused kernel writes its causal mask into q . k as -inf before scaling: a scale of 0
+        # or below (or one that rounds to 0 in fp32) would turn it into nan or +inf. Such a scale
+        # goes into q instead.
+        c = replace(c, q=c.q * c.scale, scale=1.0)
     # Half-precision inputs run in fp32 (the dtype of c.slopes): the bias needs its mantissa.
     H, dtype, work = c.q.shape[1], c.q.dtype, c.slopes.dtype
     rows = _Rows.of(c.key_padding_mask, c.q.shape[2], c.causal)
@@ -521,6 +576,8 @@ def _blocked(c: _Call) -> Tensor:
     k, v = _expand_kv(c.k, H), _expand_kv(c.v, H)
     rows = _Rows.of(c.key_padding_mask, Lq, c.causal)
     block = max(1, min(Lq, _BLOCK_ELEMENTS // max(1, H * Lk)))
+    # SDPA adds its mask to q . k: a nan or inf key hidden from a row would still poison it.
+    finite_keys = bool(torch.isfinite(c.k).all())
     outs = []
     for q0 in range(0, Lq, block):
         q1 = min(Lq, q0 + block)
@@ -531,11 +588,14 @@ def _blocked(c: _Call) -> Tensor:
         bias = -c.slopes_BH[:, :, None, None] * dist  # [1 or B, H, Bq, k_end]
         if c.key_bias is not None:
             bias = bias + c.key_bias_keys(0, k_end)
-        visible = _visible(c, rows.block(q0, q1), q0, q1, k_end)
-        bias = bias.to(c.q.dtype).masked_fill(~visible, float("-inf"))
-        out = F.scaled_dot_product_attention(
-            c.q[:, :, q0:q1], k[:, :, :k_end], v[:, :, :k_end], attn_mask=bias, scale=c.scale
-        )
+        hidden = ~_visible(c, rows.block(q0, q1), q0, q1, k_end)
+        qb, kb, vb = c.q[:, :, q0:q1], k[:, :, :k_end], v[:, :, :k_end]
+        if finite_keys:
+            bias = bias.to(c.q.dtype).masked_fill(hidden, float("-inf"))
+            out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=bias, scale=c.scale)
+        else:  # a nan key j must reach rows >= j only: mask the scores after q . k, not before
+            scores = (qb @ kb.transpose(-1, -2)) * c.scale + bias.to(c.q.dtype)
+            out = torch.softmax(scores.masked_fill(hidden, float("-inf")), dim=-1) @ vb
         outs.append(rows.block(q0, q1).zero(out))
     return torch.cat(outs, dim=2)
 
@@ -743,6 +803,10 @@ def _check_key_bias(key_bias: Optional[Tensor], q: Tensor, n_keys: int) -> None:
 def _scale(scale: Optional[float], head_dim: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or type(scale).__name__ == "bool_" or (
+        isinstance(scale, torch.Tensor) and scale.dtype == torch.bool
+    ):  # float(True) is 1.0: a flag passed by mistake would silently set the scale
+        raise TypeError(f"scale must be a number (None: 1/sqrt(head_dim)), got {scale!r}")
     try:
         value = float(scale)
     except (TypeError, ValueError, RuntimeError):
