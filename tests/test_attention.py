@@ -56,7 +56,8 @@ def test_many_blocks_match_reference(monkeypatch, causal, padded):
     q, k, v = _inputs(2, 4, 2, 150, 170, 8, dtype=torch.float64)
     kpm = _left_padding(2, 170) if padded else None
     c = attention._Call(q, k, v, alibi_slopes(4).double(), causal, 1.0, kpm)
-    assert len({s.q0 for s in attention._segments(c)}) > 2
+    k4, v4 = attention._expand_kv(k, 4), attention._expand_kv(v, 4)
+    assert len({s.q0 for s in attention._bias_forward(c, q, k4, v4)[2]}) > 2
     out = alibi_attention(q, k, v, alibi_slopes(4), causal=causal, key_padding_mask=kpm, backend="sdpa")
     ref = naive_alibi_attention(q, k, v, alibi_slopes(4), causal=causal, key_padding_mask=kpm)
     assert (out - ref).abs().max() < 1e-12
@@ -980,3 +981,114 @@ def test_flex_key_bias():
     out = alibi_attention(q, k, v, slopes, key_padding_mask=kpm, key_bias=key_bias, backend="flex")
     ref = naive_alibi_attention(q, k, v, slopes, key_bias=key_bias, key_padding_mask=kpm)
     assert (out.double() - ref).abs().max() < 1e-5
+
+
+# --- causal sdpa skips key blocks that cannot count ----------------------------------------------
+
+
+@pytest.fixture
+def small_skip_blocks(monkeypatch):
+    """Blocks small enough that tiny inputs exercise the skip: 16-row query blocks for steep
+    heads, 8-key bound blocks."""
+    monkeypatch.setattr(attention, "_MIN_SKIP_BLOCK", 16)
+    monkeypatch.setattr(attention, "_SKIP_SPAN", 16.0)
+    monkeypatch.setattr(attention, "_KEY_BLOCK", 8)
+    monkeypatch.setattr(attention, "_DECODE_WINDOW_KEYS", 16)
+
+
+def _score_share(q, k, v, slopes, **kw) -> float:
+    """Share of the causal scores the sdpa segments compute (1: nothing skipped)."""
+    H, Lq, Lk = q.shape[1], q.shape[2], k.shape[2]
+    c = attention._Call(q, k, v, slopes, True, q.shape[-1] ** -0.5, kw.get("key_padding_mask"),
+                        kw.get("key_bias"))
+    _, _, segs = attention._bias_forward(c, q, attention._expand_kv(k, H), attention._expand_kv(v, H))
+    done = sum(
+        (s.q1 - s.q0) * ((s.q1 - s.q0 + 1) / 2 if s.causal else s.k1 - s.k0) * len(range(H)[s.heads(H)])
+        for s in segs
+    )
+    return done / (H * Lq * (Lk - Lq) + H * Lq * (Lq + 1) / 2)
+
+
+def test_skip_leaves_out_far_keys_and_matches_reference(small_skip_blocks):
+    q, k, v = _inputs(2, 4, 2, 300, 320, 8, grad=True)
+    slopes = torch.tensor([2.0, 1.0, 0.5, 0.0])  # windows of a few, tens of keys; the last: none
+    out = alibi_attention(q, k, v, slopes, backend="sdpa")
+    ref = naive_alibi_attention(q, k, v, slopes)
+    assert (out.double() - ref).abs().max() < 2e-5
+    share = _score_share(q.detach(), k.detach(), v.detach(), slopes)
+    assert share < 0.6  # three of four heads skip most of their keys
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(ref, (q, k, v), grad.double())
+    for g, w in zip(got, want):
+        assert (g.double() - w).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("Lq", [2, 200])  # a decoding step (scores route) and the segments
+def test_a_far_key_with_a_huge_score_is_not_skipped(small_skip_blocks, Lq):
+    q, k, v = _inputs(1, 2, 2, Lq, 240, 8)
+    q[0, 0] = q[0, 0, :1]  # one direction for every query of head 0
+    k[0, 0, 5] = q[0, 0, 0] * 60.0  # key 5, far back: its q . k outweighs the slope's bias
+    slopes = torch.tensor([0.5, 0.5])
+    out = alibi_attention(q, k, v, slopes, backend="sdpa")
+    ref = naive_alibi_attention(q, k, v, slopes)
+    assert (out.double() - ref).abs().max() < 2e-5
+    assert (out[0, 0, -1] - v[0, 0, 5]).abs().max() < 1e-3  # the far key takes the last row
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    H=st.sampled_from([1, 2, 4]),
+    group=st.sampled_from([1, 2]),
+    lq=st.integers(5, 120),
+    extra=st.integers(0, 40),
+    steep=st.floats(0.05, 4.0),
+    per_row=st.booleans(),
+    padded=st.booleans(),
+    with_key_bias=st.booleans(),
+    far=st.lists(st.tuples(st.integers(0, 159), st.floats(1.0, 300.0)), max_size=3),
+    scale=st.one_of(st.none(), st.floats(-2.0, 2.0)),
+)
+def test_property_skip_with_adversarial_norms_matches_reference(
+    H, group, lq, extra, steep, per_row, padded, with_key_bias, far, scale
+):
+    with mock.patch.multiple(
+        attention, _MIN_SKIP_BLOCK=16, _SKIP_SPAN=16.0, _KEY_BLOCK=8, _DECODE_WINDOW_KEYS=16
+    ):
+        Hkv, Lk = max(1, H // group), lq + extra
+        q, k, v = _inputs(2, H, Hkv, lq, Lk, 8)
+        for j, size in far:  # far keys aligned with their queries, huge q . k
+            j = j % Lk
+            k[:, :, j] = q[:, : Hkv, -1] / q[:, :Hkv, -1].norm(dim=-1, keepdim=True) * size
+        slopes = steep * 0.5 ** torch.arange(H, dtype=torch.float32)
+        slopes = slopes * torch.tensor([[1.0], [0.25]]) if per_row else slopes
+        kpm = _left_padding(2, Lk) if padded else None
+        key_bias = _key_bias(2, H, Lk) * 3 if with_key_bias else None
+        kw = dict(scale=scale, key_padding_mask=kpm, key_bias=key_bias)
+        out = alibi_attention(q, k, v, slopes, backend="sdpa", **kw)
+    ref = naive_alibi_attention(q, k, v, slopes, **kw)
+    s = 1.0 / math.sqrt(8) if scale is None else abs(scale)
+    logit = s * q.norm(dim=-1).max() * k.norm(dim=-1).max() + 512.0
+    assert (out.double() - ref).abs().max() <= 4 * 2.0**-24 * logit * v.abs().max() + 2e-5
+
+
+def _flushes_subnormals() -> bool:
+    tiny = torch.tensor([1e-39])  # subnormal in fp32
+    return bool((tiny * torch.tensor([1.0]))[0] == 0)
+
+
+@pytest.mark.parametrize("flush", [False, True])
+@pytest.mark.parametrize("Lq", [1, 300])
+def test_the_callers_floating_point_state_is_unchanged(flush, Lq):
+    # Subnormal scores are avoided by skipping, never by flushing them for the whole process.
+    q, k, v = _inputs(1, 8, 8, Lq, 4096, 8, grad=True)
+    supported = torch.set_flush_denormal(flush)  # torch has no getter: the state is probed
+    try:
+        if flush and not supported:
+            pytest.skip("this CPU cannot flush subnormals")
+        assert _flushes_subnormals() == flush
+        out = alibi_attention(q, k, v, alibi_slopes(8), backend="sdpa")
+        out.sum().backward()
+        assert _flushes_subnormals() == flush
+    finally:
+        torch.set_flush_denormal(False)
