@@ -291,8 +291,8 @@ _MAX_BIDIRECTIONAL_BLOCK = 512
 # Causal query blocks of a head span m * Bq <= _SKIP_SPAN of bias (at least _MIN_SKIP_BLOCK rows):
 # a block's rows then need nearly the same window, and the square diagonal segment, computed
 # whole, holds few scores that do not count.
-_SKIP_SPAN = 256.0
-_MIN_SKIP_BLOCK = 512
+_SKIP_SPAN = 64.0
+_MIN_SKIP_BLOCK = 2048
 # Keys are bounded in blocks of this many (one largest norm each).
 _KEY_BLOCK = 64
 # Query rows share one bound in chunks of this many (their bias differs by m * 8 at most).
