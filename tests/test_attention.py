@@ -56,7 +56,8 @@ def test_many_blocks_match_reference(monkeypatch, causal, padded):
     q, k, v = _inputs(2, 4, 2, 150, 170, 8, dtype=torch.float64)
     kpm = _left_padding(2, 170) if padded else None
     c = attention._Call(q, k, v, alibi_slopes(4).double(), causal, 1.0, kpm)
-    assert len({s.q0 for s in attention._segments(c)}) > 2
+    k4, v4 = attention._expand_kv(k, 4), attention._expand_kv(v, 4)
+    assert len({s.q0 for s in attention._bias_forward(c, q, k4, v4)[2]}) > 2
     out = alibi_attention(q, k, v, alibi_slopes(4), causal=causal, key_padding_mask=kpm, backend="sdpa")
     ref = naive_alibi_attention(q, k, v, alibi_slopes(4), causal=causal, key_padding_mask=kpm)
     assert (out - ref).abs().max() < 1e-12
@@ -263,6 +264,91 @@ def test_custom_scale():
     assert (out.double() - ref).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("scale", [0.0, -0.5, -4.0, 1e-30])
+@pytest.mark.parametrize("Lq", [2, 70])  # the decode path and the segments
+def test_zero_and_negative_scales_match_reference(backend, scale, Lq):
+    # Before: the fused kernel's causal mask (-inf written before scaling) gave nan in most rows.
+    q, k, v = _inputs(2, 4, 2, Lq, 90, 8, grad=True)
+    kpm = _left_padding(2, 90)
+    out = alibi_attention(q, k, v, alibi_slopes(4), scale=scale, key_padding_mask=kpm, backend=backend)
+    ref = naive_alibi_attention(q, k, v, alibi_slopes(4), scale=scale, key_padding_mask=kpm)
+    assert (out.double() - ref).abs().max() < 2e-5
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("slope", [2049.0, 1e6])
+@pytest.mark.parametrize("Lq", [1, 70])
+def test_slopes_above_2048_match_reference(backend, slope, Lq):
+    # Before: the fused path's block size raised "negative shift count".
+    q, k, v = _inputs(1, 2, 2, Lq, 80, 8)
+    slopes = torch.tensor([slope, 0.5])
+    out = alibi_attention(q, k, v, slopes, backend=backend)
+    assert (out.double() - naive_alibi_attention(q, k, v, slopes)).abs().max() < 2e-5
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+@pytest.mark.parametrize("Lq", [3, 40])
+def test_a_nonfinite_key_reaches_only_the_rows_that_see_it(backend, bad, Lq):
+    # Before: on "blocked", key j's nan also reached rows before j in its query block.
+    q, k, v = _inputs(1, 2, 2, Lq, 40, 8)
+    j = 40 - Lq // 2 - 1  # a key in the middle of the queries
+    k[0, 1, j, 3] = bad
+    out = alibi_attention(q, k, v, alibi_slopes(2), backend=backend)
+    rows_before = 40 - Lq + torch.arange(Lq) < j
+    assert torch.isfinite(out[0, 0]).all()
+    assert torch.isfinite(out[0, 1, rows_before]).all()
+    ref = naive_alibi_attention(q, k, v, alibi_slopes(2))
+    assert (out[0, 1, rows_before].double() - ref[0, 1, rows_before]).abs().max() < 2e-5
+    if math.isnan(bad):  # (an inf key scores +inf or -inf, by the sign of q's entry)
+        assert out[0, 1, ~rows_before].isnan().all()
+
+
+# Every backend against the float64 reference on random valid arguments, the extremes included: a
+# scale of 0, below 0 or huge, slopes of 0, below 0, tiny or huge, per row or per head.
+_SCALES = st.one_of(
+    st.none(), st.sampled_from([0.0, -1.0, 1e-30, 40.0]), st.floats(-3.0, 3.0)
+)
+_SLOPES = st.one_of(
+    st.sampled_from([0.0, 1e-6, 0.5, 16.0, 2049.0, 1e6]), st.floats(-1.0, 64.0)
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    H=st.sampled_from([1, 2, 4]),
+    group=st.sampled_from([1, 2]),
+    lq=st.one_of(st.integers(1, 6), st.integers(60, 80)),
+    extra=st.integers(0, 30),
+    d=st.sampled_from([1, 4, 8]),
+    causal=st.booleans(),
+    padded=st.booleans(),
+    per_row=st.booleans(),
+    scale=_SCALES,
+    slopes=st.lists(_SLOPES, min_size=8, max_size=8),
+    backend=st.sampled_from(CPU_BACKENDS),
+)
+def test_property_extreme_arguments_match_reference(
+    H, group, lq, extra, d, causal, padded, per_row, scale, slopes, backend
+):
+    Hkv, Lk = max(1, H // group), lq + extra
+    q, k, v = _inputs(2, H, Hkv, lq, Lk, d)
+    m = torch.tensor(slopes)[: 2 * H].view(2, H) if per_row else torch.tensor(slopes)[:H]
+    kpm = _left_padding(2, Lk) if padded else None
+    out = alibi_attention(
+        q, k, v, m, causal=causal, scale=scale, key_padding_mask=kpm, backend=backend
+    )
+    ref = naive_alibi_attention(q, k, v, m, causal=causal, scale=scale, key_padding_mask=kpm)
+    # fp32 keeps 2^-24 of each logit: |scale q . k| plus the folded bias (at most 512 near the
+    # diagonal, see _BIAS_BUDGET) bound what a logit can lose.
+    s = 1.0 / math.sqrt(d) if scale is None else abs(scale)
+    logit = s * q.norm(dim=-1).max() * k.norm(dim=-1).max() + 512.0
+    assert (out.double() - ref).abs().max() <= 4 * 2.0**-24 * logit * v.abs().max() + 1e-6
+
+
 def test_flex_matches_reference():
     # Strided views (one compile: each new layout would cost flex a recompile of several seconds).
     q, k, v = _inputs(2, 4, 2, 96, 128, 16)
@@ -461,15 +547,19 @@ def test_auto_takes_the_decode_path_for_a_few_queries(Lq, uses_decode):
 
 
 @pytest.mark.parametrize("padded", [False, True])
-def test_decode_builds_nothing_larger_than_its_bias(padded):
-    # One query over T keys: the bias is [B or 1, H, 1, T], O(T); grouped keys are never expanded
-    # (an expanded cache would be H * T * D).
-    B, H, Hkv, T, D = 2, 8, 2, 20000, 8
+@pytest.mark.parametrize("T", [4000, 20000])  # one kernel call; the scores route past 8192 keys
+def test_decode_builds_nothing_larger_than_its_bias(padded, T):
+    # One query over T keys: the bias is [B or 1, H, 1, T], the scores [B, H, 1, T], O(T);
+    # grouped keys are never expanded (an expanded cache would be H * T * D).
+    B, H, Hkv, D = 2, 8, 2, 8
     q, k, v = _inputs(B, H, Hkv, 1, T, D)
     kpm = _left_padding(B, T) if padded else None
     with LargestTensor() as mode:
         out = alibi_attention(q, k, v, alibi_slopes(H), key_padding_mask=kpm)
-    assert mode.largest <= (B if padded else 1) * H * T
+    if T < attention._DECODE_WINDOW_KEYS:
+        assert mode.largest <= (B if padded else 1) * H * T
+    else:  # the scores, and views of the cache (the mode counts views too: nothing is copied)
+        assert mode.largest <= max(B * H * T, k.numel())
     ref = naive_alibi_attention(q, k, v, alibi_slopes(H), key_padding_mask=kpm)
     assert (out.double() - ref).abs().max() < 1e-5
 
@@ -566,6 +656,8 @@ def _bad_call(case):
         "nan scale": dict(scale=math.nan),
         "inf scale": dict(scale=math.inf),
         "string scale": dict(scale="0.5"),
+        "bool scale": dict(scale=True),
+        "bool tensor scale": dict(scale=torch.tensor(False)),
     }
     return {**kw, **changes[case]}
 
@@ -595,6 +687,8 @@ BAD_CALLS = {  # case: (error, what the message must name)
     "nan scale": (ValueError, r"scale must be a finite number"),
     "inf scale": (ValueError, r"scale must be a finite number"),
     "string scale": (ValueError, r"scale must be a finite number"),
+    "bool scale": (TypeError, r"scale must be a number.*True"),
+    "bool tensor scale": (TypeError, r"scale must be a number"),
 }
 
 
@@ -875,7 +969,7 @@ def test_key_bias_decode_builds_nothing_larger_than_its_bias():
     key_bias = _key_bias(B, H, T)
     with LargestTensor() as mode:
         out = alibi_attention(q, k, v, torch.zeros(H), key_padding_mask=kpm, key_bias=key_bias)
-    assert mode.largest <= B * H * T
+    assert mode.largest <= max(B * H * T, k.numel())  # the scores; views of the cache
     ref = naive_alibi_attention(q, k, v, torch.zeros(H), key_bias=key_bias, key_padding_mask=kpm)
     assert (out.double() - ref).abs().max() < 1e-5
 
@@ -887,3 +981,114 @@ def test_flex_key_bias():
     out = alibi_attention(q, k, v, slopes, key_padding_mask=kpm, key_bias=key_bias, backend="flex")
     ref = naive_alibi_attention(q, k, v, slopes, key_bias=key_bias, key_padding_mask=kpm)
     assert (out.double() - ref).abs().max() < 1e-5
+
+
+# --- causal sdpa skips key blocks that cannot count ----------------------------------------------
+
+
+@pytest.fixture
+def small_skip_blocks(monkeypatch):
+    """Blocks small enough that tiny inputs exercise the skip: 16-row query blocks for steep
+    heads, 8-key bound blocks."""
+    monkeypatch.setattr(attention, "_MIN_SKIP_BLOCK", 16)
+    monkeypatch.setattr(attention, "_SKIP_SPAN", 16.0)
+    monkeypatch.setattr(attention, "_KEY_BLOCK", 8)
+    monkeypatch.setattr(attention, "_DECODE_WINDOW_KEYS", 16)
+
+
+def _score_share(q, k, v, slopes, **kw) -> float:
+    """Share of the causal scores the sdpa segments compute (1: nothing skipped)."""
+    H, Lq, Lk = q.shape[1], q.shape[2], k.shape[2]
+    c = attention._Call(q, k, v, slopes, True, q.shape[-1] ** -0.5, kw.get("key_padding_mask"),
+                        kw.get("key_bias"))
+    _, _, segs = attention._bias_forward(c, q, attention._expand_kv(k, H), attention._expand_kv(v, H))
+    done = sum(
+        (s.q1 - s.q0) * ((s.q1 - s.q0 + 1) / 2 if s.causal else s.k1 - s.k0) * len(range(H)[s.heads(H)])
+        for s in segs
+    )
+    return done / (H * Lq * (Lk - Lq) + H * Lq * (Lq + 1) / 2)
+
+
+def test_skip_leaves_out_far_keys_and_matches_reference(small_skip_blocks):
+    q, k, v = _inputs(2, 4, 2, 300, 320, 8, grad=True)
+    slopes = torch.tensor([2.0, 1.0, 0.5, 0.0])  # windows of a few, tens of keys; the last: none
+    out = alibi_attention(q, k, v, slopes, backend="sdpa")
+    ref = naive_alibi_attention(q, k, v, slopes)
+    assert (out.double() - ref).abs().max() < 2e-5
+    share = _score_share(q.detach(), k.detach(), v.detach(), slopes)
+    assert share < 0.6  # three of four heads skip most of their keys
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(ref, (q, k, v), grad.double())
+    for g, w in zip(got, want):
+        assert (g.double() - w).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("Lq", [2, 200])  # a decoding step (scores route) and the segments
+def test_a_far_key_with_a_huge_score_is_not_skipped(small_skip_blocks, Lq):
+    q, k, v = _inputs(1, 2, 2, Lq, 240, 8)
+    q[0, 0] = q[0, 0, :1]  # one direction for every query of head 0
+    k[0, 0, 5] = q[0, 0, 0] * 60.0  # key 5, far back: its q . k outweighs the slope's bias
+    slopes = torch.tensor([0.5, 0.5])
+    out = alibi_attention(q, k, v, slopes, backend="sdpa")
+    ref = naive_alibi_attention(q, k, v, slopes)
+    assert (out.double() - ref).abs().max() < 2e-5
+    assert (out[0, 0, -1] - v[0, 0, 5]).abs().max() < 1e-3  # the far key takes the last row
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    H=st.sampled_from([1, 2, 4]),
+    group=st.sampled_from([1, 2]),
+    lq=st.integers(5, 120),
+    extra=st.integers(0, 40),
+    steep=st.floats(0.05, 4.0),
+    per_row=st.booleans(),
+    padded=st.booleans(),
+    with_key_bias=st.booleans(),
+    far=st.lists(st.tuples(st.integers(0, 159), st.floats(1.0, 300.0)), max_size=3),
+    scale=st.one_of(st.none(), st.floats(-2.0, 2.0)),
+)
+def test_property_skip_with_adversarial_norms_matches_reference(
+    H, group, lq, extra, steep, per_row, padded, with_key_bias, far, scale
+):
+    with mock.patch.multiple(
+        attention, _MIN_SKIP_BLOCK=16, _SKIP_SPAN=16.0, _KEY_BLOCK=8, _DECODE_WINDOW_KEYS=16
+    ):
+        Hkv, Lk = max(1, H // group), lq + extra
+        q, k, v = _inputs(2, H, Hkv, lq, Lk, 8)
+        for j, size in far:  # far keys aligned with their queries, huge q . k
+            j = j % Lk
+            k[:, :, j] = q[:, : Hkv, -1] / q[:, :Hkv, -1].norm(dim=-1, keepdim=True) * size
+        slopes = steep * 0.5 ** torch.arange(H, dtype=torch.float32)
+        slopes = slopes * torch.tensor([[1.0], [0.25]]) if per_row else slopes
+        kpm = _left_padding(2, Lk) if padded else None
+        key_bias = _key_bias(2, H, Lk) * 3 if with_key_bias else None
+        kw = dict(scale=scale, key_padding_mask=kpm, key_bias=key_bias)
+        out = alibi_attention(q, k, v, slopes, backend="sdpa", **kw)
+    ref = naive_alibi_attention(q, k, v, slopes, **kw)
+    s = 1.0 / math.sqrt(8) if scale is None else abs(scale)
+    logit = s * q.norm(dim=-1).max() * k.norm(dim=-1).max() + 512.0
+    assert (out.double() - ref).abs().max() <= 4 * 2.0**-24 * logit * v.abs().max() + 2e-5
+
+
+def _flushes_subnormals() -> bool:
+    tiny = torch.tensor([1e-39])  # subnormal in fp32
+    return bool((tiny * torch.tensor([1.0]))[0] == 0)
+
+
+@pytest.mark.parametrize("flush", [False, True])
+@pytest.mark.parametrize("Lq", [1, 300])
+def test_the_callers_floating_point_state_is_unchanged(flush, Lq):
+    # Subnormal scores are avoided by skipping, never by flushing them for the whole process.
+    q, k, v = _inputs(1, 8, 8, Lq, 4096, 8, grad=True)
+    supported = torch.set_flush_denormal(flush)  # torch has no getter: the state is probed
+    try:
+        if flush and not supported:
+            pytest.skip("this CPU cannot flush subnormals")
+        assert _flushes_subnormals() == flush
+        out = alibi_attention(q, k, v, alibi_slopes(8), backend="sdpa")
+        out.sum().backward()
+        assert _flushes_subnormals() == flush
+    finally:
+        torch.set_flush_denormal(False)

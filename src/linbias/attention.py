@@ -19,7 +19,7 @@ that: its whole ``[H, Lq, Lk]`` bias is linear in the context, and one kernel ca
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import torch
@@ -269,6 +269,16 @@ def _always(c: _Call) -> Optional[str]:
 # that also returns its log-sum-exp, and the segments are merged exactly (as in ring or
 # flash-decoding attention). The backward pass calls the kernel's backward per segment with the
 # merged output and log-sum-exp, which gives each segment's exact share of the gradient.
+#
+# Causal attention also skips what cannot count. With slope m a key d tokens back loses m * d
+# against the nearest ones, so past a window only an enormous q . k could bring it back. Each
+# group of heads gets query blocks sized to its slope; a block's diagonal segment runs first,
+# and its log-sum-exp is a lower bound on what each row already has. A block of keys before it
+# is then left out when no score in it can come within _negligible(Lk) of that bound, by
+# |q . k| <= |q| |k| with the block's largest key norm: a proof, not a guess, so a far key with
+# a huge q . k is kept. The keys left out weigh less than 2e-9 of their row together (fp32). Skipped
+# scores never reach exp (on some CPUs exp's subnormal results are slow), and steep heads do a
+# window's work instead of the whole prefix.
 
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _FLASH_CPU_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
@@ -278,6 +288,15 @@ _FLASH_CPU_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_fo
 _BIAS_BUDGET = 512.0
 # Bidirectional diagonal blocks carry a materialised [H, Bq, Bq] bias: keep them small.
 _MAX_BIDIRECTIONAL_BLOCK = 512
+# Causal query blocks of a head span m * Bq <= _SKIP_SPAN of bias (at least _MIN_SKIP_BLOCK rows):
+# a block's rows then need nearly the same window, and the square diagonal segment, computed
+# whole, holds few scores that do not count.
+_SKIP_SPAN = 64.0
+_MIN_SKIP_BLOCK = 2048
+# Keys are bounded in blocks of this many (one largest norm each).
+_KEY_BLOCK = 64
+# Query rows share one bound in chunks of this many (their bias differs by m * 8 at most).
+_ROW_CHUNK = 8
 
 
 @dataclass(frozen=True)
@@ -289,15 +308,46 @@ class _Segment:
     sign: int  # per-key bias sign * m * (j - centre); 0: diagonal block with materialised bias
     causal: bool  # square diagonal block under the kernel's own causal mask
     centre: int
+    h0: int = 0  # query heads [h0, h1); h1 = 0: every head
+    h1: int = 0
+
+    def heads(self, n_heads: int) -> slice:
+        return slice(self.h0, self.h1 or n_heads)
 
 
 def _block_size(c: _Call) -> int:
     steepest = float(c.slopes.abs().max()) if c.slopes.numel() else 0.0
-    block = c.q.shape[2] if steepest == 0.0 else 1 << int(math.log2(2 * _BIAS_BUDGET / steepest))
-    return max(64, block if c.causal else min(block, _MAX_BIDIRECTIONAL_BLOCK))
+    return _block_for_slope(steepest, c.q.shape[2], c.causal)
+
+
+def _block_for_slope(m: float, n_queries: int, causal: bool) -> int:
+    """Query rows per block that keep ``m * |j - centre| <= _BIAS_BUDGET`` near the diagonal."""
+    if m <= 16.0:
+        block = n_queries if m == 0.0 else 1 << int(math.log2(2 * _BIAS_BUDGET / m))
+        return max(64, block if causal else min(block, _MAX_BIDIRECTIONAL_BLOCK))
+    # Slopes past 16 (no trained model has them; a key one step back already weighs e^-16 less):
+    # blocks shrink, down to one query, so the budget still holds near the diagonal.
+    return 1 << max(0, math.floor(math.log2(2 * _BIAS_BUDGET / m)))
+
+
+def _head_groups(c: _Call) -> list[tuple[int, int, int]]:
+    """``(h0, h1, block)``: runs of consecutive heads that share a causal query block size."""
+    Lq = c.q.shape[2]
+    groups: list[tuple[int, int, int]] = []
+    for h, m in enumerate(c.slopes_BH.abs().amax(0).tolist()):  # each head's steepest row
+        block = _block_for_slope(m, Lq, True)
+        if 0.0 < m <= 16.0:
+            block = min(block, max(_MIN_SKIP_BLOCK, 1 << int(math.log2(_SKIP_SPAN / m))))
+        block = min(block, Lq)
+        if groups and groups[-1][2] == block:
+            groups[-1] = (groups[-1][0], h + 1, block)
+        else:
+            groups.append((h, h + 1, block))
+    return groups
 
 
 def _segments(c: _Call) -> list[_Segment]:
+    """Bidirectional attention's segments (causal ones are chosen as the forward runs)."""
     Lq, Lk = c.q.shape[2], c.k.shape[2]
     offset, block = Lk - Lq, _block_size(c)
     segs = []
@@ -305,31 +355,31 @@ def _segments(c: _Call) -> list[_Segment]:
         q1 = min(Lq, q0 + block)
         a, b = offset + q0, offset + q1  # absolute positions of the block
         centre = (a + b - 1) // 2
-        if c.causal and q1 - q0 == 1:  # one query sees every key up to itself: one segment
-            segs.append(_Segment(q0, q1, 0, b, 1, False, centre))
-            continue
         if a > 0:
             segs.append(_Segment(q0, q1, 0, a, 1, False, centre))
-        segs.append(_Segment(q0, q1, a, b, 1 if c.causal else 0, c.causal, centre))
-        if not c.causal and b < Lk:
+        segs.append(_Segment(q0, q1, a, b, 0, False, centre))
+        if b < Lk:
             segs.append(_Segment(q0, q1, b, Lk, -1, False, centre))
     return segs
 
 
 def _segment_mask(c: _Call, s: _Segment) -> Tensor:
-    """The segment's additive mask: ``[1 or B, H, 1, keys]`` per-key bias (broadcast over
-    queries), or ``[1 or B, H, Bq, Bq]`` for a bidirectional diagonal block; plus ``key_bias``,
-    which every segment carries whole (so it moves no segment's frame); padded keys -inf."""
+    """The segment's additive mask: ``[1 or B, heads, 1, keys]`` per-key bias (broadcast over
+    queries), or ``[1 or B, heads, Bq, Bq]`` for a bidirectional diagonal block; plus
+    ``key_bias``, which every segment carries whole (so it moves no segment's frame); padded keys
+    -inf."""
     device, dtype = c.q.device, c.slopes.dtype
+    heads = s.heads(c.q.shape[1])
+    slopes = c.slopes_BH[:, heads]
     j = torch.arange(s.k0, s.k1, device=device, dtype=dtype)
     if s.sign != 0:
-        mask = (s.sign * c.slopes_BH)[:, :, None, None] * (j - s.centre).view(1, 1, 1, -1)
+        mask = (s.sign * slopes)[:, :, None, None] * (j - s.centre).view(1, 1, 1, -1)
     else:
         offset = c.k.shape[2] - c.q.shape[2]
         i = torch.arange(offset + s.q0, offset + s.q1, device=device, dtype=dtype)
-        mask = -c.slopes_BH[:, :, None, None] * (i.view(-1, 1) - j.view(1, -1)).abs()
+        mask = -slopes[:, :, None, None] * (i.view(-1, 1) - j.view(1, -1)).abs()
     if c.key_bias is not None:
-        mask = mask + c.key_bias_keys(s.k0, s.k1)
+        mask = mask + c.key_bias_keys(s.k0, s.k1)[:, heads]
     if c.key_padding_mask is not None:
         pad = ~c.key_padding_mask[:, None, None, s.k0 : s.k1]
         mask = mask.masked_fill(pad, float("-inf"))
@@ -347,22 +397,24 @@ def _segment_empty_rows(c: _Call, s: _Segment) -> Optional[Tensor]:
 
 
 def _frame_shift(c: _Call, s: _Segment) -> Tensor:
-    """``[1 or B, H, q1 - q0]``: added to a segment's kernel log-sum-exp to put all segments of a
-    block on one scale, the true logits minus ``m * (centre - i)``.
+    """``[1 or B, heads, q1 - q0]``: added to a segment's kernel log-sum-exp to put all segments
+    of a block on one scale, the true logits minus ``m * (centre - i)``.
 
     A per-key segment scores ``sign * m * (j - centre)``, the true bias minus
     ``sign * m * (centre - i)``; a materialised one (sign 0) scores the true bias.
     """
     offset = c.k.shape[2] - c.q.shape[2]
     i = torch.arange(offset + s.q0, offset + s.q1, device=c.q.device, dtype=c.slopes.dtype)
-    return (s.sign - 1) * c.slopes_BH[:, :, None] * (s.centre - i).view(1, 1, -1)
+    slopes = c.slopes_BH[:, s.heads(c.q.shape[1])]
+    return (s.sign - 1) * slopes[:, :, None] * (s.centre - i).view(1, 1, -1)
 
 
 def _run_segment(c: _Call, q: Tensor, k: Tensor, v: Tensor, s: _Segment):
     """One fused-kernel call: the segment's output and its log-sum-exp in the block's frame."""
+    heads = s.heads(q.shape[1])
     o_s, l_s = _FLASH_CPU(
-        q[:, :, s.q0 : s.q1], k[:, :, s.k0 : s.k1], v[:, :, s.k0 : s.k1], 0.0, s.causal,
-        attn_mask=_segment_mask(c, s), scale=c.scale,
+        q[:, heads, s.q0 : s.q1], k[:, heads, s.k0 : s.k1], v[:, heads, s.k0 : s.k1], 0.0,
+        s.causal, attn_mask=_segment_mask(c, s), scale=c.scale,
     )
     if s.sign != 1:  # causal segments all share one frame
         l_s = l_s + _frame_shift(c, s)
@@ -372,29 +424,123 @@ def _run_segment(c: _Call, q: Tensor, k: Tensor, v: Tensor, s: _Segment):
     return o_s, l_s
 
 
-def _bias_forward(c: _Call, q: Tensor, k: Tensor, v: Tensor, segs: list[_Segment]):
-    """Output ``[B, H, Lq, D]`` and log-sum-exp ``[B, H, Lq]`` (in each block's frame)."""
+def _merge(acc: tuple[Tensor, Tensor], part: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """Two parts of the same rows, merged by their softmax weights (log-sum-exp)."""
+    (o_acc, l_acc), (o_s, l_s) = acc, part
+    w = torch.nan_to_num(torch.sigmoid(l_s - l_acc)).unsqueeze(-1)
+    return torch.lerp(o_acc, o_s, w), torch.logaddexp(l_acc, l_s)
+
+
+def _bias_forward(c: _Call, q: Tensor, k: Tensor, v: Tensor):
+    """Output ``[B, H, Lq, D]``, log-sum-exp ``[B, H, Lq]`` (in each block's frame) and the
+    segments that were run."""
+    if c.causal:
+        return _causal_forward(c, q, k, v)
+    segs = _segments(c)
     outs, lses = [], []
     for n, s in enumerate(segs):
         o_s, l_s = _run_segment(c, q, k, v, s)
         if n and s.q0 == segs[n - 1].q0:
-            # Merge with the block's running result: softmax weights of the two parts.
-            o_acc, l_acc = outs[-1], lses[-1]
-            w = torch.nan_to_num(torch.sigmoid(l_s - l_acc)).unsqueeze(-1)
-            outs[-1], lses[-1] = torch.lerp(o_acc, o_s, w), torch.logaddexp(l_acc, l_s)
+            outs[-1], lses[-1] = _merge((outs[-1], lses[-1]), (o_s, l_s))
         else:
             outs.append(o_s)
             lses.append(l_s)
     if len(outs) == 1:
-        return outs[0], lses[0]
-    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+        return outs[0], lses[0], segs
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2), segs
+
+
+class _KeyBounds:
+    """Per block of ``_KEY_BLOCK`` keys, what bounds any score with them: the largest key norm
+    ``[B, H, n]`` and the largest ``key_bias`` ``[B or 1, H, n]`` (padded keys: norm 0 and
+    -inf, so an all-padded block never counts), and each query's norm ``[B, H, Lq]``."""
+
+    def __init__(self, c: _Call, q: Tensor, k: Tensor):
+        Lk = k.shape[2]
+        pad = -Lk % _KEY_BLOCK
+        norms = torch.linalg.vector_norm(k, dim=-1)  # [B, H, Lk]
+        extra = torch.zeros(1, k.shape[1], Lk, dtype=norms.dtype, device=norms.device)
+        if c.key_bias is not None:
+            extra = c.key_bias.to(norms.dtype)
+        if c.key_padding_mask is not None:
+            real = c.key_padding_mask[:, None, :]
+            norms, extra = norms.masked_fill(~real, 0.0), extra.masked_fill(~real, float("-inf"))
+        self.key_norm = F.pad(norms, (0, pad)).view(*norms.shape[:2], -1, _KEY_BLOCK).amax(-1)
+        extra = F.pad(extra, (0, pad), value=float("-inf"))
+        self.key_extra = extra.view(*extra.shape[:2], -1, _KEY_BLOCK).amax(-1)
+        self.query_norm = torch.linalg.vector_norm(q, dim=-1) * abs(c.scale)
+
+
+def _prefix_runs(
+    c: _Call, bounds: _KeyBounds, lse: Tensor, h0: int, h1: int, q0: int, q1: int, centre: int
+) -> list[tuple[int, int]]:
+    """The runs of keys before the block ``[q0, q1)`` (heads ``[h0, h1)``) that may count.
+
+    ``lse`` ``[B, heads, q1 - q0]`` is the diagonal segment's log-sum-exp in the block's frame,
+    where key ``j`` scores ``scale q . k_j + m (j - centre) + key_bias_j``. A key block is left
+    out when for every row ``|scale| |q| max|k| + max(m (j - centre)) + max key_bias`` stays
+    ``_negligible(Lk)`` below that row's lse. Comparisons are written so that nan counts."""
+    a = c.k.shape[2] - c.q.shape[2] + q0
+    n = -(-a // _KEY_BLOCK)  # key blocks before the block's first key (the last may overlap it)
+    A = bounds.query_norm[:, h0:h1, q0:q1]
+    rows = A.shape[-1]
+    chunk = -(-rows // _ROW_CHUNK)
+    pad = chunk * _ROW_CHUNK - rows
+    A = F.pad(A, (0, pad)).view(*A.shape[:2], chunk, _ROW_CHUNK).amax(-1)  # [B, h, chunks]
+    low = F.pad(lse, (0, pad), value=float("inf")).view(*lse.shape[:2], chunk, _ROW_CHUNK)
+    low = low.amin(-1)
+    K = bounds.key_norm[:, h0:h1, :n]  # [B, h, n]
+    # max over rows of (|q| |k| - lse): [B, h, n]
+    worst = (A[..., :, None] * K[..., None, :] - low[..., :, None]).amax(-2)
+    j_first = torch.arange(n, device=K.device, dtype=K.dtype) * _KEY_BLOCK
+    j_last = torch.clamp(j_first + (_KEY_BLOCK - 1), max=a - 1)
+    m = c.slopes_BH[:, h0:h1, None].to(K.dtype)
+    slope_term = torch.maximum(m * (j_first - centre), m * (j_last - centre))
+    bound = worst + slope_term + bounds.key_extra[:, h0:h1, :n]
+    counts = ~(bound < -_negligible(c.k.shape[2], lse.dtype))  # [B, h, n]; nan counts
+    needed = counts.view(-1, n).any(0).tolist()
+    runs: list[tuple[int, int]] = []
+    for i, need in enumerate(needed):
+        if not need:
+            continue
+        k0, k1 = i * _KEY_BLOCK, min(a, (i + 1) * _KEY_BLOCK)
+        if runs and k0 - runs[-1][1] <= 2 * _KEY_BLOCK:  # a short gap: one call is cheaper
+            runs[-1] = (runs[-1][0], k1)
+        else:
+            runs.append((k0, k1))
+    return runs
+
+
+def _causal_forward(c: _Call, q: Tensor, k: Tensor, v: Tensor):
+    """Causal attention by head group and query block: each block's diagonal segment, then the
+    runs of earlier keys that may count (see above)."""
+    B, H, Lq, D = q.shape
+    offset = k.shape[2] - Lq
+    out, lse = q.new_empty(B, H, Lq, D), q.new_empty(B, H, Lq)
+    segs: list[_Segment] = []
+    bounds = None
+    for h0, h1, block in _head_groups(c):
+        for q0 in range(0, Lq, block):
+            q1 = min(Lq, q0 + block)
+            a, b = offset + q0, offset + q1
+            centre = (a + b - 1) // 2
+            diag = _Segment(q0, q1, a, b, 1, True, centre, h0, h1)
+            acc = _run_segment(c, q, k, v, diag)
+            segs.append(diag)
+            if a > 0:
+                bounds = bounds or _KeyBounds(c, q, k)
+                for k0, k1 in _prefix_runs(c, bounds, acc[1], h0, h1, q0, q1, centre):
+                    s = _Segment(q0, q1, k0, k1, 1, False, centre, h0, h1)
+                    acc = _merge(acc, _run_segment(c, q, k, v, s))
+                    segs.append(s)
+            out[:, h0:h1, q0:q1], lse[:, h0:h1, q0:q1] = acc
+    return out, lse, segs
 
 
 class _BiasAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, call: _Call, rows: _Rows) -> Tensor:
-        segs = _segments(call)
-        out, lse = _bias_forward(call, q, k, v, segs)
+        out, lse, segs = _bias_forward(call, q, k, v)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.call, ctx.segs, ctx.rows = call, segs, rows
         return out
@@ -406,27 +552,20 @@ class _BiasAttention(torch.autograd.Function):
         if seen.has_key is not None:  # rows that see no key: zero output, zero gradient
             lse, grad_out = lse.masked_fill(~seen.has_key[..., 0], 0.0), seen.zero(grad_out)
         grad_out = _kernel_layout(grad_out, grad_out.dtype)
-        grads: dict[str, Tensor] = {}
+        grads = {name: torch.zeros_like(t) for name, t in (("q", q), ("k", k), ("v", v))}
         for s in ctx.segs:
-            rows, keys = slice(s.q0, s.q1), slice(s.k0, s.k1)
-            lse_s = lse[:, :, rows] if s.sign == 1 else lse[:, :, rows] - _frame_shift(c, s)
+            heads, rows, keys = s.heads(q.shape[1]), slice(s.q0, s.q1), slice(s.k0, s.k1)
+            lse_s = lse[:, heads, rows]
+            lse_s = lse_s if s.sign == 1 else lse_s - _frame_shift(c, s)
             dq_s, dk_s, dv_s = _FLASH_CPU_BWD(
-                grad_out[:, :, rows], q[:, :, rows], k[:, :, keys], v[:, :, keys], out[:, :, rows],
-                lse_s.contiguous(), 0.0, s.causal, attn_mask=_segment_mask(c, s), scale=c.scale,
+                grad_out[:, heads, rows], q[:, heads, rows], k[:, heads, keys], v[:, heads, keys],
+                out[:, heads, rows], lse_s.contiguous(), 0.0, s.causal,
+                attn_mask=_segment_mask(c, s), scale=c.scale,
             )
-            for name, part, where in (("q", dq_s, rows), ("k", dk_s, keys), ("v", dv_s, keys)):
-                _accumulate(grads, name, part, where, q.shape[2] if name == "q" else k.shape[2])
+            grads["q"][:, heads, rows] += dq_s
+            grads["k"][:, heads, keys] += dk_s
+            grads["v"][:, heads, keys] += dv_s
         return grads["q"], grads["k"], grads["v"], None, None
-
-
-def _accumulate(grads: dict[str, Tensor], name: str, part: Tensor, where: slice, length: int) -> None:
-    # The common single-segment case keeps the kernel's gradient as it is: no zeros, no copy.
-    if name not in grads and where.start == 0 and where.stop == length:
-        grads[name] = part
-        return
-    if name not in grads:
-        grads[name] = part.new_zeros(*part.shape[:2], length, part.shape[-1])
-    grads[name][:, :, where] += part
 
 
 def _kernel_layout(x: Tensor, dtype: torch.dtype) -> Tensor:
@@ -473,15 +612,67 @@ def _decode(c: _Call, rows: _Rows, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     if c.key_padding_mask is not None:
         real = c.key_padding_mask[:, None, :]  # [B, 1, Lk]
         visible = rows.open(real if visible is None else real & visible)  # [B, Lq or 1, Lk]
+    if visible is not None:
+        visible = visible.view(-1, 1, 1, *visible.shape[-2:])
+    # The kernel adds its mask to q . k, so a nan in a future key would reach the rows before it;
+    # the scores route masks after. Only the last Lq - 1 keys can be future ones: a cheap check.
+    future_nan = visible is not None and Lq > 1 and c.causal and not bool(
+        torch.isfinite(k[:, :, Lk - Lq + 1 :]).all()
+    )
+    if Lk >= _DECODE_WINDOW_KEYS or future_nan:
+        return rows.zero(_decode_window(c, q, k, v, bias, visible))
     if visible is not None:  # after the product: a zero slope times -inf would be nan
-        bias = bias.masked_fill(~visible.view(-1, 1, 1, *visible.shape[-2:]), float("-inf"))
+        bias = bias.masked_fill(~visible, float("-inf"))
     out = F.scaled_dot_product_attention(
         q.reshape(B, Hkv, group * Lq, D), k, v, attn_mask=bias.flatten(2, 3), scale=c.scale
     ).reshape(B, H, Lq, D)
     return rows.zero(out)
 
 
+# Past this many cached keys a decoding step computes its scores itself, finds the keys that
+# weigh nothing in fp32 (ALiBi's bias puts most of a long cache there), and reads the values of
+# the others only. Reading every key once stays: without it nothing proves a far key negligible.
+_DECODE_WINDOW_KEYS = 8192
+
+
+def _decode_window(
+    c: _Call, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, visible: Optional[Tensor]
+) -> Tensor:
+    """A decoding step through explicit scores, over the keys from the first one that counts."""
+    B, H, Lq, D = q.shape
+    Hkv, Lk, group = k.shape[1], k.shape[2], H // k.shape[1]
+    # k @ q^T reads the cache row by row (q @ k^T through a transposed view was 1.2x slower).
+    qk = (k @ q.reshape(B, Hkv, group * Lq, D).transpose(-1, -2)).transpose(-1, -2)
+    scores = torch.add(bias, qk.view(B, Hkv, group, Lq, Lk), alpha=c.scale)
+    if visible is not None:
+        scores = scores.masked_fill(~visible, float("-inf"))
+    j0 = _first_key_that_counts(scores)
+    p = torch.softmax(scores[..., j0:], dim=-1).view(B, Hkv, group * Lq, Lk - j0)
+    return (p @ v[:, :, j0:]).view(B, H, Lq, D)
+
+
+def _negligible(n_keys: int, dtype: torch.dtype) -> float:
+    """How far below its row's best a score must be to be left out: the ``n_keys`` left out then
+    weigh less than ``eps(dtype) / 50`` of the row together (fp32: e^-20, 2e-9), below the
+    rounding of its result."""
+    return math.log(max(n_keys, 1)) - math.log(torch.finfo(dtype).eps) + 4.0
+
+
+def _first_key_that_counts(scores: Tensor) -> int:
+    """The first key whose score, in any row of ``scores`` ``[..., Lk]``, is within
+    ``_negligible(Lk)`` of that row's best. A nan score counts (so that nan reaches the output)."""
+    Lk = scores.shape[-1]
+    best = scores.amax(-1, keepdim=True)
+    counts = ~(scores < best - _negligible(Lk, scores.dtype))  # nan in a score or its row's best: True
+    return int(counts.view(-1, Lk).any(0).int().argmax())
+
+
 def _sdpa(c: _Call) -> Tensor:
+    if c.scale < torch.finfo(torch.float32).tiny:
+        # The fused kernel writes its causal mask into q . k as -inf before scaling: a scale of 0
+        # or below (or one that rounds to 0 in fp32) would turn it into nan or +inf. Such a scale
+        # goes into q instead.
+        c = replace(c, q=c.q * c.scale, scale=1.0)
     # Half-precision inputs run in fp32 (the dtype of c.slopes): the bias needs its mantissa.
     H, dtype, work = c.q.shape[1], c.q.dtype, c.slopes.dtype
     rows = _Rows.of(c.key_padding_mask, c.q.shape[2], c.causal)
@@ -492,7 +683,7 @@ def _sdpa(c: _Call) -> Tensor:
     if c.needs_grad:
         out = _BiasAttention.apply(q, k, v, c, rows)
     else:
-        out = _bias_forward(c, q, k, v, _segments(c))[0]
+        out = _bias_forward(c, q, k, v)[0]
     # No rows.zero here: every segment of a row that sees no key gives 0 (and lse -inf), so the
     # merged row is already 0; tests check it against the reference.
     return out if out.dtype == dtype else out.to(dtype)
@@ -521,6 +712,8 @@ def _blocked(c: _Call) -> Tensor:
     k, v = _expand_kv(c.k, H), _expand_kv(c.v, H)
     rows = _Rows.of(c.key_padding_mask, Lq, c.causal)
     block = max(1, min(Lq, _BLOCK_ELEMENTS // max(1, H * Lk)))
+    # SDPA adds its mask to q . k: a nan or inf key hidden from a row would still poison it.
+    finite_keys = bool(torch.isfinite(c.k).all())
     outs = []
     for q0 in range(0, Lq, block):
         q1 = min(Lq, q0 + block)
@@ -531,11 +724,14 @@ def _blocked(c: _Call) -> Tensor:
         bias = -c.slopes_BH[:, :, None, None] * dist  # [1 or B, H, Bq, k_end]
         if c.key_bias is not None:
             bias = bias + c.key_bias_keys(0, k_end)
-        visible = _visible(c, rows.block(q0, q1), q0, q1, k_end)
-        bias = bias.to(c.q.dtype).masked_fill(~visible, float("-inf"))
-        out = F.scaled_dot_product_attention(
-            c.q[:, :, q0:q1], k[:, :, :k_end], v[:, :, :k_end], attn_mask=bias, scale=c.scale
-        )
+        hidden = ~_visible(c, rows.block(q0, q1), q0, q1, k_end)
+        qb, kb, vb = c.q[:, :, q0:q1], k[:, :, :k_end], v[:, :, :k_end]
+        if finite_keys:
+            bias = bias.to(c.q.dtype).masked_fill(hidden, float("-inf"))
+            out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=bias, scale=c.scale)
+        else:  # a nan key j must reach rows >= j only: mask the scores after q . k, not before
+            scores = (qb @ kb.transpose(-1, -2)) * c.scale + bias.to(c.q.dtype)
+            out = torch.softmax(scores.masked_fill(hidden, float("-inf")), dim=-1) @ vb
         outs.append(rows.block(q0, q1).zero(out))
     return torch.cat(outs, dim=2)
 
@@ -743,6 +939,10 @@ def _check_key_bias(key_bias: Optional[Tensor], q: Tensor, n_keys: int) -> None:
 def _scale(scale: Optional[float], head_dim: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or type(scale).__name__ == "bool_" or (
+        isinstance(scale, torch.Tensor) and scale.dtype == torch.bool
+    ):  # float(True) is 1.0: a flag passed by mistake would silently set the scale
+        raise TypeError(f"scale must be a number (None: 1/sqrt(head_dim)), got {scale!r}")
     try:
         value = float(scale)
     except (TypeError, ValueError, RuntimeError):
