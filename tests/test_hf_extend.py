@@ -40,6 +40,8 @@ from transformers.models.mpt.modeling_mpt import build_mpt_alibi_tensor as mpt_a
 from conftest import LargestTensor  # noqa: E402
 
 from linbias import hf  # noqa: E402
+from linbias.hf import patch as hf_patch  # noqa: E402
+from linbias.hf.families import falcon as falcon_unit  # noqa: E402
 from linbias.alibi import alibi_slopes  # noqa: E402
 
 TRAIN_LEN = 16
@@ -502,13 +504,13 @@ def test_bloom_without_mask_beyond_train_len_equals_all_ones_mask():
 def _count_fast_calls(monkeypatch) -> list[dict]:
     """Records the keyword arguments of each call of linbias.alibi_attention by the extension."""
     calls = []
-    op = hf.extend.alibi_attention
+    op = hf_patch.alibi_attention
 
     def counted(*args, **kwargs):
         calls.append(kwargs)
         return op(*args, **kwargs)
 
-    monkeypatch.setattr(hf.extend, "alibi_attention", counted)
+    monkeypatch.setattr(hf_patch, "alibi_attention", counted)
     return calls
 
 
@@ -749,7 +751,7 @@ def test_extended_restores_the_previous_attention():
     native = logits(model, ids)
     with hf.extended(model) as same:
         fast = logits(same, ids)
-    assert vars(model.transformer)[hf.extend._STATE].attention == "native"
+    assert vars(model.transformer)[hf_patch.STATE].attention == "native"
     assert torch.equal(logits(model, ids), native)
     torch.testing.assert_close(fast, native, rtol=0, atol=STOCK_ATOL)
 
@@ -890,26 +892,45 @@ def test_unknown_attention_lists_the_valid_ones():
 
 def test_changed_family_internals_are_refused(monkeypatch):
     # As if a transformers release built MPT's mask another way: the patch would compute
-    # something else, so it refuses, naming the version, before changing anything.
+    # something else, so it refuses, naming the version and what changed, before changing anything.
     model = make("mpt")
 
     def forward(self, input_ids=None, **kwargs):
         return None
 
     monkeypatch.setattr(MptModel, "forward", forward)
-    with pytest.raises(RuntimeError, match=r"transformers 5\.23\.0 changed MptModel\.forward.*"
-                                           r"create_causal_mask.*pip install"):
+    version = re.escape(transformers.__version__)
+    with pytest.raises(RuntimeError, match=rf"transformers {version} changed MPT's code: .*"
+                                           r"causal-mask builder.*pip install"):
         hf.extend_context(model)
-    assert not hasattr(model.transformer, hf.extend._STATE)
+    assert not hasattr(model.transformer, hf_patch.STATE)
 
 
-def test_unsupported_transformers_release_is_refused(monkeypatch):
+def test_release_below_the_floor_is_refused(monkeypatch):
     model = make("mpt")
-    monkeypatch.setattr(hf.transformers, "__version__", "5.24.0")
-    with pytest.raises(RuntimeError, match=r"5\.24\.0.*pip install"):
+    monkeypatch.setattr(hf.extend.transformers, "__version__", "4.45.2")
+    with pytest.raises(RuntimeError, match=r"4\.46 to 5\.25; this is 4\.45\.2.*pip install"):
         hf.extend_context(model)
     monkeypatch.undo()
-    assert not hasattr(model.transformer, hf.extend._STATE)  # nothing was patched
+    assert not hasattr(model.transformer, hf_patch.STATE)  # nothing was patched
+
+
+def test_newer_release_is_accepted_with_a_warning_when_its_code_fits(monkeypatch):
+    model = make("mpt")
+    ids = tokens(2 * TRAIN_LEN)
+    monkeypatch.setattr(hf.extend.transformers, "__version__", "5.99.0")
+    with pytest.warns(UserWarning, match=r"5\.99\.0 is newer than the newest release .*5\.25"):
+        hf.extend_context(model)
+    assert_matches_reference(model, ids, [len(ids)] * len(ids))
+
+
+def test_newer_release_whose_code_changed_is_refused(monkeypatch):
+    model = make("bloom")
+    monkeypatch.setattr(hf.extend.transformers, "__version__", "5.99.0")
+    monkeypatch.setattr(model.transformer.__class__, "forward", lambda self, **kw: None)
+    with pytest.raises(RuntimeError, match=r"5\.99\.0 changed BLOOM's code: .*build_alibi_tensor"):
+        hf.extend_context(model, train_len=TRAIN_LEN)
+    assert not hasattr(model.transformer, hf_patch.STATE)
 
 
 def test_a_builder_called_after_a_forward_follows_no_stale_plan():

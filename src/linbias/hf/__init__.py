@@ -100,6 +100,7 @@ from linbias.hf.extend import (
     Attention,
     extend_context,
     extended,
+    family_of,
     undo,
 )
 
@@ -115,5 +116,6 @@ __all__ = [
     "export_to_hf",
     "extend_context",
     "extended",
+    "family_of",
     "undo",
 ]
