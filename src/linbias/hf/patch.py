@@ -345,7 +345,10 @@ def _call_sizes(given: dict[str, Any]) -> tuple[int, int, int, int] | None:
         return batch, new, past, past + new
     past = int(cache.get_seq_length())
     if hasattr(cache, "get_mask_sizes"):
-        return batch, new, past, int(cache.get_mask_sizes(new, 0)[0])
+        # 4.5x asks for the new tokens' cache positions, 5.x for their number
+        first = parameters(cache.get_mask_sizes)[0]
+        query = torch.arange(past, past + new) if first == "cache_position" else new
+        return batch, new, past, int(cache.get_mask_sizes(query, 0)[0])
     size = cache.get_max_cache_shape() if hasattr(cache, "get_max_cache_shape") else None
     return batch, new, past, int(size) if size is not None and int(size) > 0 else past + new
 
