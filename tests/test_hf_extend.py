@@ -521,7 +521,7 @@ def test_bloom_without_mask_beyond_train_len_equals_all_ones_mask():
     assert torch.equal(logits(model, ids), logits(model, ids, attention_mask=torch.ones_like(ids)))
 
 
-# --- Which attention runs where --------------------------------------------------------------------
+# --- Which attention runs where -------------------------------------------------------------------
 
 
 def _count_fast_calls(monkeypatch) -> list[dict]:

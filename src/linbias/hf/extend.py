@@ -2,7 +2,8 @@
 BLOOM, MPT or Falcon, on every transformers release from ``SUPPORTED_TRANSFORMERS[0]`` on.
 
 See the package docstring (``linbias.hf``) for the conventions and which attention runs where; each
-family's unit (``linbias.hf.families``) says how it is patched, ``linbias.hf.patch`` what they share.
+family's unit (``linbias.hf.families``) says how it is patched, ``linbias.hf.patch`` what they
+share.
 A release is judged by its code, not its version string: each family lists what the installed
 code lacks of what its patch needs. Below the floor a release is refused; past the newest tested
 one it is accepted with a warning if nothing is missing, and refused, naming what changed, if

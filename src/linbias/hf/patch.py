@@ -64,7 +64,7 @@ class Family:
         return config.attention_dropout, "config.attention_dropout"
 
     def missing(self) -> list[str]:
-        """What the installed release's code lacks of what ``patch`` replaces or calls (empty: fit)."""
+        """What the installed release's code lacks of what ``patch`` replaces or calls."""
         raise NotImplementedError
 
     def patch(self, ext: Extension, base: Any) -> None:
@@ -168,7 +168,7 @@ def real_lengths(mask_BK: torch.Tensor) -> list[int]:
     return row_lengths(mask_BK).tolist()
 
 
-# --- Reading a release's code ----------------------------------------------------------------------
+# --- Reading a release's code ---------------------------------------------------------------------
 
 
 def code_names(fn: Callable) -> set[str]:
@@ -222,7 +222,7 @@ def cached_update(
     return torch.cat([cache[0], k_BHKD], dim=2), torch.cat([cache[1], v_BHKD], dim=2)
 
 
-# --- Patching one instance -------------------------------------------------------------------------
+# --- Patching one instance ------------------------------------------------------------------------
 
 
 def set_attr(ext: Extension, obj: Any, name: str, value: Any) -> None:
@@ -318,7 +318,7 @@ def patch_attention(ext: Extension, base: Any, cls: type, attention: Callable) -
             set_attr(ext, attn, "forward", forward)
 
 
-# --- Planning each call ----------------------------------------------------------------------------
+# --- Planning each call ---------------------------------------------------------------------------
 
 
 def _end_call(ext: Extension, module: torch.nn.Module, args: tuple, output: Any) -> None:
@@ -340,7 +340,7 @@ def _call_sizes(given: dict[str, Any]) -> tuple[int, int, int, int] | None:
     cache = cache_of(given)
     if cache is None:
         return batch, new, 0, new
-    if not hasattr(cache, "get_seq_length"):  # a legacy tuple per layer: (keys, values) [B, H, K, D]
+    if not hasattr(cache, "get_seq_length"):  # legacy: per layer (keys, values) [B, H, K, D]
         past = cache[0][0].shape[2] if cache[0] is not None and len(cache[0]) else 0
         return batch, new, past, past + new
     past = int(cache.get_seq_length())

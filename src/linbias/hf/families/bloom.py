@@ -36,8 +36,8 @@ class Bloom(Family):
 
     def missing(self) -> list[str]:
         m = self.modeling()
-        gone = [f"modeling_bloom.{n}" for n in ("BloomModel", "BloomAttention", "build_alibi_tensor",
-                                               "dropout_add") if not hasattr(m, n)]
+        gone = [f"modeling_bloom.{n}" for n in (
+            "BloomModel", "BloomAttention", "build_alibi_tensor", "dropout_add") if not hasattr(m, n)]
         if gone:
             return gone
         model_names = code_names(m.BloomModel.forward)

@@ -31,7 +31,7 @@ from torch.overrides import TorchFunctionMode
 
 from linbias.hf.patch import (
     AlibiCall, Extension, Family, alibi_call, cached_update, causal_mask, code_names, key_alibi,
-    mask_builder, parameters, patch_attention, patch_forward, set_attr,
+    mask_builder, parameters, patch_attention, patch_forward,
 )
 
 _REGISTERED = "linbias_"  # prefix of the attention implementations registered from 5.25
@@ -208,7 +208,8 @@ def _register(name: str, own: str) -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-    AttentionMaskInterface.register(name, functools.partial(_mask, ALL_MASK_ATTENTION_FUNCTIONS[own]))
+    own_mask = ALL_MASK_ATTENTION_FUNCTIONS[own]
+    AttentionMaskInterface.register(name, functools.partial(_mask, own_mask))
     AttentionInterface.register(name, functools.partial(_registered_attention, own))
 
 
