@@ -40,6 +40,8 @@ from transformers.models.mpt.modeling_mpt import build_mpt_alibi_tensor as mpt_a
 from conftest import LargestTensor  # noqa: E402
 
 from linbias import hf  # noqa: E402
+from linbias.hf import patch as hf_patch  # noqa: E402
+from linbias.hf.families import falcon as falcon_unit  # noqa: E402
 from linbias.alibi import alibi_slopes  # noqa: E402
 
 TRAIN_LEN = 16
@@ -312,16 +314,20 @@ def test_falcon_divides_the_bias_by_sqrt_head_dim():
 
 @pytest.mark.parametrize("attention", ATTENTIONS)
 def test_falcon_eager_keeps_its_double_bias(attention):
-    # transformers 5.23's eager Falcon adds the ALiBi tensor twice (to the scores and, divided by
-    # sqrt(d), folded into the mask); SDPA, the default, once. The extension scales both uses (and
-    # linbias's attention doubles the slopes), so eager Falcon beyond train_len is the reference
-    # with twice the slopes.
+    # Up to 5.24, transformers' eager Falcon adds the ALiBi tensor twice (to the scores and,
+    # divided by sqrt(d), folded into the mask); SDPA, the default, once; from 5.25 eager adds it
+    # once too. The unit detects which, the stock model within train_len confirms it, and the
+    # extension keeps it past train_len (linbias's attention doubles the slopes where eager does).
+    factor = 2 if falcon_unit.FAMILY.eager_doubles_bias() else 1
     model = make("falcon", attn_implementation="eager")
     ids = tokens(3 * TRAIN_LEN - 1)
     before = logits(model, ids[None, :TRAIN_LEN])
+    short = factor * slopes_for(model, [TRAIN_LEN] * TRAIN_LEN, "none")
+    ref = reference(model, ids[:TRAIN_LEN], short)
+    torch.testing.assert_close(before[0].double(), ref, rtol=0, atol=2e-6)
     hf.extend_context(model, train_len=TRAIN_LEN, attention=attention)
     assert torch.equal(logits(model, ids[None, :TRAIN_LEN]), before)
-    slopes = 2 * slopes_for(model, [len(ids)] * len(ids))
+    slopes = factor * slopes_for(model, [len(ids)] * len(ids))
     got = logits(model, ids[None])[0].double()
     torch.testing.assert_close(got, reference(model, ids, slopes), rtol=0, atol=2e-6)
 
@@ -366,6 +372,20 @@ def test_mpt_train_len_beyond_max_seq_len_runs_unscaled():
 
 
 # --- Generation with a KV cache -------------------------------------------------------------------
+
+
+def _skip_unless_stock_runs(run, what: str) -> None:
+    """Skip (naming the release) when the unextended model cannot do ``run()`` on this release,
+    or warns that it ignores part of it: a limit of transformers, not of the extension."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            run()
+        except (RuntimeError, ValueError) as exc:
+            pytest.skip(f"transformers {transformers.__version__}'s own {what} fails: {exc}")
+    ignored = [str(w.message) for w in caught if "ignored" in str(w.message)]
+    if ignored:
+        pytest.skip(f"transformers {transformers.__version__}'s own {what}: {ignored[0]}")
 
 
 def _generate(model, prompt, mask=None, new=10, **kwargs):
@@ -417,9 +437,14 @@ def test_generation_matches_reference_at_each_tokens_own_length(family, attentio
 
 @pytest.mark.parametrize("family", ["bloom", "mpt"])
 def test_static_cache_generation_matches_dynamic(family):
-    # Falcon is left out: transformers 5.23 cannot generate with a static cache for Falcon+ALiBi.
-    model = hf.extend_context(make(family), train_len=TRAIN_LEN)
+    # Falcon is left out: transformers (4.46 to 5.25) cannot generate with a static cache for
+    # Falcon+ALiBi. Some releases' MPT cannot either, or ignores the request: the test follows
+    # what the unextended model does on this release.
     prompt = tokens(2, TRAIN_LEN - 4)
+    _skip_unless_stock_runs(
+        lambda: _generate(make(family), prompt, new=2, cache_implementation="static"),
+        f"{family} generating with a static cache")
+    model = hf.extend_context(make(family), train_len=TRAIN_LEN)
     # MPT's generate builds a 4-D mask for a static cache: its own attention runs, and says so.
     warns = pytest.warns(UserWarning, match="4-D one \\(generate builds one for a static cache\\)")
     with warns if family == "mpt" else contextlib.nullcontext():
@@ -496,19 +521,19 @@ def test_bloom_without_mask_beyond_train_len_equals_all_ones_mask():
     assert torch.equal(logits(model, ids), logits(model, ids, attention_mask=torch.ones_like(ids)))
 
 
-# --- Which attention runs where --------------------------------------------------------------------
+# --- Which attention runs where -------------------------------------------------------------------
 
 
 def _count_fast_calls(monkeypatch) -> list[dict]:
     """Records the keyword arguments of each call of linbias.alibi_attention by the extension."""
     calls = []
-    op = hf.extend.alibi_attention
+    op = hf_patch.alibi_attention
 
     def counted(*args, **kwargs):
         calls.append(kwargs)
         return op(*args, **kwargs)
 
-    monkeypatch.setattr(hf.extend, "alibi_attention", counted)
+    monkeypatch.setattr(hf_patch, "alibi_attention", counted)
     return calls
 
 
@@ -681,6 +706,10 @@ NAMES = {"bloom": "BLOOM", "mpt": "MPT", "falcon": "Falcon"}
 def test_each_fallback_warns_once(family, reason, monkeypatch):
     calls = _count_fast_calls(monkeypatch)
     _, change, arguments, training, message = FALLBACKS[reason]
+    if reason == "4-D mask":  # MPT up to 4.57 cannot take a 4-D mask at all
+        short = tokens(2, TRAIN_LEN)
+        _skip_unless_stock_runs(lambda: logits(make(family), short, **arguments(short)),
+                                f"{family} with a 4-D attention mask")
     model = hf.extend_context(change(make(family)), train_len=TRAIN_LEN)
     model.train(training)
     long, short = tokens(2, 2 * TRAIN_LEN), tokens(2, TRAIN_LEN)
@@ -749,7 +778,7 @@ def test_extended_restores_the_previous_attention():
     native = logits(model, ids)
     with hf.extended(model) as same:
         fast = logits(same, ids)
-    assert vars(model.transformer)[hf.extend._STATE].attention == "native"
+    assert vars(model.transformer)[hf_patch.STATE].attention == "native"
     assert torch.equal(logits(model, ids), native)
     torch.testing.assert_close(fast, native, rtol=0, atol=STOCK_ATOL)
 
@@ -890,26 +919,45 @@ def test_unknown_attention_lists_the_valid_ones():
 
 def test_changed_family_internals_are_refused(monkeypatch):
     # As if a transformers release built MPT's mask another way: the patch would compute
-    # something else, so it refuses, naming the version, before changing anything.
+    # something else, so it refuses, naming the version and what changed, before changing anything.
     model = make("mpt")
 
     def forward(self, input_ids=None, **kwargs):
         return None
 
     monkeypatch.setattr(MptModel, "forward", forward)
-    with pytest.raises(RuntimeError, match=r"transformers 5\.23\.0 changed MptModel\.forward.*"
-                                           r"create_causal_mask.*pip install"):
+    version = re.escape(transformers.__version__)
+    with pytest.raises(RuntimeError, match=rf"transformers {version} changed MPT's code: .*"
+                                           r"causal-mask builder.*pip install"):
         hf.extend_context(model)
-    assert not hasattr(model.transformer, hf.extend._STATE)
+    assert not hasattr(model.transformer, hf_patch.STATE)
 
 
-def test_unsupported_transformers_release_is_refused(monkeypatch):
+def test_release_below_the_floor_is_refused(monkeypatch):
     model = make("mpt")
-    monkeypatch.setattr(hf.transformers, "__version__", "5.24.0")
-    with pytest.raises(RuntimeError, match=r"5\.24\.0.*pip install"):
+    monkeypatch.setattr(hf.extend.transformers, "__version__", "4.45.2")
+    with pytest.raises(RuntimeError, match=r"4\.46 to 5\.25; this is 4\.45\.2.*pip install"):
         hf.extend_context(model)
     monkeypatch.undo()
-    assert not hasattr(model.transformer, hf.extend._STATE)  # nothing was patched
+    assert not hasattr(model.transformer, hf_patch.STATE)  # nothing was patched
+
+
+def test_newer_release_is_accepted_with_a_warning_when_its_code_fits(monkeypatch):
+    model = make("mpt")
+    ids = tokens(2 * TRAIN_LEN)
+    monkeypatch.setattr(hf.extend.transformers, "__version__", "5.99.0")
+    with pytest.warns(UserWarning, match=r"5\.99\.0 is newer than the newest release .*5\.25"):
+        hf.extend_context(model)
+    assert_matches_reference(model, ids, [len(ids)] * len(ids))
+
+
+def test_newer_release_whose_code_changed_is_refused(monkeypatch):
+    model = make("bloom")
+    monkeypatch.setattr(hf.extend.transformers, "__version__", "5.99.0")
+    monkeypatch.setattr(model.transformer.__class__, "forward", lambda self, **kw: None)
+    with pytest.raises(RuntimeError, match=r"5\.99\.0 changed BLOOM's code: .*build_alibi_tensor"):
+        hf.extend_context(model, train_len=TRAIN_LEN)
+    assert not hasattr(model.transformer, hf_patch.STATE)
 
 
 def test_a_builder_called_after_a_forward_follows_no_stale_plan():

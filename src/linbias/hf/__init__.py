@@ -35,8 +35,9 @@ it); the extension refuses it with a ``ValueError``.
 Conventions on the fast path: BLOOM's float32 slopes (or its float32 per-key bias); MPT's slopes
 as its builder computes them; Falcon's own bias tensor, built by its rule with the scaled slopes
 (slope rounded to bfloat16, times the position along the mask, in bfloat16), divided by
-sqrt(head dim) as ``FalconModel`` divides it (transformers' eager Falcon adds it twice, and so
-does the fast path then). BLOOM's ``slow_but_exact`` output projection is computed as BLOOM
+sqrt(head dim) as ``FalconModel`` divides it (up to 5.24 transformers' eager Falcon adds it
+twice, and so does the fast path then). BLOOM's ``slow_but_exact`` output projection is computed
+as BLOOM
 computes it. Measured max |logit difference| to ``"native"`` (fp32): 0 for Falcon (1.5e-7 with
 multi-query heads) and 2.4e-7 or less for BLOOM and MPT on the tests' tiny models at 2-4x
 train_len; 0 for Falcon and 1.2e-5 or less for BLOOM and MPT at 2k and 8k tokens in
@@ -45,26 +46,21 @@ train_len; 0 for Falcon and 1.2e-5 or less for BLOOM and MPT at 2k and 8k tokens
 How each family is patched. Everything is per instance (instance attributes and hooks on the base
 model and its attention modules, originals kept for ``undo``); no class or module function of
 transformers is changed, so other models in the process are unaffected. A forward pre-hook on the
-base model plans each call (L' per row, tokens, keys, fast or not). The base model's ``forward``
-is a copy whose ``create_causal_mask`` (and Falcon's ``build_alibi_tensor``) name the extension's:
-on the fast path the mask is an empty stand-in and the bias builder returns the ``alibi_attention``
-arguments, which the blocks pass to the patched attention modules as they would the bias.
+base model plans each call (L' per row, tokens, keys, fast or not). The names the base model's
+forward calls to build its bias and its causal mask (``create_causal_mask`` in 5.x, a
+``_update_causal_mask`` method or ``_prepare_4d_causal_attention_mask`` in 4.x) are replaced: a
+method on the instance, a module function in a copy of the forward (decorators kept). On the fast
+path the mask is an empty stand-in and the bias builder returns the ``alibi_attention``
+arguments, which the blocks pass to the patched attention modules as they would the bias. Falcon
+from 5.25 goes through transformers' public attention and mask registries instead. Each family's
+unit in ``linbias.hf.families`` documents its own patch.
 
-- BLOOM: ``BloomModel.build_alibi_tensor`` (a method, called with the 2-D mask) is overridden on
-  the instance. Without a mask BLOOM takes a module-level path instead, so the pre-hook passes an
-  all-ones mask when scaling or the fast path is due.
-- MPT: ``MptModel`` builds its bias for exactly ``config.max_seq_len`` keys whatever the input,
-  hence the shape error past it. The instance's ``build_mpt_alibi_tensor`` builds a bias long
-  enough (from the plan), with MPT's own slopes (its ``alibi_bias_max`` as the model passes it).
-  ``MptAttention`` only takes a bias shared by the batch, so with ``"native"`` each attention
-  module also takes a per-row ``[B, H, 1, K]`` bias.
-- Falcon (``config.alibi=True``): ``FalconModel.forward`` calls the module-level
-  ``build_alibi_tensor``, replaced in the copy's globals by a scaling builder. Multi-query keys and
-  values stay one head; grouped ones (``new_decoder_architecture``) are expanded as Falcon caches
-  them.
-
-A transformers release other than ``SUPPORTED_TRANSFORMERS`` is refused, and so is one whose
-family code no longer calls what the patches replace; the message names the version.
+Releases. Every transformers minor release from ``SUPPORTED_TRANSFORMERS[0]`` (4.46) to
+``SUPPORTED_TRANSFORMERS[1]`` (5.25) is supported, judged by its code rather than its version
+string: the cache keyword (``past_key_values``, ``cache`` from 5.24, MPT 4.46's legacy tuples), the
+mask builder, the return values, decorators unwrapped. An older release is refused; a newer one is
+extended with a warning if each family's code still has what the patch needs, and refused, naming
+what changed, if not.
 
 Exporting (``export_to_hf``). A linbias ALiBi GPT is written as an MPT checkpoint, the one ALiBi
 architecture of transformers it maps onto without approximation, and only when the model has no
@@ -78,8 +74,10 @@ Evaluating (``evaluate_hf``). Any transformers causal LM, scored with ``linbias.
 protocols on a linbias corpus tokenised by the model's own tokenizer; the ALiBi families also with
 each scaling rule, through ``extended``.
 
-Modules: ``extend`` (the per-family patches: ``extend_context``, ``extended``, ``undo``),
-``export`` (``export_to_hf``), ``evaluate`` (``HFModel``, ``evaluate_hf``, ``evaluate_hf_task``).
+Modules: ``extend`` (``extend_context``, ``extended``, ``undo``, ``family_of``, the release
+checks), ``patch`` (what the families share: planning, hooks, undo), ``families.bloom``,
+``families.mpt``, ``families.falcon`` (one unit per family), ``export`` (``export_to_hf``),
+``evaluate`` (``HFModel``, ``evaluate_hf``, ``evaluate_hf_task``).
 
 Shape suffixes: B batch, H heads, K keys, T tokens of the current call, D head dim.
 """
@@ -100,6 +98,7 @@ from linbias.hf.extend import (
     Attention,
     extend_context,
     extended,
+    family_of,
     undo,
 )
 
@@ -115,5 +114,6 @@ __all__ = [
     "export_to_hf",
     "extend_context",
     "extended",
+    "family_of",
     "undo",
 ]

@@ -28,7 +28,7 @@ from linbias.config import check_int
 from linbias.data import default_cache_dir, load_corpus, token_byte_lengths, token_stream
 from linbias.config import EvalConfig
 from linbias.evaluate import eval_config, evaluate_model, evaluate_task, require_task
-from linbias.hf.extend import _base_model, _default_train_len, _family, extended
+from linbias.hf.extend import extended, family_of
 from linbias.tasks import encoder
 
 __all__ = ["HFModel", "evaluate_hf", "evaluate_hf_task"]
@@ -136,15 +136,14 @@ class HFModel:
 
     def __init__(self, model: PreTrainedModel, train_len: int | None = None) -> None:
         self.model = model
-        base = _base_model(model)
         try:
-            self.position = _family(model, base)
+            self._family = family_of(model)
         except ValueError as exc:
-            self.position, self._not_alibi = model.config.model_type, exc
+            self.position, self._not_alibi, self._family = model.config.model_type, exc, None
         else:
-            self._not_alibi = None
+            self.position, self._not_alibi = self._family.name, None
             if train_len is None and self.position != "bloom":
-                train_len = _default_train_len(self.position, base)
+                train_len = self._family.default_train_len(model.config)
         if train_len is not None:
             check_int("train_len", train_len)
         self.train_len = train_len
@@ -183,7 +182,7 @@ class HFModel:
             if self._not_alibi is not None:
                 raise self._not_alibi  # the message names the supported families
             if self.train_len is None:
-                _default_train_len(self.position, _base_model(self.model))  # BLOOM: asks for it
+                self._family.default_train_len(self.model.config)  # BLOOM: asks for it
 
     def under(self, rule: str) -> AbstractContextManager:
         """The model under ``rule``: as it is for ``"none"``, except MPT (see ``evaluate_hf``)."""

@@ -111,6 +111,8 @@ def _export(run: Run, out: Path) -> Path:
         # the left, so every row's last token is where generation continues.
         pad_token=EOT, padding_side="left",
         clean_up_tokenization_spaces=False,  # decode gives back the text, spaces and all
+        # What MPT takes (4.x tokenizers also return token_type_ids, which generate refuses).
+        model_input_names=["input_ids", "attention_mask"],
     )
     # A fresh, uniquely named folder: the only one this function ever removes on failure.
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
