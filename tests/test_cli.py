@@ -10,7 +10,7 @@ from linbias.cli import build_parser, main
 
 def test_sub_commands():
     sub = next(a for a in build_parser()._actions if a.dest == "command")
-    assert set(sub.choices) == {"train", "eval", "reproduce", "export"}
+    assert set(sub.choices) == {"train", "eval", "reproduce", "export", "harness"}
 
 
 def test_version(capsys):
@@ -29,6 +29,11 @@ SURFACE = {
     ]),
     'export': (['run'], [
         '--to-hf',
+    ]),
+    'harness': (['run'], [
+        '--batch-size', '--batch_size', '--device', '--dtype', '--gen-kwargs', '--gen_kwargs',
+        '--hf', '--limit', '--max-length', '--metadata', '--out', '--scaling', '--tasks',
+        '--train-len',
     ]),
     'reproduce': ([], [
         '--data', '--embedding', '--force', '--no-progress', '--out', '--positions', '--preset',

@@ -38,15 +38,17 @@ L = 32  # the tiny run's training length
 
 @pytest.fixture(scope="module")
 def meeting_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A one-layer ALiBi run (L = 32) trained briefly on the QMSum sample's own sentences, so its
-    greedy generations are words of that text (non-zero ROUGE), not one repeated byte."""
+    """A one-layer ALiBi run (L = 32) trained briefly on the QMSum sample's own sentences and its
+    questions with their answers, so its greedy generations after "Answer:" are words of that
+    text (non-zero ROUGE), not one repeated byte."""
     from linbias.config import model_config
     from linbias.train import TrainConfig, train
 
     rows = [json.loads(line) for line in QMSUM_SAMPLE.read_text().splitlines()]
-    sentences = [s for r in rows for s in r["input"].split("\n") + [r["output"]] if s]
+    sentences = [s for r in rows for s in r["input"].split("\n") if s]
+    answers = [f"Question: {r['input'].split(chr(10))[0]}\nAnswer: {r['output']}" for r in rows]
     rng = random.Random(0)
-    text = "\n".join(rng.choice(sentences) for _ in range(3000))
+    text = "\n".join(rng.choice(sentences if i % 3 else answers) for i in range(3000))
     corpus = tmp_path_factory.mktemp("meetings") / "meetings.txt"
     corpus.write_text(text, encoding="utf-8")
     torch.manual_seed(0)

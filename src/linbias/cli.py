@@ -357,6 +357,8 @@ def _harness_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=float, default=None, help="documents per task (lm-eval's)")
     p.add_argument("--batch-size", "--batch_size", type=int, default=1, dest="batch_size")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="the model's weights (default: as loaded)")
     p.add_argument("--metadata", type=json.loads, default=None,
                    help='task metadata as JSON, e.g. \'{"lengths": [512]}\' (lm-eval\'s --metadata)')
     p.add_argument("--gen-kwargs", "--gen_kwargs", default=None, dest="gen_kwargs",
@@ -380,7 +382,7 @@ def _run_harness(args: argparse.Namespace) -> int:
     results = evaluate_harness(args.run, hf=args.hf, tasks=args.tasks, rules=args.scaling,
                                max_length=args.max_length, out=args.out, train_len=args.train_len,
                                limit=limit, batch_size=args.batch_size, device=args.device,
-                               metadata=args.metadata, gen_kwargs=args.gen_kwargs)
+                               dtype=args.dtype, metadata=args.metadata, gen_kwargs=args.gen_kwargs)
     print((args.out / "table.md").read_text(), end="")
     print(f"wrote {args.out}: {', '.join(f'{r}/results.json' for r in results)}, table.md")
     return 0

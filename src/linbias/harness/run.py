@@ -29,6 +29,7 @@ def evaluate_harness(
     limit: int | float | None = None,
     batch_size: int = 1,
     device: str | None = None,
+    dtype: str | None = None,
     metadata: dict[str, Any] | None = None,
     gen_kwargs: str | None = None,
     log_samples: bool = True,
@@ -48,6 +49,7 @@ def evaluate_harness(
         limit: documents per task (lm-eval's ``--limit``: a count, or a fraction below 1).
         batch_size: requests per forward.
         device: where the model runs (default: ``cuda`` if available).
+        dtype: ``float32``, ``bfloat16`` or ``float16`` (default: as loaded).
         metadata: task metadata (lm-eval's ``--metadata``), e.g. ``{"lengths": [1024]}`` for
             the retrieval tasks or ``{"qmsum_file": PATH}``.
         gen_kwargs: lm-eval's ``--gen_kwargs``, e.g. ``"max_gen_toks=64"``.
@@ -80,7 +82,7 @@ def evaluate_harness(
     for rule in rules:
         started = time.perf_counter()
         lm = LinbiasLM(**source, train_len=train_len, rule=rule, max_length=max_length,
-                       batch_size=batch_size, device=device)
+                       batch_size=batch_size, device=device, dtype=dtype)
         results = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit,
                                           task_manager=manager, gen_kwargs=gen_kwargs,
                                           log_samples=log_samples)
