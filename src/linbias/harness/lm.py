@@ -81,6 +81,8 @@ class _RunBackend:
              cached: bool = True) -> tuple[Tensor, Any]:
         if cached and cache is None:
             cache = self.model.new_cache()
+        if bool(mask_BS.all()):  # no padding: the model's default positions, its unmasked path
+            return self.model(ids_BT, cache=cache), cache
         # Absolute positions start at 0 at each row's first real token (they matter to the
         # methods with position embeddings; ALiBi reads only the mask).
         pos_BT = (mask_BS.long().cumsum(-1) - 1).clamp(min=0)[:, -ids_BT.shape[1]:]
