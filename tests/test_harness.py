@@ -285,6 +285,11 @@ def test_retrieval_task_equals_linbias_eval(meeting_run, task):
         assert s["doc"]["tokens_match"]
         assert encode(s["doc"]["context"] + s["doc"]["answer"]) == list(
             trial.prompt_ids + trial.answer_ids)
+        # lm-eval scored exactly these tokens: its log-likelihood is the run's own.
+        ids = list(trial.prompt_ids + trial.answer_ids)
+        logp = _ref_logprobs(run, ids[:-1], "linear")[-len(trial.answer_ids):]
+        expected = float(logp.gather(-1, torch.tensor(trial.answer_ids)[:, None]).sum())
+        assert s["filtered_resps"][0][0] == pytest.approx(expected, abs=1e-3)
 
 
 # --- registration, packaging and the command line -------------------------------------------------
