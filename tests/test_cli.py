@@ -12,7 +12,7 @@ from linbias.cli import build_parser, main
 
 def test_sub_commands():
     sub = next(a for a in build_parser()._actions if a.dest == "command")
-    assert set(sub.choices) == {"train", "eval", "reproduce", "export"}
+    assert set(sub.choices) == {"train", "eval", "reproduce", "export", "harness"}
 
 
 def test_version(capsys):
@@ -46,6 +46,19 @@ SURFACE = {'eval': {'--batch-size': ('int', None, None, False),
           '--trials': ('int', None, None, False),
           'run': ('Path', None, None, False)},
  'export': {'--to-hf': ('Path', None, None, True), 'run': ('Path', None, None, True)},
+ 'harness': {'--batch-size': ('int', 1, None, False),
+             '--device': ('str', None, None, False),
+             '--dtype': ('str', None, ('float32', 'bfloat16', 'float16'), False),
+             '--gen-kwargs': ('str', None, None, False),
+             '--hf': ('str', None, None, False),
+             '--limit': ('float', None, None, False),
+             '--max-length': ('int', None, None, False),
+             '--metadata': ('loads', None, None, False),
+             '--out': ('Path', None, None, True),
+             '--scaling': ('list of str', ['none'], None, False),
+             '--tasks': ('list of str', None, None, True),
+             '--train-len': ('int', None, None, False),
+             'run': ('Path', None, None, False)},
  'reproduce': {'--data': ('str', 'stdlib', None, False),
                '--embedding': ('str', None, ('gpt2', 'fairseq'), False),
                '--force': ('flag', False, None, False),

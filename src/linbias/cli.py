@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import json
 import re
 import signal
 import sys
@@ -305,7 +306,53 @@ def _run_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = (_train_parser, _eval_parser, _export_parser, _reproduce_parser)
+def _harness_parser(sub: argparse._SubParsersAction) -> None:
+    p = _command(sub, _run_harness)
+    p.add_argument("run", type=Path, nargs="?", default=None,
+                   help="a run directory written by 'linbias train' (or give --hf)")
+    p.add_argument("--hf", metavar="PATH_OR_NAME", default=None, help="a transformers causal LM")
+    p.add_argument("--train-len", type=int, default=None, help="--hf only: its training length L")
+    p.add_argument("--tasks", type=_comma_list(str), required=True,
+                   help="lm-eval tasks, e.g. linbias_qmsum,linbias_passkey,scrolls_qmsum")
+    p.add_argument("--scaling", type=_comma_list(str), default=["none"],
+                   help="scaling rules, one evaluation each (default: none)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="L', the longest input (default: the training length)")
+    p.add_argument("--limit", type=float, default=None, help="documents per task (lm-eval's)")
+    p.add_argument("--batch-size", "--batch_size", type=int, default=1, dest="batch_size")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="the model's weights (default: as loaded)")
+    p.add_argument("--metadata", type=json.loads, default=None,
+                   help='task metadata as JSON, e.g. \'{"lengths": [512]}\' (lm-eval\'s --metadata)')
+    p.add_argument("--gen-kwargs", "--gen_kwargs", default=None, dest="gen_kwargs",
+                   help="lm-eval's generation settings, e.g. max_gen_toks=64")
+    p.add_argument("--out", type=Path, required=True, help="folder for results and table.md")
+
+
+def _run_harness(args: argparse.Namespace) -> int:
+    """lm-evaluation-harness tasks at a chosen length and rule
+
+    Run lm-eval tasks (summarization such as linbias_qmsum or scrolls_qmsum, linbias's retrieval
+    tasks, any other) on a run or a transformers model at L' = --max-length, once per scaling
+    rule; writes lm-eval's results JSON per rule and a table. Needs linbias[harness].
+    """
+    from linbias.harness import require_harness
+
+    require_harness()
+    from linbias.harness.run import evaluate_harness
+
+    limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
+    results = evaluate_harness(args.run, hf=args.hf, tasks=args.tasks, rules=args.scaling,
+                               max_length=args.max_length, out=args.out, train_len=args.train_len,
+                               limit=limit, batch_size=args.batch_size, device=args.device,
+                               dtype=args.dtype, metadata=args.metadata, gen_kwargs=args.gen_kwargs)
+    print((args.out / "table.md").read_text(), end="")
+    print(f"wrote {args.out}: {', '.join(f'{r}/results.json' for r in results)}, table.md")
+    return 0
+
+
+COMMANDS = (_train_parser, _eval_parser, _export_parser, _reproduce_parser, _harness_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
