@@ -347,3 +347,12 @@ def test_cli_harness_writes_results_and_table(meeting_run, tmp_path, monkeypatch
     (tmp_path / "foreign" / "notes.txt").write_text("x")
     assert main(["harness", str(meeting_run), "--tasks", "linbias_qmsum",
                  "--out", str(tmp_path / "foreign")]) == 2
+    (tmp_path / "users" / "none").mkdir(parents=True)  # a rule's name, someone else's file
+    (tmp_path / "users" / "none" / "results.json").write_text('{"mine": 1}')
+    for target, message in [(tmp_path / "users", "holds files this command did not write"),
+                            (meeting_run / "h", "is inside")]:
+        assert main(["harness", str(meeting_run), "--tasks", "linbias_qmsum",
+                     "--out", str(target)]) == 2
+        assert message in capsys.readouterr().err
+    assert (tmp_path / "users" / "none" / "results.json").read_text() == '{"mine": 1}'
+    assert not (meeting_run / "h").exists()

@@ -9,12 +9,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from linbias.fileio import atomic_write_text
+from linbias.fileio import LOCK_NAME, atomic_write_text, locked_folder, owning_folder, stamp_of
 from linbias.harness import require_harness
 
 __all__ = ["evaluate_harness", "harness_table"]
 
-_OUT_FILES = ("results.json", "table.md")
+# The stamp of a results.json this command wrote: only such a file (and its folder) is replaced.
+HARNESS_JSON = "linbias harness"
+_TABLE_HEAD = "| task | metric |"
 
 
 def evaluate_harness(
@@ -68,7 +70,20 @@ def evaluate_harness(
         raise ValueError("give either a run directory or hf=PATH_OR_NAME (one of them, not both)")
     if not tasks or not rules:
         raise ValueError("give at least one task and one scaling rule")
-    out = _check_out(Path(out), rules)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file: give a folder")
+    with locked_folder(out, f"the harness output {out}"):  # one writer; checked under the lock
+        _check_out(out)
+        return _evaluate(run, hf, tasks, rules, max_length, out, train_len, limit, batch_size,
+                         device, dtype, metadata, gen_kwargs, log_samples)
+
+
+def _evaluate(run: str | Path | None, hf: str | None, tasks: Sequence[str],
+              rules: Sequence[str], max_length: int | None, out: Path, train_len: int | None,
+              limit: int | float | None, batch_size: int, device: str | None, dtype: str | None,
+              metadata: dict[str, Any] | None, gen_kwargs: str | None,
+              log_samples: bool) -> dict[str, dict[str, Any]]:
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -89,6 +104,7 @@ def evaluate_harness(
         results["seconds"] = time.perf_counter() - started
         results["linbias"] = {**source, "rule": rule, "max_length": lm.max_length,
                               "train_len": lm.backend.train_len}
+        results["written_by"] = HARNESS_JSON
         _write_json(out / rule / "results.json", results)
         all_results[rule] = results
     atomic_write_text(out / "table.md", harness_table(all_results) + "\n")
@@ -117,19 +133,27 @@ def _cell(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, (int, float)) else "—"
 
 
-def _check_out(out: Path, rules: Sequence[str]) -> Path:
-    """``out`` must be a new folder, or one holding only what this function writes."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file: give a folder")
-    if out.is_dir():
-        ours = set(_OUT_FILES) | set(rules)
-        foreign = [p.name for p in out.iterdir() if p.name not in ours and
-                   not (p.is_dir() and (p / "results.json").is_file())]
-        if foreign:
-            raise ValueError(f"--out {out} holds files this command did not write "
-                             f"({', '.join(sorted(foreign)[:3])}): give a new or empty folder")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+def _check_out(out: Path) -> None:
+    """``out`` may hold only what this command writes: ``table.md`` and one folder per rule with
+    a ``results.json`` it stamped; never inside a run or an export."""
+    whole = owning_folder(out)
+    if whole is not None:
+        raise ValueError(f"--out {out} is inside {whole}, a linbias run or export whose files must "
+                         "stay as written: choose an --out outside it")
+    foreign = [p.name for p in out.iterdir() if p.name != LOCK_NAME and not _ours(p)]
+    if foreign:
+        raise ValueError(f"--out {out} holds files this command did not write "
+                         f"({', '.join(sorted(foreign)[:3])}): give a new or empty folder")
+
+
+def _ours(path: Path) -> bool:
+    if path.is_symlink():
+        return False
+    if path.name == "table.md" and path.is_file():
+        with open(path, "rb") as f:
+            return f.read(len(_TABLE_HEAD)) == _TABLE_HEAD.encode()
+    return path.is_dir() and [p.name for p in path.iterdir()] == ["results.json"] and \
+        stamp_of(path / "results.json") == HARNESS_JSON
 
 
 def _write_json(path: Path, results: dict[str, Any]) -> None:
