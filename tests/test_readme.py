@@ -98,6 +98,14 @@ SKIPPED = {
         "a 10-minute job on the download above",
     "torchrun --nproc_per_node 2 -m linbias train --position alibi --out runs/ddp":
         "tests/test_train.py runs two processes against one",
+    "python3 -m pip install -e '.[harness]'": "an install (the test extra includes it)",
+}
+# Command lines that start so are run elsewhere in the suite, on tiny models.
+RUN_ELSEWHERE = {
+    "linbias eval --hf": "tests/test_hf_evaluate.py: the same protocols on transformers models",
+    "linbias harness": "tests/test_harness.py::test_cli_harness_writes_results_and_table",
+    "python -m linbias.harness": "tests/test_harness.py: lm-eval's own command line with linbias's "
+                                 "model (and the paper's setting downloads MPT-7B-8K)",
 }
 TINY = ("--n-layers 1 --d-model 32 --n-heads 2 --vocab-size 300 --batch-size 4 --eval-every 0 "
         "--warmup 1 --no-progress")
@@ -138,8 +146,8 @@ def test_every_bash_line_runs_or_is_skipped_for_a_reason(tiny_text_corpus: Path,
     for line in _bash_lines():
         if line in SKIPPED:
             continue
-        if line.startswith("linbias eval --hf"):
-            continue  # a transformers model: tests/test_hf_evaluate.py runs the same protocol
+        if any(line.startswith(start) for start in RUN_ELSEWHERE):
+            continue
         assert line.startswith("linbias "), f"a README command this test does not know: {line}"
         for old, new in stand_ins.items():
             line = line.replace(old, new)
