@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import re
@@ -24,7 +26,10 @@ from tokenizers import Tokenizer
 
 from linbias import data
 from linbias.data import (
+    CONTENT_RULE,
     EOT,
+    PATH_RULE,
+    SPLIT_RULES,
     SPLITS,
     default_cache_dir,
     get_batch,
@@ -124,6 +129,50 @@ def test_folder_corpus_splits_by_content(corpus: data.Corpus, folder: Path) -> N
     # binary, latin-1 and empty; .hidden not even listed
     assert info["skipped"] == {"files": 3, "duplicates": 0, "not_regular": 0}
     assert sum(info[s]["documents"] for s in SPLITS) == N_FILES + 1  # + notes.md
+
+
+def _path_bucket(rule: str, rel: str) -> str:
+    """The path rule written out: blake2b-64 of the length-prefixed rule name and path, mod 100."""
+    h = hashlib.blake2b(digest_size=8)
+    for part in (rule.encode(), rel.encode()):
+        h.update(len(part).to_bytes(8, "little") + part)
+    return {0: "valid", 1: "test"}.get(int(h.hexdigest(), 16) % 100, "train")
+
+
+def test_both_split_rules_are_selectable(tmp_path: Path) -> None:
+    texts = {f"d{i % 3}/f{i:03d}.txt": f"text {i}\n" * (1 + i % 5) for i in range(300)}
+    texts["copy.txt"] = texts["d0/f000.txt"]  # byte-identical to another path
+    for rel, text in texts.items():
+        (tmp_path / rel).parent.mkdir(exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    assert SPLIT_RULES == (PATH_RULE, CONTENT_RULE)  # oldest first; new corpora use the last
+    by_content = load_corpus(f"text:{tmp_path}")
+    by_path = load_corpus(f"text:{tmp_path}", split_rule=PATH_RULE)
+    assert by_content.split_rule == CONTENT_RULE and by_path.describe()["split_rule"] == PATH_RULE
+    assert by_content.name != by_path.name and by_content.with_split_rule(PATH_RULE).name == by_path.name
+    for split in SPLITS:  # every path a document, copies too, in path order, split by its path
+        assert by_path.documents(split) == [
+            texts[rel] for rel in sorted(texts) if _path_bucket(PATH_RULE, rel) == split]
+        assert split_of("d0/f000.txt", PATH_RULE) == _path_bucket(PATH_RULE, "d0/f000.txt")
+    assert by_content.duplicates == 1 and by_path.duplicates == 0
+    with pytest.raises(ValueError, match="unknown split rule 'v3'; valid rules: blake2b-path"):
+        load_corpus(f"text:{tmp_path}", split_rule="v3")
+    with pytest.raises(ValueError, match="not loaded from a spec"):
+        data.Corpus("by-hand", lambda split: ["x"]).with_split_rule(PATH_RULE)
+
+
+def test_the_path_rule_rebuilds_the_corpora_of_its_release(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The names that release gave the fixture's corpus (each a fingerprint of every path and text
+    in order): a folder (sorted by the joined path), a glob (sorted by path parts, so
+    ``part0/sec0/...`` before ``part0/sec0.txt``) and a glob matching files several times."""
+    fixture = Path(__file__).parent / "fixtures" / "path_split_run"
+    monkeypatch.chdir(fixture)
+    corpora = json.loads((fixture / "expected.json").read_text())["corpora"]
+    assert len({c["name"] for c in corpora.values()}) == 3
+    for spec, want in corpora.items():
+        c = load_corpus(spec, split_rule=PATH_RULE)
+        assert c.name == want["name"], spec
+        assert {s: len(c._split(s)) for s in SPLITS} == want["documents"], spec
 
 
 def test_glob_matches_folder(corpus: data.Corpus, folder: Path) -> None:
