@@ -87,7 +87,8 @@ def path_split(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 EXPECTED = json.loads((PATH_SPLIT_FIXTURE / "expected.json").read_text())
-OLD_SPLIT_WARNING = f"records no corpus.*split files by a hash of their path.*{PATH_RULE}.*cannot be verified"
+OLD_SPLIT_WARNING = (f"records no corpus.*split files by a hash of their path.*{PATH_RULE}"
+                     ".*held-out text cannot be verified")
 
 
 def _this_machine() -> dict[str, str]:
@@ -135,7 +136,8 @@ def test_a_path_split_run_evaluates_on_its_own_split_with_its_numbers(
         load_corpus("text:corpus", split_rule=PATH_RULE).documents("valid")
 
 
-def test_an_interrupted_path_split_run_resumes_to_the_finished_runs_losses(path_split: Path) -> None:
+def test_an_interrupted_path_split_run_resumes_to_the_finished_runs_losses(
+        path_split: Path) -> None:
     run_dir = path_split / "interrupted"
     mc, tc = read_configs(run_dir)
     with pytest.warns(UserWarning, match=OLD_SPLIT_WARNING):

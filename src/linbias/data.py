@@ -267,7 +267,8 @@ def load_corpus(spec: str = "stdlib", *, split_rule: str = CONTENT_RULE) -> Corp
         raise ValueError(f"corpus spec must be a string, got {spec!r} ({type(spec).__name__}); "
                          f"valid forms: {_SPECS}")
     if split_rule not in SPLIT_RULES:
-        raise ValueError(f"unknown split rule {split_rule!r}; valid rules: {', '.join(SPLIT_RULES)}")
+        raise ValueError(f"unknown split rule {split_rule!r}; valid rules: "
+                         f"{', '.join(SPLIT_RULES)}")
     kind, _, arg = spec.partition(":")
     if spec == "stdlib":
         corpus = _stdlib_corpus(split_rule)
