@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import re
@@ -24,7 +26,10 @@ from tokenizers import Tokenizer
 
 from linbias import data
 from linbias.data import (
+    CONTENT_RULE,
     EOT,
+    PATH_RULE,
+    SPLIT_RULES,
     SPLITS,
     default_cache_dir,
     get_batch,
@@ -124,6 +129,60 @@ def test_folder_corpus_splits_by_content(corpus: data.Corpus, folder: Path) -> N
     # binary, latin-1 and empty; .hidden not even listed
     assert info["skipped"] == {"files": 3, "duplicates": 0, "not_regular": 0}
     assert sum(info[s]["documents"] for s in SPLITS) == N_FILES + 1  # + notes.md
+
+
+def _blake2b_64(*parts: str) -> str:
+    """blake2b-64 of the parts, each prefixed by its length (8 bytes, little-endian)."""
+    h = hashlib.blake2b(digest_size=8)
+    for part in map(str.encode, parts):
+        h.update(len(part).to_bytes(8, "little") + part)
+    return h.hexdigest()
+
+
+def _path_bucket(rule: str, rel: str) -> str:
+    """The path rule written out: the hash of the rule name and the path, mod 100."""
+    return {0: "valid", 1: "test"}.get(int(_blake2b_64(rule, rel), 16) % 100, "train")
+
+
+def test_both_split_rules_are_selectable(tmp_path: Path) -> None:
+    texts = {f"d{i % 3}/f{i:03d}.txt": f"text {i}\n" * (1 + i % 5) for i in range(300)}
+    texts["copy.txt"] = texts["d0/f000.txt"]  # byte-identical to another path
+    for rel, text in texts.items():
+        (tmp_path / rel).parent.mkdir(exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    assert SPLIT_RULES == (PATH_RULE, CONTENT_RULE)  # oldest first; new corpora use the last
+    by_content = load_corpus(f"text:{tmp_path}")
+    by_path = load_corpus(f"text:{tmp_path}", split_rule=PATH_RULE)
+    assert by_content.split_rule == CONTENT_RULE and by_path.describe()["split_rule"] == PATH_RULE
+    assert by_content.name != by_path.name
+    assert by_content.with_split_rule(PATH_RULE).name == by_path.name
+    for split in SPLITS:  # every path a document, copies too, in path order, split by its path
+        assert by_path.documents(split) == [
+            texts[rel] for rel in sorted(texts) if _path_bucket(PATH_RULE, rel) == split]
+        assert split_of("d0/f000.txt", PATH_RULE) == _path_bucket(PATH_RULE, "d0/f000.txt")
+    assert by_content.duplicates == 1 and by_path.duplicates == 0
+    one = f"text:{tmp_path / 'd1' / 'f001.txt'}"
+    old, new = (load_corpus(one, split_rule=rule) for rule in SPLIT_RULES)
+    assert {**old.describe(), "split_rule": CONTENT_RULE} == new.describe()  # one file: cut alike
+    assert old.name == "text-f001-" + _blake2b_64(PATH_RULE, "single-file", texts["d1/f001.txt"])
+    with pytest.raises(ValueError, match="unknown split rule 'v3'; valid rules: blake2b-path"):
+        load_corpus(f"text:{tmp_path}", split_rule="v3")
+    with pytest.raises(ValueError, match="not loaded from a spec"):
+        data.Corpus("by-hand", lambda split: ["x"]).with_split_rule(PATH_RULE)
+
+
+def test_the_path_rule_rebuilds_the_corpora_of_its_release(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The names that release gave the fixture's corpus (each a fingerprint of every path and text
+    in order): a folder (sorted by the joined path), a glob (sorted by path parts, so
+    ``part0/sec0/...`` before ``part0/sec0.txt``) and a glob matching files several times."""
+    fixture = Path(__file__).parent / "fixtures" / "path_split_run"
+    monkeypatch.chdir(fixture)
+    corpora = json.loads((fixture / "expected.json").read_text())["corpora"]
+    assert len({c["name"] for c in corpora.values()}) == 3
+    for spec, want in corpora.items():
+        c = load_corpus(spec, split_rule=PATH_RULE)
+        assert c.name == want["name"], spec
+        assert {s: len(c._split(s)) for s in SPLITS} == want["documents"], spec
 
 
 def test_glob_matches_folder(corpus: data.Corpus, folder: Path) -> None:
@@ -280,6 +339,10 @@ def test_hf_splits_and_wikitext_articles(monkeypatch: pytest.MonkeyPatch) -> Non
     assert "/" not in c.name and c.name.startswith("hf-Salesforce_wikitext-wikitext-2-raw-v1-")
     other = load_corpus("hf:some/corpus")
     assert other.documents("train") == [r for r in rows if r]  # rows are documents elsewhere
+    old = load_corpus("hf:Salesforce/wikitext:wikitext-2-raw-v1", split_rule=PATH_RULE)
+    assert all(old.documents(s) == c.documents(s) for s in SPLITS)  # the dataset's own splits
+    assert old.name == "hf-Salesforce_wikitext-wikitext-2-raw-v1-" + _blake2b_64(
+        PATH_RULE, "fp-train", "fp-validation", "fp-test")  # the name that release gave it
 
 
 # --- tokenizer, streams, byte lengths ------------------------------------------------------------

@@ -1,25 +1,41 @@
 """linbias.runs: the run directory's files read back strictly; a run written by an earlier release
 still loads, evaluates and resumes.
 
-``fixtures/old_run`` was written by linbias 0.1.0 before the run directory moved to
-``linbias.runs`` (its ``checkpoint.json`` still has the ``data_step`` field that is no longer
-written): an ALiBi model trained 3 of 6 steps on ``corpus.txt``, given as a relative path.
+One fixture per run format the project has shipped:
+
+* ``fixtures/path_split_run``: written by the release that split files by a hash of their path and
+  recorded no corpus (``data.PATH_RULE``): a finished ALiBi run (6 steps) and the same run
+  interrupted after its step-3 checkpoint, on the folder ``corpus`` given as a relative path, with
+  ``expected.json``: the numbers that release computed (its evaluation of each run on its own
+  valid split, logits of a fixed input, its corpus names) and the machine they were computed on.
+* ``fixtures/old_run``: written by linbias 0.1.0 before the run directory moved to
+  ``linbias.runs`` (its ``checkpoint.json`` still has the ``data_step`` field that is no longer
+  written): an ALiBi model trained 3 of 6 steps on ``corpus.txt``, given as a relative path.
 """
 
 from __future__ import annotations
 
 import json
+import platform
 import shutil
+import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from linbias.config import ModelConfig, TrainConfig
-from linbias.evaluate import evaluate_run
-from linbias.runs import RUN_FORMAT, RunError, load_run, read_checkpoint, read_configs, read_log
+from linbias.data import CONTENT_RULE, PATH_RULE, load_corpus, token_stream
+from linbias.evaluate import evaluate_run, run_stream
+from linbias.runs import (
+    RUN_FORMAT, RunError, check_corpus, load_run, read_checkpoint, read_configs, read_log,
+    recorded_corpus,
+)
 from linbias.train import train
 
 FIXTURE = Path(__file__).parent / "fixtures" / "old_run"
+PATH_SPLIT_FIXTURE = Path(__file__).parent / "fixtures" / "path_split_run"
 
 
 @pytest.fixture
@@ -57,6 +73,97 @@ def test_an_old_run_resumes_as_the_new_code_trains(old_run: Path, tmp_path: Path
     assert resumed[:3] == old_losses  # the log's own lines are kept as written
     assert resumed == pytest.approx(new_losses, **ACROSS_CPUS)
     assert "data_step" not in json.loads((old_run / "checkpoint.json").read_text())
+
+
+# --- a run of the release that split by path ---------------------------------------------------
+
+
+@pytest.fixture
+def path_split(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    shutil.copytree(PATH_SPLIT_FIXTURE, tmp_path / "path_split")
+    monkeypatch.chdir(tmp_path / "path_split")  # the runs name their corpus as text:corpus
+    monkeypatch.setenv("LINBIAS_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "path_split"
+
+
+EXPECTED = json.loads((PATH_SPLIT_FIXTURE / "expected.json").read_text())
+OLD_SPLIT_WARNING = (f"records no corpus.*split files by a hash of their path.*{PATH_RULE}"
+                     ".*held-out text cannot be verified")
+
+
+def _this_machine() -> dict[str, str]:
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in
+             (cpuinfo.read_text().splitlines() if cpuinfo.is_file() else [])
+             if line.startswith("model name")]
+    return {"cpu": names[0] if names else platform.processor(),
+            "capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__}
+
+
+def _agree(got: object, want: object) -> None:
+    """Bit for bit on the machine that wrote the fixture; to float tolerance on any other."""
+    if _this_machine() == EXPECTED["written_on"]:
+        assert got == want
+    else:
+        assert got == pytest.approx(want, **ACROSS_CPUS)
+
+
+def test_a_path_split_run_loads_and_gives_the_same_logits(path_split: Path) -> None:
+    assert "corpus" not in json.loads((path_split / "finished" / "config.json").read_text())
+    run = load_run(path_split / "finished")
+    assert run.corpus is None and read_checkpoint(run.path).step == run.train_config.steps == 6
+    logits = EXPECTED["logits"]
+    with torch.no_grad():
+        out_TV = run.model(torch.tensor([logits["input"]]))[0]
+    _agree(out_TV[logits["positions"]].flatten().tolist(),
+           [v for row in logits["values"] for v in row])
+
+
+@pytest.mark.parametrize("name", ["finished", "interrupted"])
+def test_a_path_split_run_evaluates_on_its_own_split_with_its_numbers(
+        path_split: Path, name: str) -> None:
+    want = EXPECTED["evaluation"][name]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the interrupted run's "unfinished" warning
+        run = load_run(path_split / name)
+    with pytest.warns(UserWarning, match=OLD_SPLIT_WARNING):
+        (record,) = evaluate_run(run, lengths=[32], progress=False)
+    assert {k: record[k] for k in ("eval_len", "mode", "split", "tokens", "bytes")} == \
+        {k: want[k] for k in ("eval_len", "mode", "split", "tokens", "bytes")}  # the same text
+    _agree([record[k] for k in ("nll", "ppl", "bpb")], [want[k] for k in ("nll", "ppl", "bpb")])
+    # The content rule holds out other files: only the path rule gives these numbers.
+    assert load_corpus("text:corpus").documents("valid") != \
+        load_corpus("text:corpus", split_rule=PATH_RULE).documents("valid")
+
+
+def test_an_interrupted_path_split_run_resumes_to_the_finished_runs_losses(
+        path_split: Path) -> None:
+    run_dir = path_split / "interrupted"
+    mc, tc = read_configs(run_dir)
+    with pytest.warns(UserWarning, match=OLD_SPLIT_WARNING):
+        train(mc, tc, run_dir, resume=True, progress=False)
+    finished, resumed = read_log(path_split / "finished"), read_log(run_dir)
+    assert [r["step"] for r in resumed] == [r["step"] for r in finished] == [1, 2, 3, 4, 5, 6]
+    assert resumed[:3] == read_log(PATH_SPLIT_FIXTURE / "interrupted")  # kept as written
+    for key in ("train_loss", "valid_loss", "lr"):
+        _agree([r.get(key) for r in resumed[3:]], [r.get(key) for r in finished[3:]])
+    assert recorded_corpus(run_dir) is None  # still split by its release's rule, next time too
+
+
+def test_a_new_run_records_the_content_split_and_is_evaluated_on_it(
+        tiny_alibi_run: Path, tiny_cache_dir: Path) -> None:
+    run = load_run(tiny_alibi_run)
+    spec = run.train_config.data
+    content, by_path = load_corpus(spec), load_corpus(spec, split_rule=PATH_RULE)
+    assert content.split_rule == CONTENT_RULE and by_path.split_rule == PATH_RULE
+    assert run.corpus == content.name != by_path.name  # the name carries the rule
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a recorded run: no warning
+        assert check_corpus(run.path, run.corpus, content) is content
+        stream = run_stream(run, spec, "valid", tiny_cache_dir)
+    assert np.array_equal(stream, token_stream(content, run.tokenizer, "valid", tiny_cache_dir))
+    with pytest.warns(UserWarning, match=OLD_SPLIT_WARNING):
+        assert check_corpus(run.path, None, content).name == by_path.name
 
 
 @pytest.mark.parametrize("text, problem", [

@@ -11,6 +11,10 @@ is deterministic and content-addressed:
   splits, adding a file never moves another one, and the same text can never be in two splits,
   however many paths reach it (symbolic or hard links, copies, a glob matching it twice). Of
   byte-identical files only the first path (in sorted order) is kept; the repeats are counted.
+* Split rules are versioned (``SPLIT_RULES``): new corpora use ``CONTENT_RULE`` above; runs of
+  the releases that split by a keyed hash of each file's relative path (``PATH_RULE``), which
+  record no corpus, are evaluated and resumed on that split, rebuilt exactly
+  (``load_corpus(spec, split_rule=PATH_RULE)``, see ``_path_rule_corpus``).
 * A token stream is the split's documents in order, each followed by ``<|endoftext|>``.
 * ``get_batch`` is a pure function of ``(seed, step, rank, world_size)``: resuming at ``step``
   replays the same batches, and ``world_size`` ranks together see the one-process global batch.
@@ -69,8 +73,11 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 from linbias.fileio import atomic_write
 
 __all__ = [
+    "CONTENT_RULE",
     "EOT",
+    "PATH_RULE",
     "SPLITS",
+    "SPLIT_RULES",
     "Corpus",
     "default_cache_dir",
     "get_batch",
@@ -89,8 +96,13 @@ SPLITS: tuple[Split, ...] = ("train", "valid", "test")
 SplitBy = Literal["file", "document", "source"]
 EOT = "<|endoftext|>"
 
-# Bump when a rule changes, so names and cache keys built from them change too.
-_SPLIT_RULE = "blake2b-content-mod100:v2"
+# The split rules linbias has shipped, oldest first. A rule's name enters every corpus name and
+# cache key made under it, so a new rule (a new name) never reuses another's splits or caches.
+# A run that records its corpus name was split by CONTENT_RULE (the only rule of the releases
+# that record one); a run that records none, by PATH_RULE.
+PATH_RULE = "blake2b-path-mod100:v1"
+CONTENT_RULE = "blake2b-content-mod100:v2"
+SPLIT_RULES = (PATH_RULE, CONTENT_RULE)
 _TOKENIZER_FORMAT = "bytelevel-bpe-split32:v2"
 _STREAM_FORMAT = "eot-after-each-doc:v1"
 _PACKAGE_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
@@ -128,15 +140,19 @@ class Corpus:
             ``"document"`` (each document cut 98/1/1% in order) or ``"source"`` (the dataset's own
             splits).
         root: the folder whose files it reads (``None`` for one file or a dataset).
+        spec: the ``load_corpus`` spec it was loaded from (``None``: built directly).
+        split_rule: the rule its splits were made by (one of ``SPLIT_RULES``).
     """
 
     def __init__(
         self, name: str, load: Callable[[Split], list[str]], skipped: int = 0, *,
         duplicates: int = 0, not_regular: int = 0, split_by: SplitBy = "file",
-        root: Path | None = None,
+        root: Path | None = None, spec: str | None = None, split_rule: str = CONTENT_RULE,
     ) -> None:
         self.name = name
         self.root = root
+        self.spec = spec
+        self.split_rule = split_rule
         self.split_by = split_by
         self.skipped = skipped
         self.duplicates = duplicates
@@ -161,6 +177,20 @@ class Corpus:
             )
         return docs
 
+    def with_split_rule(self, rule: str) -> Corpus:
+        """The same source split by ``rule`` (itself if already so split); read again.
+
+        Raises:
+            ValueError: an unknown rule, or a corpus not loaded from a spec.
+        """
+        if rule == self.split_rule:
+            return self
+        if self.spec is None:
+            raise ValueError(f"corpus {self.name!r} was not loaded from a spec, so it cannot be "
+                             f"split again by {rule!r}; load it with load_corpus(spec, "
+                             "split_rule=...)")
+        return load_corpus(self.spec, split_rule=rule)
+
     def check_outside(self, path: str | Path, flag: str = "--out") -> None:
         """Refuse an output folder inside the folder this corpus reads: what is written there
         would become documents, and the corpus (and its held-out split) would change.
@@ -180,13 +210,15 @@ class Corpus:
         """Documents and UTF-8 bytes per split, how they were split, and what was left out.
 
         Returns:
-            ``{split: {"documents", "bytes"}}``, ``"split_by"`` (see the class) and ``"skipped"``:
+            ``{split: {"documents", "bytes"}}``, ``"split_by"`` (see the class), ``"split_rule"``
+            and ``"skipped"``:
             ``files`` (empty, binary or not UTF-8), ``duplicates`` (byte-identical to a kept
             file) and ``not_regular`` (named pipes, sockets, devices, links to folders, broken
             links).
         """
         out: dict[str, Any] = {s: _stats(self._split(s)) for s in SPLITS}
         out["split_by"] = self.split_by
+        out["split_rule"] = self.split_rule
         out["skipped"] = {"files": self.skipped, "duplicates": self.duplicates,
                           "not_regular": self.not_regular}
         return out
@@ -204,41 +236,51 @@ def _stats(docs: list[str]) -> dict[str, int]:
     return {"documents": len(docs), "bytes": sum(len(d.encode()) for d in docs)}
 
 
-def split_of(text: str) -> Split:
-    """The split of a document, from a stable hash of its text.
+def split_of(key: str, rule: str = CONTENT_RULE) -> Split:
+    """The split of a document, from a stable hash of ``key`` keyed by the rule's name.
 
-    Hashing the content, not the path, is what keeps one text out of two splits whatever paths
-    reach it. Buckets 0 and 1 of 100 are ``valid`` and ``test``; the other 98 are ``train``.
+    Under ``CONTENT_RULE`` the key is the document's text: hashing the content, not the path, is
+    what keeps one text out of two splits whatever paths reach it. Under ``PATH_RULE`` it is the
+    file's ``/``-separated path relative to the corpus root. Buckets 0 and 1 of 100 are ``valid``
+    and ``test``; the other 98 are ``train``.
     """
-    bucket = int(_digest(_SPLIT_RULE, text), 16) % 100
+    bucket = int(_digest(rule, key), 16) % 100
     return "valid" if bucket == 0 else "test" if bucket == 1 else "train"
 
 
-def load_corpus(spec: str = "stdlib") -> Corpus:
+def load_corpus(spec: str = "stdlib", *, split_rule: str = CONTENT_RULE) -> Corpus:
     """Load a corpus from a spec: ``stdlib``, ``text:PATH`` or ``hf:NAME[:CONFIG]``.
 
     Args:
         spec: see the module docstring for what each form selects and how it is split.
+        split_rule: how files are assigned to splits (``SPLIT_RULES``); ``PATH_RULE`` only to
+            rebuild the split of a run that records no corpus (``linbias.runs.check_corpus``).
 
     Returns:
         The corpus; file sources are read now, Hugging Face splits when first asked for.
 
     Raises:
-        ValueError: a spec that is not a string, an unknown spec, or a source with no usable
-            documents.
+        ValueError: a spec that is not a string, an unknown spec or split rule, or a source
+            with no usable documents.
     """
     if not isinstance(spec, str):
         raise ValueError(f"corpus spec must be a string, got {spec!r} ({type(spec).__name__}); "
                          f"valid forms: {_SPECS}")
+    if split_rule not in SPLIT_RULES:
+        raise ValueError(f"unknown split rule {split_rule!r}; valid rules: "
+                         f"{', '.join(SPLIT_RULES)}")
     kind, _, arg = spec.partition(":")
     if spec == "stdlib":
-        return _stdlib_corpus()
-    if kind == "text" and arg:
-        return _text_corpus(arg)
-    if kind == "hf" and arg:
+        corpus = _stdlib_corpus(split_rule)
+    elif kind == "text" and arg:
+        corpus = _text_corpus(arg, split_rule)
+    elif kind == "hf" and arg:
         name, _, config = arg.partition(":")
-        return _hf_corpus(name, config or None)
-    raise ValueError(f"unknown corpus spec {spec!r}; valid forms: {_SPECS}")
+        corpus = _hf_corpus(name, config or None, split_rule)
+    else:
+        raise ValueError(f"unknown corpus spec {spec!r}; valid forms: {_SPECS}")
+    corpus.spec = spec
+    return corpus
 
 
 # --- file sources --------------------------------------------------------------------------------
@@ -322,9 +364,9 @@ class _Tally:
     not_regular: list[str] = field(default_factory=list)
 
 
-def _files_corpus(label: str, root: Path, paths: list[Path]) -> Corpus:
-    tally = _Tally()
-    fingerprint = hashlib.blake2b(_SPLIT_RULE.encode(), digest_size=8)
+def _readable(root: Path, paths: list[Path], tally: _Tally) -> Iterator[tuple[str, str]]:
+    """``(relative path, text)`` of each usable file, in order; what is not usable is tallied.
+    Special files are never opened (``_read_regular``), whatever the split rule."""
     for path in paths:
         rel = path.relative_to(root).as_posix()
         try:
@@ -335,6 +377,25 @@ def _files_corpus(label: str, root: Path, paths: list[Path]) -> Corpus:
         if text is None:
             tally.unusable += 1
             continue
+        yield rel, text
+
+
+def _check_tally(label: str, root: Path, tally: _Tally) -> None:
+    """Warn about the paths that are not regular files; refuse a source without documents."""
+    if tally.not_regular:
+        _warn_not_regular(label, tally.not_regular)
+    if not tally.documents:
+        raise ValueError(
+            f"corpus {label!r} has no documents ({tally.unusable} empty, binary or non-UTF-8 "
+            f"files, {len(tally.not_regular)} paths that are not regular files in {root})"
+        )
+
+
+def _files_corpus(label: str, root: Path, paths: list[Path]) -> Corpus:
+    """Files split by ``CONTENT_RULE``: one document per distinct text."""
+    tally = _Tally()
+    fingerprint = hashlib.blake2b(CONTENT_RULE.encode(), digest_size=8)
+    for rel, text in _readable(root, paths, tally):
         digest = _digest(text)
         if digest in tally.seen:  # a link, a copy or a second match: same text, same document
             tally.duplicates += 1
@@ -343,13 +404,7 @@ def _files_corpus(label: str, root: Path, paths: list[Path]) -> Corpus:
         tally.documents.append(text)
         tally.splits[split_of(text)].append(text)
         fingerprint.update(_digest(rel, digest).encode())
-    if tally.not_regular:
-        _warn_not_regular(label, tally.not_regular)
-    if not tally.documents:
-        raise ValueError(
-            f"corpus {label!r} has no documents ({tally.unusable} empty, binary or non-UTF-8 "
-            f"files, {len(tally.not_regular)} paths that are not regular files in {root})"
-        )
+    _check_tally(label, root, tally)
     splits, split_by = tally.splits, "file"
     if _held_out(splits) < _MIN_HELD_OUT * sum(len(d) for d in tally.documents):
         cut = _cut_documents(tally.documents)
@@ -359,6 +414,33 @@ def _files_corpus(label: str, root: Path, paths: list[Path]) -> Corpus:
     return Corpus(f"{_slug(label)}-{fingerprint.hexdigest()}", splits.__getitem__, tally.unusable,
                   duplicates=tally.duplicates, not_regular=len(tally.not_regular),
                   split_by=split_by, root=root)
+
+
+def _path_rule_corpus(label: str, root: Path, paths: list[Path]) -> Corpus:
+    """Files split by ``PATH_RULE``, exactly as the releases that used it did, for their runs.
+
+    Every usable path is a document, in the order given, byte-identical copies included (those
+    releases kept them: a copy may sit in another split than its original, which is why the rule
+    was replaced); the split is the hash of the relative path; no document is ever cut; the name
+    is theirs (its fingerprint covers each path and text in order), so the token caches they
+    wrote are reused. Only the reading is today's: special files are skipped, never opened.
+    """
+    tally = _Tally()
+    fingerprint = hashlib.blake2b(PATH_RULE.encode(), digest_size=8)
+    for rel, text in _readable(root, paths, tally):
+        tally.documents.append(text)
+        tally.splits[split_of(rel, PATH_RULE)].append(text)
+        fingerprint.update(_digest(rel, text).encode())
+    _check_tally(label, root, tally)
+    return Corpus(f"{_slug(label)}-{fingerprint.hexdigest()}", tally.splits.__getitem__,
+                  tally.unusable, not_regular=len(tally.not_regular), root=root,
+                  split_rule=PATH_RULE)
+
+
+# How a folder's files are split, per rule.
+_FILE_SPLITS: dict[str, Callable[[str, Path, list[Path]], Corpus]] = {
+    PATH_RULE: _path_rule_corpus, CONTENT_RULE: _files_corpus,
+}
 
 
 # A by-file split is kept when valid and test each get at least this share of the characters
@@ -388,13 +470,14 @@ def _warn_not_regular(label: str, rels: list[str], shown: int = 5) -> None:
     warnings.warn(
         f"corpus {label!r}: skipped {len(rels)} path(s) that are not regular files (named pipes, "
         f"sockets, devices, links to folders, broken links): {', '.join(rels[:shown])}{more}",
-        stacklevel=5,  # the caller of load_corpus
+        stacklevel=6,  # the caller of load_corpus
     )
 
 
-def _stdlib_corpus() -> Corpus:
+def _stdlib_corpus(rule: str) -> Corpus:
     root, paths = stdlib_files()
-    return _files_corpus(f"stdlib-py{sys.version_info[0]}.{sys.version_info[1]}", root, paths)
+    label = f"stdlib-py{sys.version_info[0]}.{sys.version_info[1]}"
+    return _FILE_SPLITS[rule](label, root, paths)
 
 
 def _magic(part: str) -> bool:
@@ -423,6 +506,26 @@ def _match(parts: tuple[str, ...], pattern: tuple[str, ...], prefix: bool = Fals
     return fnmatchcase(parts[0], pattern[0]) and _match(parts[1:], pattern[1:], prefix)
 
 
+def _match_count(parts: tuple[str, ...], pattern: tuple[str, ...]) -> int:
+    """The number of ways ``parts`` match ``pattern``: Python's ``glob``, which the releases of
+    ``PATH_RULE`` used, lists a file once per way (``a/**/**/*.txt`` lists ``a/b/c.txt`` thrice)."""
+    if not pattern:
+        return int(not parts)
+    if pattern[0] == "**":
+        return _match_count(parts, pattern[1:]) + (_match_count(parts[1:], pattern) if parts else 0)
+    if not parts or not fnmatchcase(parts[0], pattern[0]):
+        return 0
+    return _match_count(parts[1:], pattern[1:])
+
+
+def _as_python_glob(root: Path, pattern: tuple[str, ...], paths: list[Path]) -> list[Path]:
+    """``paths`` as those releases' ``sorted(glob(...))`` listed them: ordered by path parts (not
+    by the ``/``-joined text: ``a/b`` before ``a.txt``), each repeated once per match."""
+    parts = {p: p.relative_to(root).parts for p in paths}
+    return [p for p in sorted(paths, key=parts.__getitem__)
+            for _ in range(_match_count(parts[p], pattern))]
+
+
 def _glob_files(root: Path, pattern: tuple[str, ...]) -> list[Path]:
     """Paths under ``root`` matching ``pattern`` (its parts below ``root``), each listed once."""
 
@@ -432,12 +535,13 @@ def _glob_files(root: Path, pattern: tuple[str, ...]) -> list[Path]:
     return _walk(root, keep) if root.is_dir() else []
 
 
-def _text_corpus(arg: str) -> Corpus:
+def _text_corpus(arg: str, rule: str) -> Corpus:
     path = Path(arg).expanduser()
     if path.is_file():
-        return _single_file_corpus(f"text-{path.stem}", path)
+        return _single_file_corpus(f"text-{path.stem}", path, rule)
     if path.is_dir():
-        return _files_corpus(f"text-{path.resolve().name}", path, _walk(path, lambda *_: True))
+        label = f"text-{path.resolve().name}"
+        return _FILE_SPLITS[rule](label, path, _walk(path, lambda *_: True))
     if path.exists():
         raise ValueError(f"text corpus {arg!r} is not a regular file or a folder (a named pipe, "
                          "socket or device?); give a file, a folder or a glob")
@@ -448,8 +552,10 @@ def _text_corpus(arg: str) -> Corpus:
             raise ValueError(f"text corpus {arg!r}: '..' after a wildcard is not supported; "
                              "put it before the first wildcard")
         paths = _glob_files(root, pattern)
+        if rule == PATH_RULE:
+            paths = _as_python_glob(root, pattern, paths)
         if paths:
-            return _files_corpus(f"text-{root.resolve().name}", root, paths)
+            return _FILE_SPLITS[rule](f"text-{root.resolve().name}", root, paths)
     raise ValueError(f"text corpus {arg!r}: no such file or folder, and no file matches the glob")
 
 
@@ -460,18 +566,20 @@ def _cut(text: str, fraction: float) -> int:
     return target if newline < 0 else newline + 1
 
 
-def _single_file_corpus(label: str, path: Path) -> Corpus:
+def _single_file_corpus(label: str, path: Path, rule: str) -> Corpus:
+    """One file cut 98/1/1% (every rule cuts it alike; the rule is in the name)."""
     text = _read_text(path)
     if not text:
         raise ValueError(f"text corpus {str(path)!r} is empty, binary or not UTF-8")
-    name = f"{_slug(label)}-{_digest(_SPLIT_RULE, 'single-file', text)}"
-    return Corpus(name, _cut_documents([text]).__getitem__, split_by="document")
+    name = f"{_slug(label)}-{_digest(rule, 'single-file', text)}"
+    return Corpus(name, _cut_documents([text]).__getitem__, split_by="document", split_rule=rule)
 
 
 # --- Hugging Face datasets -----------------------------------------------------------------------
 
 
-def _hf_corpus(name: str, config: str | None) -> Corpus:
+def _hf_corpus(name: str, config: str | None, rule: str) -> Corpus:
+    """The dataset's own splits (every rule keeps them; the rule is in the name)."""
     try:
         import datasets  # optional dependency
     except ImportError as e:
@@ -486,7 +594,7 @@ def _hf_corpus(name: str, config: str | None) -> Corpus:
             "in the local datasets cache (HF_DATASETS_OFFLINE=1 uses only the cache) or online."
         ) from e
     columns = {s: _hf_split_name(dataset, s, name) for s in SPLITS}
-    fingerprint = _digest(_SPLIT_RULE, *(dataset[c]._fingerprint for c in columns.values()))
+    fingerprint = _digest(rule, *(dataset[c]._fingerprint for c in columns.values()))
     regroup = _wikitext_articles if name.split("/")[-1].startswith("wikitext") else list
 
     def load(split: Split) -> list[str]:
@@ -495,7 +603,8 @@ def _hf_corpus(name: str, config: str | None) -> Corpus:
             raise ValueError(f"dataset {name!r} has no 'text' column; it has {rows.column_names}")
         return [d for d in regroup(rows["text"]) if d]
 
-    return Corpus(_slug(f"hf-{name}-{config or 'default'}-{fingerprint}"), load, split_by="source")
+    return Corpus(_slug(f"hf-{name}-{config or 'default'}-{fingerprint}"), load, split_by="source",
+                  split_rule=rule)
 
 
 def _hf_split_name(dataset: object, split: Split, name: str) -> str:

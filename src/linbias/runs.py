@@ -49,7 +49,7 @@ from tokenizers import Tokenizer
 
 from linbias.checks import is_finite_number
 from linbias.config import ModelConfig, TrainConfig, model_config
-from linbias.data import Corpus, load_tokenizer, save_tokenizer
+from linbias.data import PATH_RULE, Corpus, load_tokenizer, save_tokenizer
 from linbias.fileio import (
     LOCK_NAME, atomic_write, atomic_write_text, locked_folder, owning_folder, sha256_file,
     write_json, writer_of,
@@ -166,21 +166,35 @@ def _run_meta(run_dir: Path) -> dict[str, Any]:
     return meta
 
 
-def check_corpus(run_dir: Path, recorded: Optional[str], corpus: Corpus) -> None:
-    """Refuse to resume or evaluate a run on its corpus unless that corpus is the one it was
-    trained on: same files and same split rule, so held-out text is still held out.
+def check_corpus(run_dir: Path, recorded: Optional[str], corpus: Corpus) -> Corpus:
+    """The run's corpus split by the rule it was trained with, after checking that it is the
+    corpus the run was trained on (same files, same split), so held-out text is still held out.
+
+    A run that records its corpus was split by ``CONTENT_RULE``: the recorded name, which ends in
+    a fingerprint of the files and the rule, must be ``corpus``'s. A run that records none was
+    written by a release that split by ``PATH_RULE`` and recorded nothing to compare with: its
+    split is rebuilt from the same source, with a warning saying so.
+
+    Args:
+        run_dir: the run (for messages).
+        recorded: the corpus name the run recorded (``recorded_corpus``), or ``None``.
+        corpus: the run's corpus (``train_config.data``) as ``load_corpus`` loads it.
+
+    Returns:
+        ``corpus``, or for a run without a record the same source split by ``PATH_RULE``.
 
     Raises:
-        RunError: the corpus changed, or the run (from an older linbias) recorded none.
+        RunError: the corpus changed since the run recorded it.
     """
-    if recorded == corpus.name:
-        return
     if recorded is None:
-        raise RunError(
-            f"{run_dir / 'config.json'} records no corpus fingerprint (written by an older linbias, "
-            f"whose split rule differs): its held-out split may now hold training text. Train the "
-            "run again, or evaluate it on another corpus with --data"
-        )
+        warnings.warn(
+            f"{run_dir} records no corpus: it was written by a linbias release that split files "
+            f"by a hash of their path, so it gets that release's split ({PATH_RULE}); that "
+            f"release recorded no fingerprint, so held-out text cannot be verified: {corpus.spec} "
+            "must hold the files it was trained on", stacklevel=2)
+        return corpus.with_split_rule(PATH_RULE)
+    if recorded == corpus.name:
+        return corpus
     raise RunError(
         f"the corpus {corpus.name!r} is not the one {run_dir} was trained on ({recorded!r}): its "
         "files or its split changed, so held-out text may have been trained on. Restore the "

@@ -216,7 +216,7 @@ def _train(d: _Dist, model_config: ModelConfig, tc: TrainConfig, out: Path, resu
     corpus = load_corpus(tc.data)
     corpus.check_outside(out)
     if resume:
-        runs.check_corpus(out, runs.recorded_corpus(out), corpus)
+        corpus = runs.check_corpus(out, runs.recorded_corpus(out), corpus)
     elif d.main:
         for message in position_warnings(model_config):  # e.g. T5 buckets training never reaches
             warnings.warn(message, stacklevel=2)
