@@ -269,3 +269,19 @@ def test_checks_sit_at_the_bottom_of_the_import_graph():
     imported = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
     imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
     assert not any(m.startswith("linbias") for m in imported)
+
+
+def test_fields_of_the_other_protocol_are_refused_in_the_library_too():
+    from linbias.config import EvalConfig
+    from linbias.evaluate import eval_config
+
+    with pytest.raises(ValueError, match="depths applies only with a task; drop it or add a task"):
+        EvalConfig(lengths=(64,), depths=(50.0,))
+    with pytest.raises(ValueError, match="mode, stride, max_tokens apply only without a task"):
+        EvalConfig(lengths=(64,), task="passkey", mode="sliding", stride=8, max_tokens=100)
+    with pytest.raises(ValueError, match="trials applies only with a task"):
+        eval_config(lengths=[64], trials=10)  # the default value, but given: still refused
+    perplexity = EvalConfig(lengths=(64,), max_tokens=200)
+    task = eval_config(perplexity, task="passkey", trials=2)  # switching protocol: a fresh start
+    assert task.max_tokens is None and task.trials == 2
+    assert eval_config(task, task=None).trials == EvalConfig(lengths=(1,)).trials

@@ -456,13 +456,13 @@ class EvalConfig(ConfigBase):
         check_int("seed", self.seed, low=0)
         # A field of the other protocol given a value of its own would be silently ignored.
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        check_protocol(self.task, [n for n in (*_TASK_ONLY, *_PERPLEXITY_ONLY)
+        check_protocol(self.task, [n for n in (*TASK_ONLY, *PERPLEXITY_ONLY)
                                    if getattr(self, n) != defaults[n]])
 
 
 # The EvalConfig fields of one protocol: retrieval (a task) or perplexity (no task).
-_TASK_ONLY = ("depths", "trials", "seed", "filler")
-_PERPLEXITY_ONLY = ("data", "mode", "stride", "max_tokens", "per_position")
+TASK_ONLY = ("depths", "trials", "seed", "filler")
+PERPLEXITY_ONLY = ("data", "mode", "stride", "max_tokens", "per_position")
 
 
 def check_protocol(task: Optional[str], given: Iterable[str], *,
@@ -475,7 +475,7 @@ def check_protocol(task: Optional[str], given: Iterable[str], *,
         ValueError: naming each such field and the fix.
     """
     given = set(given)
-    wrong = [name(n) for n in (_TASK_ONLY if task is None else _PERPLEXITY_ONLY) if n in given]
+    wrong = [name(n) for n in (TASK_ONLY if task is None else PERPLEXITY_ONLY) if n in given]
     if wrong:
         one = len(wrong) == 1
         raise ValueError(f"{', '.join(wrong)} appl{'ies' if one else 'y'} only "

@@ -53,7 +53,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from linbias.checks import check_int
-from linbias.config import EvalConfig, Mode, check_protocol, resolve_stride
+from linbias.config import (
+    PERPLEXITY_ONLY, TASK_ONLY, EvalConfig, Mode, check_protocol, resolve_stride,
+)
 from linbias.deprecation import moved
 from linbias.data import (
     default_cache_dir, load_corpus, token_byte_lengths, token_stream,
@@ -294,7 +296,12 @@ def eval_config(config: EvalConfig | None = None, **fields: Any) -> EvalConfig:
         ValueError: an unknown field (the valid ones named) or a bad value (from ``EvalConfig``).
     """
     fields = {k: list(v) if k in _LIST_FIELDS and _ordered(v) else v for k, v in fields.items()}
-    merged = EvalConfig.from_dict({**({} if config is None else config.to_dict()), **fields})
+    base = {} if config is None else config.to_dict()
+    if "task" in fields and fields["task"] != base.get("task"):
+        # Another protocol than the config's: its fields of the old protocol do not carry over.
+        old = PERPLEXITY_ONLY if fields["task"] is not None else TASK_ONLY
+        base = {k: v for k, v in base.items() if k not in old}
+    merged = EvalConfig.from_dict({**base, **fields})
     check_protocol(merged.task, [k for k, v in fields.items() if v is not None])
     return merged
 
