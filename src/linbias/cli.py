@@ -178,6 +178,10 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
 def _run_eval(args: argparse.Namespace) -> int:
     """perplexity or retrieval past the training length
 
@@ -194,10 +198,9 @@ def _run_eval(args: argparse.Namespace) -> int:
     if args.hf is None and args.train_len is not None:
         raise ValueError("--train-len applies to --hf models; a run has its own (config.json)")
     fields = given(args, EvalConfig)
-    flag = lambda field: "--" + field.replace("_", "-")  # noqa: E731
     if args.heatmap is not None and fields.get("task") is None:
         raise ValueError("--heatmap applies only with --task; drop it or add --task")
-    check_protocol(fields.get("task"), fields, name=flag, task_word="--task")
+    check_protocol(fields.get("task"), fields, name=_flag, task_word="--task")
     config = EvalConfig.from_dict(fields)  # every value checked before a model is loaded
     # Now, not after an evaluation that may take hours.
     if args.json is not None:
