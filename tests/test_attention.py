@@ -160,7 +160,7 @@ def test_sdpa_copies_only_inputs_the_kernel_cannot_read():
     with _Copies() as mode:
         out = alibi_attention(q, k, v, slopes, backend="sdpa")
         out.transpose(1, 2).reshape(B, T, H * D).backward(torch.ones(B, T, H * D))
-    assert mode.copied == [(B, H, T)]  # only the kernel's small log-sum-exp
+    assert set(mode.copied) <= {(B, H, T)}  # at most the kernel's small log-sum-exp
     q_d_major = LAYOUTS["d_major"](q.detach())
     with _Copies() as mode:
         alibi_attention(q_d_major, k.detach(), v.detach(), slopes, backend="sdpa")

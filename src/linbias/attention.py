@@ -516,7 +516,8 @@ def _causal_forward(c: _Call, q: Tensor, k: Tensor, v: Tensor):
     runs of earlier keys that may count (see above)."""
     B, H, Lq, D = q.shape
     offset = k.shape[2] - Lq
-    out, lse = q.new_empty(B, H, Lq, D), q.new_empty(B, H, Lq)
+    # [B, Lq, H, D] in memory, as the kernel writes it: a model's transpose back is free.
+    out, lse = q.new_empty(B, Lq, H, D).transpose(1, 2), q.new_empty(B, H, Lq)
     segs: list[_Segment] = []
     bounds = None
     for h0, h1, block in _head_groups(c):
@@ -552,7 +553,7 @@ class _BiasAttention(torch.autograd.Function):
         if seen.has_key is not None:  # rows that see no key: zero output, zero gradient
             lse, grad_out = lse.masked_fill(~seen.has_key[..., 0], 0.0), seen.zero(grad_out)
         grad_out = _kernel_layout(grad_out, grad_out.dtype)
-        grads = {name: torch.zeros_like(t) for name, t in (("q", q), ("k", k), ("v", v))}
+        grads: dict[str, Tensor] = {}
         for s in ctx.segs:
             heads, rows, keys = s.heads(q.shape[1]), slice(s.q0, s.q1), slice(s.k0, s.k1)
             lse_s = lse[:, heads, rows]
@@ -562,6 +563,10 @@ class _BiasAttention(torch.autograd.Function):
                 out[:, heads, rows], lse_s.contiguous(), 0.0, s.causal,
                 attn_mask=_segment_mask(c, s), scale=c.scale,
             )
+            if dq_s.shape == q.shape and dk_s.shape == k.shape and not grads:
+                return dq_s, dk_s, dv_s, None, None  # one segment covers all: no zeros, no copy
+            if not grads:
+                grads = {name: torch.zeros_like(t) for name, t in (("q", q), ("k", k), ("v", v))}
             grads["q"][:, heads, rows] += dq_s
             grads["k"][:, heads, keys] += dk_s
             grads["v"][:, heads, keys] += dv_s
