@@ -547,8 +547,9 @@ def test_auto_takes_the_decode_path_for_a_few_queries(Lq, uses_decode):
 
 
 @pytest.mark.parametrize("padded", [False, True])
-@pytest.mark.parametrize("T", [4000, 20000])  # one kernel call; the scores route past 8192 keys
-def test_decode_builds_nothing_larger_than_its_bias(padded, T):
+@pytest.mark.parametrize("T", [4000, 20000])  # one kernel call; the scores route (past 8192 here)
+def test_decode_builds_nothing_larger_than_its_bias(monkeypatch, padded, T):
+    monkeypatch.setattr(attention, "_DECODE_WINDOW_KEYS", 8192)
     # One query over T keys: the bias is [B or 1, H, 1, T], the scores [B, H, 1, T], O(T);
     # grouped keys are never expanded (an expanded cache would be H * T * D).
     B, H, Hkv, D = 2, 8, 2, 8
