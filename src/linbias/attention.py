@@ -465,9 +465,10 @@ class _KeyBounds:
         if c.key_padding_mask is not None:
             real = c.key_padding_mask[:, None, :]
             norms, extra = norms.masked_fill(~real, 0.0), extra.masked_fill(~real, float("-inf"))
-        self.key_norm = F.pad(norms, (0, pad)).view(*norms.shape[:2], -1, _KEY_BLOCK).amax(-1)
+        n = (Lk + pad) // _KEY_BLOCK  # (not -1 in view: an empty batch makes it ambiguous)
+        self.key_norm = F.pad(norms, (0, pad)).view(*norms.shape[:2], n, _KEY_BLOCK).amax(-1)
         extra = F.pad(extra, (0, pad), value=float("-inf"))
-        self.key_extra = extra.view(*extra.shape[:2], -1, _KEY_BLOCK).amax(-1)
+        self.key_extra = extra.view(*extra.shape[:2], n, _KEY_BLOCK).amax(-1)
         self.query_norm = torch.linalg.vector_norm(q, dim=-1) * abs(c.scale)
 
 
@@ -823,7 +824,7 @@ def _flex_needed_blocks(c: _Call, block: int = _FLEX_BLOCK) -> Tensor:
 
     def blocks(x: Tensor, fill: float, reduce: Callable) -> Tensor:
         x = F.pad(x, (0, -x.shape[-1] % block), value=fill)
-        return reduce(x.view(*x.shape[:-1], -1, block), -1)
+        return reduce(x.view(*x.shape[:-1], x.shape[-1] // block, block), -1)
 
     A = blocks(torch.linalg.vector_norm(q, dim=-1) * abs(c.scale), 0.0, torch.amax)
     low = blocks(low, math.inf, torch.amin)  # [B, H, nq]
