@@ -68,7 +68,7 @@ from linbias.tasks import (
 from linbias.runs import Run, check_corpus, load_run
 
 __all__ = [
-    "EvalModel", "RunModel", "check_results_path", "check_fits", "fits_in_memory",
+    "EvalModel", "RunModel", "cell_seed", "check_results_path", "check_fits", "fits_in_memory",
     "eval_config", "evaluate_model", "run_stream",
     "evaluate_run", "evaluate_run_task", "evaluate_stream", "evaluate_task",
     "json_record", "merge_cells", "attention_profile", "retrieval_summary",
@@ -629,7 +629,7 @@ def evaluate_task(
             with fits_in_memory(length):
                 cells = [] if _beyond(model, length) else [
                     (d, make_trials(task, encode, length, d, c.trials,
-                                    _cell_seed(c.seed, length, d), filler_ids)) for d in c.depths]
+                                    cell_seed(c.seed, length, d), filler_ids)) for d in c.depths]
             for rule in c.rules:
                 if not cells:
                     records += [{**head, "scaling": rule, **_skipped_cell(model, task, length, d)}
@@ -649,7 +649,7 @@ def _beyond(model: EvalModel, length: int) -> bool:
     return model.max_len is not None and length > model.max_len
 
 
-def _cell_seed(seed: int, length: int, depth: float) -> int:
+def cell_seed(seed: int, length: int, depth: float) -> int:
     """One seed per cell, so that adding a length or a depth changes no other cell's trials."""
     return int(np.random.SeedSequence([seed, length, round(depth * 1000)]).generate_state(1)[0])
 

@@ -112,7 +112,7 @@ def lines_dataset(**metadata: Any) -> dict[str, datasets.Dataset]:
 
 def _retrieval_dataset(task: str, metadata: dict[str, Any]) -> dict[str, datasets.Dataset]:
     from linbias.config import EvalConfig
-    from linbias.evaluate import _cell_seed
+    from linbias.evaluate import cell_seed
     from linbias.tasks import make_trials
 
     if "lengths" not in metadata:
@@ -125,7 +125,7 @@ def _retrieval_dataset(task: str, metadata: dict[str, Any]) -> dict[str, dataset
     for length in config.lengths:
         for depth in config.depths:
             for trial in make_trials(task, encode, length, depth, config.trials,
-                                     _cell_seed(config.seed, length, depth)):
+                                     cell_seed(config.seed, length, depth)):
                 context = encode.decode(trial.prompt_ids)
                 docs.append({"context": context, "answer": encode.decode(trial.answer_ids),
                              "length": length, "depth": float(depth),
