@@ -296,7 +296,7 @@ def test_evaluate_task_scores_the_same_prompts_under_every_rule(run) -> None:
     for r in records:  # recomputed from the documented seeding, trial by trial
         assert r["position"] == "alibi" and r["train_len"] == 32 and r["filler"] == "sentences"
         cell = make_trials("passkey", encode, r["length"], r["depth"], 3,
-                           ev._cell_seed(0, r["length"], r["depth"]))
+                           ev.cell_seed(0, r["length"], r["depth"]))
         with model.under(r["scaling"]):
             results = score(model.logits, cell)
         assert r["correct"] == sum(results) and r["n"] == 3

@@ -272,12 +272,12 @@ def test_retrieval_task_equals_linbias_eval(meeting_run, task):
     assert out["results"][f"linbias_{task}"]["acc,none"] == pytest.approx(
         correct / sum(r["n"] for r in records))
     # The documents are linbias's trials, token for token.
-    from linbias.evaluate import _cell_seed
+    from linbias.evaluate import cell_seed
 
     encode = encoder(run.tokenizer)
     trials = [t for length in cells["lengths"] for d in cells["depths"]
               for t in make_trials(task, encode, length, d, cells["trials"],
-                                   _cell_seed(cells["seed"], length, d))]
+                                   cell_seed(cells["seed"], length, d))]
     assert len(samples) == len(trials)
     by_doc = {s["doc"]["context"]: s for s in samples}
     for trial in trials:
