@@ -209,3 +209,12 @@ def test_attention_profile_of_the_export_equals_the_runs(exported, bias_free_dir
     assert [(r["layer"], r["head"], r["distance"]) for r in theirs] == \
         [(r["layer"], r["head"], r["distance"]) for r in ours]
     assert all(abs(a["share"] - b["share"]) < 1e-5 for a, b in zip(theirs, ours))
+
+
+def test_a_length_that_cannot_fit_is_refused_before_any_work(exported) -> None:
+    from linbias.config import EvalConfig
+    from linbias.hf import evaluate_hf
+
+    with pytest.raises(MemoryError, match=r"length 100000000 needs at least .* GiB for its logits"):
+        evaluate_hf(str(exported), EvalConfig(lengths=(100_000_000,), task="passkey"),
+                    progress=False)

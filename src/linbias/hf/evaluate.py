@@ -148,6 +148,8 @@ class HFModel:
             check_int("train_len", train_len)
         self.train_len = train_len
         self.max_len = None if self._not_alibi is None else _position_table_rows(model)
+        # For evaluate.check_fits: a length whose logits cannot fit is refused before any work.
+        self.vocab_size: int | None = getattr(model.config, "vocab_size", None)
         # Looked up once: logits() runs once per batch of every evaluation.
         self._takes_positions = "position_ids" in inspect.signature(model.forward).parameters
 
