@@ -42,6 +42,52 @@ def naive_alibi_attention(q, k, v, slopes, *, causal=True, scale=None, key_paddi
     return out
 
 
+def design_rule_attention(q, k, v, slopes, rule, train_len, *, key_padding_mask=None, scale=None,
+                          sinks=4):
+    """Causal ALiBi attention under a rule past L, spelled out from DESIGN.md ("Rules past L") in
+    float64: per row L' (its real tokens), per head its slope and rank (0 = steepest), per query
+    the distance to each key. Shares no code with linbias. ``slopes`` ``[H]``: the paper's."""
+    q, k, v = (t.detach().double() for t in (q, k, v))
+    B, H, Lq, D = q.shape
+    Lk, group, L = k.shape[2], H // k.shape[1], train_len
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    base = [float(m) for m in slopes]
+    rank = {h: n for n, h in enumerate(sorted(range(H), key=lambda h: -base[h]))}
+    out = torch.zeros(B, H, Lq, D, dtype=torch.float64)
+    for b in range(B):
+        real = [True] * Lk if key_padding_mask is None else key_padding_mask[b].tolist()
+        Lp = max(1, sum(real))
+        past = Lp > L
+        sink_keys = [j for j in range(Lk) if real[j]][:sinks]
+        w = L // 2
+        for h in range(H):
+            m, a = base[h], Lp / L
+            if past:
+                m *= {"linear": 1 / a, "sqrt": math.sqrt(1 / a),
+                      "log": math.log(L) / math.log(Lp),
+                      "ntk": a ** (-rank[h] / (H - 1)) if H > 1 else 1.0}.get(rule, 1.0)
+            temperature = math.log(Lp) / math.log(L) if past and rule == "logn" else 1.0
+            for i in range(Lq):
+                i_abs = Lk - Lq + i
+                scores = torch.full((Lk,), -math.inf, dtype=torch.float64)
+                for j in range(i_abs + 1):
+                    d = i_abs - j
+                    if not real[j]:
+                        continue
+                    if past and rule == "window" and not (d < L or j in sink_keys):
+                        continue
+                    f = d
+                    if past and rule in ("cap", "window"):
+                        f = min(d, L)
+                    if past and rule == "selfextend" and d > w:
+                        f = w + (d - w) / ((Lp - w) / (L - w))
+                    qk = float(q[b, h, i] @ k[b, h // group, j])
+                    scores[j] = temperature * qk * scale - m * f
+                if torch.isfinite(scores).any():
+                    out[b, h, i] = torch.softmax(scores, -1) @ v[b, h // group]
+    return out
+
+
 def reference_attention(q, k, v, bias=None, key_padding_mask=None) -> torch.Tensor:
     """softmax(q k^T / sqrt(D) + bias) v in float64, causal with queries the last T keys."""
     q, k, v = q.double(), k.double(), v.double()

@@ -117,7 +117,7 @@ def test_other_rules_only_scale_past_train_len():
 
 def test_unknown_rule_lists_valid():
     with pytest.raises(ValueError, match="linear"):
-        interpolate_slopes(alibi_slopes(2), 10, 20, rule="ntk")
+        interpolate_slopes(alibi_slopes(2), 10, 20, rule="ntk-alibi")
 
 
 @pytest.mark.parametrize(
@@ -190,3 +190,43 @@ def test_row_lengths_count_real_tokens_and_never_zero() -> None:
 
     mask = torch.tensor([[True, True, True], [False, True, True], [False, False, False]])
     assert row_lengths(mask).tolist() == [3, 2, 1]  # a fully padded row keeps a valid length
+
+
+def test_ntk_keeps_the_steepest_head_and_divides_the_flattest_by_a():
+    from linbias.alibi import slope_factors
+
+    m = alibi_slopes(8)
+    a = 4096 / 1024
+    assert slope_factors(m, 1024, 4096, "ntk") == pytest.approx(
+        [a ** (-h / 7) for h in range(8)])  # keezen/ntk_alibi: m_h * a^(-h / (H - 1))
+    m12 = alibi_slopes(12)  # not a power of two: heads ranked by slope, not by index
+    f = dict(zip(m12.tolist(), slope_factors(m12, 10, 40, "ntk")))
+    ranked = sorted(f, reverse=True)
+    assert [f[s] for s in ranked] == pytest.approx([4 ** (-r / 11) for r in range(12)])
+    assert slope_factors(alibi_slopes(1), 10, 40, "ntk") == [1.0]  # H = 1: unchanged
+    with pytest.raises(ValueError, match="each head by its own factor"):
+        scaling_factor(10, 40, "ntk")
+
+
+def test_distance_rules_follow_design():
+    from linbias.alibi import Distances, rule_distances, temperatures
+
+    assert rule_distances(100, [50, 100], "cap") is None  # nothing past L: plain distances
+    assert rule_distances(100, [400], "cap") == Distances(100, (0.0,))
+    assert rule_distances(100, [400, 90], "window") == Distances(100, (0.0, 1.0), 100, 4)
+    assert rule_distances(100, [400], "window:9").sinks == 9
+    se = rule_distances(100, [400], "selfextend")
+    assert se.bend == 50 and se.ratio == pytest.approx(((100 - 50) / (400 - 50),))
+    farthest = se.f(torch.tensor([[399.0]], dtype=torch.float64))
+    assert 99 < float(farthest) < 100  # the farthest key lands near L
+    assert temperatures(100, [1000, 10], "logn") == pytest.approx([1.5, 1.0])
+    assert temperatures(100, [1000], "cap") is None
+
+
+@pytest.mark.parametrize("rule,match", [
+    ("window:x", "sinks must be a non-negative integer"), ("window:-1", "non-negative"),
+    ("cap:3", "takes no parameter"), ("ntk-alibi", "valid rules: none, linear"),
+])
+def test_bad_rule_spellings_name_the_fix(rule, match):
+    with pytest.raises(ValueError, match=match):
+        interpolate_slopes(alibi_slopes(2), 10, 20, rule=rule)

@@ -1136,3 +1136,69 @@ def test_flex_block_mask_leaves_out_only_tiles_that_cannot_count(padded):
     past = (torch.arange(0, Lk, n) + n - 1).view(1, -1) < i_first  # tiles wholly before the queries
     assert (~needed[:, 0] & past).sum() > 0.5 * past.sum() * B  # the steep head skips most
     assert needed[:, 3].all() or padded  # slope 0: nothing provably negligible
+
+
+# --- rules past L that count distance otherwise (cap, window, selfextend) ----------------------
+
+
+DISTANCE_RULES = ["cap", "window", "window:0", "window:2", "selfextend"]
+
+
+@pytest.mark.parametrize("rule", DISTANCE_RULES)
+@pytest.mark.parametrize("B,H,Hkv,Lq,Lk", [(2, 4, 4, 40, 40), (2, 4, 2, 1, 40), (2, 6, 3, 3, 37)])
+@pytest.mark.parametrize("backend", ["reference", "blocked", "auto"])
+def test_distance_rules_match_the_design_formulas(rule, B, H, Hkv, Lq, Lk, backend):
+    # Rows of different real lengths (left padding: one past L, one at L), grouped heads, and
+    # decoding steps against a cache, against DESIGN.md's formulas spelled out in float64.
+    from conftest import design_rule_attention
+    from linbias.alibi import parse_rule, row_lengths, rule_distances
+
+    torch.manual_seed(7)
+    L = 10
+    q, k, v = _inputs(B, H, Hkv, Lq, Lk, 8, dtype=torch.float64)
+    mask = torch.ones(B, Lk, dtype=torch.bool)
+    mask[1, : Lk - L] = False  # row 1 holds exactly L real tokens: nothing changes for it
+    slopes = alibi_slopes(H).double()
+    dist = rule_distances(L, row_lengths(mask).tolist(), rule)
+    out = alibi_attention(q, k, v, slopes, key_padding_mask=mask, distances=dist, backend=backend)
+    sinks = parse_rule(rule)[2]
+    ref = design_rule_attention(q, k, v, slopes, rule.partition(":")[0], L,
+                                key_padding_mask=mask, sinks=sinks)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+
+
+def test_distance_rules_build_nothing_quadratic():
+    from linbias.alibi import rule_distances
+
+    H, Lk = 4, 2048
+    q, k, v = _inputs(1, H, H, Lk, Lk, 16)
+    for rule in ("cap", "window", "selfextend"):
+        with LargestTensor() as seen:
+            alibi_attention(q, k, v, alibi_slopes(H), distances=rule_distances(128, [Lk], rule))
+        assert seen.largest <= H * Lk * attention._DISTANCE_BLOCK, rule
+
+
+def test_backends_that_count_distance_linearly_refuse_a_rule():
+    from linbias.alibi import rule_distances
+
+    q, k, v = _inputs(1, 2, 2, 8, 8, 4)
+    for backend in ("sdpa", "flex", "flash"):
+        with pytest.raises(RuntimeError, match="distance count.*use 'blocked'"):
+            alibi_attention(q, k, v, alibi_slopes(2), distances=rule_distances(4, [8], "cap"),
+                            backend=backend)
+
+
+@pytest.mark.parametrize("bad,error,match", [
+    ("cap", TypeError, "distances must be a linbias.alibi.Distances"),
+    (dict(bend=2, ratio=(0.5, 0.5, 0.5)), ValueError, "ratio must hold 1 or 2"),
+    (dict(bend=2, ratio=(math.nan,)), ValueError, "finite and >= 0"),
+    (dict(bend=-1, ratio=(0.0,)), ValueError, "bend >= 0"),
+    (dict(bend=2, ratio=(0.0,), window=0), ValueError, "window >= 1"),
+])
+def test_bad_distances_are_refused(bad, error, match):
+    from linbias.alibi import Distances
+
+    q, k, v = _inputs(2, 2, 2, 8, 8, 4)
+    with pytest.raises(error, match=match):
+        alibi_attention(q, k, v, alibi_slopes(2),
+                        distances=Distances(**bad) if isinstance(bad, dict) else bad)

@@ -83,12 +83,13 @@ def test_kv_cache_decoding_equals_full_forward(name: str) -> None:
     torch.testing.assert_close(torch.cat(chunks, dim=1), full, atol=1e-4, rtol=1e-4)
 
 
-def test_kv_cache_alibi_interpolation_uses_the_length_so_far() -> None:
-    # With interpolation the slopes depend on L' = keys so far, so only the last position of a
-    # full forward sees the slopes of incremental decoding at that step. Exact for one layer only:
-    # deeper cached keys come from hidden states computed under the earlier (larger) slopes.
+@pytest.mark.parametrize("rule", [r for r in SCALING_RULES if r != "none"])
+def test_kv_cache_alibi_interpolation_uses_the_length_so_far(rule: str) -> None:
+    # With a rule the attention depends on L' = keys so far, so only the last position of a
+    # full forward sees the terms of incremental decoding at that step. Exact for one layer only:
+    # deeper cached keys come from hidden states computed under the earlier terms.
     model = make_model("alibi", n_layers=1)
-    model.set_rule("linear")
+    model.set_rule(rule)
     idx = tokens(2, 3 * L)
     cache = model.new_cache()
     model(idx[:, :20], cache=cache)
@@ -138,6 +139,28 @@ def test_alibi_attention_layer_matches_float64_reference(T: int, rule: str) -> N
     out = attn(x, torch.arange(T), None, None)
     ref = alibi_layer_reference(attn, x, slopes)
     torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("rule", list(SCALING_RULES))
+def test_alibi_rules_match_the_design_formulas_in_float64(rule: str) -> None:
+    # One layer with every rule, two rows of different real lengths (past L and at L), against
+    # DESIGN.md's formulas spelled out in the test (per-head ranks, temperature, distances).
+    from conftest import design_rule_attention
+
+    model = make_model("alibi", n_heads=6, d_model=48)  # 6 heads: slopes out of rank order
+    model.set_rule(rule)
+    attn, T, C = model.blocks[0].attn, 3 * L, 48
+    x = torch.randn(2, T, C, generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(2, T, dtype=torch.bool)
+    mask[1, : T - L] = False
+    out = attn(x, torch.arange(T), None, mask, model.position.prepare(T, T, x.device, mask))
+    B, H = 2, 6
+    qkv = F.linear(x.double(), attn.qkv.weight.double())
+    q, k, v = (t.reshape(B, T, H, C // H).transpose(1, 2) for t in qkv.split(C, dim=-1))
+    y = design_rule_attention(q, k, v, model.position.slopes, rule, L, key_padding_mask=mask)
+    ref = F.linear(y.transpose(1, 2).reshape(B, T, C), attn.proj.weight.double())
+    torch.testing.assert_close(out.double()[0], ref[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.double()[1, T - L:], ref[1, T - L:], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("rule", [r for r in SCALING_RULES if r != "none"])
@@ -340,10 +363,12 @@ def test_learned_generation_stops_at_its_table() -> None:
         model.generate(tokens(1, 4), L, temperature=0)
 
 
-def test_alibi_interpolation_counts_real_tokens_not_padding() -> None:
-    # Past train_len with a scaling rule, a left-padded row must get the slopes of its own length.
+@pytest.mark.parametrize("rule", [r for r in SCALING_RULES if r != "none"] + ["window:1"])
+def test_alibi_interpolation_counts_real_tokens_not_padding(rule: str) -> None:
+    # Past train_len with a scaling rule, a left-padded row must get the terms of its own length
+    # (its slopes, temperature, distance count, and its first real tokens as sinks).
     model = make_model("alibi")
-    model.set_rule("linear")
+    model.set_rule(rule)
     n, pad = 2 * L + 3, 5
     real = tokens(1, n)
     idx = torch.cat([torch.zeros(1, pad, dtype=torch.long), real], dim=1)

@@ -50,11 +50,13 @@ def test_registry_names_classes_and_limits() -> None:
 @pytest.mark.parametrize("name", sorted(POSITION_METHODS))
 def test_set_rule_validates_per_method(name: str) -> None:
     method = make_position(cfg(name))
-    valid = {"alibi": tuple(SCALING_RULES), "rotary": ("none", "linear")}.get(name, ("none",))
+    valid = {"alibi": tuple(SCALING_RULES), "rotary": ("none", "linear", "ntk", "yarn")}.get(
+        name, ("none",))
     for rule in valid:
         method.set_rule(rule)
         assert method.rule == rule
-    bad = "yarn" if "linear" in valid else "linear"  # a real rule elsewhere, or none at all
+    # A real rule elsewhere, or none at all.
+    bad = {"alibi": "yarn", "rotary": "cap"}.get(name, "linear")
     with pytest.raises(ValueError, match=f"valid rules: {', '.join(valid)}$"):
         method.set_rule(bad)
     assert method.rule == valid[-1]  # unchanged by the failed call
@@ -160,6 +162,44 @@ def test_rotary_linear_scaling_is_position_interpolation() -> None:
         method.rotate(q[..., :L, :], k[..., :L, :], short, short),
         method_none.rotate(q[..., :L, :], k[..., :L, :], short, short),
     ):
+        assert torch.equal(got, want)
+
+
+def rope_with_freqs(x: torch.Tensor, pos: torch.Tensor, theta: list[float]) -> torch.Tensor:
+    """Complex RoPE with frequencies given one by one, in float64."""
+    d = x.shape[-1]
+    z = torch.view_as_complex(x.double().reshape(*x.shape[:-1], d // 2, 2).contiguous())
+    angles = pos.double()[:, None] * torch.tensor(theta, dtype=torch.float64)
+    return torch.view_as_real(z * torch.polar(torch.ones_like(angles), angles)).flatten(-2)
+
+
+@pytest.mark.parametrize("rule", ["ntk", "yarn"])
+def test_rotary_ntk_and_yarn_follow_their_papers(rule: str) -> None:
+    L, Lp, base = 16, 64, 10000.0
+    method = make_position(cfg("rotary", train_len=L))
+    method.set_rule(rule)
+    q, k, _ = qkv(Lp, Lp)
+    pos = torch.arange(Lp)
+    s, half = Lp / L, [2 * i / D for i in range(D // 2)]
+    if rule == "ntk":  # NTK-aware: the base times s^(D / (D - 2))
+        theta, factor = [(base * s ** (D / (D - 2))) ** -e for e in half], 1.0
+    else:  # YaRN (Peng et al. 2023, eq. 17-21): ramp of L / wavelength between 1 and 32
+        theta = []
+        for e in half:
+            t = base ** -e
+            r = L / (2 * math.pi / t)
+            g = 0.0 if r < 1 else 1.0 if r > 32 else (r - 1) / 31
+            theta.append((1 - g) * t / s + g * t)
+        factor = 0.1 * math.log(s) + 1  # sqrt(1/t) on q and on k
+    got_q, got_k = method.rotate(q, k, pos, pos)
+    torch.testing.assert_close(got_q.double(), rope_with_freqs(q, pos, theta) * factor,
+                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got_k.double(), rope_with_freqs(k, pos, theta) * factor,
+                               atol=1e-4, rtol=1e-4)
+    short = torch.arange(L)  # within the training length: unchanged
+    plain = make_position(cfg("rotary", train_len=L))
+    for got, want in zip(method.rotate(q[..., :L, :], k[..., :L, :], short, short),
+                         plain.rotate(q[..., :L, :], k[..., :L, :], short, short)):
         assert torch.equal(got, want)
 
 

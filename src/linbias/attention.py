@@ -25,7 +25,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from linbias.alibi import alibi_bias, check_slopes
+from linbias.alibi import Distances, alibi_bias, check_slopes
 
 __all__ = ["alibi_attention", "causal_attention", "BACKENDS", "Backend"]
 
@@ -42,6 +42,7 @@ class _Call:
     scale: float
     key_padding_mask: Optional[Tensor]  # [B, Lk] bool, True = real token
     key_bias: Optional[Tensor] = None  # [1 or B, H, Lk], in the dtype of slopes
+    distances: Optional[Distances] = None  # a rule's distance count past L; None: d itself
 
     @property
     def needs_grad(self) -> bool:
@@ -133,9 +134,36 @@ def _visible(c: _Call, rows: _Rows, q_start: int, q_end: int, k_end: int) -> Ten
     j = torch.arange(k_end, device=c.q.device).view(1, -1)
     mask = (j <= i_abs) if c.causal else torch.ones_like(j <= i_abs)
     mask = mask.view(1, 1, *mask.shape)
+    if c.distances is not None and c.distances.window is not None:
+        mask = mask & _in_window(c, i_abs, j)
     if c.key_padding_mask is not None:
         mask = mask & c.key_padding_mask[:, None, None, :k_end]
     return rows.open(mask)
+
+
+def _in_window(c: _Call, i_abs: Tensor, j: Tensor) -> Tensor:
+    """Bool ``[1 or B, 1, Bq, keys]``: keys nearer than the rule's window, or among the first
+    ``sinks`` real tokens of the row (LM-Infinite's Lambda mask, StreamingLLM's sinks)."""
+    assert c.distances is not None and c.distances.window is not None
+    near = (i_abs - j).abs() < c.distances.window
+    if c.key_padding_mask is None:
+        sink = j < c.distances.sinks
+    else:  # the row's first real tokens, wherever its padding ends
+        rank = c.key_padding_mask.cumsum(-1)[:, None, None, : j.shape[-1]] - 1
+        sink = rank < c.distances.sinks
+    return near.view(1, 1, *near.shape) | sink
+
+
+def _bias(c: _Call, q0: int, q1: int, k_end: int, dtype: torch.dtype) -> Tensor:
+    """The bias ``-m_h * f(d)`` of queries ``q0 .. q1 - 1`` and keys ``0 .. k_end - 1``:
+    ``[1 or B, H, q1 - q0, k_end]`` (``f`` the rule's distance count, or ``d`` itself)."""
+    offset = c.k.shape[2] - c.q.shape[2]
+    i = torch.arange(offset + q0, offset + q1, device=c.q.device).view(-1, 1)
+    d = (i - torch.arange(k_end, device=c.q.device).view(1, -1)).to(dtype)
+    d = (d if c.causal else d.abs())[None]  # [1, Bq, k_end]
+    if c.distances is not None:
+        d = c.distances.f(d)  # [1 or B, Bq, k_end]
+    return -c.slopes_BH.to(dtype)[:, :, None, None] * d[:, None]
 
 
 # --- attention without ALiBi: plain causal, or an additive [H, T, S] bias (T5) ---------------
@@ -246,8 +274,12 @@ def _reference(c: _Call) -> Tensor:
     H, Lq, Lk = c.q.shape[1], c.q.shape[2], c.k.shape[2]
     k, v = _expand_kv(c.k, H), _expand_kv(c.v, H)
     scores = (c.q @ k.transpose(-1, -2)) * c.scale  # [B, H, Lq, Lk]
-    bias = [alibi_bias(row.to(scores.dtype), Lq, Lk, causal=c.causal) for row in c.slopes_BH]
-    scores = scores + torch.stack(bias)  # [1 or B, H, Lq, Lk]
+    if c.distances is None:
+        bias = torch.stack([alibi_bias(row.to(scores.dtype), Lq, Lk, causal=c.causal)
+                            for row in c.slopes_BH])
+    else:
+        bias = _bias(c, 0, Lq, Lk, scores.dtype)
+    scores = scores + bias  # [1 or B, H, Lq, Lk]
     if c.key_bias is not None:
         scores = scores + c.key_bias_keys(0, Lk).to(scores.dtype)
     rows = _Rows.of(c.key_padding_mask, Lq, c.causal)
@@ -699,7 +731,12 @@ def _sdpa(c: _Call) -> Tensor:
     return out if out.dtype == dtype else out.to(dtype)
 
 
+_BENT = "a rule's distance count (cap, window, selfextend) is not a per-key bias; use 'blocked'"
+
+
 def _sdpa_unavailable(c: _Call) -> Optional[str]:
+    if c.distances is not None:
+        return _BENT
     if _FLASH_CPU is None or _FLASH_CPU_BWD is None:
         return "this PyTorch build has no fused CPU attention kernel"
     if c.q.device.type != "cpu":
@@ -714,6 +751,9 @@ def _sdpa_unavailable(c: _Call) -> Optional[str]:
 # --- blocked: the bias materialised one block of queries at a time, any device -----------------
 
 _BLOCK_ELEMENTS = 1 << 24  # cap on H * Bq * Lk elements of bias per block
+# Query rows per block under a rule's distance count (cap, window, selfextend): those rules run
+# at lengths far past L, where a block of every query would be the L' x L' bias.
+_DISTANCE_BLOCK = 256
 
 
 def _blocked(c: _Call) -> Tensor:
@@ -722,16 +762,15 @@ def _blocked(c: _Call) -> Tensor:
     k, v = _expand_kv(c.k, H), _expand_kv(c.v, H)
     rows = _Rows.of(c.key_padding_mask, Lq, c.causal)
     block = max(1, min(Lq, _BLOCK_ELEMENTS // max(1, H * Lk)))
+    if c.distances is not None:  # inference past L: memory linear in L', at any L'
+        block = min(block, _DISTANCE_BLOCK)
     # SDPA adds its mask to q . k: a nan or inf key hidden from a row would still poison it.
     finite_keys = bool(torch.isfinite(c.k).all())
     outs = []
     for q0 in range(0, Lq, block):
         q1 = min(Lq, q0 + block)
         k_end = offset + q1 if c.causal else Lk
-        i = torch.arange(offset + q0, offset + q1, device=c.q.device).view(-1, 1)
-        dist = (i - torch.arange(k_end, device=c.q.device).view(1, -1)).to(torch.float32)
-        dist = dist if c.causal else dist.abs()
-        bias = -c.slopes_BH[:, :, None, None] * dist  # [1 or B, H, Bq, k_end]
+        bias = _bias(c, q0, q1, k_end, c.slopes.dtype)  # [1 or B, H, Bq, k_end]
         if c.key_bias is not None:
             bias = bias + c.key_bias_keys(0, k_end)
         hidden = ~_visible(c, rows.block(q0, q1), q0, q1, k_end)
@@ -837,6 +876,8 @@ def _flex_needed_blocks(c: _Call, block: int = _FLEX_BLOCK) -> Tensor:
 
 
 def _flex_unavailable(c: _Call) -> Optional[str]:
+    if c.distances is not None:
+        return _BENT
     try:
         import torch.nn.attention.flex_attention  # noqa: F401
     except ImportError:
@@ -866,6 +907,8 @@ def _flash(c: _Call) -> Tensor:
 
 
 def _flash_unavailable(c: _Call) -> Optional[str]:
+    if c.distances is not None:
+        return _BENT
     if c.key_bias is not None:
         return "flash-attn takes no per-key bias (key_bias); use 'flex' or 'blocked'"
     if c.slopes_need_grad:
@@ -996,6 +1039,23 @@ def _check_key_bias(key_bias: Optional[Tensor], q: Tensor, n_keys: int) -> None:
         )
 
 
+def _check_distances(distances: Optional[Distances], batch: int) -> None:
+    if distances is None:
+        return
+    if not isinstance(distances, Distances):
+        raise TypeError(
+            f"distances must be a linbias.alibi.Distances or None, got {type(distances).__name__}; "
+            "use linbias.alibi.rule_distances(train_len, lengths, rule)"
+        )
+    d = distances
+    if len(d.ratio) not in (1, batch):
+        raise ValueError(f"distances.ratio must hold 1 or {batch} (batch) values, got {len(d.ratio)}")
+    if not all(math.isfinite(r) and r >= 0 for r in d.ratio):
+        raise ValueError(f"distances.ratio must be finite and >= 0, got {d.ratio}")
+    if d.bend < 0 or (d.window is not None and d.window < 1) or d.sinks < 0:
+        raise ValueError(f"distances need bend >= 0, window >= 1 and sinks >= 0, got {d}")
+
+
 def _scale(scale: Optional[float], head_dim: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
@@ -1032,6 +1092,7 @@ def alibi_attention(
     scale: Optional[float] = None,
     key_padding_mask: Optional[Tensor] = None,
     key_bias: Optional[Tensor] = None,
+    distances: Optional[Distances] = None,
     backend: str = "auto",
 ) -> Tensor:
     """Attention with linear biases: ``softmax(q k^T * scale - m_h * distance + key_bias) v``.
@@ -1057,6 +1118,11 @@ def alibi_attention(
             so a causal ``-m (i - j)`` is the per-key ``m j``). Every backend but ``"flash"``
             takes it; a ``key_bias`` that requires grad is learnt on ``"reference"`` and
             ``"blocked"`` (``"auto"`` picks ``"blocked"`` then).
+        distances: a rule's count of distance past L (``linbias.alibi.rule_distances``: ``cap``,
+            ``window``, ``selfextend``): the bias becomes ``-m_h * f(d)``, and a window hides far
+            keys but the row's sinks. ``"reference"`` and ``"blocked"`` run it, in query blocks
+            of ``_DISTANCE_BLOCK`` rows (memory linear in ``Lk``); ``"auto"`` picks
+            ``"blocked"``.
         backend: a key of ``BACKENDS`` or ``"auto"`` (the fastest correct one for this call).
 
     Returns:
@@ -1071,13 +1137,14 @@ def alibi_attention(
     _check_types(q, k, v, key_padding_mask, causal)
     _check(q, k, v, slopes, key_padding_mask)
     _check_key_bias(key_bias, q, k.shape[2])
+    _check_distances(distances, q.shape[0])
     work = torch.promote_types(q.dtype, torch.float32)
     if key_bias is not None:
         key_bias = key_bias.to(work)
         key_bias = key_bias if key_bias.dim() == 3 else key_bias[None]
     call = _Call(
         q, k, v, slopes.to(q.device, work), causal, _scale(scale, q.shape[-1]), key_padding_mask,
-        key_bias,
+        key_bias, distances,
     )
     if backend == "auto":  # _auto picks only a backend that can run the call
         return BACKENDS[_auto(call)].run(call)

@@ -21,6 +21,7 @@ per-row positions, e.g. left padding).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -28,11 +29,14 @@ import torch.nn as nn
 
 from linbias.alibi import (
     SCALING_RULES,
+    Distances,
+    check_rule,
     alibi_slopes,
-    interpolate_slopes,
     row_lengths,
     row_slopes,
+    rule_distances,
     scaling_factor,
+    temperatures,
 )
 from linbias.attention import alibi_attention, causal_attention
 from linbias.config import INIT_STD, ModelConfig
@@ -49,6 +53,7 @@ __all__ = [
     "make_position",
     "causal_attention",
     "rotary_angles",
+    "rotary_rule_freqs",
     "apply_rotary",
     "t5_bucket",
     "t5_untrained_buckets",
@@ -61,10 +66,36 @@ Tensor = torch.Tensor
 # --- shared maths --------------------------------------------------------------------------------
 
 
-def rotary_angles(pos: Tensor, head_dim: int, base: float = 10000.0) -> Tensor:
-    """RoFormer angles ``pos * base^(-2i / D)`` for ``i < D/2``: shape ``[*pos.shape, D/2]``."""
-    i = torch.arange(0, head_dim, 2, dtype=torch.float32, device=pos.device)
-    return pos.to(torch.float32)[..., None] * base ** (-i / head_dim)
+def rotary_angles(pos: Tensor, head_dim: int, base: float = 10000.0,
+                  freqs: Tensor | None = None) -> Tensor:
+    """RoFormer angles ``pos * base^(-2i / D)`` for ``i < D/2`` (or ``pos * freqs``): shape
+    ``[*pos.shape, D/2]``."""
+    if freqs is None:
+        i = torch.arange(0, head_dim, 2, dtype=torch.float32, device=pos.device)
+        freqs = base ** (-i / head_dim)
+    return pos.to(torch.float32)[..., None] * freqs
+
+
+# YaRN's ramp (Peng et al. 2023, section 3.2): dimensions whose wavelength fits fewer than ALPHA
+# times into L are interpolated, more than BETA times kept, linear in between.
+YARN_ALPHA, YARN_BETA = 1.0, 32.0
+
+
+def rotary_rule_freqs(head_dim: int, base: float, train_len: int, eval_len: int,
+                      rule: str) -> tuple[Tensor, float]:
+    """Rotary frequencies ``[D/2]`` (float64) under an NTK-style rule at ``L' > L``, and the
+    factor on q and on k (YaRN's ``sqrt(1/t) = 0.1 ln s + 1``; 1 otherwise).
+
+    ``ntk``: NTK-aware scaling, base ``b * s^(D / (D - 2))`` with ``s = L'/L``. ``yarn``: each
+    frequency ``(1 - g) theta / s + g theta``, ``g`` YaRN's ramp of ``L / wavelength``."""
+    i = torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim
+    s = eval_len / train_len
+    if rule == "ntk":
+        return (base * s ** (head_dim / (head_dim - 2))) ** (-i), 1.0
+    theta = base ** (-i)
+    r = train_len * theta / (2 * math.pi)  # how many wavelengths fit into L
+    g = ((r - YARN_ALPHA) / (YARN_BETA - YARN_ALPHA)).clamp(0.0, 1.0)
+    return (1 - g) * theta / s + g * theta, 0.1 * math.log(s) + 1.0
 
 
 def apply_rotary(x_BHTD: Tensor, angles: Tensor) -> Tensor:
@@ -161,11 +192,14 @@ class PositionMethod(nn.Module):
         Raises:
             ValueError: the rule is not one this method supports (the message lists them).
         """
-        if rule not in self.rules:
+        name = rule.partition(":")[0] if isinstance(rule, str) else rule
+        if name not in self.rules:
             raise ValueError(
                 f"{self.name!r} positions do not support scaling rule {rule!r}; "
                 f"valid rules: {', '.join(self.rules)}"
             )
+        if name != rule:  # a parameter (window:8): the rule's own check
+            check_rule(rule)
         self.rule = rule
 
     def embed(self, x_BTC: Tensor, pos_T: Tensor) -> Tensor:
@@ -266,15 +300,16 @@ class LearnedPositions(PositionMethod):
 class RotaryPositions(PositionMethod):
     """Rotary embeddings (Su et al. 2021), base ``config.rotary_base``, interleaved pairs.
 
-    Scaling ``"linear"`` is position interpolation (Chen et al. 2023, arXiv 2306.15595): positions
-    times ``L / L'`` when ``L' > L``, where ``L'`` is the total key length of the call
-    (``k_pos.max() + 1``). Keys are cached after rotation, so with this rule a key keeps the
-    factor of the call that wrote it. ``config.position_scale`` multiplies positions at every
+    Rules act when ``L' > L``, where ``L'`` is the total key length of the call
+    (``k_pos.max() + 1``): ``"linear"`` is position interpolation (Chen et al. 2023, arXiv
+    2306.15595), positions times ``L / L'``; ``"ntk"`` NTK-aware scaling of the base and
+    ``"yarn"`` YaRN (Peng et al. 2023), with its temperature (``rotary_rule_freqs``). Keys are
+    cached after rotation, so with a rule a key keeps the rotation of the call that wrote it. ``config.position_scale`` multiplies positions at every
     length (a fine-tune's fixed interpolation), before any rule.
     """
 
     name = "rotary"
-    rules = ("none", "linear")
+    rules = ("none", "linear", "ntk", "yarn")
     scalable = True
 
     @classmethod
@@ -285,13 +320,20 @@ class RotaryPositions(PositionMethod):
     def rotate(self, q_BHTD: Tensor, k_BHTD: Tensor, q_pos: Tensor,
                k_pos: Tensor) -> tuple[Tensor, Tensor]:
         factor = self.config.position_scale  # a fine-tune's fixed interpolation, at every length
-        if self.rule != "none":
-            factor *= scaling_factor(self.config.train_len, int(k_pos.max()) + 1, self.rule)
+        L, Lp = self.config.train_len, int(k_pos.max()) + 1
+        D, base = q_BHTD.shape[-1], self.config.rotary_base
+        freqs, qk_factor = None, 1.0
+        if self.rule == "linear":
+            factor *= scaling_factor(L, Lp, self.rule)
+        elif self.rule != "none" and Lp > L:
+            freqs, qk_factor = rotary_rule_freqs(D, base, L, Lp, self.rule)
+            freqs = freqs.to(torch.float32).to(q_BHTD.device)
         if factor != 1.0:
             q_pos, k_pos = q_pos * factor, k_pos * factor
-        D, base = q_BHTD.shape[-1], self.config.rotary_base
-        q_BHTD = apply_rotary(q_BHTD, rotary_angles(q_pos, D, base))
-        k_BHTD = apply_rotary(k_BHTD, rotary_angles(k_pos, D, base))
+        q_BHTD = apply_rotary(q_BHTD, rotary_angles(q_pos, D, base, freqs))
+        k_BHTD = apply_rotary(k_BHTD, rotary_angles(k_pos, D, base, freqs))
+        if qk_factor != 1.0:
+            q_BHTD, k_BHTD = q_BHTD * qk_factor, k_BHTD * qk_factor
         return q_BHTD, k_BHTD
 
 
@@ -357,10 +399,12 @@ class T5Positions(PositionMethod):
 class AlibiPositions(PositionMethod):
     """ALiBi (Press et al. 2022): score bias ``-m_h * (i - j)``, no embeddings.
 
-    Any rule of ``linbias.alibi.SCALING_RULES`` scales the slopes for the length ``L'`` of the call
-    (position interpolation, Al-Khateeb et al. 2023): its keys, or with a padding mask each row's
-    real tokens, so a left-padded row gets the slopes it would get alone. The bias is applied at score time, so a
-    KV cache stays usable as the slopes shrink during generation; but a cached token keeps the
+    A rule of ``linbias.alibi.SCALING_RULES`` acts past ``train_len`` for the length ``L'`` of the
+    call (its keys, or with a padding mask each row's real tokens, so a left-padded row gets what
+    it would get alone): it scales the slopes (position interpolation, Al-Khateeb et al. 2023;
+    ``ntk``), the logits (``logn``) or counts distance otherwise (``cap``, ``window``,
+    ``selfextend``). The bias is applied at score time, so a KV cache stays usable as the terms
+    change during generation; but a cached token keeps the
     hidden states computed at its own length, so past ``train_len`` a cached step of a model
     with several layers differs slightly from recomputing the whole sequence with the newest
     slopes (they agree exactly for one layer).
@@ -378,26 +422,46 @@ class AlibiPositions(PositionMethod):
         self.register_buffer("slopes", slopes, persistent=False)
 
     def prepare(self, q_len: int, k_len: int, device: torch.device,
-                key_padding_mask: Tensor | None = None) -> Tensor:
-        # The slopes of this forward, once for every layer.
-        return self._slopes(k_len, key_padding_mask)
+                key_padding_mask: Tensor | None = None) -> _AlibiState:
+        # The slopes, temperature and distance count of this forward, once for every layer.
+        return self._state(k_len, key_padding_mask)
 
-    def _slopes(self, k_len: int, key_padding_mask: Tensor | None) -> Tensor:
-        """``[H]`` slopes for this call's L', or ``[B, H]`` when padded rows differ in L'."""
+    def _state(self, k_len: int, key_padding_mask: Tensor | None) -> _AlibiState:
+        """The rule's terms for this call's L': slopes ``[H]``, or ``[B, H]`` when padded rows
+        differ in L'; a temperature per row (``logn``) or None; the distance count or None."""
         L = self.config.train_len
-        if self.rule == "none" or key_padding_mask is None:
-            return interpolate_slopes(self.slopes, L, eval_len=k_len, rule=self.rule)
-        # L' counts a row's real tokens, not its padding: each row gets the slopes it would get
+        if self.rule == "none":
+            return _AlibiState(self.slopes)
+        # L' counts a row's real tokens, not its padding: each row gets the terms it would get
         # alone, all rows in one call.
-        lengths = row_lengths(key_padding_mask).tolist()
-        slopes = row_slopes(self.slopes, L, lengths if len(set(lengths)) > 1 else lengths[:1],
-                            self.rule)
-        return slopes if len(slopes) > 1 else slopes[0]
+        lengths = [k_len] if key_padding_mask is None else row_lengths(key_padding_mask).tolist()
+        if len(set(lengths)) == 1:
+            lengths = lengths[:1]
+        slopes = row_slopes(self.slopes, L, lengths, self.rule)
+        t = temperatures(L, lengths, self.rule)
+        return _AlibiState(
+            slopes if len(slopes) > 1 else slopes[0],
+            None if t is None else torch.tensor(t, dtype=self.slopes.dtype,
+                                                device=self.slopes.device).view(-1, 1, 1, 1),
+            rule_distances(L, lengths, self.rule),
+        )
 
     def attend(self, q_BHTD: Tensor, k_BHSD: Tensor, v_BHSD: Tensor, *,
-               key_padding_mask: Tensor | None = None, state: Tensor | None = None) -> Tensor:
-        slopes = self._slopes(k_BHSD.shape[-2], key_padding_mask) if state is None else state
-        return alibi_attention(q_BHTD, k_BHSD, v_BHSD, slopes, key_padding_mask=key_padding_mask)
+               key_padding_mask: Tensor | None = None, state: _AlibiState | None = None) -> Tensor:
+        state = self._state(k_BHSD.shape[-2], key_padding_mask) if state is None else state
+        if state.temperature is not None:  # q . k times the factor; the bias stays as it is
+            q_BHTD = q_BHTD * state.temperature.to(q_BHTD.dtype)
+        return alibi_attention(q_BHTD, k_BHSD, v_BHSD, state.slopes,
+                               key_padding_mask=key_padding_mask, distances=state.distances)
+
+
+@dataclass(frozen=True)
+class _AlibiState:
+    """One forward's ALiBi terms, shared by every layer."""
+
+    slopes: Tensor  # [H] or [B, H]
+    temperature: Tensor | None = None  # [1 or B, 1, 1, 1] on q . k (logn), or None
+    distances: Distances | None = None  # a rule's distance count, or None
 
 
 POSITION_METHODS: dict[str, type[PositionMethod]] = {
