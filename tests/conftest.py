@@ -43,10 +43,11 @@ def naive_alibi_attention(q, k, v, slopes, *, causal=True, scale=None, key_paddi
 
 
 def design_rule_attention(q, k, v, slopes, rule, train_len, *, key_padding_mask=None, scale=None,
-                          sinks=4):
+                          sinks=4, eval_len=None):
     """Causal ALiBi attention under a rule past L, spelled out from DESIGN.md ("Rules past L") in
     float64: per row L' (its real tokens), per head its slope and rank (0 = steepest), per query
-    the distance to each key. Shares no code with linbias. ``slopes`` ``[H]``: the paper's."""
+    the distance to each key. Shares no code with linbias. ``slopes`` ``[H]``: the paper's;
+    ``eval_len`` overrides L' (a cached query at its own length)."""
     q, k, v = (t.detach().double() for t in (q, k, v))
     B, H, Lq, D = q.shape
     Lk, group, L = k.shape[2], H // k.shape[1], train_len
@@ -56,7 +57,7 @@ def design_rule_attention(q, k, v, slopes, rule, train_len, *, key_padding_mask=
     out = torch.zeros(B, H, Lq, D, dtype=torch.float64)
     for b in range(B):
         real = [True] * Lk if key_padding_mask is None else key_padding_mask[b].tolist()
-        Lp = max(1, sum(real))
+        Lp = max(1, sum(real)) if eval_len is None else eval_len
         past = Lp > L
         sink_keys = [j for j in range(Lk) if real[j]][:sinks]
         w = L // 2

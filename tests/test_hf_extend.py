@@ -135,7 +135,7 @@ def _heads(x_TC: torch.Tensor, d_head: int) -> torch.Tensor:
     return x_TC.reshape(x_TC.shape[0], -1, d_head).transpose(0, 1)  # [H, T, D]
 
 
-def _bloom_reference(model, ids, slopes_TH):
+def _bloom_reference(model, ids, slopes_TH, attend=None):
     tr, d_head = model.transformer, model.config.hidden_size // slopes_TH.shape[1]
     bias_HTT = paper_bias(slopes_TH)
     h = _ln(_d(tr.word_embeddings.weight)[ids], tr.word_embeddings_layernorm)
@@ -145,13 +145,13 @@ def _bloom_reference(model, ids, slopes_TH):
         # BLOOM interleaves q, k, v per head: [T, H, 3, D].
         q, k, v = (x.transpose(0, 1) for x in qkv.view(len(ids), -1, 3, d_head).unbind(2))
         scores = q @ k.transpose(-1, -2) / math.sqrt(d_head) + bias_HTT
-        h = h + _lin(_attend(scores, v), att.dense)
+        h = h + _lin(_attend(scores, v) if attend is None else attend(q, k, v), att.dense)
         x = _ln(h, block.post_attention_layernorm)
         h = h + _lin(F.gelu(_lin(x, mlp.dense_h_to_4h), approximate="tanh"), mlp.dense_4h_to_h)
     return _lin(_ln(h, tr.ln_f), model.lm_head)
 
 
-def _mpt_reference(model, ids, slopes_TH):
+def _mpt_reference(model, ids, slopes_TH, attend=None):
     tr, d_head = model.transformer, model.config.hidden_size // slopes_TH.shape[1]
     bias_HTT = paper_bias(slopes_TH)
     h = _d(tr.wte.weight)[ids]
@@ -159,7 +159,8 @@ def _mpt_reference(model, ids, slopes_TH):
         qkv = _lin(_ln(h, block.norm_1), block.attn.Wqkv)
         q, k, v = (_heads(x, d_head) for x in qkv.chunk(3, dim=-1))
         scores = q @ k.transpose(-1, -2) / math.sqrt(d_head) + bias_HTT
-        h = h + _lin(_attend(scores, v), block.attn.out_proj)
+        y = _attend(scores, v) if attend is None else attend(q, k, v)
+        h = h + _lin(y, block.attn.out_proj)
         h = h + _lin(F.gelu(_lin(_ln(h, block.norm_2), block.ffn.up_proj)), block.ffn.down_proj)
     return _lin(_ln(h, tr.norm_f), model.lm_head)
 
@@ -178,7 +179,7 @@ def _falcon_qkv(config, qkv, n_heads, d_head):
     return (x.transpose(0, 1) for x in qkv.view(len(qkv), n_heads, 3, d_head).unbind(2))
 
 
-def _falcon_reference(model, ids, slopes_TH, divides_bias=True):
+def _falcon_reference(model, ids, slopes_TH, divides_bias=True, attend=None):
     tr, n_heads, config = model.transformer, slopes_TH.shape[1], model.config
     d_head = config.hidden_size // n_heads
     bias_HTT = falcon_bias(slopes_TH)
@@ -195,7 +196,7 @@ def _falcon_reference(model, ids, slopes_TH, divides_bias=True):
             scores = (qk + bias_HTT) / math.sqrt(d_head)
         else:  # everyone else's
             scores = qk / math.sqrt(d_head) + bias_HTT
-        attn = _lin(_attend(scores, v), att.dense)
+        attn = _lin(_attend(scores, v) if attend is None else attend(q, k, v), att.dense)
         # Parallel attention and MLP.
         h = h + attn + _lin(F.gelu(_lin(x_mlp, layer.mlp.dense_h_to_4h)), layer.mlp.dense_4h_to_h)
     return _lin(_ln(h, tr.ln_f), model.lm_head)
@@ -204,9 +205,9 @@ def _falcon_reference(model, ids, slopes_TH, divides_bias=True):
 def reference(model, ids_T: torch.Tensor, slopes_TH: torch.Tensor, **kwargs) -> torch.Tensor:
     """float64 logits ``[T, V]`` of one sequence; query ``i`` uses the slopes ``slopes_TH[i]``."""
     if isinstance(model, BloomForCausalLM):
-        return _bloom_reference(model, ids_T, slopes_TH)
+        return _bloom_reference(model, ids_T, slopes_TH, **kwargs)
     if isinstance(model, MptForCausalLM):
-        return _mpt_reference(model, ids_T, slopes_TH)
+        return _mpt_reference(model, ids_T, slopes_TH, **kwargs)
     return _falcon_reference(model, ids_T, slopes_TH, **kwargs)
 
 
@@ -967,3 +968,94 @@ def test_a_builder_called_after_a_forward_follows_no_stale_plan():
     mask = torch.ones(2, 2 * TRAIN_LEN, dtype=torch.long)
     alibi = base.build_alibi_tensor(mask, model.config.n_head, torch.float32)
     assert isinstance(alibi, torch.Tensor) and alibi.shape[-1] == 2 * TRAIN_LEN
+
+
+# --- Rules that change more than the slopes (ntk, cap, window, selfextend, logn) ----------------
+
+RULES_PAST_L = ["ntk", "cap", "window", "window:1", "selfextend", "logn"]
+
+
+def design_attend(model, rule: str, lengths_T: list[int]):
+    """The reference's attention under ``rule``: query ``i`` over keys ``0..i`` at its own length
+    ``lengths_T[i]``, from DESIGN.md's formulas (``conftest.design_rule_attention``), with the
+    family's slopes: the paper's (Falcon: rounded to bfloat16, over sqrt(head dim))."""
+    from conftest import design_rule_attention
+    from linbias.alibi import parse_rule
+
+    n_heads = model.config.num_attention_heads
+    d_head = model.config.hidden_size // n_heads
+    slopes = alibi_slopes(n_heads).double()
+    if isinstance(model, FalconForCausalLM):
+        slopes = slopes.bfloat16().double() / math.sqrt(d_head)
+    name, _, sinks = parse_rule(rule)
+
+    def attend(q_HTD, k_HTD, v_HTD):
+        rows = [design_rule_attention(q_HTD[None, :, i:i + 1], k_HTD[None, :, :i + 1],
+                                      v_HTD[None, :, :i + 1], slopes, name, TRAIN_LEN,
+                                      sinks=sinks, eval_len=lengths_T[i])
+                for i in range(q_HTD.shape[1])]
+        return torch.cat(rows, dim=2)[0].transpose(0, 1).reshape(q_HTD.shape[1], -1)
+
+    return attend
+
+
+@pytest.mark.parametrize("rule", RULES_PAST_L)
+@pytest.mark.parametrize("family", ["bloom-6-heads", "mpt", "falcon", "falcon-grouped"])
+def test_rules_past_l_match_the_design_formulas(family, rule):
+    model = hf.extend_context(make(family), train_len=TRAIN_LEN, rule=rule)
+    if family.startswith("falcon"):  # Falcon's eager attention doubles its bias (see above)
+        assert model.config._attn_implementation != "eager"
+    n = 3 * TRAIN_LEN
+    ids = tokens(n, seed=2)
+    ref = reference(model, ids, slopes_for(model, [n] * n, "none"),
+                    attend=design_attend(model, rule, [n] * n))
+    # Falcon's slope rules (ntk, logn) keep its bias rounded to bfloat16, which the formulas do
+    # not: a looser bound there.
+    atol = 1e-4 if family.startswith("falcon") else 2e-5
+    torch.testing.assert_close(logits(model, ids[None])[0].double(), ref, rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("rule", ["cap", "window", "selfextend", "logn"])
+@pytest.mark.parametrize("family", ["bloom", "mpt", "falcon-multi-query"])
+def test_rules_past_l_generate_at_each_tokens_own_length(family, rule):
+    # A cached step attends at its own L' (the tokens so far); the reference gives query i the
+    # terms for max(prompt length, i + 1).
+    model = hf.extend_context(make(family), train_len=TRAIN_LEN, rule=rule)
+    prompt = tokens(1, TRAIN_LEN - 4)
+    out = _generate(model, prompt, new=2 * TRAIN_LEN)
+    seq, p = out.sequences[0], prompt.shape[1]
+    lengths = [max(p, i + 1) for i in range(len(seq))]
+    ref = reference(model, seq, slopes_for(model, lengths, "none"),
+                    attend=design_attend(model, rule, lengths))
+    for step, step_logits in enumerate(out.logits):
+        torch.testing.assert_close(step_logits[0].double(), ref[p + step - 1], rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("rule", ["window", "selfextend"])
+@pytest.mark.parametrize("family", ["bloom", "mpt", "falcon-grouped"])
+def test_rules_past_l_left_padded_batch_matches_single_sequences(family, rule):
+    # Each row's own L', and the window's sinks are its own first real tokens.
+    model = hf.extend_context(make(family), train_len=TRAIN_LEN, rule=rule)
+    rows = [tokens(3 * TRAIN_LEN, seed=2), tokens(2 * TRAIN_LEN + 5, seed=3),
+            tokens(TRAIN_LEN - 3, seed=4)]
+    ids, mask = _left_padded(rows)
+    batch = logits(model, ids, attention_mask=mask)
+    for b, r in enumerate(rows):
+        single = logits(model, r[None])[0]
+        torch.testing.assert_close(batch[b, ids.shape[1] - len(r):], single, rtol=0, atol=1e-5)
+
+
+def test_rules_past_l_refuse_what_only_the_familys_attention_runs():
+    with pytest.raises(ValueError, match="only linbias attention runs: use attention='linbias'"):
+        hf.extend_context(make("mpt"), train_len=TRAIN_LEN, rule="cap", attention="native")
+    model = hf.extend_context(make("bloom"), train_len=TRAIN_LEN, rule="window")
+    ids = tokens(1, 2 * TRAIN_LEN)
+    with pytest.raises(ValueError, match="runs only in linbias attention.*output_attentions"):
+        logits(model, ids, output_attentions=True)
+    gap = torch.ones_like(ids)
+    gap[0, 5] = 0
+    with pytest.raises(ValueError, match="pad between real tokens.*pad on the left only"):
+        logits(model, ids, attention_mask=gap)
+    within = tokens(1, TRAIN_LEN)  # at or below L the rule changes nothing: the family runs
+    torch.testing.assert_close(logits(model, within, output_attentions=True),
+                               logits(hf.undo(model), within))

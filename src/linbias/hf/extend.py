@@ -20,7 +20,7 @@ from typing import Any, Literal
 import transformers
 from transformers import PreTrainedModel
 
-from linbias.alibi import check_rule
+from linbias.alibi import SCALING_RULES, check_rule, parse_rule
 from linbias.config import check_int
 from linbias.hf.families import bloom, falcon, mpt
 from linbias.hf.patch import STATE, Extension, Family, undo_all
@@ -38,6 +38,7 @@ FAMILIES: dict[str, str] = {name: unit.classes for name, unit in _UNITS.items()}
 # Which attention an extended model runs past train_len: linbias.alibi_attention (O(L) memory, the
 # flash and flex backends on a GPU), or the family's own (a bias or scores per query and key).
 Attention = Literal["linbias", "native"]
+_SLOPE_RULES = [name for name, r in SCALING_RULES.items() if r.slopes_only]
 ATTENTIONS: tuple[str, ...] = ("linbias", "native")
 
 # The oldest and newest transformers minor releases the families were tested with (every minor
@@ -98,7 +99,10 @@ def extend_context(
             model (``BloomModel``).
         train_len: the training length L. Defaults to ``config.max_seq_len`` for MPT and
             ``config.max_position_embeddings`` for Falcon; BLOOM records none, so it is required.
-        rule: a key of ``linbias.alibi.SCALING_RULES``; ``"linear"`` is ``m * L / L'``.
+        rule: a rule of ``linbias.alibi.SCALING_RULES``; ``"linear"`` is ``m * L / L'``. Rules
+            that change more than the slopes (``cap``, ``window``, ``selfextend``, ``logn``) run
+            only in linbias attention: past L a call that needs the family's own attention
+            (see ``attention``) is refused with the reason.
         attention: what computes attention once a row is longer than ``train_len``:
             ``"linbias"`` (default) is ``linbias.alibi_attention``, which builds no tensor of
             queries x keys; ``"native"`` keeps the family's own attention (for debugging and
@@ -126,6 +130,11 @@ def extend_context(
     check_int("train_len", train_len)
     if attention not in ATTENTIONS:
         raise ValueError(f"unknown attention {attention!r}; valid: {', '.join(ATTENTIONS)}")
+    if attention == "native" and not parse_rule(rule)[1].slopes_only:
+        raise ValueError(
+            f"scaling rule {rule!r} changes more than the slopes, which only linbias attention "
+            f"runs: use attention='linbias', or a slope rule ({', '.join(_SLOPE_RULES)})"
+        )
     _check_release(family)
     undo(model)
     ext = Extension(family, train_len, rule, attention, base.config)

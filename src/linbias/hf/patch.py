@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from linbias.alibi import row_lengths, row_slopes, scaling_factor
+from linbias.alibi import Distances, parse_rule, row_lengths, row_slopes, rule_distances, temperatures
 from linbias.attention import alibi_attention
 
 # The names a release gives the KV cache argument, newest first (5.24 renamed past_key_values).
@@ -100,7 +100,13 @@ class Extension:
     warned: set[str] = field(default_factory=set)  # the fallbacks already warned about
 
     def unscaled(self, lengths: list[int]) -> bool:
-        return all(scaling_factor(self.train_len, n, self.rule) == 1.0 for n in lengths)
+        """Whether the rule changes nothing for these rows: ``none``, or no row past L."""
+        return parse_rule(self.rule)[0] == "none" or all(n <= self.train_len for n in lengths)
+
+    def needs_linbias(self, lengths: list[int]) -> bool:
+        """Whether the rule acts here and only ``alibi_attention`` can run it: it changes the
+        logits' temperature or counts distance otherwise, which no family's bias can carry."""
+        return not self.unscaled(lengths) and not parse_rule(self.rule)[1].slopes_only
 
     def scaled(self, slopes_H: torch.Tensor, lengths: list[int]) -> torch.Tensor:
         """Slopes for each row's current length, ``[B, H]``."""
@@ -119,15 +125,20 @@ class AlibiCall:
     # [B, H, n_tokens]: the family's own per-key bias (slopes then zero), for families that count
     # positions along the mask or round the bias; None: the slopes carry the whole bias.
     key_bias: torch.Tensor | None = None
+    temperature: torch.Tensor | None = None  # [1 or B, 1, 1, 1] on q . k (``logn``), or None
+    distances: Distances | None = None  # the rule's distance count (``cap``...), or None
 
     def attend(
         self, q_BHTD: torch.Tensor, k_BHKD: torch.Tensor, v_BHKD: torch.Tensor, scale: float
     ) -> torch.Tensor:
         """The attention output with heads merged, ``[B, T, H * D]``."""
         n = self.n_tokens  # a static cache's empty slots come after the tokens
+        if self.temperature is not None:
+            q_BHTD = q_BHTD * self.temperature.to(q_BHTD)
         out_BHTD = alibi_attention(
             q_BHTD, k_BHKD[:, :, :n], v_BHKD[:, :, :n], self.slopes, scale=scale,
             key_padding_mask=self.key_padding_mask, key_bias=self.key_bias,
+            distances=self.distances,
         )
         return out_BHTD.transpose(1, 2).flatten(2)
 
@@ -136,18 +147,35 @@ def alibi_call(
     ext: Extension, slopes_H: torch.Tensor | None = None, key_bias_BHK: torch.Tensor | None = None
 ) -> AlibiCall:
     """The fast path's arguments for this call: the family's slopes scaled per row, or (zero
-    slopes) the family's own per-key bias ``[B, H, K]`` built with them; and the key padding."""
+    slopes) the family's own per-key bias ``[B, H, K]`` built with them; the key padding; the
+    rule's temperature and distance count.
+
+    A family that passes its per-key bias passes its slopes too (what the bias is per position):
+    a rule that counts distance otherwise takes them instead, since no per-key bias carries it
+    (the family's rounding of the bias is then not kept)."""
     plan = ext.plan
     assert plan is not None  # set by the pre-hook before the family's forward runs
     padded = plan.mask_BK is not None and any(n != plan.n_tokens for n in plan.lengths)
     kpm = plan.mask_BK[:, : plan.n_tokens].bool() if padded else None
-    if key_bias_BHK is not None:
-        zero = key_bias_BHK.new_zeros(key_bias_BHK.shape[1], dtype=torch.float32)
-        return AlibiCall(zero, kpm, plan.n_tokens, key_bias_BHK[:, :, : plan.n_tokens])
-    assert slopes_H is not None
     same = all(n == plan.lengths[0] for n in plan.lengths)
-    slopes = ext.scaled(slopes_H, plan.lengths[:1] if same else plan.lengths)
-    return AlibiCall(slopes[0] if same else slopes, kpm, plan.n_tokens)
+    lengths = plan.lengths[:1] if same else plan.lengths
+    t = temperatures(ext.train_len, lengths, ext.rule)
+    extra = dict(
+        temperature=None if t is None else torch.tensor(t).view(-1, 1, 1, 1),
+        distances=rule_distances(ext.train_len, lengths, ext.rule),
+    )
+    if extra["distances"] is not None and plan.gaps:
+        raise ValueError(
+            f"scaling rule {ext.rule!r} counts distances in key slots, but a row of this "
+            f"attention_mask has a pad between real tokens, where {ext.family.title} counts "
+            "positions along the mask: pad on the left only (one run of real tokens per row)"
+        )
+    if key_bias_BHK is not None and (extra["distances"] is None or slopes_H is None):
+        zero = key_bias_BHK.new_zeros(key_bias_BHK.shape[1], dtype=torch.float32)
+        return AlibiCall(zero, kpm, plan.n_tokens, key_bias_BHK[:, :, : plan.n_tokens], **extra)
+    assert slopes_H is not None
+    slopes = ext.scaled(slopes_H, lengths)
+    return AlibiCall(slopes[0] if same else slopes, kpm, plan.n_tokens, **extra)
 
 
 def key_alibi(
@@ -383,6 +411,12 @@ def _plan_call(
     mask_BK = mask if mask is not None and mask.dim() == 2 else None
     lengths = real_lengths(mask_BK) if mask_BK is not None else [past + new] * batch
     fast = _takes_fast_path(ext, module, given, lengths)
+    if not fast and ext.needs_linbias(lengths):
+        why = "; ".join(message for _, message in _fallbacks(ext, module, given))
+        raise ValueError(
+            f"scaling rule {ext.rule!r} runs only in linbias attention (no {ext.family.title} "
+            f"bias carries it), and this call cannot use it: {why}"
+        )
     changed = None
     if ext.family.mask_2d_only and mask is None and (fast or not ext.unscaled(lengths)):
         # Empty slots of a static cache stay masked, as in the family's own generate.
@@ -412,6 +446,8 @@ def _takes_fast_path(
     if ext.attention != "linbias" or max(lengths, default=0) <= ext.train_len:
         return False
     fallbacks = _fallbacks(ext, base, given)
+    if fallbacks and ext.needs_linbias(lengths):
+        return False  # the caller refuses the call, naming the reasons
     for reason, message in fallbacks:
         if reason not in ext.warned:
             ext.warned.add(reason)

@@ -143,6 +143,12 @@ def _key_bias(ext: Extension, mask_BK: torch.Tensor, num_heads: int, dtype: torc
     return key_alibi(ext, _slopes(num_heads, mask_BK.device), torch.bfloat16, mask_BK, dtype)
 
 
+def _position_slopes(num_heads: int, device: torch.device, head_dim: int) -> torch.Tensor:
+    """What Falcon's bias adds per position back ``[H]`` (slopes in bfloat16, over sqrt(d)): the
+    slopes a rule that counts distance otherwise runs with."""
+    return _slopes(num_heads, device).bfloat16().float() / math.sqrt(head_dim)
+
+
 # --- Up to 5.24: the alibi argument -------------------------------------------------------------
 
 
@@ -160,9 +166,11 @@ def _bias_builder(ext: Extension, original: Any) -> Any:
             return alibi_BHK.flatten(0, 1)[:, None, :]  # [B * H, 1, K], as Falcon's
         head_dim = ext.config.hidden_size // num_heads
         key_bias_BHK = alibi_BHK / math.sqrt(head_dim)
+        slopes_H = _position_slopes(num_heads, attention_mask.device, head_dim)
         if ext.config._attn_implementation == "eager":
             key_bias_BHK = alibi_BHK * (1.0 / math.sqrt(head_dim)) + key_bias_BHK
-        return alibi_call(ext, key_bias_BHK=key_bias_BHK)
+            slopes_H = 2 * slopes_H
+        return alibi_call(ext, slopes_H, key_bias_BHK)
 
     return build
 
@@ -236,7 +244,8 @@ def _registered_attention(own: str, module: Any, query: torch.Tensor, key: torch
         n_heads = query.shape[1]
         bias_BHK = _key_bias(ext, plan.mask_BK, n_heads, query.dtype) / math.sqrt(query.shape[-1])
         if plan.fast:
-            call = alibi_call(ext, key_bias_BHK=bias_BHK)
+            slopes_H = _position_slopes(n_heads, query.device, query.shape[-1])
+            call = alibi_call(ext, slopes_H, bias_BHK)
             return call.attend(query, key, value, kwargs["scaling"]), None
         # Falcon's own fold (FalconModel.forward), with the scaled bias.
         attention_mask = torch.masked_fill(
