@@ -379,6 +379,35 @@ def test_attention_maps_and_profile_match_a_float64_reference(run, rule) -> None
         assert r["distance"] == 16 and r["share"] == pytest.approx(float(want), abs=1e-5)
 
 
+@pytest.mark.parametrize("rule", ["none", "window"])
+def test_needle_map_scores_the_grid_and_reads_each_heads_attention(run, rule) -> None:
+    from linbias.tasks import passkey
+
+    model, encode = ev.RunModel(run), encoder(run.tokenizer)
+    records = ev.needle_map(model, encode, lengths=[320, 640], distances=[120, 450], trials=3,
+                            rules=(rule,), progress=False, batch_size=2)
+    assert [(r["length"], r["distance"]) for r in records] == [
+        (320, 450), (320, 120), (640, 120), (640, 450)]  # skipped cells first, then the others
+    assert "does not fit in 320 tokens" in records[0]["skipped"]
+    for r in records[1:]:
+        cell = passkey(encode, r["length"], 50.0, 3, ev.cell_seed(0, r["length"], r["distance"]),
+                       distance=r["distance"])
+        with model.under(rule):
+            assert r["correct"] == sum(score(model.logits, cell)) and r["n"] == 3
+            # Each trial's full attention maps (an independent path: every query attended),
+            # read at the last prompt token: needle mass and entropy per layer and head.
+            mass, ent = 0.0, 0.0
+            for t in cell:
+                maps = model.attention_maps(torch.tensor([t.prompt_ids]))
+                p = torch.stack([m[0, :, -1] for m in maps]).double()  # [layers, H, T]
+                mass = mass + p[..., t.needle_pos : t.needle_pos + t.needle_len].sum(-1)
+                ent = ent - (p * p.clamp_min(1e-300).log()).sum(-1)
+        torch.testing.assert_close(torch.tensor(r["needle_mass"]).double(), mass / 3, atol=1e-5,
+                                   rtol=1e-4)
+        torch.testing.assert_close(torch.tensor(r["entropy"]).double(), ent / 3, atol=1e-4,
+                                   rtol=1e-4)
+
+
 def test_a_rule_the_method_lacks_raises_its_error(run, tiny_cache_dir) -> None:
     with pytest.raises(ValueError, match="do not support scaling rule 'linear'"):
         evaluate_run(_learned_run(run), lengths=[16], rules=("linear",),

@@ -115,6 +115,26 @@ def test_passkey_needle_sits_at_the_depth_once(tokenizer: str, request) -> None:
     assert t.prompt_ids[t.needle_pos + size :] == tuple(question)  # depth 100: before the question
 
 
+def test_passkey_needle_at_a_distance_in_tokens(bpe: Tokenizer) -> None:
+    # The (distance, length) map: the needle's first token exactly d tokens before the answer,
+    # at any length; the needle's size is recorded; a distance that cannot fit names the range.
+    enc = encoder(bpe)
+    for length, d in ((300, 80), (300, 200), (1200, 80), (1200, 1000)):
+        for t in make_trials_at(enc, length, d):
+            assert t.distance == d and len(t.prompt_ids) - t.needle_pos == d
+            assert len(t.prompt_ids) + len(t.answer_ids) == length
+            at = t.prompt_ids[t.needle_pos : t.needle_pos + t.needle_len]
+            assert enc.decode(list(at)) == needle(t.answer)
+            assert 0 <= t.depth <= 100
+    with pytest.raises(ValueError, match=r"does not fit in 300 tokens.*use a distance in \d+\.\.\d+"):
+        make_trials_at(enc, 300, 299)
+
+
+def make_trials_at(enc, length: int, distance: int):
+    from linbias.tasks import passkey
+    return passkey(enc, length, 50.0, 3, seed=1, distance=distance)
+
+
 @pytest.mark.parametrize("tokenizer", ["bpe", "chars"])
 def test_lines_asks_the_line_at_the_depth(tokenizer: str, request) -> None:
     enc = encoder(request.getfixturevalue(tokenizer))

@@ -63,7 +63,7 @@ from linbias.data import (
 from linbias import fileio
 from linbias.fileio import OutputError, check_output
 from linbias.tasks import (
-    Encoder, cell_record, encoder, k_max, make_trials, score, wilson,
+    Encoder, Trial, cell_record, encoder, k_max, make_trials, passkey, score, wilson,
 )
 from linbias.runs import Run, check_corpus, load_run
 
@@ -71,7 +71,7 @@ __all__ = [
     "EvalModel", "RunModel", "cell_seed", "check_results_path", "check_fits", "fits_in_memory",
     "eval_config", "evaluate_model", "run_stream",
     "evaluate_run", "evaluate_run_task", "evaluate_stream", "evaluate_task",
-    "json_record", "merge_cells", "attention_profile", "retrieval_summary",
+    "json_record", "merge_cells", "attention_profile", "needle_map", "retrieval_summary",
     "write_results",
 ]
 
@@ -400,6 +400,34 @@ class RunModel:
             del position.attend
         return maps
 
+    def answer_attention(self, ids_BT: torch.Tensor, mask_BT: torch.Tensor) -> list[torch.Tensor]:
+        """Each layer's attention probabilities ``[B, H, T]`` of the last query of each
+        (left-padded) row: where the model looks as it writes the answer. Only that query is
+        attended, over identity values (see ``attention_maps``), so a long prompt costs about
+        ``T / D`` single-query steps per layer."""
+        position, rows = self.run.model.position, []
+        attend = position.attend
+
+        def recording(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw: Any) -> torch.Tensor:
+            S, D = k.shape[-2:]
+            last = dict(kw)
+            state = kw.get("state")
+            if isinstance(state, torch.Tensor) and state.dim() == 3:  # T5's bias [H, T, S]
+                last["state"] = state[:, -1:]
+            eye = torch.eye(S, -(-S // D) * D, dtype=v.dtype, device=v.device)
+            cols = [attend(q[..., -1:, :], k, eye[:, c : c + D].expand_as(v), **last)
+                    for c in range(0, eye.shape[1], D)]
+            rows.append(torch.cat(cols, dim=-1)[..., 0, :S].float().cpu())
+            return attend(q, k, v, **kw)
+
+        position.attend = recording  # an instance attribute shadows the method for this call
+        try:
+            with torch.inference_mode():
+                self.logits(ids_BT, mask_BT)
+        finally:
+            del position.attend
+        return rows
+
 
 def skip_reason(model: EvalModel, eval_len: int, n_targets: int, where: str) -> str | None:
     """Why ``eval_len`` cannot be evaluated (``None`` if it can)."""
@@ -643,6 +671,103 @@ def evaluate_task(
                                         **cell_record(task, length, depth, results, cell)})
                         bar.update(1)
     return records
+
+
+def needle_map(
+    model: EvalModel,
+    encode: Encoder,
+    *,
+    lengths: Sequence[int],
+    distances: Sequence[int],
+    trials: int = 10,
+    rules: Sequence[str] = ("none",),
+    seed: int = 0,
+    batch_size: int = 8,
+    heads: bool = True,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Passkey accuracy over a grid of needle distance ``d`` (tokens from the needle's first
+    token to the answer) and prompt length ``L'``, for each rule: it tells dilution (a near
+    needle lost as ``L'`` grows) from reach (a needle farther than ``L`` lost at any ``L'``).
+
+    With ``heads`` (a model with ``answer_attention``, e.g. ``RunModel``), each cell also holds,
+    per layer and head, at the answer position (the last prompt token), the attention mass on the
+    needle's tokens and the entropy of the attention (nats), averaged over its trials.
+
+    Every rule sees the same prompts: a cell's trials are seeded by ``(seed, L', d)``. A cell
+    whose distance does not fit in its length, or a length the model cannot represent, is
+    recorded as skipped.
+
+    Returns:
+        One record per (length, rule, distance): ``position``, ``scaling``, ``train_len``,
+        ``task`` (``"passkey"``), ``length``, ``distance``, ``skipped``, ``n``, ``correct``,
+        ``accuracy``, ``ci_low``, ``ci_high``, and with ``heads`` ``needle_mass`` and
+        ``entropy`` (``[layer][head]`` lists).
+    """
+    check_int("trials", trials, 1)
+    check_int("batch_size", batch_size, 1)
+    for d in distances:
+        check_int("distance", d, 1)
+    model.check_rules(rules)
+    heads = heads and hasattr(model, "answer_attention")
+    head = {"position": model.position, "train_len": model.train_len, "task": "passkey"}
+    bar = tqdm(total=len(lengths) * len(distances) * len(rules), disable=not progress,
+               unit="cell", dynamic_ncols=True, desc="needle map", leave=False)
+    records = []
+    with bar:
+        for length in lengths:
+            cells, skipped = [], {}
+            for d in distances:
+                if _beyond(model, length):
+                    skipped[d] = skip_reason(model, length, length, "")
+                    continue
+                try:
+                    cells.append((d, passkey(encode, length, 50.0, trials,
+                                             cell_seed(seed, length, d), distance=d)))
+                except ValueError as e:  # the distance does not fit in this length
+                    skipped[d] = str(e)
+            if cells:
+                check_fits(model, length, min(batch_size, trials))
+            for rule in rules:
+                records += [{**head, "scaling": rule, "length": length, "distance": d,
+                             "skipped": why, "n": 0, "correct": 0, "accuracy": None,
+                             "ci_low": None, "ci_high": None} for d, why in skipped.items()]
+                with model.under(rule), fits_in_memory(length):
+                    for d, cell in cells:
+                        ok = score(model.logits, cell, batch_size)
+                        k = sum(ok)
+                        low, high = wilson(k, len(ok))
+                        r = {**head, "scaling": rule, "length": length, "distance": d,
+                             "skipped": None, "n": len(ok), "correct": k, "accuracy": k / len(ok),
+                             "ci_low": low, "ci_high": high}
+                        if heads:
+                            r.update(_needle_heads(model, cell, batch_size))
+                        records.append(r)
+                        bar.update(1)
+                bar.update(len(skipped))
+    return records
+
+
+def _needle_heads(model: Any, trials: Sequence[Trial], batch_size: int) -> dict[str, Any]:
+    """Mean over ``trials`` of each layer's and head's attention mass on the needle and entropy,
+    at the last prompt token: ``{"needle_mass": [[...]], "entropy": [[...]]}``."""
+    mass, entropy = 0.0, 0.0
+    for start in range(0, len(trials), batch_size):
+        batch = trials[start : start + batch_size]
+        T = max(len(t.prompt_ids) for t in batch)
+        ids_BT = torch.zeros(len(batch), T, dtype=torch.long)
+        mask_BT = torch.zeros(len(batch), T, dtype=torch.bool)
+        needle_BT = torch.zeros(len(batch), T, dtype=torch.bool)
+        for b, t in enumerate(batch):
+            pad = T - len(t.prompt_ids)
+            ids_BT[b, pad:], mask_BT[b, pad:] = torch.tensor(t.prompt_ids), True
+            needle_BT[b, pad + t.needle_pos : pad + t.needle_pos + t.needle_len] = True
+        p_LBHT = torch.stack(model.answer_attention(ids_BT, mask_BT))
+        mass = mass + (p_LBHT * needle_BT[None, :, None]).sum(-1).sum(1)  # [layers, H]
+        plogp = torch.where(p_LBHT > 0, p_LBHT * p_LBHT.clamp_min(1e-38).log(), 0.0)
+        entropy = entropy + (-plogp.sum(-1)).sum(1)
+    n = len(trials)
+    return {"needle_mass": (mass / n).tolist(), "entropy": (entropy / n).tolist()}
 
 
 def _beyond(model: EvalModel, length: int) -> bool:

@@ -94,6 +94,7 @@ class Trial:
     depth: float  # requested depth, percent
     needle_pos: int  # token index where the needle starts in prompt_ids
     distance: int  # len(prompt_ids) - needle_pos
+    needle_len: int = 0  # the needle's tokens (passkey: the key sentences; lines: the line)
 
 
 # --- tokenizers ----------------------------------------------------------------------------------
@@ -208,13 +209,19 @@ def _too_short(task: str, length: int, minimum: int) -> ValueError:
 def passkey(
     encode: Encode, length: int, depth: float, n: int, seed: int, *,
     filler_ids: Sequence[int] | None = None, decode: Decode | None = None,
+    distance: int | None = None,
 ) -> list[Trial]:
     """Passkey trials: a 5-digit key at ``depth`` percent of the filler (arguments as in
     ``make_trials``).
 
     With ``filler_ids`` the haystack is a slice of that stream at a seeded offset; a key that the
-    slice's text states is drawn again (with a new offset), so this needs a ``decode``.
+    slice's text states is drawn again (with a new offset), so this needs a ``decode``. With
+    ``distance``, the needle starts exactly that many tokens before the answer
+    (``Trial.distance``), whatever the length, and ``depth`` is ignored (each trial records the
+    depth that gives it).
     """
+    if distance is not None:
+        check_int("distance", distance, 1)
     decode = _prepare(encode, decode, length, depth, n, seed)
     if filler_ids is not None and decode is None:
         raise ValueError("filler_ids needs a decode to check that the haystack does not state the "
@@ -222,7 +229,7 @@ def passkey(
     rng, keys, trials = random.Random(seed), set(), []
     for _ in range(n):
         for _draw in range(_MAX_DRAWS):
-            trial = _passkey_trial(encode, decode, length, depth, rng, keys, filler_ids)
+            trial = _passkey_trial(encode, decode, length, depth, rng, keys, filler_ids, distance)
             if trial is not None:
                 break
         else:
@@ -235,7 +242,7 @@ def passkey(
 
 def _passkey_trial(
     encode: Encode, decode: Decode | None, length: int, depth: float, rng: random.Random,
-    keys: set[int], filler_ids: Sequence[int] | None,
+    keys: set[int], filler_ids: Sequence[int] | None, distance: int | None = None,
 ) -> Trial | None:
     """A trial with a new key, or None if the haystack cut for it states the key."""
     key = _draw_key(rng, keys)
@@ -246,6 +253,14 @@ def _passkey_trial(
     if n_fill < 0:
         raise _too_short("passkey", length, length - n_fill)
     at = _at(depth, n_fill)
+    if distance is not None:  # the needle's first token `distance` tokens before the answer
+        at = length - len(answer) - len(head) - distance
+        if not 0 <= at <= n_fill:
+            low = len(needle) + len(question)
+            raise ValueError(f"a passkey needle {distance} tokens before the answer does not fit "
+                             f"in {length} tokens with this key: use a distance in "
+                             f"{low}..{low + n_fill}")
+        depth = 100.0 * at / n_fill if n_fill else 100.0
     if filler_ids is None:  # both sides start the sentences afresh: the needle ends one
         before, after = _cycle(encode(FILLER), at), _cycle(encode(FILLER), n_fill - at)
     else:
@@ -259,7 +274,7 @@ def _passkey_trial(
         before, after = hay[:at], hay[at:]
     prompt = head + before + needle + after + question
     return Trial(tuple(prompt), tuple(answer), str(key), float(depth), len(head) + at,
-                 len(prompt) - len(head) - at)
+                 len(prompt) - len(head) - at, len(needle))
 
 
 def lines(
@@ -309,7 +324,7 @@ def _lines_trial(
     prompt = head + pad + [tok for row in rows for tok in row] + question
     needle_pos = len(head) + len(pad) + sum(map(len, rows[:q]))
     return Trial(tuple(prompt), tuple(answer), str(values[q]), float(depth), needle_pos,
-                 len(prompt) - needle_pos)
+                 len(prompt) - needle_pos, len(rows[q]))
 
 
 TASKS: dict[str, Callable[..., list[Trial]]] = {"passkey": passkey, "lines": lines}
