@@ -548,6 +548,12 @@ class ReproducePreset(ConfigBase):
         finetune_batch_size: sequences per fine-tune step.
         finetune_lr: peak learning rate of the fine-tunes (after ``finetune_warmup`` steps).
         finetune_warmup: warm-up steps of the fine-tunes.
+        rules: the scaling rules every evaluation runs, each where the method has it
+            (``linbias.alibi.SCALING_RULES``; rotary: ``none``, ``linear``, ``ntk``, ``yarn``).
+        map_distances: the needle map (``linbias.evaluate.needle_map``): passkey needles this
+            many tokens before the answer, at every evaluation length and rule, with each head's
+            attention on the needle; empty: no map.
+        map_trials: trials per map cell.
         expected_minutes: wall time of one seed on 2 idle CPU cores, end to end, estimated from
             measured training speed (float32).
     """
@@ -577,6 +583,9 @@ class ReproducePreset(ConfigBase):
     finetune_batch_size: int = 8
     finetune_lr: float = 5e-4
     finetune_warmup: int = 10
+    rules: tuple[str, ...] = ("none", "linear", "sqrt", "log")
+    map_distances: tuple[int, ...] = ()
+    map_trials: int = 10
     expected_minutes: float = 0.0
 
     def __post_init__(self) -> None:
@@ -588,6 +597,12 @@ class ReproducePreset(ConfigBase):
         check_int("finetune_batch_size", self.finetune_batch_size)
         check_int("finetune_warmup", self.finetune_warmup, low=0)
         check_real("finetune_lr", self.finetune_lr, 0.0, low_open=True)
+        if not self.rules or self.rules[0] != "none":
+            raise ValueError(f"rules must start with 'none' (the method as trained), got "
+                             f"{list(self.rules)}")
+        for n in self.map_distances:
+            check_int("map_distances", n)
+        check_int("map_trials", self.map_trials)
 
 
 REPRODUCE_PRESETS: dict[str, ReproducePreset] = {
@@ -608,6 +623,15 @@ REPRODUCE_PRESETS: dict[str, ReproducePreset] = {
                                 warmup=100, vocab_size=2048, t5_max_distance=64, task="passkey",
                                 task_fraction=0.5, trials=5, eval_tokens=65536,
                                 finetune_steps=(0, 50, 100, 200), expected_minutes=30),
+    # Remedies past L (issue: tell dilution from reach): the retrieval preset's models, every
+    # rule, and the needle map over distance x length with each head's attention on the needle.
+    "remedies": ReproducePreset(model="tiny", train_len=128, steps=1200, batch_size=16, lr=2e-3,
+                                warmup=100, vocab_size=2048, t5_max_distance=64, task="passkey",
+                                task_fraction=0.5, trials=5, depths=(0.0, 50.0, 100.0),
+                                rules=("none", "linear", "sqrt", "log", "ntk", "cap", "window",
+                                       "selfextend", "logn", "yarn"),
+                                map_distances=(48, 96, 192, 384, 768, 1536), map_trials=10,
+                                expected_minutes=40),
     "paper-small": ReproducePreset(model="small", train_len=256, steps=5000, batch_size=32,
                                    lr=1e-3, warmup=250, t5_max_distance=64, expected_minutes=810),
 }

@@ -310,6 +310,11 @@ class RotaryPositions(PositionMethod):
 
     name = "rotary"
     rules = ("none", "linear", "ntk", "yarn")
+    summaries: ClassVar[dict[str, str]] = {
+        "linear": "positions x L/L', Chen et al. 2023",
+        "ntk": "NTK-aware: base x (L'/L)^(D/(D-2))",
+        "yarn": "YaRN, Peng et al. 2023: per-dimension ramp and its temperature",
+    }
     scalable = True
 
     @classmethod

@@ -15,10 +15,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from linbias.alibi import SCALING_RULES
 from linbias.config import REPRODUCE_PRESETS, ReproducePreset
 from linbias.evaluate import merge_cells, retrieval_summary
 from linbias.fileio import atomic_write_text, write_json, write_png
-from linbias.positions import POSITION_METHODS
+from linbias.positions import POSITION_METHODS, RotaryPositions
+from linbias.tasks import wilson
 
 __all__ = [
     "HEATMAP", "REPORT_TITLE", "accuracy_table", "aggregate", "beyond_table", "describe_finding",
@@ -399,13 +401,14 @@ def retrieval_table(records: Sequence[dict[str, Any]]) -> str:
 # --- retrieval accuracy: tables and heatmaps --------------------------------------------------
 
 
-def _grid(records: Sequence[Record]) -> tuple[list[float], list[int], dict[tuple, Record]]:
-    """Depths (rows), lengths (columns) and the record of each cell."""
+def _grid(records: Sequence[Record], rows: str = "depth"
+          ) -> tuple[list[float], list[int], dict[tuple, Record]]:
+    """Depths (or another ``rows`` key: rows), lengths (columns) and the record of each cell."""
     cells: dict[tuple, Record] = {}
     for r in records:
-        key = (float(r["depth"]), int(r["length"]))
+        key = (float(r[rows]), int(r["length"]))
         if key in cells:
-            raise ValueError(f"two records for depth {key[0]:g}, length {key[1]}; give one per "
+            raise ValueError(f"two records for {rows} {key[0]:g}, length {key[1]}; give one per "
                              "cell (one task and model per table or panel)")
         cells[key] = r
     return sorted({d for d, _ in cells}), sorted({n for _, n in cells}), cells
@@ -430,10 +433,11 @@ def accuracy_table(records: Sequence[Record]) -> str:
 HEATMAP = "linbias eval --heatmap"
 
 def plot_heatmaps(panels: dict[str, list[Record]], path: str | Path,
-                  stamp: str = "linbias reproduce") -> None:
-    """Small multiples, one per panel (e.g. "alibi / linear"): x = length, y = depth, colour =
-    accuracy on a fixed 0..1 scale, each cell annotated in percent; written as a PNG stamped with
-    ``stamp`` (the command writing it, see ``fileio.check_output``)."""
+                  stamp: str = "linbias reproduce", rows: str = "depth") -> None:
+    """Small multiples, one per panel (e.g. "alibi / linear"): x = length, y = depth (or the
+    needle's ``"distance"``), colour = accuracy on a fixed 0..1 scale, each cell annotated in
+    percent; written as a PNG stamped with ``stamp`` (the command writing it, see
+    ``fileio.check_output``)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure  # no pyplot: no global figure state
 
@@ -448,7 +452,7 @@ def plot_heatmaps(panels: dict[str, list[Record]], path: str | Path,
     for ax in list(grid.flat)[len(panels):]:
         ax.set_visible(False)
     for ax, (label, records) in zip(axes, panels.items()):
-        depths, lengths, cells = _grid(records)
+        depths, lengths, cells = _grid(records, rows)
         acc = np.full((len(depths), len(lengths)), np.nan)
         for (d, n), r in cells.items():
             acc[depths.index(d), lengths.index(n)] = r["accuracy"]
@@ -456,11 +460,12 @@ def plot_heatmaps(panels: dict[str, list[Record]], path: str | Path,
                     ha="center", va="center", fontsize=7)
         image = ax.imshow(acc, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
         ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
-        ax.set_yticks(range(len(depths)), [f"{d:g}%" for d in depths], fontsize=7)
+        ax.set_yticks(range(len(depths)), [f"{d:g}%" if rows == "depth" else f"{d:g}"
+                                           for d in depths], fontsize=7)
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("length (tokens)")
     for row in grid:
-        row[0].set_ylabel("needle depth")
+        row[0].set_ylabel("needle depth" if rows == "depth" else "needle distance (tokens)")
     fig.colorbar(image, ax=list(grid.flat), label="accuracy")
     write_png(Path(path), fig, stamp, dpi=120)
 
@@ -537,6 +542,115 @@ last column is k_max over all lengths together.
 
 def _label(r: dict[str, Any]) -> str:
     return rule_label(r["position"], r["scaling"])
+
+def needle_cells(records: Sequence[Record]) -> dict[str, list[Record]]:
+    """The needle map's cells pooled over seeds, per method and rule (``rule_label``): trials
+    and correct answers summed, Wilson interval recomputed, head statistics averaged; skipped
+    cells left out."""
+    pooled: dict[tuple, Record] = {}
+    for r in records:
+        if r["skipped"]:
+            continue
+        key = (r["position"], r["scaling"], r["length"], r["distance"])
+        if key not in pooled:
+            pooled[key] = {**{k: v for k, v in r.items() if k != "seed"}, "seeds": 1}
+            continue
+        c = pooled[key]
+        c["n"], c["correct"], c["seeds"] = c["n"] + r["n"], c["correct"] + r["correct"], c["seeds"] + 1
+        for name in ("needle_mass", "entropy"):
+            if name in c:
+                c[name] = (np.asarray(c[name]) + np.asarray(r[name])).tolist()
+    panels: dict[str, list[Record]] = {}
+    for c in pooled.values():
+        c["accuracy"] = c["correct"] / c["n"]
+        c["ci_low"], c["ci_high"] = wilson(c["correct"], c["n"])
+        for name in ("needle_mass", "entropy"):
+            if name in c:
+                c[name] = (np.asarray(c[name]) / c["seeds"]).tolist()
+        panels.setdefault(rule_label(c["position"], c["scaling"]), []).append(c)
+    return panels
+
+
+def plot_needle_heads(panels: dict[str, list[Record]], distance: int, path: str | Path) -> None:
+    """Per method and rule (columns): each head's attention mass on a needle ``distance`` tokens
+    back (top) and the entropy of its attention (bottom) at the answer position, against the
+    prompt's length L' (one line per head, coloured by layer)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    panels = {label: sorted((c for c in cells if c["distance"] == distance and "entropy" in c),
+                            key=lambda c: c["length"]) for label, cells in panels.items()}
+    panels = {label: cells for label, cells in panels.items() if cells}
+    if not panels:
+        raise ValueError(f"plot_needle_heads: no cell with head statistics at distance {distance}")
+    fig = Figure(figsize=(1.0 + 2.6 * len(panels), 5.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    grid = fig.subplots(2, len(panels), squeeze=False, sharey="row")
+    for col, (label, cells) in enumerate(panels.items()):
+        xs = [c["length"] for c in cells]
+        for row, name in enumerate(("needle_mass", "entropy")):
+            ax = grid[row][col]
+            values = np.asarray([c[name] for c in cells])  # [lengths, layers, heads]
+            for layer in range(values.shape[1]):
+                for h in range(values.shape[2]):
+                    ax.plot(xs, values[:, layer, h], color=f"C{layer}", lw=1, marker=".",
+                            label=f"layer {layer}" if h == 0 else None)
+            ax.set_xscale("log", base=2)
+            ax.grid(True, alpha=0.3)
+            if row == 0:
+                ax.set_title(label, fontsize=9)
+                ax.set_yscale("log")
+            else:
+                ax.set_xlabel("prompt length L' (tokens)", fontsize=8)
+        grid[0][col].legend(fontsize=6)
+    grid[0][0].set_ylabel("attention mass on the needle", fontsize=8)
+    grid[1][0].set_ylabel("attention entropy (nats)", fontsize=8)
+    fig.suptitle(f"Each head at the answer, needle {distance} tokens back", fontsize=10)
+    write_png(Path(path), fig, "linbias reproduce")
+
+
+def _needle_md(results: dict[str, Any], p: ReproducePreset) -> str:
+    records = results.get("needle_map")
+    if not records:
+        return ""
+    panels = needle_cells(records)
+    near = min(p.map_distances)
+    lengths = [m * p.train_len for m in p.multiples]
+    tables = []
+    for label, cells in panels.items():
+        by = {(c["distance"], c["length"]): c for c in cells}
+        rows = [[f"d = {d}" + (" (> L)" if d > p.train_len else "")] +
+                ["—" if (d, n) not in by else f"{by[d, n]['accuracy']:.0%}" for n in lengths]
+                for d in sorted({c["distance"] for c in cells})]
+        tables.append(f"`{label}`:\n\n" + md_table([f"L'={n}" for n in lengths], rows,
+                                                    first="needle"))
+    mass = []
+    for label, cells in panels.items():
+        by = {c["length"]: c for c in cells if c["distance"] == near and "needle_mass" in c}
+        if by:
+            mass.append([label] + ["—" if n not in by else
+                                   f"{np.max(by[n]['needle_mass']):.3f} / "
+                                   f"{np.mean(by[n]['entropy']):.2f}" for n in lengths])
+    seeds = results.get("seeds", 1)
+    return f"""
+## Dilution or reach: the needle map
+
+Passkey accuracy by the needle's distance d from the answer (tokens from its first token) and the
+prompt's length L', {p.map_trials} trials a cell{f' x {seeds} seeds' if seeds > 1 else ''}; the same prompts under every rule. A near
+needle lost as L' grows is dilution; a needle farther than L = {p.train_len} lost at every L' is
+a lack of reach. "—": the distance does not fit in that length.
+
+{chr(10).join(t + chr(10) for t in tables)}
+![accuracy by needle distance and length](needle_map.png)
+
+At the answer position, with the needle {near} tokens back: the largest attention mass any head
+puts on the needle's tokens / the mean entropy of the heads' attention (nats), against L'.
+
+{md_table([f"L'={n}" for n in lengths], mass) if mass else ""}
+
+![each head's attention on the needle and its entropy](needle_heads.png)
+"""
+
 
 def _profile_md(results: dict[str, Any], p: ReproducePreset) -> str:
     records = results.get("attention_profile")
@@ -633,6 +747,15 @@ length. `+ linear` scales further past L2 (L2/L'). {'Means over seeds.' if resul
 ![metrics against fine-tune steps](finetune.png)
 """
 
+def _rules_words(p: ReproducePreset) -> str:
+    alibi = [f"`{r}` ({SCALING_RULES[r].summary})" for r in p.rules
+             if r != "none" and r in SCALING_RULES]
+    rotary = [f"`{r}` ({RotaryPositions.summaries[r]})" for r in p.rules
+              if r in RotaryPositions.summaries]
+    return (f"Rules, acting only when L' > L: ALiBi {'; '.join(alibi) or 'none'}; rotary "
+            f"{'; '.join(rotary) or 'none'}.")
+
+
 def _report_md(results: dict[str, Any], p: ReproducePreset) -> str:
     t = results["training"]
     corpus = results["corpus"]
@@ -662,7 +785,7 @@ Where the loss goes: mean loss (nats) per token at L' = 4L, by position inside t
 before L/2 are left out (they have little context whatever the method: the early-token curse).
 
 {beyond_table(combined, p.train_len)}
-{_retrieval_md(results, p)}{_profile_md(results, p)}{_sliding_md(results, p)}{_finetune_md(results, p)}
+{_retrieval_md(results, p)}{_needle_md(results, p)}{_profile_md(results, p)}{_sliding_md(results, p)}{_finetune_md(results, p)}
 ## How it was made
 
 - Corpus: `{results['data']}` — train {corpus['train']['documents']} documents
@@ -675,9 +798,7 @@ before L/2 are left out (they have little context whatever the method: the early
   `{p.embedding}` convention.
 - Evaluation: {f'the first {p.eval_tokens}' if p.eval_tokens else 'all'} tokens of the validation split, non-overlapping
   windows of L' = {', '.join(f'{k}L' for k in p.multiples)}; every scored token counted.
-  `learned` is evaluated only where its table reaches. Rules: ALiBi slopes x L/L' (`linear`,
-  Al-Khateeb et al. 2023), x sqrt(L/L') (`sqrt`), x log L / log L' (`log`); rotary positions
-  x L/L' (`linear`, Chen et al. 2023). Rules act only when L' > L.
+  `learned` is evaluated only where its table reaches. {_rules_words(p)}
 - Machine: {m['processor']}, PyTorch CPU capability {m.get('cpu_capability', '?')},
   {m['threads']} threads, torch {m['torch']}, Python {m['python']}.
   Total time of this invocation: {results['seconds']:.0f} s (finished runs are reused).
@@ -696,6 +817,10 @@ def write_report(out: Path, results: dict[str, Any], p: ReproducePreset) -> None
         plot_heatmaps(panels, out / "retrieval.png")
     if results.get("attention_profile"):
         plot_attention_profile(results["attention_profile"], out / "attention_profile.png")
+    if results.get("needle_map"):
+        panels = needle_cells(results["needle_map"])
+        plot_heatmaps(panels, out / "needle_map.png", rows="distance")
+        plot_needle_heads(panels, min(p.map_distances), out / "needle_heads.png")
     if results.get("finetune"):
         plot_finetune(results["finetune"], out / "finetune.png",
                       title=f"Fine-tuned at {p.finetune_multiple * p.train_len} from L = {p.train_len}")

@@ -35,6 +35,7 @@ from linbias.fileio import locked_folder, owning_folder, write_json
 from linbias.evaluate import (
     RunModel,
     attention_profile,
+    needle_map,
     evaluate_run,
     evaluate_run_task,
     json_record,
@@ -43,6 +44,7 @@ from linbias.evaluate import (
     run_stream,
 )
 from linbias.positions import POSITION_METHODS
+from linbias.tasks import encoder
 from linbias.report import REPORT_TITLE, finding, write_report
 from linbias.runs import (
     ConfigMismatch,
@@ -64,14 +66,16 @@ from linbias.train import train
 __all__ = ["reproduce"]
 
 
-def _rules(position: str) -> list[str]:
-    return list(POSITION_METHODS[position].rules)
+def _rules(position: str, p: ReproducePreset) -> list[str]:
+    """The preset's rules that ``position`` has (its own error for any other)."""
+    return [r for r in p.rules if r.partition(":")[0] in POSITION_METHODS[position].rules]
 
 
 # reproduce's own file in a run directory: a run holding it is still provably a run.
 _EVAL_FILE = "eval.json"
 _RETRIEVAL_FILE = "retrieval.json"
 _PROFILE_FILE = "profile.json"
+_MAP_FILE = "needle_map.json"
 _SLIDING_FILE = "sliding.json"
 # The fine-tune study's evaluations: in a fine-tuned run, and in a parent for its 0-step children.
 _FINETUNE_FILE = "finetune.json"
@@ -171,30 +175,34 @@ def _cached(path: Path, settings: dict[str, Any], force: bool,
 
 def _evaluate_one(run_dir: Path, p: ReproducePreset, force: bool, cache_dir: Optional[Path],
                   progress: bool) -> list[dict[str, Any]]:
+    rules = _rules(read_configs(run_dir)[0].position, p)
     settings = {"multiples": list(p.multiples), "eval_tokens": p.eval_tokens, "per_position": True,
-                "weights_sha": read_checkpoint(run_dir).sha256}
+                "weights_sha": read_checkpoint(run_dir).sha256, **_rule_setting(p)}
     return _cached(run_dir / _EVAL_FILE, settings, force, lambda: evaluate_run(
         run_dir, lengths=[m * p.train_len for m in p.multiples], split="valid",
-        rules=_rules(read_configs(run_dir)[0].position), batch_size=p.eval_batch_size,
+        rules=rules, batch_size=p.eval_batch_size,
         max_tokens=p.eval_tokens or None, per_position=True, cache_dir=cache_dir, progress=progress,
     ))
 
 
 def _retrieve_one(run_dir: Path, p: ReproducePreset, force: bool,
                   progress: bool) -> list[dict[str, Any]]:
+    rules = _rules(read_configs(run_dir)[0].position, p)
     settings = {"task": p.task, "multiples": list(p.multiples), "depths": list(p.depths),
-                "trials": p.trials, "weights_sha": read_checkpoint(run_dir).sha256}
+                "trials": p.trials, "weights_sha": read_checkpoint(run_dir).sha256,
+                **_rule_setting(p)}
     return _cached(run_dir / _RETRIEVAL_FILE, settings, force, lambda: evaluate_run_task(
         run_dir, task=str(p.task), lengths=[m * p.train_len for m in p.multiples],
-        depths=p.depths, trials=p.trials, rules=_rules(read_configs(run_dir)[0].position),
+        depths=p.depths, trials=p.trials, rules=rules,
         batch_size=p.eval_batch_size, progress=progress,
     ))
 
 
 def _profile_one(run_dir: Path, p: ReproducePreset, force: bool,
                  cache_dir: Optional[Path]) -> list[dict[str, Any]]:
+    rules = _rules(read_configs(run_dir)[0].position, p)
     settings = {"profile_windows": p.profile_windows, "eval_len": p.profile_multiple * p.train_len,
-                "weights_sha": read_checkpoint(run_dir).sha256}
+                "weights_sha": read_checkpoint(run_dir).sha256, **_rule_setting(p)}
 
     def compute() -> list[dict[str, Any]]:
         run = load_run(run_dir)
@@ -207,8 +215,31 @@ def _profile_one(run_dir: Path, p: ReproducePreset, force: bool,
                              f"needs {p.profile_windows} windows of {T}")
         windows = torch.from_numpy(np.asarray(stream[: p.profile_windows * T], dtype=np.int64))
         return attention_profile(RunModel(run), windows.view(p.profile_windows, T),
-                                 rules=_rules(run.config.position))
+                                 rules=rules)
     return _cached(run_dir / _PROFILE_FILE, settings, force, compute)
+
+
+def _rule_setting(p: ReproducePreset) -> dict[str, Any]:
+    # Caches written before presets named their rules ran every rule of the method, which were
+    # the default rules: with those, an old cache still matches.
+    default = dataclasses.fields(ReproducePreset)
+    rules = next(f.default for f in default if f.name == "rules")
+    return {} if tuple(p.rules) == rules else {"rules": list(p.rules)}
+
+
+def _map_one(run_dir: Path, p: ReproducePreset, force: bool,
+             progress: bool) -> list[dict[str, Any]]:
+    rules = _rules(read_configs(run_dir)[0].position, p)
+    lengths = [m * p.train_len for m in p.multiples]
+    settings = {"lengths": lengths, "distances": list(p.map_distances), "trials": p.map_trials,
+                "rules": rules, "weights_sha": read_checkpoint(run_dir).sha256}
+
+    def compute() -> list[dict[str, Any]]:
+        run = load_run(run_dir)
+        return needle_map(RunModel(run), encoder(run.tokenizer), lengths=lengths,
+                          distances=p.map_distances, trials=p.map_trials, rules=rules,
+                          batch_size=p.eval_batch_size, progress=progress)
+    return _cached(run_dir / _MAP_FILE, settings, force, compute)
 
 
 def _sliding_one(run_dir: Path, p: ReproducePreset, force: bool, cache_dir: Optional[Path],
@@ -283,7 +314,7 @@ def _finetune_one(child: Child, out: Path, configs: tuple[ModelConfig, TrainConf
         run_dir = _child_dir(out, child, p)
         _train_one(position, mc, tc, action or "reuse", run_dir, cache_dir, progress)
         run, path, weights = load_run(run_dir), run_dir / _FINETUNE_FILE, run_dir
-    rules = [r for r in ("none", "linear") if r in _rules(position)]
+    rules = [r for r in ("none", "linear") if r in _rules(position, p)]
     lengths = [run.config.train_len, 4 * run.config.train_len]
     task_lengths = [m * p.train_len for m in p.multiples]
     settings = {"lengths": lengths, "eval_tokens": p.eval_tokens, "task": p.task,
@@ -385,7 +416,7 @@ def _reproduce(preset: str, p: ReproducePreset, corpus: Corpus, out: Path, data:
         f"{todo} to train: about "
         f"{_duration(60 * p.expected_minutes * todo / len(positions))} on 2 idle CPU cores "
         f"(float32; the pace below updates this)")
-    training, records, retrieval, profile, sliding = [], [], [], [], []
+    training, records, retrieval, profile, sliding, needles = [], [], [], [], [], []
     trained_seconds, trained = 0.0, 0
     for n, job in enumerate(jobs):
         (position, s), run_dir, job_start = job, _run_dir(out, *job), time.perf_counter()
@@ -402,6 +433,10 @@ def _reproduce(preset: str, p: ReproducePreset, corpus: Corpus, out: Path, data:
             retrieval += [{**r, "seed": s} for r in _retrieve_one(run_dir, p, force, progress)]
         if p.profile_windows:
             profile += [{**r, "seed": s} for r in _profile_one(run_dir, p, force, cache)]
+        if p.map_distances:
+            log(f"[{position} seed {s}] needle map: distances "
+                f"{', '.join(map(str, p.map_distances))} x {p.map_trials} trials at each length")
+            needles += [{**r, "seed": s} for r in _map_one(run_dir, p, force, progress)]
         if p.sliding_tokens:
             log(f"[{position} seed {s}] sliding window, stride 1, over {p.sliding_tokens} tokens")
             sliding += [{**r, "seed": s} for r in _sliding_one(run_dir, p, force, cache, progress)]
@@ -430,6 +465,8 @@ def _reproduce(preset: str, p: ReproducePreset, corpus: Corpus, out: Path, data:
         results["retrieval_summary"] = retrieval_summary(merge_cells(retrieval))
     if p.profile_windows:
         results["attention_profile"] = profile
+    if p.map_distances:
+        results["needle_map"] = needles
     if p.sliding_tokens:
         results["sliding"] = sliding
     if p.finetune_steps:
@@ -470,7 +507,8 @@ _REPORT_FILES: dict[str, Callable[[bytes], bool]] = {
     "results.json": _is_results,
     "report.md": lambda head: head.startswith(REPORT_TITLE.encode()),
     **{name: _is_plot for name in ("ppl_vs_length.png", "retrieval.png",
-                                   "attention_profile.png", "finetune.png")},
+                                   "attention_profile.png", "finetune.png", "needle_map.png",
+                                   "needle_heads.png")},
 }
 
 
