@@ -37,7 +37,7 @@ from linbias.data import CONTENT_RULE, PATH_RULE, load_corpus, token_stream
 from linbias.evaluate import evaluate_run, run_stream
 from linbias.runs import (
     RUN_FORMAT, RunError, check_corpus, load_run, read_checkpoint, read_configs, read_log,
-    recorded_corpus,
+    recorded_corpus, recorded_split_rule,
 )
 from linbias.train import train
 
@@ -171,6 +171,45 @@ def test_a_new_run_records_the_content_split_and_is_evaluated_on_it(
     assert np.array_equal(stream, token_stream(content, run.tokenizer, "valid", tiny_cache_dir))
     with pytest.warns(UserWarning, match=OLD_SPLIT_WARNING):
         assert check_corpus(run.path, None, content).name == by_path.name
+
+
+def test_a_run_is_split_by_the_rule_it_records(tiny_alibi_run: Path, tiny_cache_dir: Path,
+                                              tmp_path: Path) -> None:
+    meta = json.loads((tiny_alibi_run / "config.json").read_text())
+    assert meta["split_rule"] == CONTENT_RULE == load_run(tiny_alibi_run).split_rule
+    spec = meta["train"]["data"]
+    content, by_path = load_corpus(spec), load_corpus(spec, split_rule=PATH_RULE)
+    # A run that records the path rule (and the corpus name made under it) is split by that rule.
+    run_dir = Path(shutil.copytree(tiny_alibi_run, tmp_path / "run"))
+    forget_checksums(run_dir)  # so that config.json can be edited
+    path_meta = {**meta, "corpus": by_path.name, "split_rule": PATH_RULE}
+    (run_dir / "config.json").write_text(json.dumps(path_meta))
+    run = load_run(run_dir)
+    assert run.split_rule == recorded_split_rule(run_dir) == PATH_RULE
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a recorded rule: no warning
+        stream = run_stream(run, spec, "valid", tiny_cache_dir)
+        resumed = check_corpus(run_dir, recorded_corpus(run_dir), content,
+                               recorded_split_rule(run_dir))  # as a resume calls it
+    assert np.array_equal(stream, token_stream(by_path, run.tokenizer, "valid", tiny_cache_dir))
+    assert not np.array_equal(stream, token_stream(content, run.tokenizer, "valid", tiny_cache_dir))
+    assert resumed.split_rule == PATH_RULE and resumed.name == by_path.name
+    # Without the record, a run with a corpus name was split by the content rule: this name fails.
+    (run_dir / "config.json").write_text(json.dumps({**meta, "corpus": by_path.name}))
+    with pytest.raises(RunError, match="not the one .* was trained on"):
+        run_stream(load_run(run_dir), spec, "valid", tiny_cache_dir)
+    with pytest.raises(RunError, match=r"split by 'blake2b-content-mod100:v9', a rule this "
+                                       r"linbias does not know .*newer linbias"):
+        check_corpus(run_dir, by_path.name, content, "blake2b-content-mod100:v9")
+
+
+@pytest.mark.parametrize("record", [{"split_rule": 2}, {"split_rule": PATH_RULE, "corpus": None}])
+def test_a_split_rule_of_the_wrong_shape_is_refused(run_copy: Path, record: dict) -> None:
+    forget_checksums(run_copy)
+    meta = {**json.loads((run_copy / "config.json").read_text()), **record}
+    (run_copy / "config.json").write_text(json.dumps({k: v for k, v in meta.items() if v is not None}))
+    with pytest.raises(RunError, match="'split_rule' must be a string beside 'corpus'"):
+        load_run(run_copy)
 
 
 @pytest.mark.parametrize("text, problem", [
