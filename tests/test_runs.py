@@ -1,5 +1,6 @@
 """linbias.runs: the run directory's files read back strictly; a run written by an earlier release
-still loads, evaluates and resumes.
+still loads, evaluates and resumes; a new run's --out, a resume and a fine-tune's start checked
+before anything is touched; one writer per run.
 
 One fixture per run format the project has shipped:
 
