@@ -1,13 +1,24 @@
-"""Shared test helpers: an independent float64 ALiBi attention written from the paper's formula."""
+"""Shared test helpers: an independent float64 ALiBi attention written from the paper's formula,
+and the tiny trained runs that the train, run-directory, CLI and export tests share."""
 
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+import time
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from linbias.config import ModelConfig, TrainConfig, model_config
+from linbias.data import split_of
+from linbias.runs import load_run
+from linbias.train import train
 
 
 def naive_alibi_attention(q, k, v, slopes, *, causal=True, scale=None, key_padding_mask=None,
@@ -221,3 +232,88 @@ def exported(bias_free_dir, tmp_path_factory: pytest.TempPathFactory):
     from linbias import hf
 
     return hf.export_to_hf(bias_free_dir, tmp_path_factory.mktemp("export") / "hf")
+
+
+# --- tiny runs on a folder of Python-like files, shared by the train, run-directory and CLI tests ---
+# ``tiny_configs`` is the settings of them all; ``stopped_run`` is one stopped after 3 of its 6 steps,
+# ``parent`` one that finished (the start of a fine-tune, ``fine_tune_configs``).
+
+LINES = [
+    "def add(a, b):\n    return a + b\n",
+    "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n",
+    "for i in range(10):\n    print(i * i)\n",
+    "import os\npath = os.path.join('a', 'b')\n",
+    "# the quick brown fox jumps over the lazy dog\n",
+]
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> str:
+    """A folder of small Python-like files with train, valid and test files present."""
+    root = tmp_path_factory.mktemp("corpus")
+    counts = {"train": 0, "valid": 0, "test": 0}
+    i = 0
+    while counts["train"] < 60 or counts["valid"] < 2 or counts["test"] < 2:
+        name = f"doc{i:04d}.py"
+        split = split_of(name)
+        if counts[split] < (60 if split == "train" else 2):
+            text = "".join(LINES[(i + j) % len(LINES)] for j in range(12))
+            (root / name).write_text(f"# file {i}\n" + text)
+            counts[split] += 1
+        i += 1
+    return f"text:{root}"
+
+
+def tiny_configs(corpus: str, **train: Any) -> tuple[ModelConfig, TrainConfig]:
+    """A one-layer ALiBi model at L = 32 and a 6-step schedule on ``corpus`` (``train`` overrides)."""
+    mc = model_config("tiny", position="alibi", train_len=32, n_layers=1, d_model=32, n_heads=2)
+    defaults = dict(data=corpus, vocab_size=300, steps=6, batch_size=4, eval_every=3,
+                    eval_batches=2, save_every=2, log_every=1, warmup=2, lr=3e-3)
+    return mc, TrainConfig(**{**defaults, **train})
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory) -> Path:
+    """A token-stream and tokenizer cache for the runs on ``corpus``."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def stopped_run(tmp_path_factory, corpus, cache) -> Path:
+    """A run of 6 steps stopped after 3: checkpoint at step 3, log lines 1..3."""
+    mc, tc = tiny_configs(corpus)
+    out = tmp_path_factory.mktemp("stopped") / "run"
+    return train(mc, tc, out, progress=False, cache_dir=cache, stop_after=3)
+
+
+@pytest.fixture(scope="session")
+def parent(tmp_path_factory, corpus, cache) -> Path:
+    """A finished ALiBi run at L = 32 (the stopped run's settings, all 6 steps)."""
+    mc, tc = tiny_configs(corpus, eval_every=0)
+    return train(mc, tc, tmp_path_factory.mktemp("parent") / "run", progress=False, cache_dir=cache)
+
+
+def fine_tune_configs(parent_dir: Path, **model: Any) -> tuple[ModelConfig, TrainConfig]:
+    """The child configs: the parent's model at L2 = 64 (and ``model``), a fresh schedule."""
+    parent_run = load_run(parent_dir)
+    mc = ModelConfig.from_dict({**parent_run.config.to_dict(), "train_len": 64, **model})
+    tc = TrainConfig(**{**parent_run.train_config.to_dict(), "steps": 4, "lr": 1e-3, "warmup": 1,
+                        "save_every": 1, "init_from": str(parent_dir)})
+    return mc, tc
+
+
+def train_argv(corpus: str, out: Path, cache: Path, *extra: str) -> list[str]:
+    """``python -m linbias train`` of a tiny ALiBi run that saves every step (``extra`` appended)."""
+    return [sys.executable, "-m", "linbias", "train", "--position", "alibi", "--train-len", "32",
+            "--n-layers", "1", "--d-model", "32", "--n-heads", "2", "--vocab-size", "300",
+            "--batch-size", "4", "--eval-every", "0", "--save-every", "1", "--warmup", "1",
+            "--data", corpus, "--out", str(out), "--no-progress", *extra]
+
+
+def wait_for(path: Path, proc: subprocess.Popen, seconds: float = 120) -> None:
+    """Wait until ``path`` exists, failing if ``proc`` ends first or ``seconds`` pass."""
+    deadline = time.time() + seconds
+    while not path.exists():
+        assert proc.poll() is None, "the first process ended early"
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.05)

@@ -1,13 +1,26 @@
-"""The command-line surface: sub-commands, their flags, and clear errors for bad input."""
+"""The command-line surface: sub-commands, their flags, and clear errors for bad input; what each
+command prints and how it ends when stopped."""
 
 import argparse
+import importlib.util
 import json
+import os
 import re
+import signal
+import subprocess
+from pathlib import Path
 
 import pytest
 
 import linbias
+from conftest import train_argv, wait_for
 from linbias.cli import build_parser, main
+from linbias.config import ModelConfig
+from linbias.runs import load_run
+from linbias.train import train
+
+needs_transformers = pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
+                                        reason="needs transformers (pip install linbias[hf])")
 
 
 def test_sub_commands():
@@ -279,3 +292,124 @@ def test_a_length_that_cannot_fit_in_memory_is_one_line_before_any_work(tiny_ali
     err = capsys.readouterr().err
     assert re.search(r"length 100000000 needs at least \d+\.\d GiB for its logits .* evaluate "
                      r"shorter --lengths", err) and "Traceback" not in err
+
+
+# --- train: one-line errors, fine-tunes and interrupts --------------------------------------------
+
+
+def test_cli_rejects_an_infinite_lr_before_any_work(tmp_path, capsys):
+    assert main(["train", "--out", str(tmp_path / "run"), "--lr", "inf", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "lr must be a finite number" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_reports_divergence_in_one_line(tmp_path, corpus, capsys, monkeypatch):
+    monkeypatch.setenv("LINBIAS_CACHE", str(tmp_path / "cache"))
+    args = ["train", "--out", str(tmp_path / "run"), "--train-len", "32", "--n-layers", "1",
+            "--d-model", "32", "--n-heads", "2", "--data", corpus, "--vocab-size", "300",
+            "--steps", "4", "--batch-size", "4", "--warmup", "0", "--lr", "1e30", "--no-progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("linbias train: error: training diverged") and err.count("\n") == 1
+
+
+def test_cli_fine_tune_takes_the_parents_model_and_corpus(parent, tmp_path, cache, monkeypatch):
+    monkeypatch.setenv("LINBIAS_CACHE", str(cache))
+    out = tmp_path / "child"
+    assert main(["train", "--init-from", str(parent), "--out", str(out), "--train-len", "64",
+                 "--position-scale", "0.5", "--steps", "2", "--warmup", "1", "--no-progress"]) == 0
+    child, run = load_run(out), load_run(parent)
+    assert child.config == ModelConfig.from_dict(
+        {**run.config.to_dict(), "train_len": 64, "position_scale": 0.5})
+    assert child.train_config.data == run.train_config.data and child.train_config.steps == 2
+    assert main(["train", "--init-from", str(tmp_path / "nothing"), "--out", str(tmp_path / "c2"),
+                 "--no-progress"]) == 2
+
+
+def test_ctrl_c_says_how_to_resume(tmp_path, corpus):
+    out, env = tmp_path / "run", {**os.environ, "LINBIAS_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.Popen(train_argv(corpus, out, tmp_path / "cache", "--steps", "100000"),
+                            env=env, stderr=subprocess.PIPE, text=True)
+    wait_for(out / "checkpoint.json", proc)
+    proc.send_signal(signal.SIGTERM)  # as a scheduler or torchrun stops it: the same as Ctrl-C
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        f"linbias train: interrupted; the run keeps its last checkpoint: continue it with "
+        f"'linbias train --resume --out {out}'")
+    assert not (out / ".linbias.lock").exists()
+    from linbias.runs import read_checkpoint, read_configs
+
+    step = read_checkpoint(out).step
+    train(*read_configs(out), out, resume=True, stop_after=1, progress=False,
+          cache_dir=tmp_path / "cache")
+    assert read_checkpoint(out).step == step + 1
+
+
+# --- export, and eval of a transformers model -----------------------------------------------------
+
+
+@needs_transformers
+def test_cli_export_and_eval(bias_free_dir, tiny_alibi_run, tmp_path, monkeypatch, capsys) -> None:
+    from linbias import hf
+
+    monkeypatch.setenv("LINBIAS_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "hf"
+    assert main(["export", str(bias_free_dir), "--to-hf", str(out)]) == 0
+    assert "MPT" in capsys.readouterr().out and (out / hf.EXPORT_MARKER).is_file()
+    assert main(["export", str(tmp_path / "missing"), "--to-hf", str(tmp_path / "no")]) == 2
+    assert "no run directory" in capsys.readouterr().err
+    data = load_run(bias_free_dir).train_config.data
+    report = tmp_path / "r.json"
+    argv = ["eval", "--hf", str(out), "--lengths", "16,48", "--scaling", "none,linear",
+            "--data", data, "--max-tokens", "96", "--no-progress", "--json", str(report)]
+    assert main(argv) == 0
+    records = json.loads(report.read_text())["results"]
+    assert [(r["position"], r["eval_len"], r["scaling"]) for r in records] == [
+        ("mpt", 16, "none"), ("mpt", 16, "linear"), ("mpt", 48, "none"), ("mpt", 48, "linear")]
+    assert all(r["train_len"] == 32 and r["tokens"] == 96 for r in records)
+
+
+@needs_transformers
+def test_sigterm_during_an_export_leaves_nothing_behind(bias_free_dir, tmp_path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "exports" / "hf"
+    proc = subprocess.Popen([sys.executable, "-m", "linbias", "export", str(bias_free_dir),
+                             "--to-hf", str(out)], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(out.parent.glob(".hf.tmp-*")):  # the export is being written
+        assert proc.poll() is None and time.time() < deadline, "the export never started writing"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == f"linbias export: interrupted; {out} was not changed"
+    assert list(out.parent.iterdir()) == []  # no hidden partial export, no lock file
+
+
+@needs_transformers
+def test_eval_of_an_export_without_hf_names_the_flag(exported: Path, capsys) -> None:
+    assert main(["eval", str(exported), "--lengths", "16"]) == 2
+    assert f"is a transformers model (config.json of model_type 'mpt'), not a linbias run: " \
+        f"evaluate it with --hf {exported}" in \
+        capsys.readouterr().err
+
+
+@needs_transformers
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["eval", "--lengths", "16"], "either a run directory or --hf"),
+        (["eval", "RUN", "--hf", "x", "--lengths", "16"], "either a run directory or --hf"),
+        (["eval", "RUN", "--train-len", "8", "--lengths", "16"], "applies to --hf models"),
+    ],
+)
+def test_cli_eval_needs_one_model(bias_free_dir, capsys, argv, message) -> None:
+    argv = [str(bias_free_dir) if a == "RUN" else a for a in argv]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err

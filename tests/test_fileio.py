@@ -11,7 +11,9 @@ import pytest
 
 from conftest import another_writer
 
-from linbias.fileio import atomic_write, atomic_write_text, sha256_file, write_json
+from linbias.fileio import (
+    atomic_write, atomic_write_text, replacing_folder, sha256_file, write_json,
+)
 
 
 def _torn_write(f) -> None:
@@ -146,3 +148,72 @@ def test_a_refused_writer_leaves_no_folder_it_created(tmp_path: Path) -> None:
         with locked_folder(tmp_path / "new" , "the folder"):
             raise ValueError("refused")
     assert not (tmp_path / "new").exists()
+
+
+# --- a folder replaced whole ------------------------------------------------------------------------
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_folder_build_that_fails_midway_leaves_the_old_folder_and_no_temporary(
+        tmp_path: Path) -> None:
+    out = tmp_path / "export"
+    (out / "sub").mkdir(parents=True)
+    (out / "config.json").write_text("old")
+    (out / "sub" / "weights.bin").write_bytes(b"old weights")
+    before = _tree(out)
+    with pytest.raises(KeyboardInterrupt):
+        with replacing_folder(out) as new:
+            assert new.parent == tmp_path and new != out and list(new.iterdir()) == []
+            (new / "config.json").write_text("half of the new")
+            raise KeyboardInterrupt  # a kill in the middle of writing
+    assert _tree(out) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]
+
+
+def test_a_finished_folder_replaces_the_old_one_whole(tmp_path: Path) -> None:
+    import os
+
+    out = tmp_path / "export"
+    for files in ({"a.txt": b"first", "b.txt": b"only in the first"}, {"a.txt": b"second"}):
+        with replacing_folder(out) as new:
+            for name, data in files.items():
+                (new / name).write_bytes(data)
+            assert not out.exists() or _tree(out) != files  # nothing shows before the block ends
+        assert _tree(out) == files  # the first folder's extra file is gone with it
+        assert [p.name for p in tmp_path.iterdir()] == ["export"]
+    os.mkdir(tmp_path / "plain")  # the reference: the mode mkdir gives under this umask
+    assert out.stat().st_mode == (tmp_path / "plain").stat().st_mode
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with replacing_folder(empty) as new:  # an empty folder is replaced too
+        (new / "x").write_text("x")
+    assert _tree(empty) == {"x": b"x"}
+
+
+def test_a_failed_rename_puts_the_old_folder_back(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    import linbias.fileio
+
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "config.json").write_text("old")
+    real, calls = os.replace, []
+
+    def fail_second(src, dst):
+        calls.append((Path(src).name, Path(dst).name))
+        if len(calls) == 2:  # the new folder onto the target, after the old one went aside
+            raise OSError(28, "No space left on device")
+        real(src, dst)
+
+    monkeypatch.setattr(linbias.fileio.os, "replace", fail_second)
+    with pytest.raises(OSError, match="No space"):
+        with replacing_folder(out) as new:
+            (new / "config.json").write_text("new")
+    assert calls[0][0] == "export" and calls[1][1] == "export"
+    assert _tree(out) == {"config.json": b"old"}
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]

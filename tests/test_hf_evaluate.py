@@ -23,7 +23,6 @@ from transformers import (  # noqa: E402
 )
 
 from linbias import hf  # noqa: E402
-from linbias.cli import main  # noqa: E402
 from linbias.config import model_config  # noqa: E402
 from linbias.data import token_byte_lengths  # noqa: E402
 from linbias.evaluate import evaluate_run  # noqa: E402
@@ -126,20 +125,6 @@ def test_byte_lengths_of_other_vocabularies(tiny_alibi_run: Path) -> None:
     word.pre_tokenizer = pre_tokenizers.Whitespace()
     word.add_special_tokens(["</s>"])
     np.testing.assert_array_equal(hf.evaluate._hf_byte_lengths(word), [0, 6, 1])
-
-
-@pytest.mark.parametrize(
-    ("argv", "message"),
-    [
-        (["eval", "--lengths", "16"], "either a run directory or --hf"),
-        (["eval", "RUN", "--hf", "x", "--lengths", "16"], "either a run directory or --hf"),
-        (["eval", "RUN", "--train-len", "8", "--lengths", "16"], "applies to --hf models"),
-    ],
-)
-def test_cli_eval_needs_one_model(bias_free_dir, capsys, argv, message) -> None:
-    argv = [str(bias_free_dir) if a == "RUN" else a for a in argv]
-    assert main(argv) == 2
-    assert message in capsys.readouterr().err
 
 
 def test_evaluate_hf_skips_lengths_past_a_learned_position_table(exported, bias_free_dir,

@@ -23,7 +23,6 @@ from transformers import (  # noqa: E402
 )
 
 from linbias import hf  # noqa: E402
-from linbias.cli import main  # noqa: E402
 from linbias.config import model_config  # noqa: E402
 from linbias.model import GPT  # noqa: E402
 from linbias.runs import Run, load_run  # noqa: E402
@@ -250,27 +249,6 @@ def test_failed_check_writes_nothing(bias_free_dir, tmp_path, monkeypatch) -> No
     assert list(tmp_path.iterdir()) == []
 
 
-# --- the command line ----------------------------------------------------------------------------
-
-
-def test_cli_export_and_eval(bias_free_dir, tiny_alibi_run, tmp_path, monkeypatch, capsys) -> None:
-    monkeypatch.setenv("LINBIAS_CACHE", str(tmp_path / "cache"))
-    out = tmp_path / "hf"
-    assert main(["export", str(bias_free_dir), "--to-hf", str(out)]) == 0
-    assert "MPT" in capsys.readouterr().out and (out / hf.EXPORT_MARKER).is_file()
-    assert main(["export", str(tmp_path / "missing"), "--to-hf", str(tmp_path / "no")]) == 2
-    assert "no run directory" in capsys.readouterr().err
-    data = load_run(bias_free_dir).train_config.data
-    report = tmp_path / "r.json"
-    argv = ["eval", "--hf", str(out), "--lengths", "16,48", "--scaling", "none,linear",
-            "--data", data, "--max-tokens", "96", "--no-progress", "--json", str(report)]
-    assert main(argv) == 0
-    records = json.loads(report.read_text())["results"]
-    assert [(r["position"], r["eval_len"], r["scaling"]) for r in records] == [
-        ("mpt", 16, "none"), ("mpt", 16, "linear"), ("mpt", 48, "none"), ("mpt", 48, "linear")]
-    assert all(r["train_len"] == 32 and r["tokens"] == 96 for r in records)
-
-
 # --- retrieval through the export -----------------------------------------------------------------
 
 
@@ -292,7 +270,7 @@ def test_a_fine_tuned_run_exports_with_its_new_training_length(bias_free_dir, ti
         assert _max_diff(mpt(ids).logits, ref) <= 1e-4 * float(ref.abs().max())
 
 
-# --- one writer, whole runs only, and a stop that leaves nothing behind --------------------------
+# --- one writer, whole runs only ------------------------------------------------------------------
 
 
 def test_export_refuses_a_target_inside_a_run_and_a_run_without_a_checkpoint(tiny_alibi_run,
@@ -314,30 +292,3 @@ def test_two_exports_into_one_target_are_one_at_a_time(bias_free_dir, tmp_path) 
                                                rf"linbias process \(pid {proc.pid}\)"):
             hf.export_to_hf(bias_free_dir, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
-
-
-def test_sigterm_during_an_export_leaves_nothing_behind(bias_free_dir, tmp_path) -> None:
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    out = tmp_path / "exports" / "hf"
-    proc = subprocess.Popen([sys.executable, "-m", "linbias", "export", str(bias_free_dir),
-                             "--to-hf", str(out)], stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not list(out.parent.glob(".hf.tmp-*")):  # the export is being written
-        assert proc.poll() is None and time.time() < deadline, "the export never started writing"
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "Traceback" not in err
-    assert err.strip().splitlines()[-1] == f"linbias export: interrupted; {out} was not changed"
-    assert list(out.parent.iterdir()) == []  # no hidden partial export, no lock file
-
-
-def test_eval_of_an_export_without_hf_names_the_flag(exported: Path, capsys) -> None:
-    assert main(["eval", str(exported), "--lengths", "16"]) == 2
-    assert f"is a transformers model (config.json of model_type 'mpt'), not a linbias run: " \
-        f"evaluate it with --hf {exported}" in \
-        capsys.readouterr().err

@@ -1,5 +1,6 @@
 """linbias.runs: the run directory's files read back strictly; a run written by an earlier release
-still loads, evaluates and resumes.
+still loads, evaluates and resumes; a new run's --out, a resume and a fine-tune's start checked
+before anything is touched; one writer per run.
 
 One fixture per run format the project has shipped:
 
@@ -15,22 +16,29 @@ One fixture per run format the project has shipped:
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import platform
 import shutil
+import signal
+import subprocess
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save
+
+from conftest import fine_tune_configs, forget_checksums, tiny_configs, train_argv, wait_for
 
 from linbias.config import ModelConfig, TrainConfig
 from linbias.data import CONTENT_RULE, PATH_RULE, load_corpus, token_stream
 from linbias.evaluate import evaluate_run, run_stream
 from linbias.runs import (
     RUN_FORMAT, RunError, check_corpus, load_run, read_checkpoint, read_configs, read_log,
-    recorded_corpus,
+    recorded_corpus, recorded_split_rule,
 )
 from linbias.train import train
 
@@ -164,6 +172,45 @@ def test_a_new_run_records_the_content_split_and_is_evaluated_on_it(
     assert np.array_equal(stream, token_stream(content, run.tokenizer, "valid", tiny_cache_dir))
     with pytest.warns(UserWarning, match=OLD_SPLIT_WARNING):
         assert check_corpus(run.path, None, content).name == by_path.name
+
+
+def test_a_run_is_split_by_the_rule_it_records(tiny_alibi_run: Path, tiny_cache_dir: Path,
+                                              tmp_path: Path) -> None:
+    meta = json.loads((tiny_alibi_run / "config.json").read_text())
+    assert meta["split_rule"] == CONTENT_RULE == load_run(tiny_alibi_run).split_rule
+    spec = meta["train"]["data"]
+    content, by_path = load_corpus(spec), load_corpus(spec, split_rule=PATH_RULE)
+    # A run that records the path rule (and the corpus name made under it) is split by that rule.
+    run_dir = Path(shutil.copytree(tiny_alibi_run, tmp_path / "run"))
+    forget_checksums(run_dir)  # so that config.json can be edited
+    path_meta = {**meta, "corpus": by_path.name, "split_rule": PATH_RULE}
+    (run_dir / "config.json").write_text(json.dumps(path_meta))
+    run = load_run(run_dir)
+    assert run.split_rule == recorded_split_rule(run_dir) == PATH_RULE
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a recorded rule: no warning
+        stream = run_stream(run, spec, "valid", tiny_cache_dir)
+        resumed = check_corpus(run_dir, recorded_corpus(run_dir), content,
+                               recorded_split_rule(run_dir))  # as a resume calls it
+    assert np.array_equal(stream, token_stream(by_path, run.tokenizer, "valid", tiny_cache_dir))
+    assert not np.array_equal(stream, token_stream(content, run.tokenizer, "valid", tiny_cache_dir))
+    assert resumed.split_rule == PATH_RULE and resumed.name == by_path.name
+    # Without the record, a run with a corpus name was split by the content rule: this name fails.
+    (run_dir / "config.json").write_text(json.dumps({**meta, "corpus": by_path.name}))
+    with pytest.raises(RunError, match="not the one .* was trained on"):
+        run_stream(load_run(run_dir), spec, "valid", tiny_cache_dir)
+    with pytest.raises(RunError, match=r"split by 'blake2b-content-mod100:v9', a rule this "
+                                       r"linbias does not know .*newer linbias"):
+        check_corpus(run_dir, by_path.name, content, "blake2b-content-mod100:v9")
+
+
+@pytest.mark.parametrize("record", [{"split_rule": 2}, {"split_rule": PATH_RULE, "corpus": None}])
+def test_a_split_rule_of_the_wrong_shape_is_refused(run_copy: Path, record: dict) -> None:
+    forget_checksums(run_copy)
+    meta = {**json.loads((run_copy / "config.json").read_text()), **record}
+    (run_copy / "config.json").write_text(json.dumps({k: v for k, v in meta.items() if v is not None}))
+    with pytest.raises(RunError, match="'split_rule' must be a string beside 'corpus'"):
+        load_run(run_copy)
 
 
 @pytest.mark.parametrize("text, problem", [
@@ -399,3 +446,227 @@ def test_a_full_disk_at_a_checkpoint_names_the_run_and_the_fix(
                                        r"space .* --resume"):
         train(mc, tc, tmp_path / "run", progress=False, cache_dir=tiny_cache_dir)
     assert read_checkpoint(tmp_path / "run").step == 2
+
+
+# --- a new run's --out, and a resume that does not match its run ----------------------------------
+
+
+def test_resume_with_different_config_is_refused(tmp_path, corpus):
+    mc, tc = tiny_configs(corpus)
+    train(mc, tc, tmp_path / "run", progress=False, cache_dir=tmp_path / "cache")
+    other = TrainConfig(**{**tc.to_dict(), "lr": 1e-4})
+    with pytest.raises(RunError, match=r"lr \(saved 0.003, given 0.0001\)"):
+        train(mc, other, tmp_path / "run", resume=True, progress=False, cache_dir=tmp_path / "cache")
+    with pytest.raises(RunError, match="already holds a run"):
+        train(mc, tc, tmp_path / "run", progress=False, cache_dir=tmp_path / "cache")
+
+
+def test_corrupt_checkpoint_is_refused(tmp_path, corpus):
+    mc, tc = tiny_configs(corpus)
+    out = train(mc, tc, tmp_path / "run", progress=False, cache_dir=tmp_path / "cache")
+    state = out / json.loads((out / "checkpoint.json").read_text())["state"]
+    state.write_bytes(state.read_bytes()[:-100])
+    with pytest.raises(RunError, match="truncated or corrupt"):
+        train(mc, tc, out, resume=True, progress=False, cache_dir=tmp_path / "cache")
+    (out / "model.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(RunError, match="model.safetensors is not the file .* sha256 differs"):
+        load_run(out)
+
+
+@pytest.mark.parametrize("names", [("model.safetensors", "log.jsonl"), ("tokenizer.json",),
+                                   ("config.json",), (".hidden",)])
+def test_new_run_never_overwrites_files_in_out(tmp_path, corpus, names):
+    out = tmp_path / "mine"
+    out.mkdir()
+    for name in names:
+        (out / name).write_text(f"the user's {name}")
+    mc, tc = tiny_configs(corpus)
+    with pytest.raises(RunError, match=rf"{names[0]}.*choose another --out"):
+        train(mc, tc, out, progress=False, cache_dir=tmp_path / "cache")
+    assert sorted(p.name for p in out.iterdir()) == sorted(names)
+    assert all((out / n).read_text() == f"the user's {n}" for n in names)
+    assert not (tmp_path / "cache").exists()  # refused before the tokenizer was trained
+
+
+def test_new_run_never_deletes_what_a_stale_checkpoint_json_names(tmp_path, corpus):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    out = tmp_path / "run"
+    out.mkdir()
+    for state in ("../victim.txt", str(victim)):
+        (out / "checkpoint.json").write_text(json.dumps({"step": 1, "state": state}))
+        with pytest.raises(RunError, match="not empty"):
+            train(*tiny_configs(corpus), out, progress=False, cache_dir=tmp_path / "cache")
+    assert victim.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_out_that_is_a_file_is_refused_before_any_work(tmp_path, corpus, resume):
+    (tmp_path / "file").write_text("not a folder")
+    for out in [tmp_path / "file"] + ([] if resume else [tmp_path / "file" / "run"]):
+        with pytest.raises(RunError, match="is a file"):
+            train(*tiny_configs(corpus), out, resume=resume, progress=False, cache_dir=tmp_path / "cache")
+    assert (tmp_path / "file").read_text() == "not a folder" and not (tmp_path / "cache").exists()
+
+
+# --- a refused resume changes nothing (a copy of a run stopped at step 3 of 6) --------------------
+
+
+@pytest.fixture
+def stopped_copy(tmp_path, stopped_run) -> Path:
+    """A copy of ``stopped_run``: checkpoint at step 3 of 6, log lines 1..3."""
+    return Path(shutil.copytree(stopped_run, tmp_path / "run"))
+
+
+def _resume(corpus, out, cache, **train_kwargs):
+    mc, tc = tiny_configs(corpus)
+    return train(mc, tc, out, resume=True, progress=False, cache_dir=cache, **train_kwargs)
+
+
+def test_a_refused_resume_leaves_the_log_as_it_was(stopped_copy, corpus, cache):
+    log = stopped_copy / "log.jsonl"
+    log.write_text(log.read_text() + json.dumps({"step": 4, "train_loss": 5.0}) + "\n")
+    ckpt = json.loads((stopped_copy / "checkpoint.json").read_text())
+    state = stopped_copy / ckpt["state"]
+    tensors = load_file(str(state))
+    del tensors["rng.torch"]
+    state.write_bytes(save(tensors))
+    ckpt["sha256"] = hashlib.sha256(state.read_bytes()).hexdigest()
+    (stopped_copy / "checkpoint.json").write_text(json.dumps(ckpt))
+    before = log.read_bytes()
+    with pytest.raises(RunError, match="optimizer and RNG state"):
+        _resume(corpus, stopped_copy, cache)
+    assert log.read_bytes() == before
+
+
+def test_a_bad_log_line_is_refused_not_dropped(stopped_copy, corpus, cache):
+    log = stopped_copy / "log.jsonl"
+    lines = log.read_text().splitlines()
+    lines[1] = json.dumps({"step": "2", "train_loss": 5.0})
+    log.write_text("\n".join(lines) + "\n")
+    with pytest.raises(RunError, match=r"log.jsonl line 2 .*step must be an integer"):
+        _resume(corpus, stopped_copy, cache)
+    assert log.read_text().splitlines() == lines
+
+
+def test_a_resume_drops_only_a_torn_last_line(stopped_copy, corpus, cache):
+    log = stopped_copy / "log.jsonl"
+    log.write_text(log.read_text() + '{"step": 4, "train_lo')  # killed mid-write
+    _resume(corpus, stopped_copy, cache)
+    assert [r["step"] for r in read_log(stopped_copy)] == list(range(1, 7))
+    assert sorted(p.name for p in stopped_copy.glob("state-*")) == ["state-00000006.safetensors"]
+
+
+@pytest.mark.parametrize("change, problem", [
+    ({"step": "3"}, "step must be an integer"),
+    ({"step": True}, "step must be an integer"),
+    ({"step": 3.0}, "step must be an integer"),
+    ({"step": -1}, "step must be an integer"),
+    ({"state": "../victim.safetensors"}, "state must be 'state-00000003.safetensors'"),
+    ({"state": "/tmp/state-00000003.safetensors"}, "state must be"),
+    ({"state": 3}, "state must be"),
+    ({"sha256": "abc"}, "sha256 must be 64"),
+    ({"sha256": None}, "sha256 must be 64"),
+])
+def test_checkpoint_json_of_the_wrong_shape_is_refused(stopped_copy, corpus, cache, change, problem):
+    victim = stopped_copy.parent / "victim.safetensors"
+    victim.write_bytes(b"the user's")
+    ckpt = json.loads((stopped_copy / "checkpoint.json").read_text())
+    (stopped_copy / "checkpoint.json").write_text(json.dumps({**ckpt, **change}))
+    log = (stopped_copy / "log.jsonl").read_bytes()
+    with pytest.raises(RunError, match=rf"checkpoint.json is corrupt \({problem}"):
+        _resume(corpus, stopped_copy, cache)
+    assert victim.read_bytes() == b"the user's" and (stopped_copy / "log.jsonl").read_bytes() == log
+
+
+def test_a_checkpoint_past_the_last_step_is_refused(stopped_copy, corpus, cache):
+    ckpt = json.loads((stopped_copy / "checkpoint.json").read_text())
+    (stopped_copy / ckpt["state"]).rename(stopped_copy / "state-00000009.safetensors")
+    (stopped_copy / "checkpoint.json").write_text(json.dumps(
+        {**ckpt, "step": 9, "state": "state-00000009.safetensors"}))
+    with pytest.raises(RunError, match="past steps=6"):
+        _resume(corpus, stopped_copy, cache)
+
+
+def test_a_run_is_resumed_and_evaluated_only_on_the_corpus_it_was_trained_on(
+        stopped_copy, corpus, cache):
+    from linbias.data import load_corpus
+    from linbias.evaluate import evaluate_run
+
+    meta = json.loads((stopped_copy / "config.json").read_text())
+    assert meta["corpus"] == load_corpus(corpus).name and load_run(stopped_copy).corpus == meta["corpus"]
+    forget_checksums(stopped_copy)  # as a run written before they were recorded
+    meta["corpus"] = "text-other-0123456789abcdef"
+    (stopped_copy / "config.json").write_text(json.dumps(meta))
+    log = (stopped_copy / "log.jsonl").read_bytes()
+    message = "not the one .* was trained on"
+    with pytest.raises(RunError, match=message):
+        _resume(corpus, stopped_copy, cache)
+    assert (stopped_copy / "log.jsonl").read_bytes() == log
+    with pytest.raises(RunError, match=message):
+        evaluate_run(stopped_copy, lengths=[32], cache_dir=cache, progress=False)
+
+
+# --- a fine-tune's start (child_model, check_child_config) ----------------------------------------
+
+
+def test_a_child_before_its_first_step_gives_the_parent_logits(parent):
+    from linbias.runs import child_model
+
+    run = load_run(parent)
+    mc, _ = fine_tune_configs(parent)
+    idx = torch.randint(run.config.vocab_size, (2, 80))  # past both L = 32 and L2 = 64
+    assert torch.equal(child_model(run, mc).eval()(idx), run.model(idx))
+
+
+def test_a_child_may_take_another_slope_range(parent):
+    from linbias.runs import child_model
+
+    mc, _ = fine_tune_configs(parent, alibi_max_bias=16.0)  # MPT-7B-StoryWriter's change, 8 to 16
+    assert child_model(load_run(parent), mc).position.slopes.tolist() == [2 ** -8, 2 ** -16]
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(n_layers=2), r"conflict with its weights in n_layers \(parent 1, given 2\).*drop those"),
+    (dict(position="rotary"), r"position \(parent 'alibi', given 'rotary'\)"),
+])
+def test_a_fine_tune_that_changes_the_architecture_is_refused(parent, tmp_path, cache, change,
+                                                               message):
+    mc, tc = fine_tune_configs(parent, **change)
+    with pytest.raises(RunError, match=message):
+        train(mc, tc, tmp_path / "child", progress=False, cache_dir=cache)
+    assert not (tmp_path / "child").exists()
+
+
+def test_learned_positions_cannot_change_their_length(tmp_path, corpus, cache):
+    mc, tc = tiny_configs(corpus, steps=1, eval_every=0, save_every=0)
+    learned = train(ModelConfig.from_dict({**mc.to_dict(), "position": "learned"}), tc,
+                    tmp_path / "learned", progress=False, cache_dir=cache)
+    child_mc, child_tc = fine_tune_configs(learned)
+    with pytest.raises(RunError, match="train_len .*one table row per position"):
+        train(child_mc, child_tc, tmp_path / "child", progress=False, cache_dir=cache)
+
+
+# --- one writer per run, with real processes ------------------------------------------------------
+
+
+def test_a_second_writer_of_a_run_is_refused_with_the_first_ones_pid(tmp_path, corpus):
+    out, env = tmp_path / "run", {**os.environ, "LINBIAS_CACHE": str(tmp_path / "cache")}
+    first = subprocess.Popen(train_argv(corpus, out, tmp_path / "cache", "--steps", "100000"),
+                             env=env, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(out / "checkpoint.json", first)
+        log = (out / "log.jsonl").read_text()
+        for extra in (["--steps", "10", "--position", "rotary", "--seed", "2"], ["--resume"]):
+            second = subprocess.run(train_argv(corpus, out, tmp_path / "cache", *extra), env=env,
+                                    capture_output=True, text=True, timeout=300)
+            assert second.returncode == 2
+            assert f"the run {out} is being written by another linbias process (pid " \
+                   f"{first.pid})" in second.stderr
+        assert json.loads((out / "config.json").read_text())["model"]["position"] == "alibi"
+    finally:
+        first.send_signal(signal.SIGINT)
+        first.wait(timeout=120)
+    assert first.returncode == 130
+    steps = [r["step"] for r in read_log(out)]  # one writer: each step logged once, in order
+    assert steps == sorted(set(steps)) and (out / "log.jsonl").read_text().startswith(log)

@@ -11,10 +11,10 @@ is deterministic and content-addressed:
   splits, adding a file never moves another one, and the same text can never be in two splits,
   however many paths reach it (symbolic or hard links, copies, a glob matching it twice). Of
   byte-identical files only the first path (in sorted order) is kept; the repeats are counted.
-* Split rules are versioned (``SPLIT_RULES``): new corpora use ``CONTENT_RULE`` above; runs of
-  the releases that split by a keyed hash of each file's relative path (``PATH_RULE``), which
-  record no corpus, are evaluated and resumed on that split, rebuilt exactly
-  (``load_corpus(spec, split_rule=PATH_RULE)``, see ``_path_rule_corpus``).
+* Split rules are versioned (``SPLIT_RULES``): new corpora use ``CONTENT_RULE`` above, and a run
+  records the rule it was split by; runs of the releases that split by a keyed hash of each
+  file's relative path (``PATH_RULE``), which record no corpus, are evaluated and resumed on that
+  split, rebuilt exactly (``load_corpus(spec, split_rule=PATH_RULE)``, see ``_path_rule_corpus``).
 * A token stream is the split's documents in order, each followed by ``<|endoftext|>``.
 * ``get_batch`` is a pure function of ``(seed, step, rank, world_size)``: resuming at ``step``
   replays the same batches, and ``world_size`` ranks together see the one-process global batch.
@@ -98,8 +98,8 @@ EOT = "<|endoftext|>"
 
 # The split rules linbias has shipped, oldest first. A rule's name enters every corpus name and
 # cache key made under it, so a new rule (a new name) never reuses another's splits or caches.
-# A run that records its corpus name was split by CONTENT_RULE (the only rule of the releases
-# that record one); a run that records none, by PATH_RULE.
+# A run records the rule it was split by (``split_rule`` in its config.json); one written before
+# that which records its corpus name was split by CONTENT_RULE, one that records none by PATH_RULE.
 PATH_RULE = "blake2b-path-mod100:v1"
 CONTENT_RULE = "blake2b-content-mod100:v2"
 SPLIT_RULES = (PATH_RULE, CONTENT_RULE)

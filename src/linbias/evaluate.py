@@ -553,7 +553,7 @@ def run_stream(run: Run, spec: str, split: str, cache_dir: str | Path | None) ->
     since training, so that held-out text is still held out."""
     corpus = load_corpus(spec)
     if spec == run.train_config.data:
-        corpus = check_corpus(run.path, run.corpus, corpus)
+        corpus = check_corpus(run.path, run.corpus, corpus, run.split_rule)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     return token_stream(corpus, run.tokenizer, split, cache)
 

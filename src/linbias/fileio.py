@@ -5,6 +5,8 @@ Every file linbias writes goes through ``atomic_write`` (a temporary file beside
 flushed to disk, then renamed over it), except ``log.jsonl``, which a run appends to line by line;
 a line torn by a kill is dropped when the run resumes (``linbias.runs``). Files get the mode a
 plain ``open`` would give them (``0o666`` less the umask), not the temporary file's private one.
+A folder that is replaced whole (an export) is built beside its target and renamed into place
+(``replacing_folder``), so no reader or kill ever sees it half written.
 
 Output files (``check_output``) go only where nothing is, or over a file that carries the stamp of
 the same purpose (``written_by``: a JSON key, a PNG text chunk), never inside a folder that belongs
@@ -22,6 +24,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -30,8 +33,8 @@ from typing import Any, BinaryIO, Optional
 
 __all__ = [
     "LOCK_NAME", "Busy", "OutputError", "atomic_write", "atomic_write_text", "check_output",
-    "exclusive", "locked_folder", "owning_folder", "sha256_file", "stamp_of", "write_json",
-    "write_png", "writer_of",
+    "exclusive", "locked_folder", "owning_folder", "replacing_folder", "sha256_file", "stamp_of",
+    "write_json", "write_png", "writer_of",
 ]
 
 # The lock file a held folder carries while a command writes it; removed when the command ends.
@@ -46,18 +49,21 @@ class OutputError(ValueError):
     """An output path that would replace or corrupt something linbias must not touch."""
 
 
-def _file_mode() -> int:
-    """``0o666`` less the process umask: the mode ``open`` gives a new file (mkstemp gives 0600).
-
-    The umask is read from ``/proc`` where it is there: setting it to read it back is not safe
-    with other threads running."""
+def _umask() -> int:
+    """The process umask, read from ``/proc`` where it is there: setting it to read it back is not
+    safe with other threads running."""
     with suppress(OSError, ValueError):
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("Umask:"):
-                return 0o666 & ~int(line.split()[1], 8)
+                return int(line.split()[1], 8)
     mask = os.umask(0o022)
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
+
+
+def _file_mode() -> int:
+    """``0o666`` less the umask: the mode ``open`` gives a new file (mkstemp gives 0600)."""
+    return 0o666 & ~_umask()
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
@@ -83,6 +89,48 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
 def atomic_write_text(path: Path, text: str) -> None:
     """``atomic_write`` for UTF-8 text."""
     atomic_write(path, lambda f: f.write(text.encode()))
+
+
+@contextmanager
+def replacing_folder(path: Path) -> Iterator[Path]:
+    """A new folder to fill, which replaces ``path`` whole when the block ends without an error.
+
+    The folder is made beside ``path`` (``.<name>.tmp-*``, with the mode ``mkdir`` would give it),
+    then renamed into place; a folder already at ``path`` goes aside first (between the two renames
+    ``path`` is briefly absent, never partly written), then is deleted. If the block raises (a
+    failed check, Ctrl-C), or the rename fails, the new folder is removed and ``path`` is left as
+    it was. The caller decides whether ``path`` may be replaced and holds its
+    lock (``exclusive``): this function replaces whatever folder is there.
+
+    Yields:
+        the new folder (empty), to fill inside the ``with`` block.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A fresh, uniquely named folder: the only one removed on failure.
+    new = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        new.chmod(0o777 & ~_umask())  # mkdtemp makes it private
+        yield new
+        _swap_in(new, path)
+    finally:
+        shutil.rmtree(new, ignore_errors=True)
+
+
+def _swap_in(new: Path, path: Path) -> None:
+    """Rename ``new`` to ``path``; a non-empty folder there (which a rename cannot replace) goes
+    aside first and comes back if the second rename fails."""
+    if not (path.is_dir() and any(path.iterdir())):
+        os.replace(new, path)  # nothing there, or an empty folder: one rename
+        return
+    old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
+    os.replace(path, old)  # over the fresh empty folder
+    try:
+        os.replace(new, path)
+    except BaseException:
+        os.replace(old, path)
+        raise
+    shutil.rmtree(old)
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -3,7 +3,8 @@
 A run directory holds everything later commands need:
 
     config.json            {"format": "linbias-run/1", "model": ModelConfig, "train": TrainConfig,
-                            "corpus": the corpus name with its content fingerprint}
+                            "corpus": the corpus name with its content fingerprint,
+                            "split_rule": the rule that split it (``data.SPLIT_RULES``)}
     tokenizer.json         the byte-level BPE tokenizer (Hugging Face ``tokenizers``)
     model.safetensors      the latest weights
     checkpoint.json        step, the state file below and its sha256, and the sha256 of
@@ -17,6 +18,9 @@ A fine-tuned run (``TrainConfig.init_from``) also records its parent in ``config
 sha256 of its ``config.json`` and ``model.safetensors`` when the child started (``Lineage``). Its
 first checkpoint is step 0, the parent's weights with a fresh optimizer, so a kill at any moment
 resumes without the parent.
+
+Runs written before ``split_rule`` was recorded imply it (``check_corpus``): one with a ``corpus``
+was split by ``CONTENT_RULE``, one without by ``PATH_RULE``.
 
 Every file is written atomically (``linbias.fileio``) except ``log.jsonl``, which is appended to
 line by line, each line before the checkpoint that covers it; a resume drops the lines past the
@@ -49,7 +53,9 @@ from tokenizers import Tokenizer
 
 from linbias.checks import is_finite_number
 from linbias.config import ModelConfig, TrainConfig, model_config
-from linbias.data import PATH_RULE, Corpus, load_tokenizer, save_tokenizer
+from linbias.data import (
+    CONTENT_RULE, PATH_RULE, SPLIT_RULES, Corpus, load_tokenizer, save_tokenizer,
+)
 from linbias.fileio import (
     LOCK_NAME, atomic_write, atomic_write_text, locked_folder, owning_folder, sha256_file,
     write_json, writer_of,
@@ -62,7 +68,8 @@ __all__ = [
     "check_child_config", "check_corpus", "check_parent", "child_configs", "child_model",
     "lineage_of",
     "check_new_out", "check_resume", "check_run_dir", "check_writable", "last_checkpoint", "load_run",
-    "read_checkpoint", "read_configs", "read_log", "recorded_corpus", "remove_run",
+    "read_checkpoint", "read_configs", "read_log", "recorded_corpus", "recorded_split_rule",
+    "remove_run",
     "restore_checkpoint", "run_configs", "save_checkpoint", "start_run", "writing",
 ]
 
@@ -102,6 +109,7 @@ class Run:
     train_config: TrainConfig
     corpus: Optional[str] = None  # the name (with content fingerprint) of the corpus trained on
     parent: Optional[Lineage] = None  # the run it was fine-tuned from
+    split_rule: Optional[str] = None  # the rule that split its corpus, if recorded (check_corpus)
 
 
 
@@ -163,29 +171,40 @@ def _run_meta(run_dir: Path) -> dict[str, Any]:
     if not isinstance(meta.get("corpus", ""), str):
         raise RunError(f"{path}: 'corpus' must be a string, got {meta['corpus']!r}; "
                        "restore the file or train the run again")
+    if "split_rule" in meta and not (isinstance(meta["split_rule"], str) and "corpus" in meta):
+        raise RunError(f"{path}: 'split_rule' must be a string beside 'corpus', got "
+                       f"{meta['split_rule']!r}; restore the file or train the run again")
     return meta
 
 
-def check_corpus(run_dir: Path, recorded: Optional[str], corpus: Corpus) -> Corpus:
+def check_corpus(run_dir: Path, recorded: Optional[str], corpus: Corpus,
+                 split_rule: Optional[str] = None) -> Corpus:
     """The run's corpus split by the rule it was trained with, after checking that it is the
     corpus the run was trained on (same files, same split), so held-out text is still held out.
 
-    A run that records its corpus was split by ``CONTENT_RULE``: the recorded name, which ends in
-    a fingerprint of the files and the rule, must be ``corpus``'s. A run that records none was
-    written by a release that split by ``PATH_RULE`` and recorded nothing to compare with: its
-    split is rebuilt from the same source, with a warning saying so.
+    A run that records its corpus was split by the rule it records (``split_rule``), or, written
+    before the rule was recorded, by ``CONTENT_RULE``: the recorded name, which ends in a
+    fingerprint of the files and the rule, must be that of ``corpus`` split so. A run that records
+    no corpus was written by a release that split by ``PATH_RULE`` and recorded nothing to compare
+    with: its split is rebuilt from the same source, with a warning saying so.
 
     Args:
         run_dir: the run (for messages).
         recorded: the corpus name the run recorded (``recorded_corpus``), or ``None``.
         corpus: the run's corpus (``train_config.data``) as ``load_corpus`` loads it.
+        split_rule: the split rule the run recorded (``recorded_split_rule``), or ``None``.
 
     Returns:
-        ``corpus``, or for a run without a record the same source split by ``PATH_RULE``.
+        ``corpus`` split by the run's rule (``corpus`` itself if already so split).
 
     Raises:
-        RunError: the corpus changed since the run recorded it.
+        RunError: the corpus changed since the run recorded it, or the run records a split rule
+            this linbias does not know.
     """
+    if split_rule is not None and split_rule not in SPLIT_RULES:
+        raise RunError(f"{run_dir} was split by {split_rule!r}, a rule this linbias does not know "
+                       f"({', '.join(SPLIT_RULES)}): it was written by a newer linbias; evaluate "
+                       "or resume it with that release")
     if recorded is None:
         warnings.warn(
             f"{run_dir} records no corpus: it was written by a linbias release that split files "
@@ -193,6 +212,7 @@ def check_corpus(run_dir: Path, recorded: Optional[str], corpus: Corpus) -> Corp
             f"release recorded no fingerprint, so held-out text cannot be verified: {corpus.spec} "
             "must hold the files it was trained on", stacklevel=2)
         return corpus.with_split_rule(PATH_RULE)
+    corpus = corpus.with_split_rule(split_rule or CONTENT_RULE)
     if recorded == corpus.name:
         return corpus
     raise RunError(
@@ -427,7 +447,8 @@ def load_run(path: str | Path) -> Run:
         note = f"it is unfinished (step {ckpt.step} of {train_config.steps})"
     if note:
         warnings.warn(f"{run_dir}: {note}; using its weights at step {ckpt.step}", stacklevel=2)
-    return Run(run_dir, model, tokenizer, config, train_config, meta.get("corpus"), parent)
+    return Run(run_dir, model, tokenizer, config, train_config, meta.get("corpus"), parent,
+               meta.get("split_rule"))
 
 
 def _verified_weights(run_dir: Path) -> tuple[Checkpoint, dict[str, torch.Tensor], str]:
@@ -699,8 +720,9 @@ def writing(run_dir: str | Path) -> AbstractContextManager[None]:
 
 
 def start_run(out: Path, tokenizer: Tokenizer, mc: ModelConfig, tc: TrainConfig,
-              corpus: str, parent: Optional[Lineage] = None) -> None:
-    meta = {"format": RUN_FORMAT, "model": mc.to_dict(), "train": tc.to_dict(), "corpus": corpus}
+              corpus: Corpus, parent: Optional[Lineage] = None) -> None:
+    meta = {"format": RUN_FORMAT, "model": mc.to_dict(), "train": tc.to_dict(),
+            "corpus": corpus.name, "split_rule": corpus.split_rule}
     if parent is not None:
         meta["parent"] = dataclasses.asdict(parent)
     try:
@@ -813,6 +835,11 @@ def restore_checkpoint(out: Path, model: GPT, opt: torch.optim.Optimizer, tc: Tr
 def recorded_corpus(run_dir: str | Path) -> Optional[str]:
     """The corpus name (with its content fingerprint) a run recorded, or ``None`` (older runs)."""
     return _run_meta(Path(run_dir)).get("corpus")
+
+
+def recorded_split_rule(run_dir: str | Path) -> Optional[str]:
+    """The split rule a run recorded, or ``None`` (older runs: ``check_corpus`` says which)."""
+    return _run_meta(Path(run_dir)).get("split_rule")
 
 
 def append_log(out: Path, record: dict[str, Any]) -> None:

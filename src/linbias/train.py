@@ -216,7 +216,8 @@ def _train(d: _Dist, model_config: ModelConfig, tc: TrainConfig, out: Path, resu
     corpus = load_corpus(tc.data)
     corpus.check_outside(out)
     if resume:
-        corpus = runs.check_corpus(out, runs.recorded_corpus(out), corpus)
+        corpus = runs.check_corpus(out, runs.recorded_corpus(out), corpus,
+                                   runs.recorded_split_rule(out))
     elif d.main:
         for message in position_warnings(model_config):  # e.g. T5 buckets training never reaches
             warnings.warn(message, stacklevel=2)
@@ -243,7 +244,7 @@ def _train(d: _Dist, model_config: ModelConfig, tc: TrainConfig, out: Path, resu
     opt = _optimizer(model, tc)
     start = runs.restore_checkpoint(out, model, opt, tc, trim_log=d.main) if resume else 0
     if not resume and d.main:
-        runs.start_run(out, tokenizer, mc, tc, corpus.name,
+        runs.start_run(out, tokenizer, mc, tc, corpus,
                   None if parent is None else runs.lineage_of(parent.path))
         if parent is not None:  # step 0: a kill before the first save still resumes
             runs.save_checkpoint(out, model, opt, 0, previous=None)

@@ -6,10 +6,7 @@ See the package docstring (``linbias.hf``) for why MPT.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -19,7 +16,9 @@ from transformers import AutoModelForCausalLM, MptConfig, MptForCausalLM, PreTra
 import linbias
 from linbias.config import ModelConfig
 from linbias.data import EOT
-from linbias.fileio import LOCK_NAME, exclusive, owning_folder, sha256_file, write_json
+from linbias.fileio import (
+    LOCK_NAME, exclusive, owning_folder, replacing_folder, sha256_file, write_json,
+)
 from linbias.runs import Run, load_run
 
 __all__ = ["EXPORT_MARKER", "export_to_hf"]
@@ -77,7 +76,8 @@ def export_to_hf(run_or_path: Run | str | Path, out_dir: str | Path) -> Path:
         out_dir: the directory to write: new, empty, or a previous export, which is replaced
             only if it holds exactly the files that export wrote (``EXPORT_MARKER`` lists their
             names and SHA-256); a file added or changed since is an error, never deleted. It is
-            filled atomically: a reader sees the previous contents or the whole new export.
+            built beside and renamed into place (``fileio.replacing_folder``): a reader or a
+            kill never meets a half-written export.
 
     Returns:
         ``out_dir`` as a ``Path``.
@@ -114,12 +114,8 @@ def _export(run: Run, out: Path) -> Path:
         # What MPT takes (4.x tokenizers also return token_type_ids, which generate refuses).
         model_input_names=["input_ids", "attention_mask"],
     )
-    # A fresh, uniquely named folder: the only one this function ever removes on failure.
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    umask = os.umask(0o022)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the export gets a plain folder's mode
-    try:
+    # Built beside ``out`` and swapped in whole (``_check_export_dir`` allowed the replacement).
+    with replacing_folder(out) as tmp:
         mpt.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         diff = _verify_export(run, tmp)
@@ -128,9 +124,6 @@ def _export(run: Run, out: Path) -> Path:
                   "max_logit_diff": diff, "model": run.config.to_dict(),
                   "files": {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}}
         write_json(tmp / EXPORT_MARKER, marker)
-        _replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -280,15 +273,3 @@ def _verify_export(run: Run, path: Path) -> float:
             f"transformers version ({transformers.__version__}) builds MPT differently from 5.23"
         )
     return diff
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished ``tmp`` to ``out``; a previous export there (checked by
-    ``_check_export_dir``) goes aside into a fresh folder, then away."""
-    if out.is_dir() and any(out.iterdir()):
-        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-        os.replace(out, old)  # over the fresh empty folder
-        os.replace(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out)  # an empty directory is replaced in one step
