@@ -4,6 +4,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import linbias.reproduce as reproduce_mod
@@ -260,6 +261,34 @@ def test_a_retrieval_preset_mixes_the_task_and_reports_accuracy_and_k_max(tmp_pa
     again = run(out, preset="unit-passkey", seeds=2, positions=("alibi", "learned"))
     assert again["retrieval"] == cells  # reused from each run's retrieval.json
     assert again["attention_profile"] == profile and again["sliding"] == sliding
+
+
+def test_a_needle_map_preset_runs_its_rules_and_reports_dilution_and_reach(tmp_path, run,
+                                                                           monkeypatch):
+    preset = ReproducePreset(model="tiny", train_len=320, steps=2, batch_size=2, warmup=1,
+                             vocab_size=300, multiples=(1, 2), eval_tokens=700,
+                             rules=("none", "cap", "yarn"), map_distances=(120, 450),
+                             map_trials=2)
+    monkeypatch.setitem(reproduce_mod.REPRODUCE_PRESETS, "unit-map", preset)
+    out = tmp_path / "report"
+    results = run(out, preset="unit-map", positions=("alibi", "rotary"))
+    assert {(r["position"], r["scaling"]) for r in results["results"]} == {
+        ("alibi", "none"), ("alibi", "cap"), ("rotary", "none"), ("rotary", "yarn")}
+    cells = results["needle_map"]  # 2 methods x 2 rules x 2 lengths x 2 distances
+    assert len(cells) == 16
+    skipped = {(r["length"], r["distance"]) for r in cells if r["skipped"]}
+    assert skipped == {(320, 450)}  # a needle 450 back does not fit in 320 tokens
+    done = [r for r in cells if not r["skipped"]]
+    layers, heads = 2, 4
+    assert all(np.asarray(r["needle_mass"]).shape == (layers, heads) for r in done)
+    assert all(0 <= m <= 1 for r in done for m in np.ravel(r["needle_mass"]))
+    report = (out / "report.md").read_text()
+    assert "## Dilution or reach: the needle map" in report and "`alibi + cap`:" in report
+    assert "`cap` (LM-Infinite's distance ceiling" in report and "`yarn` (YaRN" in report
+    for name in ("needle_map.png", "needle_heads.png"):
+        assert (out / name).read_bytes().startswith(b"\x89PNG")
+    again = run(out, preset="unit-map", positions=("alibi", "rotary"))
+    assert again["needle_map"] == cells  # reused from each run's needle_map.json
 
 
 def test_the_fine_tune_study_trains_evaluates_and_reuses(tmp_path, run, monkeypatch):

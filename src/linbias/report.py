@@ -433,9 +433,9 @@ def accuracy_table(records: Sequence[Record]) -> str:
 HEATMAP = "linbias eval --heatmap"
 
 def plot_heatmaps(panels: dict[str, list[Record]], path: str | Path,
-                  stamp: str = "linbias reproduce", rows: str = "depth") -> None:
-    """Small multiples, one per panel (e.g. "alibi / linear"): x = length, y = depth (or the
-    needle's ``"distance"``), colour = accuracy on a fixed 0..1 scale, each cell annotated in
+                  stamp: str = "linbias reproduce", by: str = "depth") -> None:
+    """Small multiples, one per panel (e.g. "alibi / linear"): x = length, y = depth (or, with
+    ``by="distance"``, the needle's distance), colour = accuracy on a fixed 0..1 scale, each cell annotated in
     percent; written as a PNG stamped with ``stamp`` (the command writing it, see
     ``fileio.check_output``)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -452,7 +452,7 @@ def plot_heatmaps(panels: dict[str, list[Record]], path: str | Path,
     for ax in list(grid.flat)[len(panels):]:
         ax.set_visible(False)
     for ax, (label, records) in zip(axes, panels.items()):
-        depths, lengths, cells = _grid(records, rows)
+        depths, lengths, cells = _grid(records, by)
         acc = np.full((len(depths), len(lengths)), np.nan)
         for (d, n), r in cells.items():
             acc[depths.index(d), lengths.index(n)] = r["accuracy"]
@@ -460,12 +460,12 @@ def plot_heatmaps(panels: dict[str, list[Record]], path: str | Path,
                     ha="center", va="center", fontsize=7)
         image = ax.imshow(acc, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
         ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
-        ax.set_yticks(range(len(depths)), [f"{d:g}%" if rows == "depth" else f"{d:g}"
+        ax.set_yticks(range(len(depths)), [f"{d:g}%" if by == "depth" else f"{d:g}"
                                            for d in depths], fontsize=7)
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("length (tokens)")
     for row in grid:
-        row[0].set_ylabel("needle depth" if rows == "depth" else "needle distance (tokens)")
+        row[0].set_ylabel("needle depth" if by == "depth" else "needle distance (tokens)")
     fig.colorbar(image, ax=list(grid.flat), label="accuracy")
     write_png(Path(path), fig, stamp, dpi=120)
 
@@ -819,7 +819,7 @@ def write_report(out: Path, results: dict[str, Any], p: ReproducePreset) -> None
         plot_attention_profile(results["attention_profile"], out / "attention_profile.png")
     if results.get("needle_map"):
         panels = needle_cells(results["needle_map"])
-        plot_heatmaps(panels, out / "needle_map.png", rows="distance")
+        plot_heatmaps(panels, out / "needle_map.png", by="distance")
         plot_needle_heads(panels, min(p.map_distances), out / "needle_heads.png")
     if results.get("finetune"):
         plot_finetune(results["finetune"], out / "finetune.png",

@@ -80,7 +80,7 @@ _SLIDING_FILE = "sliding.json"
 # The fine-tune study's evaluations: in a fine-tuned run, and in a parent for its 0-step children.
 _FINETUNE_FILE = "finetune.json"
 _FINETUNE0_FILES = {mode: f"finetune0-{mode}.json" for mode in ("plain", "fixed")}
-_OWN_FILES = (_EVAL_FILE, _RETRIEVAL_FILE, _PROFILE_FILE, _SLIDING_FILE, _FINETUNE_FILE,
+_OWN_FILES = (_EVAL_FILE, _RETRIEVAL_FILE, _PROFILE_FILE, _MAP_FILE, _SLIDING_FILE, _FINETUNE_FILE,
               *_FINETUNE0_FILES.values())
 
 Action = Literal["train", "resume", "reuse", "restart", "replace"]
