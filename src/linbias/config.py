@@ -404,8 +404,9 @@ class EvalConfig(ConfigBase):
 
     Args:
         lengths: evaluation lengths L' in tokens; records come back in this order.
-        rules: length-scaling rules, each evaluated separately (ALiBi: none, linear, sqrt, log;
-            rotary: none, linear); a rule acts only when L' > L.
+        rules: length-scaling rules, each evaluated separately (ALiBi: none, linear, sqrt, log,
+            ntk, cap, window or window:SINKS, selfextend, logn; rotary: none, linear, ntk,
+            yarn); a rule acts only when L' > L.
         batch_size: windows (perplexity) or trials (retrieval) per forward.
         data: corpus spec, encoded with the model's own tokenizer (``stdlib``, ``text:PATH``,
             ``hf:NAME[:CONFIG]``); ``None``: a run's own corpus, ``stdlib`` for transformers models.
@@ -628,7 +629,7 @@ REPRODUCE_PRESETS: dict[str, ReproducePreset] = {
     "remedies": ReproducePreset(model="tiny", train_len=128, steps=1200, batch_size=16, lr=2e-3,
                                 warmup=100, vocab_size=2048, t5_max_distance=64, task="passkey",
                                 task_fraction=0.5, trials=5, depths=(0.0, 50.0, 100.0),
-                                rules=("none", "linear", "sqrt", "log", "ntk", "cap", "window",
+                                eval_tokens=65536, rules=("none", "linear", "sqrt", "log", "ntk", "cap", "window",
                                        "selfextend", "logn", "yarn"),
                                 map_distances=(48, 96, 192, 384, 768, 1536), map_trials=10,
                                 expected_minutes=40),
