@@ -362,12 +362,12 @@ def test_cli_export_and_eval(bias_free_dir, tiny_alibi_run, tmp_path, monkeypatc
     assert "no run directory" in capsys.readouterr().err
     data = load_run(bias_free_dir).train_config.data
     report = tmp_path / "r.json"
-    argv = ["eval", "--hf", str(out), "--lengths", "16,48", "--scaling", "none,linear",
+    argv = ["eval", "--hf", str(out), "--lengths", "16,48", "--scaling", "none,window:2",
             "--data", data, "--max-tokens", "96", "--no-progress", "--json", str(report)]
     assert main(argv) == 0
     records = json.loads(report.read_text())["results"]
     assert [(r["position"], r["eval_len"], r["scaling"]) for r in records] == [
-        ("mpt", 16, "none"), ("mpt", 16, "linear"), ("mpt", 48, "none"), ("mpt", 48, "linear")]
+        ("mpt", 16, "none"), ("mpt", 16, "window:2"), ("mpt", 48, "none"), ("mpt", 48, "window:2")]
     assert all(r["train_len"] == 32 and r["tokens"] == 96 for r in records)
 
 
