@@ -396,15 +396,23 @@ def test_needle_map_scores_the_grid_and_reads_each_heads_attention(run, rule) ->
             assert r["correct"] == sum(score(model.logits, cell)) and r["n"] == 3
             # Each trial's full attention maps (an independent path: every query attended),
             # read at the last prompt token: needle mass and entropy per layer and head.
-            mass, ent = 0.0, 0.0
+            mass, key, ent = 0.0, 0.0, 0.0
             for t in cell:
                 maps = model.attention_maps(torch.tensor([t.prompt_ids]))
                 p = torch.stack([m[0, :, -1] for m in maps]).double()  # [layers, H, T]
                 mass = mass + p[..., t.needle_pos : t.needle_pos + t.needle_len].sum(-1)
+                # The key's two places, from the needle's sentence encoded piece by piece.
+                first = t.needle_pos + len(encode(" The pass key is"))
+                second = first + len(t.answer_ids) + len(encode(". Remember it."))
+                assert t.prompt_ids[first : first + len(t.answer_ids)] == t.answer_ids
+                assert t.prompt_ids[second : second + len(t.answer_ids)] == t.answer_ids
+                key = key + sum(p[..., i : i + len(t.answer_ids)].sum(-1) for i in (first, second))
                 ent = ent - (p * p.clamp_min(1e-300).log()).sum(-1)
         torch.testing.assert_close(torch.tensor(r["needle_mass"]).double(), mass / 3, atol=1e-5,
                                    rtol=1e-4)
         torch.testing.assert_close(torch.tensor(r["entropy"]).double(), ent / 3, atol=1e-4,
+                                   rtol=1e-4)
+        torch.testing.assert_close(torch.tensor(r["key_mass"]).double(), key / 3, atol=1e-5,
                                    rtol=1e-4)
 
 

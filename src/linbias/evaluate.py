@@ -749,25 +749,34 @@ def needle_map(
 
 
 def _needle_heads(model: Any, trials: Sequence[Trial], batch_size: int) -> dict[str, Any]:
-    """Mean over ``trials`` of each layer's and head's attention mass on the needle and entropy,
-    at the last prompt token: ``{"needle_mass": [[...]], "entropy": [[...]]}``."""
-    mass, entropy = 0.0, 0.0
+    """Mean over ``trials`` of each layer's and head's attention at the last prompt token: its
+    mass on the needle's tokens, on the key's own tokens inside the needle (each place the
+    answer's tokens occur there), and its entropy: ``{"needle_mass", "key_mass", "entropy"}``,
+    each ``[layers][heads]``."""
+    mass, key, entropy = 0.0, 0.0, 0.0
     for start in range(0, len(trials), batch_size):
         batch = trials[start : start + batch_size]
         T = max(len(t.prompt_ids) for t in batch)
         ids_BT = torch.zeros(len(batch), T, dtype=torch.long)
         mask_BT = torch.zeros(len(batch), T, dtype=torch.bool)
         needle_BT = torch.zeros(len(batch), T, dtype=torch.bool)
+        key_BT = torch.zeros(len(batch), T, dtype=torch.bool)
         for b, t in enumerate(batch):
             pad = T - len(t.prompt_ids)
             ids_BT[b, pad:], mask_BT[b, pad:] = torch.tensor(t.prompt_ids), True
-            needle_BT[b, pad + t.needle_pos : pad + t.needle_pos + t.needle_len] = True
+            a, n = t.needle_pos, len(t.answer_ids)
+            needle_BT[b, pad + a : pad + a + t.needle_len] = True
+            for i in range(a, a + t.needle_len - n + 1):
+                if t.prompt_ids[i : i + n] == t.answer_ids:
+                    key_BT[b, pad + i : pad + i + n] = True
         p_LBHT = torch.stack(model.answer_attention(ids_BT, mask_BT))
         mass = mass + (p_LBHT * needle_BT[None, :, None]).sum(-1).sum(1)  # [layers, H]
+        key = key + (p_LBHT * key_BT[None, :, None]).sum(-1).sum(1)
         plogp = torch.where(p_LBHT > 0, p_LBHT * p_LBHT.clamp_min(1e-38).log(), 0.0)
         entropy = entropy + (-plogp.sum(-1)).sum(1)
     n = len(trials)
-    return {"needle_mass": (mass / n).tolist(), "entropy": (entropy / n).tolist()}
+    return {"needle_mass": (mass / n).tolist(), "key_mass": (key / n).tolist(),
+            "entropy": (entropy / n).tolist()}
 
 
 def _beyond(model: EvalModel, length: int) -> bool:

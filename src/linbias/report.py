@@ -557,24 +557,29 @@ def needle_cells(records: Sequence[Record]) -> dict[str, list[Record]]:
             continue
         c = pooled[key]
         c["n"], c["correct"], c["seeds"] = c["n"] + r["n"], c["correct"] + r["correct"], c["seeds"] + 1
-        for name in ("needle_mass", "entropy"):
+        for name in ("needle_mass", "key_mass", "entropy"):
             if name in c:
                 c[name] = (np.asarray(c[name]) + np.asarray(r[name])).tolist()
     panels: dict[str, list[Record]] = {}
     for c in pooled.values():
         c["accuracy"] = c["correct"] / c["n"]
         c["ci_low"], c["ci_high"] = wilson(c["correct"], c["n"])
-        for name in ("needle_mass", "entropy"):
+        for name in ("needle_mass", "key_mass", "entropy"):
             if name in c:
                 c[name] = (np.asarray(c[name]) / c["seeds"]).tolist()
         panels.setdefault(rule_label(c["position"], c["scaling"]), []).append(c)
     return panels
 
 
+def panels_first(panels: dict[str, list[Record]]) -> Record:
+    """The first cell of the first panel."""
+    return next(iter(panels.values()))[0]
+
+
 def plot_needle_heads(panels: dict[str, list[Record]], distance: int, path: str | Path) -> None:
     """Per method and rule (columns): each head's attention mass on a needle ``distance`` tokens
-    back (top) and the entropy of its attention (bottom) at the answer position, against the
-    prompt's length L' (one line per head, coloured by layer)."""
+    back, on the key's own tokens in it, and the entropy of its attention (rows), at the answer
+    position, against the prompt's length L' (one line per head, coloured by layer)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -583,12 +588,13 @@ def plot_needle_heads(panels: dict[str, list[Record]], distance: int, path: str 
     panels = {label: cells for label, cells in panels.items() if cells}
     if not panels:
         raise ValueError(f"plot_needle_heads: no cell with head statistics at distance {distance}")
-    fig = Figure(figsize=(1.0 + 2.6 * len(panels), 5.0), layout="constrained")
+    names = [n for n in ("needle_mass", "key_mass", "entropy") if n in panels_first(panels)]
+    fig = Figure(figsize=(1.0 + 2.6 * len(panels), 2.5 * len(names)), layout="constrained")
     FigureCanvasAgg(fig)
-    grid = fig.subplots(2, len(panels), squeeze=False, sharey="row")
+    grid = fig.subplots(len(names), len(panels), squeeze=False, sharey="row")
     for col, (label, cells) in enumerate(panels.items()):
         xs = [c["length"] for c in cells]
-        for row, name in enumerate(("needle_mass", "entropy")):
+        for row, name in enumerate(names):
             ax = grid[row][col]
             values = np.asarray([c[name] for c in cells])  # [lengths, layers, heads]
             for layer in range(values.shape[1]):
@@ -597,14 +603,17 @@ def plot_needle_heads(panels: dict[str, list[Record]], distance: int, path: str 
                             label=f"layer {layer}" if h == 0 else None)
             ax.set_xscale("log", base=2)
             ax.grid(True, alpha=0.3)
+            if name != "entropy":
+                ax.set_yscale("log")
             if row == 0:
                 ax.set_title(label, fontsize=9)
-                ax.set_yscale("log")
-            else:
+            if row == len(names) - 1:
                 ax.set_xlabel("prompt length L' (tokens)", fontsize=8)
         grid[0][col].legend(fontsize=6)
-    grid[0][0].set_ylabel("attention mass on the needle", fontsize=8)
-    grid[1][0].set_ylabel("attention entropy (nats)", fontsize=8)
+    for row, name in enumerate(names):
+        grid[row][0].set_ylabel({"needle_mass": "attention mass on the needle",
+                                 "key_mass": "mass on the key's tokens",
+                                 "entropy": "attention entropy (nats)"}[name], fontsize=8)
     fig.suptitle(f"Each head at the answer, needle {distance} tokens back", fontsize=10)
     write_png(Path(path), fig, "linbias reproduce")
 
@@ -629,7 +638,8 @@ def _needle_md(results: dict[str, Any], p: ReproducePreset) -> str:
         by = {c["length"]: c for c in cells if c["distance"] == near and "needle_mass" in c}
         if by:
             mass.append([label] + ["—" if n not in by else
-                                   f"{np.max(by[n]['needle_mass']):.3f} / "
+                                   f"{np.max(by[n]['needle_mass']):.2f} / "
+                                   f"{np.max(by[n].get('key_mass', np.nan)):.2f} / "
                                    f"{np.mean(by[n]['entropy']):.2f}" for n in lengths])
     seeds = results.get("seeds", 1)
     return f"""
@@ -644,7 +654,8 @@ a lack of reach. "—": the distance does not fit in that length.
 ![accuracy by needle distance and length](needle_map.png)
 
 At the answer position, with the needle {near} tokens back: the largest attention mass any head
-puts on the needle's tokens / the mean entropy of the heads' attention (nats), against L'.
+puts on the needle's tokens / on the key's own tokens in the needle / the mean entropy of the
+heads' attention (nats), against L'.
 
 {md_table([f"L'={n}" for n in lengths], mass) if mass else ""}
 
