@@ -274,8 +274,12 @@ def test_a_needle_map_preset_runs_its_rules_and_reports_dilution_and_reach(tmp_p
     results = run(out, preset="unit-map", positions=("alibi", "rotary"))
     assert {(r["position"], r["scaling"]) for r in results["results"]} == {
         ("alibi", "none"), ("alibi", "cap"), ("rotary", "none"), ("rotary", "yarn")}
-    cells = results["needle_map"]  # 2 methods x 2 rules x 2 lengths x 2 distances
+    # 2 methods x 2 rules x 2 lengths x 2 distances, then two controls at the nearest distance
+    cells = [r for r in results["needle_map"] if r["instruction"] == "start"]
     assert len(cells) == 16
+    controls = [r for r in results["needle_map"] if r["instruction"] != "start"]
+    assert sorted({r["instruction"] for r in controls}, key=str) == [320, "none"]
+    assert len(controls) == 2 * 2 * 2 * 2 and all(r["distance"] == 120 for r in controls)
     skipped = {(r["length"], r["distance"]) for r in cells if r["skipped"]}
     assert skipped == {(320, 450)}  # a needle 450 back does not fit in 320 tokens
     done = [r for r in cells if not r["skipped"]]
@@ -288,7 +292,8 @@ def test_a_needle_map_preset_runs_its_rules_and_reports_dilution_and_reach(tmp_p
     for name in ("needle_map.png", "needle_heads.png"):
         assert (out / name).read_bytes().startswith(b"\x89PNG")
     again = run(out, preset="unit-map", positions=("alibi", "rotary"))
-    assert again["needle_map"] == cells  # reused from each run's needle_map.json
+    assert again["needle_map"] == results["needle_map"]  # reused from each needle_map.json
+    assert "What else the model needs in view" in report
 
 
 def test_the_fine_tune_study_trains_evaluates_and_reuses(tmp_path, run, monkeypatch):

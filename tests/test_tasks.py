@@ -130,6 +130,30 @@ def test_passkey_needle_at_a_distance_in_tokens(bpe: Tokenizer) -> None:
         make_trials_at(enc, 300, 299)
 
 
+def test_passkey_instruction_can_move_or_go(bpe: Tokenizer) -> None:
+    # The control for "what else must be in view": the same needle and question, the instruction
+    # left out (filler instead) or starting k tokens before the answer.
+    from linbias.tasks import passkey
+
+    enc = encoder(bpe)
+    head = enc(PASSKEY_INSTRUCTION)
+    (start,) = passkey(enc, 900, 50.0, 1, seed=2, distance=100)
+    (gone,) = passkey(enc, 900, 50.0, 1, seed=2, distance=100, instruction="none")
+    (moved,) = passkey(enc, 900, 50.0, 1, seed=2, distance=100, instruction=300)
+    for t in (gone, moved):
+        assert len(t.prompt_ids) == len(start.prompt_ids) and t.answer_ids == start.answer_ids
+        assert t.prompt_ids[-100:] == start.prompt_ids[-100:]  # needle to question unchanged
+    text = enc.decode(list(gone.prompt_ids))
+    assert PASSKEY_INSTRUCTION not in text and needle(start.answer) in text
+    at = len(moved.prompt_ids) - 300
+    assert moved.prompt_ids[at : at + len(head)] == tuple(head)
+    assert enc.decode(list(moved.prompt_ids)).count(PASSKEY_INSTRUCTION) == 1
+    with pytest.raises(ValueError, match="must lie before the needle"):
+        passkey(enc, 900, 50.0, 1, seed=2, distance=100, instruction=120)
+    with pytest.raises(ValueError, match="instruction must be 'start', 'none'"):
+        passkey(enc, 900, 50.0, 1, seed=2, instruction="end")
+
+
 def make_trials_at(enc, length: int, distance: int):
     from linbias.tasks import passkey
     return passkey(enc, length, 50.0, 3, seed=1, distance=distance)

@@ -684,6 +684,7 @@ def needle_map(
     seed: int = 0,
     batch_size: int = 8,
     heads: bool = True,
+    instruction: str | int = "start",
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Passkey accuracy over a grid of needle distance ``d`` (tokens from the needle's first
@@ -696,13 +697,14 @@ def needle_map(
 
     Every rule sees the same prompts: a cell's trials are seeded by ``(seed, L', d)``. A cell
     whose distance does not fit in its length, or a length the model cannot represent, is
-    recorded as skipped.
+    recorded as skipped. ``instruction`` moves the task's instruction (``linbias.tasks.passkey``):
+    a control for what else the model needs in view.
 
     Returns:
         One record per (length, rule, distance): ``position``, ``scaling``, ``train_len``,
-        ``task`` (``"passkey"``), ``length``, ``distance``, ``skipped``, ``n``, ``correct``,
-        ``accuracy``, ``ci_low``, ``ci_high``, and with ``heads`` ``needle_mass`` and
-        ``entropy`` (``[layer][head]`` lists).
+        ``task`` (``"passkey"``), ``instruction``, ``length``, ``distance``, ``skipped``, ``n``,
+        ``correct``, ``accuracy``, ``ci_low``, ``ci_high``, and with ``heads``
+        ``needle_mass``, ``key_mass`` and ``entropy`` (``[layer][head]`` lists).
     """
     check_int("trials", trials, 1)
     check_int("batch_size", batch_size, 1)
@@ -710,7 +712,8 @@ def needle_map(
         check_int("distance", d, 1)
     model.check_rules(rules)
     heads = heads and hasattr(model, "answer_attention")
-    head = {"position": model.position, "train_len": model.train_len, "task": "passkey"}
+    head = {"position": model.position, "train_len": model.train_len, "task": "passkey",
+            "instruction": instruction}
     bar = tqdm(total=len(lengths) * len(distances) * len(rules), disable=not progress,
                unit="cell", dynamic_ncols=True, desc="needle map", leave=False)
     records = []
@@ -723,7 +726,8 @@ def needle_map(
                     continue
                 try:
                     cells.append((d, passkey(encode, length, 50.0, trials,
-                                             cell_seed(seed, length, d), distance=d)))
+                                             cell_seed(seed, length, d), distance=d,
+                                             instruction=instruction)))
                 except ValueError as e:  # the distance does not fit in this length
                     skipped[d] = str(e)
             if cells:

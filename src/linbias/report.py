@@ -543,13 +543,14 @@ last column is k_max over all lengths together.
 def _label(r: dict[str, Any]) -> str:
     return rule_label(r["position"], r["scaling"])
 
-def needle_cells(records: Sequence[Record]) -> dict[str, list[Record]]:
-    """The needle map's cells pooled over seeds, per method and rule (``rule_label``): trials
-    and correct answers summed, Wilson interval recomputed, head statistics averaged; skipped
-    cells left out."""
+def needle_cells(records: Sequence[Record], instruction: str | int = "start"
+                 ) -> dict[str, list[Record]]:
+    """The needle map's cells with the instruction at ``instruction``, pooled over seeds, per
+    method and rule (``rule_label``): trials and correct answers summed, Wilson interval
+    recomputed, head statistics averaged; skipped cells left out."""
     pooled: dict[tuple, Record] = {}
     for r in records:
-        if r["skipped"]:
+        if r["skipped"] or r.get("instruction", "start") != instruction:
             continue
         key = (r["position"], r["scaling"], r["length"], r["distance"])
         if key not in pooled:
@@ -642,6 +643,13 @@ def _needle_md(results: dict[str, Any], p: ReproducePreset) -> str:
                                    f"{np.max(by[n].get('key_mass', np.nan)):.2f} / "
                                    f"{np.mean(by[n]['entropy']):.2f}" for n in lengths])
     seeds = results.get("seeds", 1)
+    start, within, absent = (needle_cells(records, i) for i in ("start", p.train_len, "none"))
+    cue = []
+    for label, cells in start.items():
+        by = [{c["length"]: c for c in group.get(label, []) if c["distance"] == near}
+              for group in (start, within, absent)]
+        cue.append([label] + [" / ".join("—" if n not in b else f"{b[n]['accuracy']:.0%}"
+                                         for b in by) for n in lengths])
     return f"""
 ## Dilution or reach: the needle map
 
@@ -660,6 +668,12 @@ heads' attention (nats), against L'.
 {md_table([f"L'={n}" for n in lengths], mass) if mass else ""}
 
 ![each head's attention on the needle and its entropy](needle_heads.png)
+
+What else the model needs in view: the needle {near} tokens back, with the task's instruction at
+the start of the prompt (as trained) / moved to start L = {p.train_len} tokens before the answer
+(filler in its place) / left out (filler of its length instead), {p.map_trials} trials a cell{f' x {seeds} seeds' if seeds > 1 else ''}.
+
+{md_table([f"L'={n}" for n in lengths], cue)}
 """
 
 

@@ -231,14 +231,22 @@ def _map_one(run_dir: Path, p: ReproducePreset, force: bool,
              progress: bool) -> list[dict[str, Any]]:
     rules = _rules(read_configs(run_dir)[0].position, p)
     lengths = [m * p.train_len for m in p.multiples]
+    controls = ["none", p.train_len]  # the instruction out of the prompt, or within L
     settings = {"lengths": lengths, "distances": list(p.map_distances), "trials": p.map_trials,
-                "rules": rules, "weights_sha": read_checkpoint(run_dir).sha256}
+                "rules": rules, "weights_sha": read_checkpoint(run_dir).sha256,
+                "instruction_controls": controls}
 
     def compute() -> list[dict[str, Any]]:
         run = load_run(run_dir)
-        return needle_map(RunModel(run), encoder(run.tokenizer), lengths=lengths,
-                          distances=p.map_distances, trials=p.map_trials, rules=rules,
-                          batch_size=p.eval_batch_size, progress=progress)
+        common = dict(lengths=lengths, trials=p.map_trials, rules=rules,
+                      batch_size=p.eval_batch_size, progress=progress)
+        model, encode = RunModel(run), encoder(run.tokenizer)
+        out = needle_map(model, encode, distances=p.map_distances, **common)
+        # Controls at the nearest distance: is the needle, or the instruction, what is lost?
+        for instruction in controls:
+            out += needle_map(model, encode, distances=[min(p.map_distances)], heads=False,
+                              instruction=instruction, **common)
+        return out
     return _cached(run_dir / _MAP_FILE, settings, force, compute)
 
 

@@ -35,7 +35,7 @@ import numbers
 import random
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -209,7 +209,7 @@ def _too_short(task: str, length: int, minimum: int) -> ValueError:
 def passkey(
     encode: Encode, length: int, depth: float, n: int, seed: int, *,
     filler_ids: Sequence[int] | None = None, decode: Decode | None = None,
-    distance: int | None = None,
+    distance: int | None = None, instruction: str | int = "start",
 ) -> list[Trial]:
     """Passkey trials: a 5-digit key at ``depth`` percent of the filler (arguments as in
     ``make_trials``).
@@ -219,9 +219,20 @@ def passkey(
     ``distance``, the needle starts exactly that many tokens before the answer
     (``Trial.distance``), whatever the length, and ``depth`` is ignored (each trial records the
     depth that gives it).
+
+    ``instruction`` (a control: what the model needs in view besides the needle): ``"start"`` (the
+    task's layout), ``"none"`` (filler of the same length in its place), or ``k``: the instruction
+    starts ``k`` tokens before the answer, before the needle, with filler in its place at the
+    start (sentence filler only).
     """
     if distance is not None:
         check_int("distance", distance, 1)
+    if instruction not in ("start", "none") and not (
+            isinstance(instruction, int) and not isinstance(instruction, bool) and instruction > 0):
+        raise ValueError(f"instruction must be 'start', 'none' or a distance in tokens > 0, got "
+                         f"{instruction!r}")
+    if instruction != "start" and filler_ids is not None:
+        raise ValueError("instruction moves only with the sentence filler; drop filler_ids")
     decode = _prepare(encode, decode, length, depth, n, seed)
     if filler_ids is not None and decode is None:
         raise ValueError("filler_ids needs a decode to check that the haystack does not state the "
@@ -230,6 +241,8 @@ def passkey(
     for _ in range(n):
         for _draw in range(_MAX_DRAWS):
             trial = _passkey_trial(encode, decode, length, depth, rng, keys, filler_ids, distance)
+            if trial is not None and instruction != "start":
+                trial = _move_instruction(encode, trial, instruction)
             if trial is not None:
                 break
         else:
@@ -238,6 +251,24 @@ def passkey(
         keys.add(int(trial.answer))
         trials.append(trial)
     return trials
+
+
+def _move_instruction(encode: Encode, trial: Trial, instruction: str | int) -> Trial:
+    """``trial`` with its instruction replaced by filler (``"none"``) or moved to start
+    ``instruction`` tokens before the answer, the needle where it was relative to the answer."""
+    head = encode(PASSKEY_INSTRUCTION)
+    body = list(trial.prompt_ids[len(head):])  # filler, needle, filler, question
+    if instruction == "none":
+        return replace(trial, prompt_ids=tuple(_cycle(encode(FILLER), len(head)) + body))
+    n = len(trial.prompt_ids)
+    k = int(instruction)
+    if not trial.distance + len(head) <= k <= n:
+        raise ValueError(f"an instruction {k} tokens before the answer must lie before the "
+                         f"needle ({trial.distance} tokens back) and inside the {n}-token prompt: "
+                         f"use {trial.distance + len(head)}..{n}")
+    keep = body[len(body) - (k - len(head)):]  # what follows the instruction, needle included
+    prompt = _cycle(encode(FILLER), n - k) + head + keep
+    return replace(trial, prompt_ids=tuple(prompt))
 
 
 def _passkey_trial(
