@@ -632,7 +632,7 @@ REPRODUCE_PRESETS: dict[str, ReproducePreset] = {
                                 eval_tokens=65536, rules=("none", "linear", "sqrt", "log", "ntk", "cap", "window",
                                        "selfextend", "logn", "yarn"),
                                 map_distances=(48, 96, 192, 384, 768, 1536), map_trials=10,
-                                expected_minutes=40),
+                                expected_minutes=15),
     "paper-small": ReproducePreset(model="small", train_len=256, steps=5000, batch_size=32,
                                    lr=1e-3, warmup=250, t5_max_distance=64, expected_minutes=810),
 }
