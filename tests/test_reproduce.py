@@ -225,7 +225,8 @@ def test_a_retrieval_preset_mixes_the_task_and_reports_accuracy_and_k_max(tmp_pa
     preset = ReproducePreset(model="tiny", train_len=320, steps=2, batch_size=2, warmup=1,
                              vocab_size=300, multiples=(1, 2), eval_tokens=700, task="passkey",
                              task_fraction=0.5, depths=(0.0, 100.0), trials=2, profile_windows=1,
-                             profile_multiple=2, sliding_tokens=640)
+                             profile_multiple=2, sliding_tokens=640, map_distances=(120, 450),
+                             map_trials=1)
     monkeypatch.setitem(reproduce_mod.REPRODUCE_PRESETS, "unit-passkey", preset)
     out = tmp_path / "report"
     results = run(out, preset="unit-passkey", seeds=2, positions=("alibi", "learned"))
@@ -258,42 +259,42 @@ def test_a_retrieval_preset_mixes_the_task_and_reports_accuracy_and_k_max(tmp_pa
         ("learned", "sliding")]
     assert all(r["tokens"] == 640 and r["eval_len"] == 320 for r in sliding)
     assert "## Sliding window against non-overlapping windows" in report
+    # The needle map: 2 seeds x (alibi: 4 rules, learned: 1) x 2 lengths x 2 distances, then two
+    # controls (the instruction left out or within L) at the nearest distance.
+    needles = results["needle_map"]
+    grid = [r for r in needles if r["instruction"] == "start"]
+    assert len(grid) == 2 * 5 * 2 * 2
+    controls = [r for r in needles if r["instruction"] != "start"]
+    assert {r["instruction"] for r in controls} == {320, "none"}
+    assert len(controls) == 2 * 5 * 2 * 2 and all(r["distance"] == 120 for r in controls)
+    alibi = [r for r in grid if r["position"] == "alibi"]
+    assert {(r["length"], r["distance"]) for r in alibi if r["skipped"]} == {(320, 450)}
+    done = [r for r in alibi if not r["skipped"]]
+    assert all(np.asarray(r["key_mass"]).shape == (layers, heads) for r in done)
+    assert all(0 <= k <= m + 1e-6 <= 1 + 1e-6 for r in done
+               for k, m in zip(np.ravel(r["key_mass"]), np.ravel(r["needle_mass"])))
+    assert "## Dilution or reach: the needle map" in report and "`alibi + linear`:" in report
+    assert "What else the model needs in view" in report
+    for name in ("needle_map.png", "needle_heads.png"):
+        assert (out / name).read_bytes().startswith(b"\x89PNG")
     again = run(out, preset="unit-passkey", seeds=2, positions=("alibi", "learned"))
     assert again["retrieval"] == cells  # reused from each run's retrieval.json
     assert again["attention_profile"] == profile and again["sliding"] == sliding
+    assert again["needle_map"] == needles
 
 
-def test_a_needle_map_preset_runs_its_rules_and_reports_dilution_and_reach(tmp_path, run,
-                                                                           monkeypatch):
-    preset = ReproducePreset(model="tiny", train_len=320, steps=2, batch_size=2, warmup=1,
-                             vocab_size=300, multiples=(1, 2), eval_tokens=700,
-                             rules=("none", "cap", "yarn"), map_distances=(120, 450),
-                             map_trials=2)
-    monkeypatch.setitem(reproduce_mod.REPRODUCE_PRESETS, "unit-map", preset)
-    out = tmp_path / "report"
-    results = run(out, preset="unit-map", positions=("alibi", "rotary"))
-    assert {(r["position"], r["scaling"]) for r in results["results"]} == {
-        ("alibi", "none"), ("alibi", "cap"), ("rotary", "none"), ("rotary", "yarn")}
-    # 2 methods x 2 rules x 2 lengths x 2 distances, then two controls at the nearest distance
-    cells = [r for r in results["needle_map"] if r["instruction"] == "start"]
-    assert len(cells) == 16
-    controls = [r for r in results["needle_map"] if r["instruction"] != "start"]
-    assert sorted({r["instruction"] for r in controls}, key=str) == [320, "none"]
-    assert len(controls) == 2 * 2 * 2 * 2 and all(r["distance"] == 120 for r in controls)
-    skipped = {(r["length"], r["distance"]) for r in cells if r["skipped"]}
-    assert skipped == {(320, 450)}  # a needle 450 back does not fit in 320 tokens
-    done = [r for r in cells if not r["skipped"]]
-    layers, heads = 2, 4
-    assert all(np.asarray(r["needle_mass"]).shape == (layers, heads) for r in done)
-    assert all(0 <= m <= 1 for r in done for m in np.ravel(r["needle_mass"]))
-    report = (out / "report.md").read_text()
-    assert "## Dilution or reach: the needle map" in report and "`alibi + cap`:" in report
-    assert "`cap` (LM-Infinite's distance ceiling" in report and "`yarn` (YaRN" in report
-    for name in ("needle_map.png", "needle_heads.png"):
-        assert (out / name).read_bytes().startswith(b"\x89PNG")
-    again = run(out, preset="unit-map", positions=("alibi", "rotary"))
-    assert again["needle_map"] == results["needle_map"]  # reused from each needle_map.json
-    assert "What else the model needs in view" in report
+def test_a_preset_runs_its_own_rules_where_the_method_has_them() -> None:
+    from linbias.report import _rules_words
+
+    p = ReproducePreset(model="tiny", train_len=16, steps=2, batch_size=2,
+                        rules=("none", "cap", "window:2", "yarn"))
+    assert reproduce_mod._rules("alibi", p) == ["none", "cap", "window:2"]
+    assert reproduce_mod._rules("rotary", p) == ["none", "yarn"]
+    assert reproduce_mod._rules("t5", p) == ["none"]
+    words = _rules_words(p)
+    assert "`cap` (LM-Infinite's distance ceiling" in words and "`yarn` (YaRN" in words
+    with pytest.raises(ValueError, match="rules must start with 'none'"):
+        ReproducePreset(model="tiny", train_len=16, steps=2, batch_size=2, rules=("linear",))
 
 
 def test_the_fine_tune_study_trains_evaluates_and_reuses(tmp_path, run, monkeypatch):
