@@ -159,8 +159,10 @@ class Rule:
     summary: str
     # Per-head slope factors, from the head's rank r (0 = steepest) of H: (L, L', r, H) -> factor.
     factor: Callable[[int, int, int, int], float] = lambda L, Lp, r, H: 1.0
-    # Multiplies the scaled q . k (attention temperature).
-    temperature: Callable[[int, int], float] = lambda L, Lp: 1.0
+    # Whether the factor differs by head (then no single scaling_factor exists).
+    per_head: bool = False
+    # Multiplies the scaled q . k (attention temperature); None: unchanged.
+    temperature: Optional[Callable[[int, int], float]] = None
     # (bend, ratio, window, sinks) of ``Distances``; None: distance counts as itself.
     distances: Optional[Callable[[int, int, int], tuple[int, float, Optional[int], int]]] = None
     # The rule's one integer parameter (``window:8``), with its default, or None.
@@ -169,7 +171,7 @@ class Rule:
     @property
     def slopes_only(self) -> bool:
         """Whether the rule only rescales slopes (any ALiBi implementation can run it)."""
-        return self.distances is None and self.temperature(2, 4) == 1.0
+        return self.distances is None and self.temperature is None
 
 
 def _ntk(L: int, Lp: int, rank: int, H: int) -> float:
@@ -191,7 +193,7 @@ SCALING_RULES: dict[str, Rule] = {
     "log": Rule("m * log L / log L'",
                 factor=lambda L, Lp, r, H: 1.0 if L < 2 else math.log(L) / math.log(Lp)),
     "ntk": Rule("NTK-ALiBi: m_h * (L'/L)^(-h/(H-1)), the steepest head kept, the flattest / (L'/L)",
-                factor=_ntk),
+                factor=_ntk, per_head=True),
     "cap": Rule("LM-Infinite's distance ceiling: -m * min(d, L)",
                 distances=lambda L, Lp, S: (L, 0.0, None, 0)),
     "window": Rule("LM-Infinite's Lambda mask: keys at d < L and the row's first S (sinks, "
@@ -246,8 +248,8 @@ def scaling_factor(train_len: int, eval_len: int, rule: str = "linear") -> float
     """
     name, r, _ = parse_rule(rule)
     _check_lengths(train_len, eval_len)
-    if name == "ntk":
-        raise ValueError("rule 'ntk' scales each head by its own factor; use slope_factors")
+    if r.per_head:
+        raise ValueError(f"rule {name!r} scales each head by its own factor; use slope_factors")
     return 1.0 if eval_len <= train_len else r.factor(train_len, eval_len, 0, 1)
 
 
@@ -269,6 +271,8 @@ def slope_factors(slopes: torch.Tensor, train_len: int, eval_len: int, rule: str
 def temperatures(train_len: int, lengths: Sequence[int], rule: str) -> Optional[list[float]]:
     """Each row's factor on ``q . k`` under ``rule`` (``logn``), or None when every one is 1."""
     _, r, _ = parse_rule(rule)
+    if r.temperature is None:
+        return None
     t = [1.0 if n <= train_len else r.temperature(train_len, n) for n in lengths]
     return None if all(x == 1.0 for x in t) else t
 
