@@ -263,7 +263,10 @@ def slope_factors(slopes: torch.Tensor, train_len: int, eval_len: int, rule: str
     H = slopes.numel()
     if eval_len <= train_len:
         return [1.0] * H
-    order = sorted(range(H), key=lambda h: -abs(float(slopes[h])))
+    if not r.per_head:  # one factor: no ranking, no read of the slopes (a device sync on GPU)
+        return [r.factor(train_len, eval_len, 0, H)] * H
+    values = slopes.tolist()  # one read, not one per head
+    order = sorted(range(H), key=lambda h: -abs(values[h]))
     rank = {h: n for n, h in enumerate(order)}
     return [r.factor(train_len, eval_len, rank[h], H) for h in range(H)]
 
