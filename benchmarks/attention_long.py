@@ -7,7 +7,8 @@ For each length L' and activation source, fp32, B=1 (random: H=8 D=64):
 * forward and forward+backward: ``alibi_attention`` (default backend) against
   ``F.scaled_dot_product_attention(is_causal=True)`` on the same q, k, v, alternating; the ratio
   of the fastest runs (the fastest is the least disturbed on a shared machine);
-* a decoding step: the last query against all L' keys, against plain SDPA with one query;
+* a decoding step: the last query against all L' keys with the cache's key norms (which let it
+  leave far blocks unread), against plain SDPA with one query, and the share of keys it reads;
 * the share of causal scores computed per head, with the paper's slopes and with ``linear``
   interpolation (slopes x L / L', which widens every window);
 * once, the cost of subnormal numbers on this CPU: plain SDPA on scores that differ by 95
@@ -141,11 +142,17 @@ def forward_backward(q, k, v, slopes, repeats: int) -> dict:
 
 
 def decode(q, k, v, slopes, repeats: int) -> dict:
+    """The last query against all keys, with the cache's key norms (``KVCache`` keeps them; one
+    block's norms per step, not timed), and the share of keys it reads per head."""
     q1 = q[:, :, -1:].contiguous()
+    norms = attention.KeyNorms.of(k)
     with torch.no_grad():
         t = fastest({"plain": lambda: F.scaled_dot_product_attention(q1, k, v),
-                     "alibi": lambda: alibi_attention(q1, k, v, slopes)}, repeats)
-    return {"plain_s": t["plain"], "alibi_s": t["alibi"], "ratio": t["alibi"] / t["plain"]}
+                     "alibi": lambda: alibi_attention(q1, k, v, slopes, key_norms=norms)}, repeats)
+        c = attention._Call(q1, k, v, slopes, True, q.shape[-1] ** -0.5, None, key_norms=norms)
+        kept = attention._decode_blocks(c, attention._Rows.of(None, 1, True), q1, k)
+    return {"plain_s": t["plain"], "alibi_s": t["alibi"], "ratio": t["alibi"] / t["plain"],
+            "share": kept.float().mean(-1).tolist()}
 
 
 def computed_share(q, k, v, slopes) -> list[float]:
@@ -204,7 +211,8 @@ def measure(args) -> dict:
             print(f"{source:<8}{L:>7}{row['forward']['ratio']:>8.2f}x{fb:>9}"
                   f"{row['decode']['ratio']:>8.2f}x   "
                   + " ".join(f"{s:.2f}" for s in row["share"]) + "   "
-                  + " ".join(f"{s:.2f}" for s in row["share_linear"]), flush=True)
+                  + " ".join(f"{s:.2f}" for s in row["share_linear"]) + "   "
+                  + " ".join(f"{s:.2f}" for s in row["decode"]["share"]), flush=True)
     return {"timings": rows}
 
 
@@ -231,7 +239,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}")
     print(f"{'source':<8}{'L':>7}{'fwd':>9}{'fwd+bwd':>9}{'decode':>9}   computed share per "
-          f"head, paper slopes   ... with linear slopes x {args.train_len}/L")
+          f"head, paper slopes   ... with linear slopes x {args.train_len}/L   decode: keys "
+          f"read per head")
     result = {"cpu": cpu_name(), "capability": torch.backends.cpu.get_cpu_capability(),
               "threads": torch.get_num_threads(), "torch": torch.__version__, **measure(args)}
     penalty = subnormal_penalty()

@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import LargestTensor, naive_alibi_attention, reference_attention
 from linbias import BACKENDS, alibi_attention, alibi_slopes
-from linbias.attention import causal_attention
+from linbias.attention import KeyNorms, causal_attention
 import linbias.attention as attention
 
 CPU_BACKENDS = ["reference", "sdpa", "blocked"]
@@ -307,6 +307,30 @@ def test_a_nonfinite_key_reaches_only_the_rows_that_see_it(backend, bad, Lq):
         assert out[0, 1, ~rows_before].isnan().all()
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS + ["auto"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("Lq", [1, 3, 40, 300])
+def test_what_a_padded_slot_holds_reaches_no_row(backend, causal, Lq):
+    # Before: a nan in a padded key or value (an uninitialised cache slot) turned every row that
+    # shares its batch row into nan on sdpa (the kernel adds the mask to q . k), and a nan value
+    # did so on every backend (0 x nan).
+    q, k, v = _inputs(2, 4, 2, Lq, 300, 8, grad=True)
+    real = torch.ones(2, 300, dtype=torch.bool)
+    real[0, :5], real[1, 150] = False, False  # left padding; a gap
+    clean_k, clean_v = (x.detach().masked_fill(~real[:, None, :, None], 0.0) for x in (k, v))
+    dirty_k, dirty_v = clean_k.clone(), clean_v.clone()
+    dirty_k[0, 0, 2], dirty_v[0, 1, 3] = math.nan, math.inf
+    dirty_k[1, 1, 150], dirty_v[1, 0, 150] = -math.inf, math.nan
+    slopes = alibi_slopes(4)
+    out = alibi_attention(q, dirty_k, dirty_v, slopes, causal=causal, key_padding_mask=real,
+                          backend=backend)
+    assert torch.isfinite(out).all()
+    ref = naive_alibi_attention(q, clean_k, clean_v, slopes, causal=causal, key_padding_mask=real)
+    assert (out.double() - ref).abs().max() < 2e-5
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all()
+
+
 # Every backend against the float64 reference on random valid arguments, the extremes included: a
 # scale of 0, below 0 or huge, slopes of 0, below 0, tiny or huge, per row or per head.
 _SCALES = st.one_of(
@@ -547,20 +571,21 @@ def test_auto_takes_the_decode_path_for_a_few_queries(Lq, uses_decode):
 
 
 @pytest.mark.parametrize("padded", [False, True])
-@pytest.mark.parametrize("T", [4000, 20000])  # one kernel call; the scores route (past 8192 here)
-def test_decode_builds_nothing_larger_than_its_bias(monkeypatch, padded, T):
-    monkeypatch.setattr(attention, "_DECODE_WINDOW_KEYS", 8192)
-    # One query over T keys: the bias is [B or 1, H, 1, T], the scores [B, H, 1, T], O(T);
-    # grouped keys are never expanded (an expanded cache would be H * T * D).
+@pytest.mark.parametrize("T,norms", [(4000, True), (20000, False), (20000, True)])
+def test_decode_builds_nothing_larger_than_its_bias(padded, T, norms):
+    # One query over T keys: the bias is [B or 1, H, 1, T], O(T); grouped keys are never
+    # expanded (an expanded cache would be H * T * D). With the cache's norms past 4,096 keys
+    # (the skip route) a key head's kept keys are gathered, at most one key head's cache.
     B, H, Hkv, D = 2, 8, 2, 8
     q, k, v = _inputs(B, H, Hkv, 1, T, D)
     kpm = _left_padding(B, T) if padded else None
+    key_norms = KeyNorms.of(k) if norms else None
     with LargestTensor() as mode:
-        out = alibi_attention(q, k, v, alibi_slopes(H), key_padding_mask=kpm)
-    if T < attention._DECODE_WINDOW_KEYS:
+        out = alibi_attention(q, k, v, alibi_slopes(H), key_padding_mask=kpm, key_norms=key_norms)
+    if T < attention._DECODE_SKIP_KEYS or not norms:
         assert mode.largest <= (B if padded else 1) * H * T
-    else:  # the scores, and views of the cache (the mode counts views too: nothing is copied)
-        assert mode.largest <= max(B * H * T, k.numel())
+    else:  # (the per-key bias and padding padded to whole blocks)
+        assert mode.largest <= max(B * H * (T + attention._KEY_BLOCK), B * T * D)
     ref = naive_alibi_attention(q, k, v, alibi_slopes(H), key_padding_mask=kpm)
     assert (out.double() - ref).abs().max() < 1e-5
 
@@ -994,7 +1019,7 @@ def small_skip_blocks(monkeypatch):
     monkeypatch.setattr(attention, "_MIN_SKIP_BLOCK", 16)
     monkeypatch.setattr(attention, "_SKIP_SPAN", 16.0)
     monkeypatch.setattr(attention, "_KEY_BLOCK", 8)
-    monkeypatch.setattr(attention, "_DECODE_WINDOW_KEYS", 16)
+    monkeypatch.setattr(attention, "_DECODE_SKIP_KEYS", 16)
 
 
 def _score_share(q, k, v, slopes, **kw) -> float:
@@ -1025,23 +1050,54 @@ def test_skip_leaves_out_far_keys_and_matches_reference(small_skip_blocks):
         assert (g.double() - w).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("Lq", [2, 200])  # a decoding step (scores route) and the segments
+@pytest.mark.parametrize("Lq", [1, 2, 200])  # decoding steps (with the cache's norms), segments
 def test_a_far_key_with_a_huge_score_is_not_skipped(small_skip_blocks, Lq):
     q, k, v = _inputs(1, 2, 2, Lq, 240, 8)
     q[0, 0] = q[0, 0, :1]  # one direction for every query of head 0
     k[0, 0, 5] = q[0, 0, 0] * 60.0  # key 5, far back: its q . k outweighs the slope's bias
     slopes = torch.tensor([0.5, 0.5])
-    out = alibi_attention(q, k, v, slopes, backend="sdpa")
+    out = alibi_attention(q, k, v, slopes, backend="sdpa", key_norms=KeyNorms.of(k))
     ref = naive_alibi_attention(q, k, v, slopes)
     assert (out.double() - ref).abs().max() < 2e-5
     assert (out[0, 0, -1] - v[0, 0, 5]).abs().max() < 1e-3  # the far key takes the last row
+    if Lq <= attention._DECODE_MAX_QUERIES:  # head 0 keeps key 5's block, head 1 only a window
+        c = attention._Call(q, k, v, slopes, True, 8**-0.5, None, key_norms=KeyNorms.of(k))
+        kept = attention._decode_blocks(c, attention._Rows.of(None, Lq, True), q, k)
+        assert kept[0, 0] and not kept[1, :20].any() and kept[1, -2:].all()
+
+
+def test_key_norms_extended_equal_the_norms_of_the_whole_cache():
+    k = torch.randn(2, 3, 500, 8, dtype=torch.float64)
+    norms, n = KeyNorms.of(k[:, :, :1]), 1
+    for size in [1, 62, 1, 1, 64, 130, 5, 235]:  # across and along block boundaries
+        n += size
+        norms = norms.extended(k[:, :, :n])
+        whole = KeyNorms.of(k[:, :, :n])
+        assert norms.n_keys == n and torch.equal(norms.block_max, whole.block_max)
+    by_hand = F.pad(k.norm(dim=-1), (0, 12)).view(2, 3, 8, 64).amax(-1)  # 8 blocks of 64 keys
+    torch.testing.assert_close(whole.block_max, by_hand)
+
+
+@pytest.mark.parametrize("bad,error,match", [
+    ("stale", ValueError, r"describe 300 keys.*has 301 keys.*norms.extended"),
+    ("tensor", TypeError, r"key_norms must be linbias.attention.KeyNorms"),
+    ("heads", ValueError, r"extend them with each append"),
+])
+def test_key_norms_that_do_not_describe_the_keys_are_refused(bad, error, match):
+    q, k, v = _inputs(1, 4, 2, 1, 301, 8)
+    norms = {"stale": KeyNorms.of(k[:, :, :300]), "tensor": KeyNorms.of(k).block_max,
+             "heads": KeyNorms.of(k[:, :1])}[bad]
+    with pytest.raises(error, match=match):
+        alibi_attention(q, k, v, alibi_slopes(4), key_norms=norms)
+    with pytest.raises(ValueError, match="cannot extend to keys of shape"):
+        KeyNorms.of(k).extended(k[:, :, :10])
 
 
 @settings(max_examples=40, deadline=None)
 @given(
     H=st.sampled_from([1, 2, 4]),
     group=st.sampled_from([1, 2]),
-    lq=st.integers(5, 120),
+    lq=st.one_of(st.integers(1, 4), st.integers(5, 120)),  # decoding steps, segments
     extra=st.integers(0, 40),
     steep=st.floats(0.05, 4.0),
     per_row=st.booleans(),
@@ -1054,7 +1110,7 @@ def test_property_skip_with_adversarial_norms_matches_reference(
     H, group, lq, extra, steep, per_row, padded, with_key_bias, far, scale
 ):
     with mock.patch.multiple(
-        attention, _MIN_SKIP_BLOCK=16, _SKIP_SPAN=16.0, _KEY_BLOCK=8, _DECODE_WINDOW_KEYS=16
+        attention, _MIN_SKIP_BLOCK=16, _SKIP_SPAN=16.0, _KEY_BLOCK=8, _DECODE_SKIP_KEYS=16
     ):
         Hkv, Lk = max(1, H // group), lq + extra
         q, k, v = _inputs(2, H, Hkv, lq, Lk, 8)
@@ -1066,7 +1122,7 @@ def test_property_skip_with_adversarial_norms_matches_reference(
         kpm = _left_padding(2, Lk) if padded else None
         key_bias = _key_bias(2, H, Lk) * 3 if with_key_bias else None
         kw = dict(scale=scale, key_padding_mask=kpm, key_bias=key_bias)
-        out = alibi_attention(q, k, v, slopes, backend="sdpa", **kw)
+        out = alibi_attention(q, k, v, slopes, backend="sdpa", key_norms=KeyNorms.of(k), **kw)
     ref = naive_alibi_attention(q, k, v, slopes, **kw)
     s = 1.0 / math.sqrt(8) if scale is None else abs(scale)
     logit = s * q.norm(dim=-1).max() * k.norm(dim=-1).max() + 512.0

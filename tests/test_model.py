@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import linbias.attention as attention
 from linbias.alibi import SCALING_RULES, alibi_bias
 from linbias.config import ModelConfig
 from linbias.model import GPT, KVCache
@@ -81,6 +82,31 @@ def test_kv_cache_decoding_equals_full_forward(name: str) -> None:
         start += size
         assert len(cache) == start
     torch.testing.assert_close(torch.cat(chunks, dim=1), full, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_alibi_decoding_leaves_far_keys_unread_and_equals_the_full_forward(monkeypatch, padded):
+    # The cache keeps each layer's key norms per block; with them a decoding step leaves out
+    # the blocks that cannot count (here blocks of 8 keys, from 16 keys on).
+    monkeypatch.setattr(attention, "_KEY_BLOCK", 8)
+    monkeypatch.setattr(attention, "_DECODE_SKIP_KEYS", 16)
+    model, N = make_model("alibi", n_heads=8, d_model=64), 12 * L
+    idx = tokens(2, N)
+    mask = torch.ones(2, N, dtype=torch.bool)
+    if padded:
+        mask[1, :37] = False
+    full = model(idx, key_padding_mask=mask if padded else None)
+    cache, kept = model.new_cache(), []
+    start = N - 24  # a prefill, then single steps
+    chunks = [model(idx[:, :start], cache=cache,
+                    key_padding_mask=mask[:, :start] if padded else None)]
+    real = attention._decode_blocks
+    monkeypatch.setattr(attention, "_decode_blocks", lambda *a: kept.append(real(*a)) or kept[-1])
+    for t in range(start, N):
+        chunks.append(model(idx[:, t : t + 1], cache=cache,
+                            key_padding_mask=mask[:, : t + 1] if padded else None))
+    torch.testing.assert_close(torch.cat(chunks, dim=1)[mask], full[mask], atol=1e-4, rtol=1e-4)
+    assert kept and not kept[-1][0].all()  # the steepest head left far blocks out
 
 
 @pytest.mark.parametrize("rule", [r for r in SCALING_RULES if r != "none"])

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from linbias.alibi import Distances, alibi_bias, check_slopes
 
-__all__ = ["alibi_attention", "causal_attention", "BACKENDS", "Backend"]
+__all__ = ["alibi_attention", "causal_attention", "BACKENDS", "Backend", "KeyNorms"]
 
 Tensor = torch.Tensor
 
@@ -43,6 +43,7 @@ class _Call:
     key_padding_mask: Optional[Tensor]  # [B, Lk] bool, True = real token
     key_bias: Optional[Tensor] = None  # [1 or B, H, Lk], in the dtype of slopes
     distances: Optional[Distances] = None  # a rule's distance count past L; None: d itself
+    key_norms: Optional["KeyNorms"] = None  # the keys' largest norm per block (a KV cache's)
 
     @property
     def needs_grad(self) -> bool:
@@ -482,26 +483,61 @@ def _bias_forward(c: _Call, q: Tensor, k: Tensor, v: Tensor):
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2), segs
 
 
+def _block_max(x: Tensor, fill: float) -> Tensor:
+    """``[..., L]`` to ``[..., ceil(L / _KEY_BLOCK)]``: each block's largest value (nan if any)."""
+    pad = -x.shape[-1] % _KEY_BLOCK
+    n = (x.shape[-1] + pad) // _KEY_BLOCK  # (not -1 in view: an empty batch makes it ambiguous)
+    return F.pad(x, (0, pad), value=fill).view(*x.shape[:-1], n, _KEY_BLOCK).amax(-1)
+
+
 class _KeyBounds:
     """Per block of ``_KEY_BLOCK`` keys, what bounds any score with them: the largest key norm
     ``[B, H, n]`` and the largest ``key_bias`` ``[B or 1, H, n]`` (padded keys: norm 0 and
     -inf, so an all-padded block never counts), and each query's norm ``[B, H, Lq]``."""
 
     def __init__(self, c: _Call, q: Tensor, k: Tensor):
-        Lk = k.shape[2]
-        pad = -Lk % _KEY_BLOCK
         norms = torch.linalg.vector_norm(k, dim=-1)  # [B, H, Lk]
-        extra = torch.zeros(1, k.shape[1], Lk, dtype=norms.dtype, device=norms.device)
+        extra = torch.zeros(1, k.shape[1], k.shape[2], dtype=norms.dtype, device=norms.device)
         if c.key_bias is not None:
             extra = c.key_bias.to(norms.dtype)
         if c.key_padding_mask is not None:
             real = c.key_padding_mask[:, None, :]
             norms, extra = norms.masked_fill(~real, 0.0), extra.masked_fill(~real, float("-inf"))
-        n = (Lk + pad) // _KEY_BLOCK  # (not -1 in view: an empty batch makes it ambiguous)
-        self.key_norm = F.pad(norms, (0, pad)).view(*norms.shape[:2], n, _KEY_BLOCK).amax(-1)
-        extra = F.pad(extra, (0, pad), value=float("-inf"))
-        self.key_extra = extra.view(*extra.shape[:2], n, _KEY_BLOCK).amax(-1)
+        self.key_norm = _block_max(norms, 0.0)
+        self.key_extra = _block_max(extra, float("-inf"))
         self.query_norm = torch.linalg.vector_norm(q, dim=-1) * abs(c.scale)
+
+
+class KeyNorms:
+    """The largest norm in each block of 64 keys of a KV cache, ``[B, Hkv, blocks]``.
+
+    Kept beside the cache, it lets a decoding step bound every score of a block without reading
+    the block's keys, and so leave out, unread, the keys that cannot count (with ALiBi, most of
+    a long cache for all but the flattest heads). ``linbias.model.KVCache`` keeps one per layer;
+    with a cache of your own, build it with ``KeyNorms.of(k)`` and after each append replace it
+    with ``norms.extended(k)`` (only the blocks the new keys touch are read).
+    """
+
+    def __init__(self, block_max: Tensor, n_keys: int) -> None:
+        self.block_max, self.n_keys = block_max, n_keys
+
+    @staticmethod
+    def of(k: Tensor) -> "KeyNorms":
+        """The norms of ``k`` ``[B, Hkv, Lk, D]``, computed in at least float32."""
+        work = torch.promote_types(k.dtype, torch.float32)
+        return KeyNorms(_block_max(torch.linalg.vector_norm(k, dim=-1, dtype=work), 0.0),
+                        k.shape[2])
+
+    def extended(self, k: Tensor) -> "KeyNorms":
+        """The norms of ``k``, the cache after an append: its first ``n_keys`` keys must be the
+        ones these norms were computed from."""
+        if k.shape[:2] != self.block_max.shape[:2] or k.shape[2] < self.n_keys:
+            raise ValueError(f"KeyNorms of {self.n_keys} keys in {tuple(self.block_max.shape[:2])} "
+                             f"(batch, heads) cannot extend to keys of shape {tuple(k.shape)}: "
+                             "build them anew with KeyNorms.of(k)")
+        start = self.n_keys // _KEY_BLOCK  # the first block the new keys touch
+        fresh = KeyNorms.of(k[:, :, start * _KEY_BLOCK :]).block_max
+        return KeyNorms(torch.cat((self.block_max[..., :start], fresh), -1), k.shape[2])
 
 
 def _prefix_runs(
@@ -639,6 +675,11 @@ def _decode(c: _Call, rows: _Rows, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """``[B, H, Lq, D]`` from inputs already in the kernel's layout and working dtype."""
     B, H, Lq, D = q.shape
     Hkv, Lk, group = k.shape[1], k.shape[2], H // k.shape[1]
+    # The kernel adds its mask to q . k, so a nan in a future key would reach the rows before it;
+    # the scores route masks after. Only the last Lq - 1 keys can be future ones: a cheap check.
+    future_nan = Lq > 1 and c.causal and not bool(torch.isfinite(k[:, :, Lk - Lq + 1 :]).all())
+    if not future_nan and _can_skip_keys(c, Lk):
+        return rows.zero(_decode_skip(c, rows, q, k, v))
     j_minus_i = torch.arange(Lq - Lk, Lq, device=q.device, dtype=q.dtype)  # [Lk], first query
     if Lq > 1:
         j_minus_i = j_minus_i - torch.arange(Lq, device=q.device, dtype=q.dtype).view(-1, 1)
@@ -652,12 +693,7 @@ def _decode(c: _Call, rows: _Rows, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         visible = rows.open(real if visible is None else real & visible)  # [B, Lq or 1, Lk]
     if visible is not None:
         visible = visible.view(-1, 1, 1, *visible.shape[-2:])
-    # The kernel adds its mask to q . k, so a nan in a future key would reach the rows before it;
-    # the scores route masks after. Only the last Lq - 1 keys can be future ones: a cheap check.
-    future_nan = visible is not None and Lq > 1 and c.causal and not bool(
-        torch.isfinite(k[:, :, Lk - Lq + 1 :]).all()
-    )
-    if Lk >= _DECODE_WINDOW_KEYS or future_nan:
+    if future_nan:
         return rows.zero(_decode_window(c, q, k, v, bias, visible))
     if visible is not None:  # after the product: a zero slope times -inf would be nan
         bias = bias.masked_fill(~visible, float("-inf"))
@@ -667,16 +703,93 @@ def _decode(c: _Call, rows: _Rows, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return rows.zero(out)
 
 
-# Past this many cached keys a decoding step computes its scores itself, finds the keys that
-# weigh nothing in fp32 (ALiBi's bias puts most of a long cache there), and reads the values of
-# the others only. Reading every key once stays: without it nothing proves a far key negligible,
-# so the route can at best halve a step. It is off by default: on a shared 2-core machine its
-# dozen small ops measured 0.97x plain SDPA at 64k keys (H 8, D 64, random) but 10.8x on a
-# trained 4 x 32 model whose flattest head needs the whole cache. The route also serves a step
-# whose future keys hold nan (see _decode).
-_DECODE_WINDOW_KEYS = 1 << 31
+# A decoding step given the cache's KeyNorms leaves out, unread, the blocks of keys that cannot
+# count: the last two blocks are scored exactly, which bounds each row's log-sum-exp from below,
+# and an earlier block is left out when |scale| |q| max|k| + m (j - i) + key_bias stays
+# _negligible(Lk) below that bound for every row and head of its key head (the forward's proof,
+# with the cache's norms instead of a pass over the keys). Under this many keys one kernel call
+# over the whole cache is cheaper than the bookkeeping (a call per key head).
+_DECODE_SKIP_KEYS = 16384
 
 
+def _can_skip_keys(c: _Call, n_keys: int) -> bool:
+    return (c.key_norms is not None and c.causal and n_keys >= _DECODE_SKIP_KEYS
+            and bool((c.slopes >= 0).all()))
+
+
+def _decode_bias(c: _Call, rows: _Rows, heads: slice, j: Tensor, n_queries: int) -> Tensor:
+    """``[1 or B, heads, Lq, n]``: the exact causal bias of the last ``Lq`` queries with keys
+    ``j`` ``[n]`` (positions), ``key_bias`` added, keys a row does not see at -inf."""
+    Lk = c.k.shape[2]
+    i = torch.arange(Lk - n_queries, Lk, device=j.device, dtype=c.slopes.dtype)
+    jf = j.to(c.slopes.dtype)
+    bias = c.slopes_BH[:, heads, None, None] * (jf.view(1, -1) - i.view(-1, 1))
+    if c.key_bias is not None:
+        bias = bias + c.key_bias[:, heads, None, :].index_select(-1, j)
+    visible = (jf.view(1, -1) <= i.view(-1, 1)) if n_queries > 1 else None  # [Lq, n]
+    if c.key_padding_mask is not None:
+        real = c.key_padding_mask.index_select(1, j)[:, None, :]  # [B, 1, n]
+        visible = rows.open(real if visible is None else real & visible)  # [B, Lq or 1, n]
+    if visible is not None:
+        bias = bias.masked_fill(~visible.view(-1, 1, *visible.shape[-2:]), float("-inf"))
+    return bias
+
+
+def _decode_blocks(c: _Call, rows: _Rows, q: Tensor, k: Tensor) -> Tensor:
+    """``[Hkv, blocks]`` bool: the blocks of ``_KEY_BLOCK`` keys that may count (see above)."""
+    B, H, Lq, D = q.shape
+    Hkv, Lk, group = k.shape[1], k.shape[2], H // k.shape[1]
+    norms = c.key_norms.block_max.to(q.dtype)  # [B, Hkv, nb]
+    nb = norms.shape[-1]
+    recent = max(0, nb - 2)  # the blocks scored exactly
+    j = torch.arange(recent * _KEY_BLOCK, Lk, device=q.device)
+    qk = q.reshape(B, Hkv, group * Lq, D) @ k[:, :, recent * _KEY_BLOCK :].transpose(-1, -2)
+    scores = qk.view(B, H, Lq, -1) * c.scale + _decode_bias(c, rows, slice(None), j, Lq)
+    lse = torch.logsumexp(scores, -1).view(B, Hkv, group, Lq)  # -inf: the row sees none of them
+    reach = torch.linalg.vector_norm(q, dim=-1).view(B, Hkv, group, Lq) * abs(c.scale)
+    worst = (reach[..., None] * norms[:, :, None, None, :] - lse[..., None]).amax(-2)
+    j_last = torch.clamp(torch.arange(nb, device=q.device) * _KEY_BLOCK + _KEY_BLOCK - 1,
+                         max=Lk - 1).to(q.dtype)
+    bound = worst + c.slopes_BH.to(q.dtype).view(-1, Hkv, group, 1) * (j_last - (Lk - Lq))
+    if c.key_bias is not None or c.key_padding_mask is not None:
+        extra = (c.key_bias if c.key_bias is not None else q.new_zeros(1, H, Lk)).to(q.dtype)
+        if c.key_padding_mask is not None:
+            extra = extra.masked_fill(~c.key_padding_mask[:, None, :], float("-inf"))
+        bound = bound + _block_max(extra, float("-inf")).view(-1, Hkv, group, nb)
+    counts = ~(bound < -_negligible(Lk, q.dtype))  # [B, Hkv, group, nb]; nan counts
+    keep = counts.any(0).any(1)  # [Hkv, nb]
+    keep[:, recent:] = True
+    return keep
+
+
+def _decode_skip(c: _Call, rows: _Rows, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """A decoding step over the key blocks that may count (see above)."""
+    B, H, Lq, D = q.shape
+    Hkv, Lk, group = k.shape[1], k.shape[2], H // k.shape[1]
+    keep = _decode_blocks(c, rows, q, k)
+    nb = keep.shape[-1]
+    outs = []
+    for g in range(Hkv):
+        heads = slice(g * group, (g + 1) * group)
+        blocks = keep[g].nonzero().flatten()
+        b0 = int(blocks[0])
+        if blocks.numel() == nb - b0:  # one run to the end: a view, no copy
+            first = b0 * _KEY_BLOCK
+            jg, kg, vg = torch.arange(first, Lk, device=q.device), k[:, g, first:], v[:, g, first:]
+        else:
+            jg = (blocks[:, None] * _KEY_BLOCK + torch.arange(_KEY_BLOCK, device=q.device)).flatten()
+            jg = jg[jg < Lk]
+            kg, vg = k[:, g].index_select(1, jg), v[:, g].index_select(1, jg)
+        bias = _decode_bias(c, rows, heads, jg, Lq)  # [1 or B, group, Lq, n]
+        out = F.scaled_dot_product_attention(
+            q[:, heads].reshape(B, 1, group * Lq, D), kg[:, None], vg[:, None],
+            attn_mask=bias.reshape(bias.shape[0], 1, group * Lq, -1), scale=c.scale)
+        outs.append(out.view(B, group, Lq, D))
+    return torch.cat(outs, 1)
+
+
+# A decoding step whose future keys hold nan computes its scores itself and masks after the
+# product, so that the nan reaches only the rows that see it.
 def _decode_window(
     c: _Call, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, visible: Optional[Tensor]
 ) -> Tensor:
@@ -1056,6 +1169,38 @@ def _check_distances(distances: Optional[Distances], batch: int) -> None:
         raise ValueError(f"distances need bend >= 0, window >= 1 and sinks >= 0, got {d}")
 
 
+def _check_key_norms(key_norms: Optional[KeyNorms], k: Tensor) -> None:
+    if key_norms is None:
+        return
+    if not isinstance(key_norms, KeyNorms):
+        raise TypeError(f"key_norms must be linbias.attention.KeyNorms (KeyNorms.of(k)), got "
+                        f"{type(key_norms).__name__}")
+    B, Hkv, Lk = k.shape[:3]
+    want = (B, Hkv, -(-Lk // _KEY_BLOCK))
+    if key_norms.n_keys != Lk or tuple(key_norms.block_max.shape) != want:
+        raise ValueError(f"key_norms describe {key_norms.n_keys} keys as "
+                         f"{tuple(key_norms.block_max.shape)}, but k has {Lk} keys (norms "
+                         f"{want}): extend them with each append (norms.extended(k))")
+    if key_norms.block_max.device != k.device:
+        raise ValueError(f"key_norms are on {key_norms.block_max.device}, k on {k.device}")
+
+
+def _clean_padded(k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """``k`` and ``v`` with non-finite padded slots zeroed: what a padded slot holds (an
+    uninitialised cache slot can hold nan) must reach no row, and kernels that add the mask to
+    ``q . k``, or weigh a value by 0, would pass nan on. Only the padded slots are read; the
+    inputs are copied only when one of them is not finite."""
+    if key_padding_mask is None:
+        return k, v
+    b, j = (~key_padding_mask).nonzero(as_tuple=True)
+    if b.numel() == 0:
+        return k, v
+    hidden = ~key_padding_mask[:, None, :, None]
+    k, v = (x if bool(torch.isfinite(x[b, :, j]).all()) else x.masked_fill(hidden, 0.0)
+            for x in (k, v))
+    return k, v
+
+
 def _scale(scale: Optional[float], head_dim: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
@@ -1093,6 +1238,7 @@ def alibi_attention(
     key_padding_mask: Optional[Tensor] = None,
     key_bias: Optional[Tensor] = None,
     distances: Optional[Distances] = None,
+    key_norms: Optional[KeyNorms] = None,
     backend: str = "auto",
 ) -> Tensor:
     """Attention with linear biases: ``softmax(q k^T * scale - m_h * distance + key_bias) v``.
@@ -1107,8 +1253,9 @@ def alibi_attention(
             differentiates them (``"blocked"`` on CPU).
         causal: mask future keys (bias ``-m (i - j)``); False gives ``-m |i - j|``.
         scale: multiplies ``q k^T`` before the bias is added; default ``1 / sqrt(D)``.
-        key_padding_mask: ``[B, Lk]`` bool, True = real token. Masked keys are never attended;
-            a query that sees no key gets zeros.
+        key_padding_mask: ``[B, Lk]`` bool, True = real token. Masked keys are never attended,
+            and what their slots of ``k`` and ``v`` hold (nan included) reaches no row; a query
+            that sees no key gets zeros.
         key_bias: optional ``[H, Lk]`` (shared by the batch) or ``[B, H, Lk]`` float, finite:
             ``key_bias[b, h, j]`` is added to the score of every query of row ``b``, head ``h``
             with key ``j``, after ``scale`` and alongside the slopes' term, so the score is
@@ -1123,6 +1270,11 @@ def alibi_attention(
             keys but the row's sinks. ``"reference"`` and ``"blocked"`` run it, in query blocks
             of ``_DISTANCE_BLOCK`` rows (memory linear in ``Lk``); ``"auto"`` picks
             ``"blocked"``.
+        key_norms: the keys' ``KeyNorms`` (a KV cache keeps them): a causal decoding step
+            (up to 4 queries) on ``"sdpa"`` with at least 16,384 keys then leaves out, unread,
+            the blocks of keys that provably weigh less than fp32's rounding of the row. They
+            must be the norms of these keys (``KeyNorms.of(k)``, kept with ``extended``): a
+            bound, never checked against the keys, that the result's exactness rests on.
         backend: a key of ``BACKENDS`` or ``"auto"`` (the fastest correct one for this call).
 
     Returns:
@@ -1138,13 +1290,15 @@ def alibi_attention(
     _check(q, k, v, slopes, key_padding_mask)
     _check_key_bias(key_bias, q, k.shape[2])
     _check_distances(distances, q.shape[0])
+    _check_key_norms(key_norms, k)
+    k, v = _clean_padded(k, v, key_padding_mask)
     work = torch.promote_types(q.dtype, torch.float32)
     if key_bias is not None:
         key_bias = key_bias.to(work)
         key_bias = key_bias if key_bias.dim() == 3 else key_bias[None]
     call = _Call(
         q, k, v, slopes.to(q.device, work), causal, _scale(scale, q.shape[-1]), key_padding_mask,
-        key_bias, distances,
+        key_bias, distances, key_norms,
     )
     if backend == "auto":  # _auto picks only a backend that can run the call
         return BACKENDS[_auto(call)].run(call)

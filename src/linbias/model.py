@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from linbias.attention import KeyNorms
 from linbias.config import INIT_STD, ModelConfig
 from linbias.positions import PositionMethod, make_position
 
@@ -37,6 +38,8 @@ class KVCache:
     def __init__(self, n_layers: int) -> None:
         self.k: list[Tensor | None] = [None] * n_layers
         self.v: list[Tensor | None] = [None] * n_layers
+        # Each layer's largest key norm per block of 64: lets ALiBi leave out far keys unread.
+        self.norms: list[KeyNorms | None] = [None] * n_layers
 
     def __len__(self) -> int:
         """Number of cached positions (as written by the last complete forward)."""
@@ -49,6 +52,8 @@ class KVCache:
         if old_k is not None and old_v is not None:
             # torch.cat costs O(S) per step, no more than attending over S keys already does.
             k_BHTD, v_BHTD = torch.cat((old_k, k_BHTD), dim=-2), torch.cat((old_v, v_BHTD), dim=-2)
+        norms = self.norms[layer]
+        self.norms[layer] = KeyNorms.of(k_BHTD) if norms is None else norms.extended(k_BHTD)
         self.k[layer], self.v[layer] = k_BHTD, v_BHTD
         return k_BHTD, v_BHTD
 
@@ -75,11 +80,13 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.qkv(x_BTC).split(C, dim=-1)
         q_BHTD, k_BHTD, v_BHTD = (t.view(B, T, H, D).transpose(1, 2) for t in (q, k, v))
         q_BHTD, k_BHTD = self.position.rotate(q_BHTD, k_BHTD, pos_T, pos_T)
-        k_BHSD, v_BHSD = k_BHTD, v_BHTD
+        k_BHSD, v_BHSD, norms = k_BHTD, v_BHTD, None
         if cache is not None:
             k_BHSD, v_BHSD = cache.update(self.layer, k_BHTD, v_BHTD)
+            norms = cache.norms[self.layer]
         y_BHTD = self.position.attend(
-            q_BHTD, k_BHSD, v_BHSD, key_padding_mask=key_padding_mask, state=state
+            q_BHTD, k_BHSD, v_BHSD, key_padding_mask=key_padding_mask, state=state,
+            key_norms=norms,
         )
         y_BTC = y_BHTD.transpose(1, 2).reshape(B, T, C)
         return self.dropout(self.proj(y_BTC))

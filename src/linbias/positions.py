@@ -38,7 +38,7 @@ from linbias.alibi import (
     scaling_factor,
     temperatures,
 )
-from linbias.attention import alibi_attention, causal_attention
+from linbias.attention import KeyNorms, alibi_attention, causal_attention
 from linbias.config import INIT_STD, ModelConfig
 
 __all__ = [
@@ -229,13 +229,16 @@ class PositionMethod(nn.Module):
         return None
 
     def attend(self, q_BHTD: Tensor, k_BHSD: Tensor, v_BHSD: Tensor, *,
-               key_padding_mask: Tensor | None = None, state: Tensor | None = None) -> Tensor:
+               key_padding_mask: Tensor | None = None, state: Tensor | None = None,
+               key_norms: KeyNorms | None = None) -> Tensor:
         """Causal attention of the ``T`` queries over all ``S`` keys (default: no bias).
 
         Args:
             key_padding_mask: ``[B, S]`` bool, True = real token.
             state: what ``prepare(T, S, device)`` returned for this forward; ``None`` when
                 ``attend`` is called on its own, in which case a method computes it itself.
+            key_norms: a KV cache's ``KeyNorms`` of ``k_BHSD``, or ``None``; a method whose
+                bias makes far keys negligible (ALiBi) uses them to leave those keys unread.
 
         Returns:
             ``[B, H, T, D]``.
@@ -394,7 +397,8 @@ class T5Positions(PositionMethod):
         return self.bias(q_len, k_len)
 
     def attend(self, q_BHTD: Tensor, k_BHSD: Tensor, v_BHSD: Tensor, *,
-               key_padding_mask: Tensor | None = None, state: Tensor | None = None) -> Tensor:
+               key_padding_mask: Tensor | None = None, state: Tensor | None = None,
+               key_norms: KeyNorms | None = None) -> Tensor:
         bias_HTS = self.bias(q_BHTD.shape[-2], k_BHSD.shape[-2]) if state is None else state
         return causal_attention(
             q_BHTD, k_BHSD, v_BHSD, bias_HTS=bias_HTS, key_padding_mask=key_padding_mask
@@ -452,12 +456,14 @@ class AlibiPositions(PositionMethod):
         )
 
     def attend(self, q_BHTD: Tensor, k_BHSD: Tensor, v_BHSD: Tensor, *,
-               key_padding_mask: Tensor | None = None, state: _AlibiState | None = None) -> Tensor:
+               key_padding_mask: Tensor | None = None, state: _AlibiState | None = None,
+               key_norms: KeyNorms | None = None) -> Tensor:
         state = self._state(k_BHSD.shape[-2], key_padding_mask) if state is None else state
         if state.temperature is not None:  # q . k times the factor; the bias stays as it is
             q_BHTD = q_BHTD * state.temperature.to(q_BHTD.dtype)
         return alibi_attention(q_BHTD, k_BHSD, v_BHSD, state.slopes,
-                               key_padding_mask=key_padding_mask, distances=state.distances)
+                               key_padding_mask=key_padding_mask, distances=state.distances,
+                               key_norms=key_norms)
 
 
 @dataclass(frozen=True)
