@@ -10,7 +10,8 @@ import pytest
 import linbias.reproduce as reproduce_mod
 from linbias.data import split_of
 from linbias.config import ReproducePreset
-from linbias.reproduce import reproduce
+from linbias.reproduce import preset_run, reproduce
+from linbias.train import train
 from linbias.runs import RunError
 
 
@@ -168,6 +169,27 @@ def test_reproduce_end_to_end_reuses_and_forces(tmp_path, corpus, monkeypatch):
     assert calls == [] and again["results"] == results["results"]
     reproduce("unit", out, force=True, positions=("alibi",), **kwargs)
     assert calls == ["train", "evaluate_run"]
+
+
+def test_a_run_trained_in_chunks_where_preset_run_says_is_reused(tmp_path, tmp_path_factory, run,
+                                                                 corpus, monkeypatch):
+    # benchmarks/retrieval_budget.py trains the study's runs in chunks, scoring each checkpoint;
+    # reproduce must then reuse them as they are. The preset's depth replaces the model preset's.
+    deep = dataclasses.replace(reproduce_mod.REPRODUCE_PRESETS["unit"], n_layers=3)
+    monkeypatch.setitem(reproduce_mod.REPRODUCE_PRESETS, "unit-deep", deep)
+    out, cache = tmp_path / "study", tmp_path_factory.getbasetemp() / "reproduce_cache"
+    run_dir, mc, tc = preset_run(out, "alibi", "unit-deep", 0, data=corpus)
+    assert mc.n_layers == 3 and tc.steps == 2
+    for chunk in range(2):
+        train(mc, tc, run_dir, resume=chunk > 0, progress=False, cache_dir=cache, stop_after=1)
+    calls = []
+    real = reproduce_mod.train
+    monkeypatch.setattr(reproduce_mod, "train", lambda *a, **k: calls.append(a) or real(*a, **k))
+    results = run(out, preset="unit-deep")
+    assert calls == [] and results["training"][0]["run"] == str(run_dir)
+    assert "preset `tiny` with 3 layers" in (out / "report.md").read_text()
+    with pytest.raises(ValueError, match="unknown reproduce preset 'nope'"):
+        preset_run(out, "alibi", "nope", 0)
 
 
 def test_reproduce_rejects_unknown_names(tmp_path):

@@ -817,7 +817,7 @@ before L/2 are left out (they have little context whatever the method: the early
   ({corpus['train']['bytes']:,} bytes), valid {corpus['valid']['documents']} documents
   ({corpus['valid']['bytes']:,} bytes), {_SPLIT_WORDS.get(corpus.get('split_by', 'file'), '?')};
   byte-level BPE, vocabulary {p.vocab_size}.
-- Model: preset `{p.model}`; each method trained {p.steps} steps x {p.batch_size} sequences x
+- Model: preset `{p.model}`{f' with {p.n_layers} layers' if p.n_layers else ''}; each method trained {p.steps} steps x {p.batch_size} sequences x
   {p.train_len} tokens = {tokens:,} tokens, AdamW, peak lr {p.lr}, warmup {p.warmup}, cosine
   decay, {seed_words}; {m.get('precision', 'float32')} throughout; token embeddings of the
   `{p.embedding}` convention.

@@ -63,7 +63,7 @@ from linbias.runs import (
 )
 from linbias.train import train
 
-__all__ = ["reproduce"]
+__all__ = ["preset_run", "reproduce"]
 
 
 def _rules(position: str, p: ReproducePreset) -> list[str]:
@@ -93,8 +93,9 @@ _SAY: dict[str, str] = {
 
 def _configs(position: str, p: ReproducePreset, data: str, seed: int) -> tuple[ModelConfig, TrainConfig]:
     t5 = {} if p.t5_max_distance is None else {"t5_max_distance": p.t5_max_distance}
+    depth = {} if p.n_layers is None else {"n_layers": p.n_layers}
     mc = model_config(p.model, position=position, train_len=p.train_len, embedding=p.embedding,
-                      **t5)
+                      **t5, **depth)
     tc = TrainConfig(data=data, vocab_size=p.vocab_size, steps=p.steps, batch_size=p.batch_size,
                      lr=p.lr, warmup=p.warmup, seed=seed, bf16=p.bf16, eval_every=0, eval_batches=8,
                      save_every=max(1, p.steps // 4), log_every=10, mix_task=p.task,
@@ -272,6 +273,17 @@ def _sliding_one(run_dir: Path, p: ReproducePreset, force: bool, cache_dir: Opti
 
 def _run_dir(out: Path, position: str, seed: int) -> Path:
     return out / "runs" / f"{position}-seed{seed}"
+
+
+def preset_run(out: str | Path, position: str, preset: str, seed: int, data: str = "stdlib"
+               ) -> tuple[Path, ModelConfig, TrainConfig]:
+    """Where ``reproduce --preset PRESET --out OUT`` keeps ``position``'s run of ``seed``, and the
+    settings it trains it with. A run trained there beforehand with these settings (for example
+    by ``benchmarks/retrieval_budget.py``, which scores it along the way) is reused as it is."""
+    if preset not in REPRODUCE_PRESETS:
+        raise ValueError(f"unknown reproduce preset {preset!r}; valid: {', '.join(REPRODUCE_PRESETS)}")
+    return (_run_dir(Path(out), position, seed),
+            *_configs(position, REPRODUCE_PRESETS[preset], data, seed))
 
 
 # --- the fine-tune study: each model fine-tuned at a longer length (TrainConfig.init_from) -------
