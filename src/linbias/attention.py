@@ -763,27 +763,30 @@ def _decode_blocks(c: _Call, rows: _Rows, q: Tensor, k: Tensor) -> Tensor:
 
 
 def _decode_skip(c: _Call, rows: _Rows, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """A decoding step over the key blocks that may count (see above)."""
+    """A decoding step over the key blocks that may count (see above): one kernel call per key
+    head, on views of the cache and of one bias built for all heads, unless a head keeps blocks
+    with a gap between them (a far key with a huge score), whose keys are gathered."""
     B, H, Lq, D = q.shape
     Hkv, Lk, group = k.shape[1], k.shape[2], H // k.shape[1]
     keep = _decode_blocks(c, rows, q, k)
-    nb = keep.shape[-1]
+    first = keep.int().argmax(-1)  # [Hkv] each key head's first kept block
+    one_run = keep.cumsum(-1).gt(0).eq(keep).all(-1)  # [Hkv] kept from the first block on
+    starts = (first * _KEY_BLOCK).tolist()
+    j0 = min(s for s, whole in zip(starts, one_run.tolist()) if whole) if one_run.any() else Lk
+    bias = _decode_bias(c, rows, slice(None), torch.arange(j0, Lk, device=q.device), Lq)
     outs = []
-    for g in range(Hkv):
+    for g, (start, whole) in enumerate(zip(starts, one_run.tolist())):
         heads = slice(g * group, (g + 1) * group)
-        blocks = keep[g].nonzero().flatten()
-        b0 = int(blocks[0])
-        if blocks.numel() == nb - b0:  # one run to the end: a view, no copy
-            first = b0 * _KEY_BLOCK
-            jg, kg, vg = torch.arange(first, Lk, device=q.device), k[:, g, first:], v[:, g, first:]
+        if whole:
+            kg, vg, bg = k[:, g : g + 1, start:], v[:, g : g + 1, start:], bias[:, heads, :, start - j0 :]
         else:
-            jg = (blocks[:, None] * _KEY_BLOCK + torch.arange(_KEY_BLOCK, device=q.device)).flatten()
-            jg = jg[jg < Lk]
-            kg, vg = k[:, g].index_select(1, jg), v[:, g].index_select(1, jg)
-        bias = _decode_bias(c, rows, heads, jg, Lq)  # [1 or B, group, Lq, n]
+            jg = (keep[g].nonzero() * _KEY_BLOCK + torch.arange(_KEY_BLOCK, device=q.device))
+            jg = jg.flatten()[jg.flatten() < Lk]
+            kg, vg = k[:, g : g + 1].index_select(2, jg), v[:, g : g + 1].index_select(2, jg)
+            bg = _decode_bias(c, rows, heads, jg, Lq)
         out = F.scaled_dot_product_attention(
-            q[:, heads].reshape(B, 1, group * Lq, D), kg[:, None], vg[:, None],
-            attn_mask=bias.reshape(bias.shape[0], 1, group * Lq, -1), scale=c.scale)
+            q[:, heads].reshape(B, 1, group * Lq, D), kg, vg,
+            attn_mask=bg.reshape(bg.shape[0], 1, group * Lq, -1), scale=c.scale)
         outs.append(out.view(B, group, Lq, D))
     return torch.cat(outs, 1)
 
