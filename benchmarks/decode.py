@@ -3,7 +3,9 @@
 A decoding step is one new query against the ``T`` tokens of a KV cache. For each context ``T``:
 
 * op alone, B=1 H=8 D=64 fp32: ``scaled_dot_product_attention`` with one query and no mask (the
-  baseline, "plain"), against ``alibi_attention`` with the paper's slopes ("alibi") and with
+  baseline, "plain"), against ``alibi_attention`` given the cache's key norms (as ``KVCache``
+  keeps them, which lets a step past 16k keys leave far blocks unread) with the paper's slopes
+  ("alibi") and with
   slopes scaled by ``linear`` interpolation for ``L' = T`` ("alibi linear"; the scaling is timed
   too, since a model rescales its slopes at every step);
 * one full decode step of a GPT preset (``model(idx_B1, cache=cache)``) with ALiBi, and with
@@ -39,6 +41,7 @@ from torch.profiler import ProfilerActivity
 from linbias import alibi_attention, alibi_slopes
 from linbias.alibi import interpolate_slopes
 from linbias.config import PRESETS, model_config
+from linbias.attention import KeyNorms
 from linbias.model import GPT, KVCache
 
 TARGET = 1.10
@@ -54,12 +57,12 @@ def op_steps(context: int, train_len: int) -> dict[str, Callable[[], object]]:
     torch.manual_seed(0)
     q = torch.randn(1, HEADS, 1, HEAD_DIM)
     k, v = torch.randn(1, HEADS, context, HEAD_DIM), torch.randn(1, HEADS, context, HEAD_DIM)
-    slopes = alibi_slopes(HEADS)
+    slopes, norms = alibi_slopes(HEADS), KeyNorms.of(k)  # a cache keeps the norms (KVCache)
     return {
         "plain": lambda: F.scaled_dot_product_attention(q, k, v),
-        "alibi": lambda: alibi_attention(q, k, v, slopes),
+        "alibi": lambda: alibi_attention(q, k, v, slopes, key_norms=norms),
         "alibi linear": lambda: alibi_attention(
-            q, k, v, interpolate_slopes(slopes, train_len, context, "linear")
+            q, k, v, interpolate_slopes(slopes, train_len, context, "linear"), key_norms=norms
         ),
     }
 
@@ -84,13 +87,16 @@ def model_steps(context: int, train_len: int, preset: str) -> dict[str, Callable
     k, v = torch.randn(1, H, context, D), torch.randn(1, H, context, D)
     idx_B1 = torch.randint(config.vocab_size, (1, 1))
     cache = KVCache(config.n_layers)
-    cache.k, cache.v = [k] * config.n_layers, [v] * config.n_layers
+    for layer in range(config.n_layers):  # as decoding left it, key norms included
+        cache.update(layer, k, v)
+    saved = {name: list(value) for name, value in vars(cache).items()}
 
     def step(model: GPT) -> torch.Tensor:
         with torch.no_grad():
             logits = model(idx_B1, cache=cache)
         # Back to `context` tokens, freeing the step's copies as a decoder frees the old cache.
-        cache.k, cache.v = [k] * config.n_layers, [v] * config.n_layers
+        for name, value in saved.items():
+            setattr(cache, name, list(value))
         return logits
 
     return {name: (lambda m=m: step(m)) for name, m in models.items()}

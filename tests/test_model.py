@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import linbias.attention as attention
+from linbias.attention import KeyNorms
 from linbias.alibi import SCALING_RULES, alibi_bias
 from linbias.config import ModelConfig
 from linbias.model import GPT, KVCache
@@ -107,6 +108,21 @@ def test_alibi_decoding_leaves_far_keys_unread_and_equals_the_full_forward(monke
                             key_padding_mask=mask[:, : t + 1] if padded else None))
     torch.testing.assert_close(torch.cat(chunks, dim=1)[mask], full[mask], atol=1e-4, rtol=1e-4)
     assert kept and not kept[-1][0].all()  # the steepest head left far blocks out
+
+
+def test_kv_cache_norms_follow_keys_set_from_outside() -> None:
+    # A cache whose keys are replaced (trimmed, edited, restored) must not keep stale norms:
+    # a norm too small would let a decoding step leave out keys that count.
+    cache = KVCache(1)
+    k, v = torch.randn(1, 2, 100, 4), torch.randn(1, 2, 100, 4)
+    cache.update(0, k, v)
+    cache.update(0, k[:, :, :1], v[:, :, :1])  # appended: extended from the last block
+    torch.testing.assert_close(cache.norms[0].block_max, KeyNorms.of(cache.k[0]).block_max)
+    cache.k[0] = k * 50.0  # set from outside
+    cache.update(0, k[:, :, :1], v[:, :, :1])
+    want = KeyNorms.of(torch.cat((k * 50.0, k[:, :, :1]), dim=-2))
+    assert cache.norms[0].n_keys == 101
+    torch.testing.assert_close(cache.norms[0].block_max, want.block_max)
 
 
 @pytest.mark.parametrize("rule", [r for r in SCALING_RULES if r != "none"])

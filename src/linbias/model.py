@@ -38,8 +38,10 @@ class KVCache:
     def __init__(self, n_layers: int) -> None:
         self.k: list[Tensor | None] = [None] * n_layers
         self.v: list[Tensor | None] = [None] * n_layers
-        # Each layer's largest key norm per block of 64: lets ALiBi leave out far keys unread.
+        # Each layer's largest key norm per block of 64, which lets ALiBi leave far keys unread,
+        # and the keys they were computed from: keys set from outside get norms of their own.
         self.norms: list[KeyNorms | None] = [None] * n_layers
+        self._normed: list[Tensor | None] = [None] * n_layers
 
     def __len__(self) -> int:
         """Number of cached positions (as written by the last complete forward)."""
@@ -53,8 +55,10 @@ class KVCache:
             # torch.cat costs O(S) per step, no more than attending over S keys already does.
             k_BHTD, v_BHTD = torch.cat((old_k, k_BHTD), dim=-2), torch.cat((old_v, v_BHTD), dim=-2)
         norms = self.norms[layer]
-        self.norms[layer] = KeyNorms.of(k_BHTD) if norms is None else norms.extended(k_BHTD)
-        self.k[layer], self.v[layer] = k_BHTD, v_BHTD
+        fresh = norms is None or self._normed[layer] is not old_k
+        self.norms[layer] = KeyNorms.of(k_BHTD) if fresh else norms.extended(k_BHTD)
+        self._normed[layer] = self.k[layer] = k_BHTD
+        self.v[layer] = v_BHTD
         return k_BHTD, v_BHTD
 
 
