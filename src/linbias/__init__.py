@@ -7,13 +7,14 @@ Slopes and biases (Press, Smith and Lewis 2022), position interpolation for ALiB
 from typing import Any
 
 from linbias.alibi import SCALING_RULES, alibi_bias, alibi_slopes, interpolate_slopes
-from linbias.attention import BACKENDS, alibi_attention
+from linbias.attention import BACKENDS, KeyNorms, alibi_attention
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
     "GPT",
+    "KeyNorms",
     "ModelConfig",
     "SCALING_RULES",
     "alibi_attention",
