@@ -1020,6 +1020,7 @@ def small_skip_blocks(monkeypatch):
     monkeypatch.setattr(attention, "_SKIP_SPAN", 16.0)
     monkeypatch.setattr(attention, "_KEY_BLOCK", 8)
     monkeypatch.setattr(attention, "_DECODE_SKIP_KEYS", 16)
+    monkeypatch.setattr(attention, "_DECODE_SKIP_SHARE", 1.0)
 
 
 def _score_share(q, k, v, slopes, **kw) -> float:
@@ -1066,6 +1067,19 @@ def test_a_far_key_with_a_huge_score_is_not_skipped(small_skip_blocks, Lq):
         assert kept[0, 0] and not kept[1, :20].any() and kept[1, -2:].all()
 
 
+@pytest.mark.parametrize("flat,skips", [(False, True), (True, False)])
+def test_decode_leaves_keys_unread_only_when_most_blocks_can_go(flat, skips):
+    # Flat slopes (interpolation at L' >> L) keep every block: one call over the cache is
+    # cheaper than a call per key head, and the result is the same.
+    q, k, v = _inputs(1, 8, 8, 1, 20000, 8)
+    slopes = alibi_slopes(8) * (1e-6 if flat else 1.0)
+    with mock.patch.object(attention, "_decode_skip", wraps=attention._decode_skip) as skip:
+        out = alibi_attention(q, k, v, slopes, key_norms=KeyNorms.of(k))
+    assert skip.called == skips
+    ref = naive_alibi_attention(q, k, v, slopes)
+    assert (out.double() - ref).abs().max() < 1e-5
+
+
 def test_key_norms_extended_equal_the_norms_of_the_whole_cache():
     k = torch.randn(2, 3, 500, 8, dtype=torch.float64)
     norms, n = KeyNorms.of(k[:, :, :1]), 1
@@ -1110,7 +1124,8 @@ def test_property_skip_with_adversarial_norms_matches_reference(
     H, group, lq, extra, steep, per_row, padded, with_key_bias, far, scale
 ):
     with mock.patch.multiple(
-        attention, _MIN_SKIP_BLOCK=16, _SKIP_SPAN=16.0, _KEY_BLOCK=8, _DECODE_SKIP_KEYS=16
+        attention, _MIN_SKIP_BLOCK=16, _SKIP_SPAN=16.0, _KEY_BLOCK=8, _DECODE_SKIP_KEYS=16,
+        _DECODE_SKIP_SHARE=1.0,
     ):
         Hkv, Lk = max(1, H // group), lq + extra
         q, k, v = _inputs(2, H, Hkv, lq, Lk, 8)

@@ -91,6 +91,7 @@ def test_alibi_decoding_leaves_far_keys_unread_and_equals_the_full_forward(monke
     # the blocks that cannot count (here blocks of 8 keys, from 16 keys on).
     monkeypatch.setattr(attention, "_KEY_BLOCK", 8)
     monkeypatch.setattr(attention, "_DECODE_SKIP_KEYS", 16)
+    monkeypatch.setattr(attention, "_DECODE_SKIP_SHARE", 1.0)
     model, N = make_model("alibi", n_heads=8, d_model=64), 12 * L
     idx = tokens(2, N)
     mask = torch.ones(2, N, dtype=torch.bool)

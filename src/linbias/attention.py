@@ -679,7 +679,9 @@ def _decode(c: _Call, rows: _Rows, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     # the scores route masks after. Only the last Lq - 1 keys can be future ones: a cheap check.
     future_nan = Lq > 1 and c.causal and not bool(torch.isfinite(k[:, :, Lk - Lq + 1 :]).all())
     if not future_nan and _can_skip_keys(c, Lk):
-        return rows.zero(_decode_skip(c, rows, q, k, v))
+        keep = _decode_blocks(c, rows, q, k)
+        if keep.float().mean() <= _DECODE_SKIP_SHARE:
+            return rows.zero(_decode_skip(c, rows, q, k, v, keep))
     j_minus_i = torch.arange(Lq - Lk, Lq, device=q.device, dtype=q.dtype)  # [Lk], first query
     if Lq > 1:
         j_minus_i = j_minus_i - torch.arange(Lq, device=q.device, dtype=q.dtype).view(-1, 1)
@@ -710,6 +712,10 @@ def _decode(c: _Call, rows: _Rows, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 # with the cache's norms instead of a pass over the keys). Under this many keys one kernel call
 # over the whole cache is cheaper than the bookkeeping (a call per key head).
 _DECODE_SKIP_KEYS = 16384
+# ... and when the heads together keep more than this share of the blocks (interpolated slopes
+# widen every window to the whole cache), the one call is cheaper too: a call per key head over
+# nearly every key measured 1.29x plain at 64k keys against the one call's 1.04x.
+_DECODE_SKIP_SHARE = 0.5
 
 
 def _can_skip_keys(c: _Call, n_keys: int) -> bool:
@@ -762,13 +768,12 @@ def _decode_blocks(c: _Call, rows: _Rows, q: Tensor, k: Tensor) -> Tensor:
     return keep
 
 
-def _decode_skip(c: _Call, rows: _Rows, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+def _decode_skip(c: _Call, rows: _Rows, q: Tensor, k: Tensor, v: Tensor, keep: Tensor) -> Tensor:
     """A decoding step over the key blocks that may count (see above): one kernel call per key
     head, on views of the cache and of one bias built for all heads, unless a head keeps blocks
     with a gap between them (a far key with a huge score), whose keys are gathered."""
     B, H, Lq, D = q.shape
     Hkv, Lk, group = k.shape[1], k.shape[2], H // k.shape[1]
-    keep = _decode_blocks(c, rows, q, k)
     first = keep.int().argmax(-1)  # [Hkv] each key head's first kept block
     one_run = keep.cumsum(-1).gt(0).eq(keep).all(-1)  # [Hkv] kept from the first block on
     starts = (first * _KEY_BLOCK).tolist()
