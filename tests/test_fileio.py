@@ -173,6 +173,28 @@ def test_a_folder_build_that_fails_midway_leaves_the_old_folder_and_no_temporary
     assert [p.name for p in tmp_path.iterdir()] == ["export"]
 
 
+def test_an_interrupt_as_the_folder_is_made_leaves_no_temporary(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before: Ctrl-C or SIGTERM landing between mkdtemp and the try left a .export.tmp-* folder
+    # (seen once from `linbias export` under load). The interrupt now waits for the try.
+    import os
+    import signal
+    import tempfile
+
+    real = tempfile.mkdtemp
+
+    def mkdtemp_then_interrupted(*args, **kwargs):
+        made = real(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)  # delivered right after the folder exists
+        return made
+
+    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp_then_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        with replacing_folder(tmp_path / "export"):
+            pass
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_finished_folder_replaces_the_old_one_whole(tmp_path: Path) -> None:
     import os
 

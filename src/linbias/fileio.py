@@ -25,7 +25,9 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -107,14 +109,35 @@ def replacing_folder(path: Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # A fresh, uniquely named folder: the only one removed on failure.
-    new = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    # A fresh, uniquely named folder: the only one removed on failure. Ctrl-C or SIGTERM between
+    # its creation and the try would leave it behind, so they are held until the try is entered.
+    held = _hold_interrupts()
     try:
+        new = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    except BaseException:
+        _release_interrupts(held)
+        raise
+    try:
+        _release_interrupts(held)  # an interrupt held meanwhile is raised here, inside the try
         new.chmod(0o777 & ~_umask())  # mkdtemp makes it private
         yield new
         _swap_in(new, path)
     finally:
         shutil.rmtree(new, ignore_errors=True)
+
+
+def _hold_interrupts() -> Optional[set]:
+    """Block SIGINT and SIGTERM in the main thread (where Python runs their handlers); the
+    previous mask, or None where nothing was blocked."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(
+            signal, "pthread_sigmask"):
+        return None
+    return signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
+def _release_interrupts(held: Optional[set]) -> None:
+    if held is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def _swap_in(new: Path, path: Path) -> None:
