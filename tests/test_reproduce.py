@@ -353,6 +353,38 @@ def test_the_fine_tune_study_trains_evaluates_and_reuses(tmp_path, run, monkeypa
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*")} == before  # all reused
 
 
+def test_fine_tuned_models_get_their_rules_and_the_needle_map(tmp_path, run, monkeypatch):
+    preset = ReproducePreset(model="tiny", train_len=320, steps=2, batch_size=2, warmup=1,
+                             vocab_size=300, multiples=(1, 4), eval_tokens=700,
+                             rules=("none",), map_distances=(120, 700), map_trials=1,
+                             finetune_steps=(2,), finetune_multiple=2, finetune_batch_size=1,
+                             finetune_warmup=1, finetune_rules=("none", "cap"))
+    monkeypatch.setitem(reproduce_mod.REPRODUCE_PRESETS, "unit-ftmap", preset)
+    out = tmp_path / "report"
+    results = run(out, preset="unit-ftmap", positions=("alibi",))
+    # The fine-tune rules, where the method has them (the preset's own rules are only "none").
+    assert {(r["mode"], r["scaling"]) for r in results["finetune"]} == {
+        (mode, rule) for mode in ("plain", "fixed") for rule in ("none", "cap")}
+    # A map per fine-tuned model under each rule, without the instruction controls.
+    fmap = results["finetune_map"]
+    assert all(r["instruction"] == "start" and r["seed"] == 0 and r["steps"] == 2 for r in fmap)
+    cells = {(r["mode"], r["scaling"], r["length"], r["distance"]): r for r in fmap}
+    assert set(cells) == {(mode, rule, n, d) for mode in ("plain", "fixed")
+                          for rule in ("none", "cap") for n in (320, 1280) for d in (120, 700)}
+    assert cells["plain", "none", 320, 700]["skipped"]
+    assert not cells["plain", "none", 1280, 700]["skipped"]
+    # Up to L2 = 640 a rule changes nothing: the same prompts, the same answers.
+    for name in ("correct", "needle_mass", "entropy"):
+        np.testing.assert_allclose(cells["fixed", "cap", 320, 120][name],
+                                   cells["fixed", "none", 320, 120][name], rtol=1e-6)
+    saved = json.loads((out / "runs/alibi-seed0-ft2x-fixed-2/needle_map.json").read_text())
+    assert saved["settings"]["rules"] == ["none", "cap"]
+    report = (out / "report.md").read_text()
+    assert "The needle map of each fine-tuned model" in report
+    assert "`alibi, fine-tuned fixed 2 steps + cap`:" in report and "d = 700 (> 640)" in report
+    assert run(out, preset="unit-ftmap", positions=("alibi",))["finetune_map"] == fmap
+
+
 # --- one reproduce per --out, never inside the corpus or a run ---------------------------------
 
 

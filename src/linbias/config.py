@@ -550,6 +550,9 @@ class ReproducePreset(ConfigBase):
         finetune_batch_size: sequences per fine-tune step.
         finetune_lr: peak learning rate of the fine-tunes (after ``finetune_warmup`` steps).
         finetune_warmup: warm-up steps of the fine-tunes.
+        finetune_rules: the rules each fine-tuned model is evaluated with, where its method has
+            them (past the fine-tune length L2 they scale from L2). With ``map_distances`` every
+            fine-tuned model also gets the needle map under these rules.
         rules: the scaling rules every evaluation runs, each where the method has it
             (``linbias.alibi.SCALING_RULES``; rotary: ``none``, ``linear``, ``ntk``, ``yarn``).
         map_distances: the needle map (``linbias.evaluate.needle_map``): passkey needles this
@@ -586,6 +589,7 @@ class ReproducePreset(ConfigBase):
     finetune_batch_size: int = 8
     finetune_lr: float = 5e-4
     finetune_warmup: int = 10
+    finetune_rules: tuple[str, ...] = ("none", "linear")
     rules: tuple[str, ...] = ("none", "linear", "sqrt", "log")
     map_distances: tuple[int, ...] = ()
     map_trials: int = 10
@@ -600,9 +604,11 @@ class ReproducePreset(ConfigBase):
         check_int("finetune_batch_size", self.finetune_batch_size)
         check_int("finetune_warmup", self.finetune_warmup, low=0)
         check_real("finetune_lr", self.finetune_lr, 0.0, low_open=True)
-        if not self.rules or self.rules[0] != "none":
-            raise ValueError(f"rules must start with 'none' (the method as trained), got "
-                             f"{list(self.rules)}")
+        for name in ("rules", "finetune_rules"):
+            rules = getattr(self, name)
+            if not rules or rules[0] != "none":
+                raise ValueError(f"{name} must start with 'none' (the method as trained), got "
+                                 f"{list(rules)}")
         for n in self.map_distances:
             check_int("map_distances", n)
         check_int("map_trials", self.map_trials)
@@ -647,6 +653,7 @@ REPRODUCE_PRESETS: dict[str, ReproducePreset] = {
                                      rules=("none", "linear", "sqrt", "log", "ntk", "cap",
                                             "window", "selfextend", "logn", "yarn"),
                                      map_distances=(48, 96, 192, 384, 768, 1536), map_trials=10,
+                                     finetune_steps=(200,), finetune_rules=("none", "logn", "cap"),
                                      expected_minutes=35),
     "paper-small": ReproducePreset(model="small", train_len=256, steps=5000, batch_size=32,
                                    lr=1e-3, warmup=250, t5_max_distance=64, expected_minutes=810),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -619,6 +619,22 @@ def plot_needle_heads(panels: dict[str, list[Record]], distance: int, path: str 
     write_png(Path(path), fig, "linbias reproduce")
 
 
+def _distance_tables(panels: dict[str, list[Record]], p: ReproducePreset,
+                     train_len: Optional[int] = None) -> list[str]:
+    """One markdown table per panel: accuracy by needle distance (rows) and length (columns)."""
+    lengths = [m * p.train_len for m in p.multiples]
+    train_len = train_len or p.train_len
+    tables = []
+    for label, cells in panels.items():
+        by = {(c["distance"], c["length"]): c for c in cells}
+        rows = [[f"d = {d}" + (f" (> {train_len})" if d > train_len else "")] +
+                ["—" if (d, n) not in by else f"{by[d, n]['accuracy']:.0%}" for n in lengths]
+                for d in sorted({c["distance"] for c in cells})]
+        tables.append(f"`{label}`:\n\n" + md_table([f"L'={n}" for n in lengths], rows,
+                                                    first="needle"))
+    return tables
+
+
 def _needle_md(results: dict[str, Any], p: ReproducePreset) -> str:
     records = results.get("needle_map")
     if not records:
@@ -626,14 +642,7 @@ def _needle_md(results: dict[str, Any], p: ReproducePreset) -> str:
     panels = needle_cells(records)
     near = min(p.map_distances)
     lengths = [m * p.train_len for m in p.multiples]
-    tables = []
-    for label, cells in panels.items():
-        by = {(c["distance"], c["length"]): c for c in cells}
-        rows = [[f"d = {d}" + (" (> L)" if d > p.train_len else "")] +
-                ["—" if (d, n) not in by else f"{by[d, n]['accuracy']:.0%}" for n in lengths]
-                for d in sorted({c["distance"] for c in cells})]
-        tables.append(f"`{label}`:\n\n" + md_table([f"L'={n}" for n in lengths], rows,
-                                                    first="needle"))
+    tables = _distance_tables(panels, p)
     mass = []
     for label, cells in panels.items():
         by = {c["length"]: c for c in cells if c["distance"] == near and "needle_mass" in c}
@@ -765,12 +774,29 @@ task mix; AdamW from fresh moments, peak lr {p.finetune_lr}, warm-up {p.finetune
 {p.finetune_batch_size} sequences a step): `plain` keeps the positions it was trained with;
 `fixed` multiplies them by L/L2 = 1/{p.finetune_multiple} throughout (ALiBi slopes, rotary
 positions: BTLM's and Chen et al.'s interpolation). 0 steps is the model as it was, at the new
-length. `+ linear` scales further past L2 (L2/L'). {'Means over seeds.' if results.get('seeds', 1) > 1 else 'One seed.'}
+length. `+ RULE`: the rule acting past L2 and scaling from it (`linear`: L2/L'). {'Means over seeds.' if results.get('seeds', 1) > 1 else 'One seed.'}
 {skipped.strip()}
 
 {chr(10).join(t + chr(10) for t in tables)}
 ![metrics against fine-tune steps](finetune.png)
-"""
+{_finetune_map_md(results, p)}"""
+
+def _finetune_map_md(results: dict[str, Any], p: ReproducePreset) -> str:
+    records = results.get("finetune_map")
+    if not records:
+        return ""
+    L2 = p.finetune_multiple * p.train_len
+    panels = needle_cells([{**r, "position": f"{r['position']}, fine-tuned {r['mode']} "
+                                             f"{r['steps']} steps"} for r in records])
+    seeds = len({r["seed"] for r in records})
+    return f"""
+The needle map of each fine-tuned model (as above: the needle d tokens before the answer, in a
+prompt of L' tokens), {p.map_trials} trials a cell{f' x {seeds} seeds' if seeds > 1 else ''}, under
+{', '.join(f'`{r}`' for r in p.finetune_rules)} (a rule acts past L2 = {L2} and scales from it).
+Does training at L2 carry the needle farther, and does a rule carry it past L2?
+
+{chr(10).join(t + chr(10) for t in _distance_tables(panels, p, L2))}"""
+
 
 def _rules_words(p: ReproducePreset) -> str:
     alibi = [f"`{r}` ({SCALING_RULES[r].summary})" for r in p.rules

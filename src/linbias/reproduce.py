@@ -66,9 +66,11 @@ from linbias.train import train
 __all__ = ["preset_run", "reproduce"]
 
 
-def _rules(position: str, p: ReproducePreset) -> list[str]:
-    """The preset's rules that ``position`` has (its own error for any other)."""
-    return [r for r in p.rules if r.partition(":")[0] in POSITION_METHODS[position].rules]
+def _rules(position: str, p: ReproducePreset, rules: Optional[tuple[str, ...]] = None
+           ) -> list[str]:
+    """The preset's rules (or ``rules``) that ``position`` has (its own error for any other)."""
+    return [r for r in (p.rules if rules is None else rules)
+            if r.partition(":")[0] in POSITION_METHODS[position].rules]
 
 
 # reproduce's own file in a run directory: a run holding it is still provably a run.
@@ -228,11 +230,12 @@ def _rule_setting(p: ReproducePreset) -> dict[str, Any]:
     return {} if tuple(p.rules) == rules else {"rules": list(p.rules)}
 
 
-def _map_one(run_dir: Path, p: ReproducePreset, force: bool,
-             progress: bool) -> list[dict[str, Any]]:
-    rules = _rules(read_configs(run_dir)[0].position, p)
+def _map_one(run_dir: Path, p: ReproducePreset, force: bool, progress: bool,
+             rules: Optional[tuple[str, ...]] = None, controls: bool = True
+             ) -> list[dict[str, Any]]:
+    rules = _rules(read_configs(run_dir)[0].position, p, rules)
     lengths = [m * p.train_len for m in p.multiples]
-    controls = ["none", p.train_len]  # the instruction out of the prompt, or within L
+    controls = ["none", p.train_len] if controls else []  # the instruction left out, or within L
     settings = {"lengths": lengths, "distances": list(p.map_distances), "trials": p.map_trials,
                 "rules": rules, "weights_sha": read_checkpoint(run_dir).sha256,
                 "instruction_controls": controls}
@@ -334,10 +337,10 @@ def _finetune_one(child: Child, out: Path, configs: tuple[ModelConfig, TrainConf
         run_dir = _child_dir(out, child, p)
         _train_one(position, mc, tc, action or "reuse", run_dir, cache_dir, progress)
         run, path, weights = load_run(run_dir), run_dir / _FINETUNE_FILE, run_dir
-    rules = [r for r in ("none", "linear") if r in _rules(position, p)]
+    rules = _rules(position, p, p.finetune_rules)
     lengths = [run.config.train_len, 4 * run.config.train_len]
     task_lengths = [m * p.train_len for m in p.multiples]
-    settings = {"lengths": lengths, "eval_tokens": p.eval_tokens, "task": p.task,
+    settings = {"lengths": lengths, "rules": rules, "eval_tokens": p.eval_tokens, "task": p.task,
                 "task_lengths": task_lengths, "depths": list(p.depths), "trials": p.trials,
                 "model": mc.to_dict(), "weights_sha": read_checkpoint(weights).sha256}
 
@@ -357,6 +360,16 @@ def _finetune_one(child: Child, out: Path, configs: tuple[ModelConfig, TrainConf
                  if rule in k_max else {}} for rule in rules]
     return [{**r, "train_len": run.config.train_len}
             for r in _cached(path, settings, force, compute)]
+
+
+def _finetune_map_one(child: Child, out: Path, p: ReproducePreset, force: bool,
+                      progress: bool) -> list[dict[str, Any]]:
+    """A fine-tuned model's needle map under ``p.finetune_rules`` (its parent's, at 0 steps, is
+    the parent's own map), without the instruction controls."""
+    position, s, mode, steps = child
+    records = _map_one(_child_dir(out, child, p), p, force, progress, p.finetune_rules,
+                       controls=False)
+    return [{**r, "mode": mode, "steps": steps, "seed": s} for r in records]
 
 
 def _duration(seconds: float) -> str:
@@ -466,13 +479,16 @@ def _reproduce(preset: str, p: ReproducePreset, corpus: Corpus, out: Path, data:
         if left:  # the whole job's ETA, from this machine's pace so far
             log(f"{n + 1} of {len(jobs)} models done after {_duration(time.perf_counter() - started)}; "
                 f"about {_duration(trained_seconds / max(trained, 1) * left)} left")
-    finetune = []
+    finetune, finetune_map = [], []
     for child in children:
         position, s, mode, steps = child
         log(f"[{position} seed {s}] fine-tune at {p.finetune_multiple * p.train_len}, {mode}, "
             f"{steps} steps: {_SAY[child_plans[child]] if steps else 'the weights as they are'}")
         finetune += [{**r, "seed": s} for r in _finetune_one(
             child, out, child_configs[child], child_plans.get(child), p, force, cache, progress)]
+        if p.map_distances and steps:
+            log(f"[{position} seed {s}] fine-tuned, {mode}, {steps} steps: needle map")
+            finetune_map += _finetune_map_one(child, out, p, force, progress)
     results = {
         "preset": {"name": preset, **p.to_dict()}, "data": data, "seed": seed, "seeds": seeds,
         "positions": list(positions),
@@ -491,6 +507,8 @@ def _reproduce(preset: str, p: ReproducePreset, corpus: Corpus, out: Path, data:
         results["sliding"] = sliding
     if p.finetune_steps:
         results["finetune"] = finetune
+        if p.map_distances:
+            results["finetune_map"] = finetune_map
     write_report(out, results, p)
     log(f"wrote {out / 'results.json'}, {out / 'report.md'}, {out / 'ppl_vs_length.png'}")
     return results
