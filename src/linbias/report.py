@@ -769,12 +769,12 @@ def _finetune_md(results: dict[str, Any], p: ReproducePreset) -> str:
     return f"""
 ## Fine-tuned at {L2} = {p.finetune_multiple}L, then tested longer
 
-Each model above was trained on for 0 to {max(steps)} steps at L2 = {L2} (its own corpus and
+Each model above was trained on for {', '.join(map(str, steps))} steps at L2 = {L2} (its own corpus and
 task mix; AdamW from fresh moments, peak lr {p.finetune_lr}, warm-up {p.finetune_warmup}, cosine,
 {p.finetune_batch_size} sequences a step): `plain` keeps the positions it was trained with;
 `fixed` multiplies them by L/L2 = 1/{p.finetune_multiple} throughout (ALiBi slopes, rotary
-positions: BTLM's and Chen et al.'s interpolation). 0 steps is the model as it was, at the new
-length. `+ RULE`: the rule acting past L2 and scaling from it (`linear`: L2/L'). {'Means over seeds.' if results.get('seeds', 1) > 1 else 'One seed.'}
+positions: BTLM's and Chen et al.'s interpolation).{' 0 steps is the model as it was, at the new length.' if 0 in steps else ''}
+`+ RULE`: the rule acting past L2 and scaling from it (`linear`: L2/L'). {'Means over seeds.' if results.get('seeds', 1) > 1 else 'One seed.'}
 {skipped.strip()}
 
 {chr(10).join(t + chr(10) for t in tables)}
