@@ -126,18 +126,30 @@ def replacing_folder(path: Path) -> Iterator[Path]:
         shutil.rmtree(new, ignore_errors=True)
 
 
-def _hold_interrupts() -> Optional[set]:
-    """Block SIGINT and SIGTERM in the main thread (where Python runs their handlers); the
-    previous mask, or None where nothing was blocked."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(
-            signal, "pthread_sigmask"):
+def _hold_interrupts() -> Optional[tuple[dict, list]]:
+    """Defer SIGINT and SIGTERM: their handlers (which Python runs in the main thread) are
+    replaced by one that only records the signal; the old handlers and the record, or None off
+    the main thread. Blocking the signals instead is not enough: a signal sent to the process
+    goes to any thread that does not block it, and its handler still runs in the main thread."""
+    if threading.current_thread() is not threading.main_thread():
         return None
-    return signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    caught: list = []
+    old = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(sig) is not None:  # None: a handler not set from Python, left alone
+            old[sig] = signal.signal(sig, lambda signum, frame: caught.append(signum))
+    return old, caught
 
 
-def _release_interrupts(held: Optional[set]) -> None:
-    if held is not None:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+def _release_interrupts(held: Optional[tuple[dict, list]]) -> None:
+    """The old handlers back, then the first signal recorded meanwhile raised again for them."""
+    if held is None:
+        return
+    old, caught = held
+    for sig, handler in old.items():
+        signal.signal(sig, handler)
+    if caught:
+        signal.raise_signal(caught[0])
 
 
 def _swap_in(new: Path, path: Path) -> None:
