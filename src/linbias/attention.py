@@ -740,8 +740,9 @@ def _decode_bias(c: _Call, rows: _Rows, heads: slice, j: Tensor, n_queries: int)
     if c.key_padding_mask is not None:
         real = c.key_padding_mask.index_select(1, j)[:, None, :]  # [B, 1, n]
         visible = rows.open(real if visible is None else real & visible)  # [B, Lq or 1, n]
-    if visible is not None:
-        bias = bias.masked_fill(~visible.view(-1, 1, *visible.shape[-2:]), float("-inf"))
+    if visible is not None:  # [1 or B, 1, Lq or 1, n] (indexing, not view(-1): n may be 0)
+        visible = visible[None] if visible.dim() == 2 else visible
+        bias = bias.masked_fill(~visible[:, None], float("-inf"))
     return bias
 
 
