@@ -171,7 +171,8 @@ def computed_share(q, k, v, slopes) -> list[float]:
 
 
 def subnormal_penalty(L: int = 2048, repeats: int = 5) -> dict:
-    """Plain causal SDPA on rows whose scores differ by 95 (exp: subnormal) against 10."""
+    """Plain causal SDPA, and the op (zero slopes: one kernel call with its per-key mask), on rows
+    whose scores differ by 95 (exp: subnormal) against 10."""
     torch.manual_seed(0)
     sign = torch.randint(0, 2, (1, HEADS, L, 1)).float() * 2 - 1
     k = torch.cat([sign, torch.zeros(1, HEADS, L, HEAD_DIM - 1)], -1)
@@ -182,12 +183,16 @@ def subnormal_penalty(L: int = 2048, repeats: int = 5) -> dict:
                           torch.zeros(1, HEADS, L, HEAD_DIM - 1)], -1)
 
     q_sub, q_normal = q_for(95.0), q_for(10.0)
+    zero = torch.zeros(HEADS)
     with torch.no_grad():
         t = fastest({
             "subnormal": lambda: F.scaled_dot_product_attention(q_sub, k, v, is_causal=True),
             "normal": lambda: F.scaled_dot_product_attention(q_normal, k, v, is_causal=True),
+            "op_subnormal": lambda: alibi_attention(q_sub, k, v, zero),
+            "op_normal": lambda: alibi_attention(q_normal, k, v, zero),
         }, repeats)
-    return {"length": L, **t, "ratio": t["subnormal"] / t["normal"]}
+    return {"length": L, **t, "ratio": t["subnormal"] / t["normal"],
+            "op_ratio": t["op_subnormal"] / t["op_normal"]}
 
 
 def measure(args) -> dict:
@@ -245,8 +250,9 @@ def main(argv: list[str] | None = None) -> dict:
               "threads": torch.get_num_threads(), "torch": torch.__version__, **measure(args)}
     penalty = subnormal_penalty()
     result["subnormal"] = penalty
-    print(f"subnormal scores: plain causal SDPA at L={penalty['length']} takes "
-          f"{penalty['ratio']:.2f}x as long when exp gives subnormals")
+    print(f"subnormal scores: at L={penalty['length']} plain causal SDPA takes "
+          f"{penalty['ratio']:.2f}x as long when exp gives subnormals, alibi_attention "
+          f"{penalty['op_ratio']:.2f}x")
     if args.avx2 and os.environ.get("ATEN_CPU_CAPABILITY") != "avx2":
         cmd = [sys.executable, __file__, "--lengths", args.avx2_lengths, "--sources",
                args.sources, "--repeats", str(args.repeats), "--max-backward",

@@ -1051,6 +1051,32 @@ def test_skip_leaves_out_far_keys_and_matches_reference(small_skip_blocks):
         assert (g.double() - w).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_a_per_key_alibi_under_zero_slopes_skips_as_slopes_would(small_skip_blocks, padded):
+    # Falcon's bias (and BLOOM's with padding) reaches the op as key_bias m * pos_j, pos counted
+    # along the mask, with zero slopes: its far keys are skipped too, by the same proof.
+    q, k, v = _inputs(2, 4, 4, 300, 300, 8, grad=True)
+    m = torch.tensor([2.0, 1.0, 0.5, 0.0])
+    kpm = _left_padding(2, 300) if padded else torch.ones(2, 300, dtype=torch.bool)
+    pos = (kpm.cumsum(-1) - 1) * kpm
+    kw = dict(key_bias=m.view(1, -1, 1) * pos[:, None, :].float(),
+              key_padding_mask=kpm if padded else None)
+    zero = torch.zeros(4)
+    out = alibi_attention(q, k, v, zero, backend="sdpa", **kw)
+    ref = naive_alibi_attention(q, k, v, zero, **kw)
+    # fp32 adds q . k to a key_bias of up to 598: its rounding, with or without the skip
+    tol = 2e-5 + 4 * 2.0**-24 * 598
+    assert (out.double() - ref).abs().max() < tol
+    assert (out.double() - naive_alibi_attention(q, k, v, m, **kw)).abs().max() > 0.1  # a bias
+    share = _score_share(q.detach(), k.detach(), v.detach(), zero, **kw)
+    assert share < 0.6  # as with the slopes themselves
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(ref, (q, k, v), grad.double())
+    for g, w in zip(got, want):
+        assert (g.double() - w).abs().max() < 10 * tol
+
+
 @pytest.mark.parametrize("Lq", [1, 2, 200])  # decoding steps (with the cache's norms), segments
 def test_a_far_key_with_a_huge_score_is_not_skipped(small_skip_blocks, Lq):
     q, k, v = _inputs(1, 2, 2, Lq, 240, 8)
@@ -1151,15 +1177,18 @@ def _flushes_subnormals() -> bool:
 
 @pytest.mark.parametrize("flush", [False, True])
 @pytest.mark.parametrize("Lq", [1, 300])
-def test_the_callers_floating_point_state_is_unchanged(flush, Lq):
-    # Subnormal scores are avoided by skipping, never by flushing them for the whole process.
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_the_callers_floating_point_state_is_unchanged(small_skip_blocks, flush, Lq, backend):
+    # Subnormal scores are avoided by skipping, never by flushing them for the whole process:
+    # the forward, the backward and a decoding step that leaves keys unread, on every backend.
     q, k, v = _inputs(1, 8, 8, Lq, 4096, 8, grad=True)
     supported = torch.set_flush_denormal(flush)  # torch has no getter: the state is probed
     try:
         if flush and not supported:
             pytest.skip("this CPU cannot flush subnormals")
         assert _flushes_subnormals() == flush
-        out = alibi_attention(q, k, v, alibi_slopes(8), backend="sdpa")
+        out = alibi_attention(q, k, v, alibi_slopes(8), backend=backend,
+                              key_norms=KeyNorms.of(k.detach()))
         out.sum().backward()
         assert _flushes_subnormals() == flush
     finally:

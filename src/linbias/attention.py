@@ -366,11 +366,20 @@ def _block_for_slope(m: float, n_queries: int, causal: bool) -> int:
 def _head_groups(c: _Call) -> list[tuple[int, int, int]]:
     """``(h0, h1, block)``: runs of consecutive heads that share a causal query block size."""
     Lq = c.q.shape[2]
+    steep = c.slopes_BH.abs().amax(0)  # each head's steepest row
+    fall = steep
+    if c.key_bias is not None and c.k.shape[2] > 1:
+        # A key_bias that grows along the keys is a per-key ALiBi (Falcon's, or BLOOM's with
+        # padding, under zero slopes): its mean growth sizes the blocks as a slope would, so its
+        # far keys can be skipped too. Only the block size: the skip's proof reads key_bias itself.
+        kb = c.key_bias
+        growth = ((kb[..., -1] - kb[..., 0]) / (c.k.shape[2] - 1)).amax(0)
+        fall = torch.maximum(steep, growth)
     groups: list[tuple[int, int, int]] = []
-    for h, m in enumerate(c.slopes_BH.abs().amax(0).tolist()):  # each head's steepest row
+    for h, (m, f) in enumerate(zip(steep.tolist(), fall.tolist())):
         block = _block_for_slope(m, Lq, True)
-        if 0.0 < m <= 16.0:
-            block = min(block, max(_MIN_SKIP_BLOCK, 1 << int(math.log2(_SKIP_SPAN / m))))
+        if 0.0 < f <= 16.0:
+            block = min(block, max(_MIN_SKIP_BLOCK, 1 << int(math.log2(_SKIP_SPAN / f))))
         block = min(block, Lq)
         if groups and groups[-1][2] == block:
             groups[-1] = (groups[-1][0], h + 1, block)
