@@ -4,7 +4,7 @@ A decoding step is one new query against the ``T`` tokens of a KV cache. For eac
 
 * op alone, B=1 H=8 D=64 fp32: ``scaled_dot_product_attention`` with one query and no mask (the
   baseline, "plain"), against ``alibi_attention`` given the cache's key norms (as ``KVCache``
-  keeps them, which lets a step past 16k keys leave far blocks unread) with the paper's slopes
+  keeps them, which lets a step from 16k keys of 8 heads of 64 leave far blocks unread) with the paper's slopes
   ("alibi") and with
   slopes scaled by ``linear`` interpolation for ``L' = T`` ("alibi linear"; the scaling is timed
   too, since a model rescales its slopes at every step);

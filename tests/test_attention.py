@@ -580,9 +580,10 @@ def test_decode_builds_nothing_larger_than_its_bias(padded, T, norms):
     q, k, v = _inputs(B, H, Hkv, 1, T, D)
     kpm = _left_padding(B, T) if padded else None
     key_norms = KeyNorms.of(k) if norms else None
-    with LargestTensor() as mode:
+    skip_from = B * Hkv * 16384 * D  # elements: the skip route from 16k keys on, at this size
+    with LargestTensor() as mode, mock.patch.object(attention, "_DECODE_SKIP_ELEMENTS", skip_from):
         out = alibi_attention(q, k, v, alibi_slopes(H), key_padding_mask=kpm, key_norms=key_norms)
-    if T < attention._DECODE_SKIP_KEYS or not norms:
+    if k.numel() < skip_from or not norms:
         assert mode.largest <= (B if padded else 1) * H * T
     else:  # (the per-key bias and padding padded to whole blocks)
         assert mode.largest <= max(B * H * (T + attention._KEY_BLOCK), B * T * D)
@@ -1019,7 +1020,7 @@ def small_skip_blocks(monkeypatch):
     monkeypatch.setattr(attention, "_MIN_SKIP_BLOCK", 16)
     monkeypatch.setattr(attention, "_SKIP_SPAN", 16.0)
     monkeypatch.setattr(attention, "_KEY_BLOCK", 8)
-    monkeypatch.setattr(attention, "_DECODE_SKIP_KEYS", 16)
+    monkeypatch.setattr(attention, "_DECODE_SKIP_ELEMENTS", 16)
     monkeypatch.setattr(attention, "_DECODE_SKIP_SHARE", 1.0)
 
 
@@ -1093,13 +1094,17 @@ def test_a_far_key_with_a_huge_score_is_not_skipped(small_skip_blocks, Lq):
         assert kept[0, 0] and not kept[1, :20].any() and kept[1, -2:].all()
 
 
-@pytest.mark.parametrize("flat,skips", [(False, True), (True, False)])
-def test_decode_leaves_keys_unread_only_when_most_blocks_can_go(flat, skips):
-    # Flat slopes (interpolation at L' >> L) keep every block: one call over the cache is
-    # cheaper than a call per key head, and the result is the same.
+@pytest.mark.parametrize("flat,large,skips", [(False, True, True), (True, True, False),
+                                               (False, False, False)])
+def test_decode_leaves_keys_unread_only_when_most_blocks_can_go(flat, large, skips):
+    # Flat slopes (interpolation at L' >> L) keep every block, and a small cache (20k keys of 8
+    # heads of 8 dims) is read faster than it is bounded: one call over the cache is cheaper than
+    # a call per key head, and the result is the same. `large`: the threshold as for 64 dims.
     q, k, v = _inputs(1, 8, 8, 1, 20000, 8)
     slopes = alibi_slopes(8) * (1e-6 if flat else 1.0)
-    with mock.patch.object(attention, "_decode_skip", wraps=attention._decode_skip) as skip:
+    threshold = attention._DECODE_SKIP_ELEMENTS // (64 // 8 if large else 1)
+    with mock.patch.object(attention, "_decode_skip", wraps=attention._decode_skip) as skip, \
+            mock.patch.object(attention, "_DECODE_SKIP_ELEMENTS", threshold):
         out = alibi_attention(q, k, v, slopes, key_norms=KeyNorms.of(k))
     assert skip.called == skips
     ref = naive_alibi_attention(q, k, v, slopes)
@@ -1150,7 +1155,7 @@ def test_property_skip_with_adversarial_norms_matches_reference(
     H, group, lq, extra, steep, per_row, padded, with_key_bias, far, scale
 ):
     with mock.patch.multiple(
-        attention, _MIN_SKIP_BLOCK=16, _SKIP_SPAN=16.0, _KEY_BLOCK=8, _DECODE_SKIP_KEYS=16,
+        attention, _MIN_SKIP_BLOCK=16, _SKIP_SPAN=16.0, _KEY_BLOCK=8, _DECODE_SKIP_ELEMENTS=16,
         _DECODE_SKIP_SHARE=1.0,
     ):
         Hkv, Lk = max(1, H // group), lq + extra

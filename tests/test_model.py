@@ -88,9 +88,9 @@ def test_kv_cache_decoding_equals_full_forward(name: str) -> None:
 @pytest.mark.parametrize("padded", [False, True])
 def test_alibi_decoding_leaves_far_keys_unread_and_equals_the_full_forward(monkeypatch, padded):
     # The cache keeps each layer's key norms per block; with them a decoding step leaves out
-    # the blocks that cannot count (here blocks of 8 keys, from 16 keys on).
+    # the blocks that cannot count (here blocks of 8 keys, from a cache of 16 elements on).
     monkeypatch.setattr(attention, "_KEY_BLOCK", 8)
-    monkeypatch.setattr(attention, "_DECODE_SKIP_KEYS", 16)
+    monkeypatch.setattr(attention, "_DECODE_SKIP_ELEMENTS", 16)
     monkeypatch.setattr(attention, "_DECODE_SKIP_SHARE", 1.0)
     model, N = make_model("alibi", n_heads=8, d_model=64), 12 * L
     idx = tokens(2, N)

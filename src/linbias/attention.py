@@ -691,7 +691,7 @@ def _decode(c: _Call, rows: _Rows, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     # The kernel adds its mask to q . k, so a nan in a future key would reach the rows before it;
     # the scores route masks after. Only the last Lq - 1 keys can be future ones: a cheap check.
     future_nan = Lq > 1 and c.causal and not bool(torch.isfinite(k[:, :, Lk - Lq + 1 :]).all())
-    if not future_nan and _can_skip_keys(c, Lk):
+    if not future_nan and _can_skip_keys(c, k):
         keep = _decode_blocks(c, rows, q, k)
         if keep.float().mean() <= _DECODE_SKIP_SHARE:
             return rows.zero(_decode_skip(c, rows, q, k, v, keep))
@@ -722,17 +722,20 @@ def _decode(c: _Call, rows: _Rows, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 # count: the last two blocks are scored exactly, which bounds each row's log-sum-exp from below,
 # and an earlier block is left out when |scale| |q| max|k| + m (j - i) + key_bias stays
 # _negligible(Lk) below that bound for every row and head of its key head (the forward's proof,
-# with the cache's norms instead of a pass over the keys). Under this many keys one kernel call
-# over the whole cache is cheaper than the bookkeeping (a call per key head).
-_DECODE_SKIP_KEYS = 16384
+# with the cache's norms instead of a pass over the keys). Under this many elements of keys
+# (B Hkv Lk D: 16k keys of 8 heads of 64) one kernel call over the whole cache is cheaper than the
+# bookkeeping and a call per key head, which runs on one thread when B is 1 (2 threads, AMD EPYC:
+# 8 heads of 64 at 8k keys, 1.46x plain against the one call's 1.15x; 4 heads of 32 at 16k keys,
+# 2.0x against 1.3x; at this many elements 0.5-0.7x and 0.3x against 1.05-1.2x).
+_DECODE_SKIP_ELEMENTS = 1 << 23
 # ... and when the heads together keep more than this share of the blocks (interpolated slopes
 # widen every window to the whole cache), the one call is cheaper too: a call per key head over
 # nearly every key measured 1.29x plain at 64k keys against the one call's 1.04x.
 _DECODE_SKIP_SHARE = 0.5
 
 
-def _can_skip_keys(c: _Call, n_keys: int) -> bool:
-    return (c.key_norms is not None and c.causal and n_keys >= _DECODE_SKIP_KEYS
+def _can_skip_keys(c: _Call, k: Tensor) -> bool:
+    return (c.key_norms is not None and c.causal and k.numel() >= _DECODE_SKIP_ELEMENTS
             and bool((c.slopes >= 0).all()))
 
 
@@ -1293,8 +1296,9 @@ def alibi_attention(
             of ``_DISTANCE_BLOCK`` rows (memory linear in ``Lk``); ``"auto"`` picks
             ``"blocked"``.
         key_norms: the keys' ``KeyNorms`` (a KV cache keeps them): a causal decoding step
-            (up to 4 queries) on ``"sdpa"`` with at least 16,384 keys then leaves out, unread,
-            the blocks of keys that provably weigh less than fp32's rounding of the row. They
+            (up to 4 queries) on ``"sdpa"`` against a cache of at least 2^23 key elements
+            (``B Hkv Lk D``: 16,384 keys of 8 heads of 64) then leaves out, unread, the blocks
+            of keys that provably weigh less than fp32's rounding of the row. They
             must be the norms of these keys (``KeyNorms.of(k)``, kept with ``extended``): a
             bound, never checked against the keys, that the result's exactness rests on.
         backend: a key of ``BACKENDS`` or ``"auto"`` (the fastest correct one for this call).
