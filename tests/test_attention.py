@@ -383,6 +383,18 @@ def test_flex_matches_reference():
     assert (out.double() - ref).abs().max() < 1e-5
 
 
+def test_flex_compiles_for_new_lengths_with_padding():
+    # The second length makes the compiled lengths symbolic, the third is a new key length: with
+    # the offset or padding mask captured as ints or a bool mask, CPU inductor failed to compile it.
+    for Lq, Lk in [(200, 300), (100, 300), (250, 450)]:
+        q, k, v = _inputs(2, 4, 2, Lq, Lk, 16)
+        kpm = _left_padding(2, Lk)
+        with torch.no_grad():
+            out = alibi_attention(q, k, v, alibi_slopes(4), key_padding_mask=kpm, backend="flex")
+        ref = naive_alibi_attention(q, k, v, alibi_slopes(4), key_padding_mask=kpm)
+        assert (out.double() - ref).abs().max() < 1e-5
+
+
 # --- per-row slopes [B, H]: each row of the batch its own (e.g. interpolated for its length) ------
 
 
@@ -1052,6 +1064,19 @@ def test_skip_leaves_out_far_keys_and_matches_reference(small_skip_blocks):
         assert (g.double() - w).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("Lq", [1, 64, 1000, 2048, 2049, 5000])
+@pytest.mark.parametrize("steepest", [0.0, 1 / 256, 0.5, 1.0, 40.0])
+def test_head_groups_short_cut_agrees_with_the_general_rule(Lq, steepest):
+    # Short calls take one group without reading each head's slope: the same groups as the
+    # general rule (a zero key_bias takes it, and changes no block size).
+    H = 8
+    slopes = steepest * 0.5 ** torch.arange(H, dtype=torch.float32)
+    q = torch.zeros(1, H, Lq, 4)
+    c = attention._Call(q, q, q, slopes, True, 0.5, None)
+    general = attention._Call(q, q, q, slopes, True, 0.5, None, torch.zeros(1, H, Lq))
+    assert attention._head_groups(c) == attention._head_groups(general)
+
+
 @pytest.mark.parametrize("padded", [False, True])
 def test_a_per_key_alibi_under_zero_slopes_skips_as_slopes_would(small_skip_blocks, padded):
     # Falcon's bias (and BLOOM's with padding) reaches the op as key_bias m * pos_j, pos counted
@@ -1241,6 +1266,47 @@ def test_flex_block_mask_leaves_out_only_tiles_that_cannot_count(padded):
     past = (torch.arange(0, Lk, n) + n - 1).view(1, -1) < i_first  # tiles wholly before the queries
     assert (~needed[:, 0] & past).sum() > 0.5 * past.sum() * B  # the steep head skips most
     assert needed[:, 3].all() or padded  # slope 0: nothing provably negligible
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("padded", [False, True])
+def test_flex_block_mask_is_built_per_tile(causal, padded):
+    # Listed tiles hold every visible pair of the tiles that may count; a full tile (mask_mod not
+    # evaluated) holds only visible pairs; and nothing of B x H x Lq x Lk is built for it.
+    B, H, Lq, Lk, D = 2, 4, 300, 700, 8
+    q, k, v = _inputs(B, H, 2, Lq, Lk, D)
+    slopes = torch.tensor([0.5, 0.25, 0.1, 0.0])
+    kpm = _left_padding(B, Lk) if padded else None
+    c = attention._Call(q, k, v, slopes, causal, D**-0.5, kpm)
+    i = (Lk - Lq + torch.arange(Lq)).view(-1, 1)
+
+    def visible(b, h, q_idx, kv_idx):
+        keep = kv_idx <= q_idx + (Lk - Lq) if causal else kv_idx >= 0
+        return keep & kpm[b, kv_idx] if padded else keep
+
+    with LargestTensor() as mode:
+        mask = attention._flex_block_mask(c, visible)
+    assert mode.largest <= B * H * Lk * D
+    n = attention._FLEX_BLOCK
+    nq, nk = -(-Lq // n), -(-Lk // n)
+
+    def dense(num, idx):  # [B, H, nq, nk] bool from counts and indices
+        out = torch.zeros(B, H, nq, nk, dtype=torch.bool)
+        for b, h, r in np.ndindex(B, H, nq):
+            out[b, h, r, idx[b, h, r, : num[b, h, r]].long()] = True
+        return out
+
+    partial = dense(mask.kv_num_blocks, mask.kv_indices)
+    full = dense(mask.full_kv_num_blocks, mask.full_kv_indices)
+    pairs = torch.arange(Lk).view(1, -1) <= i if causal else torch.ones(Lq, Lk, dtype=torch.bool)
+    pairs = pairs.view(1, 1, Lq, Lk) & (kpm.view(B, 1, 1, Lk) if padded else True)
+    pairs = F.pad(pairs.expand(B, H, -1, -1), (0, nk * n - Lk, 0, nq * n - Lq))
+    tiles = pairs.view(B, H, nq, n, nk, n)
+    counts = attention._flex_needed_blocks(c).expand(B, H, -1, -1) if causal else True
+    assert not (partial & full).any()
+    assert ((tiles.any(5).any(3) & counts) <= (partial | full)).all()
+    assert (full <= tiles.all(5).all(3)).all()
+    assert full.any() and (partial | full).sum() < B * H * nq * nk or not causal
 
 
 # --- rules past L that count distance otherwise (cap, window, selfextend) ----------------------

@@ -366,6 +366,8 @@ def _block_for_slope(m: float, n_queries: int, causal: bool) -> int:
 def _head_groups(c: _Call) -> list[tuple[int, int, int]]:
     """``(h0, h1, block)``: runs of consecutive heads that share a causal query block size."""
     Lq = c.q.shape[2]
+    if c.key_bias is None and Lq <= _MIN_SKIP_BLOCK and _block_size(c) >= Lq:
+        return [(0, c.q.shape[1], Lq)]  # every head's block covers the call (its fixed cost)
     steep = c.slopes_BH.abs().amax(0)  # each head's steepest row
     fall = steep
     if c.key_bias is not None and c.k.shape[2] > 1:
@@ -929,7 +931,7 @@ _flex_compiled = None
 
 
 def _flex(c: _Call) -> Tensor:
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
 
     global _flex_compiled
     if _flex_compiled is None:
@@ -940,32 +942,33 @@ def _flex(c: _Call) -> Tensor:
     B, H, Lq, _ = c.q.shape
     Lk = c.k.shape[2]
     offset, kpm, causal = Lk - Lq, c.key_padding_mask, c.causal
+    # The offset as a tensor: CPU inductor (torch 2.13) fails to compile a score_mod or mask_mod
+    # whose offset is a symbolic int, which the second length (dynamic shapes) makes it.
+    shift = torch.tensor(offset, device=c.q.device)
     slopes = c.slopes_BH.expand(B, H).contiguous()  # indexed by row and head in score_mod
-    key_bias = None if c.key_bias is None else c.key_bias.expand(B, H, Lk).contiguous()
+    key_bias = c.key_bias
+
+    # Padded keys get -inf in the key bias, not in mask_mod: CPU inductor (torch 2.13) fails to
+    # compile a second captured tensor of keys once their length is symbolic. (Tiles with no
+    # real key are left out by the block mask; a row that sees none is zeroed after.)
+    if kpm is not None:
+        zero = c.q.new_zeros(1, H, Lk, dtype=c.slopes.dtype)
+        key_bias = (zero if key_bias is None else key_bias).masked_fill(
+            ~kpm[:, None, :], float("-inf"))
+    if key_bias is not None:
+        key_bias = key_bias.expand(B, H, Lk).contiguous()
 
     def score_mod(score, b, h, q_idx, kv_idx):
-        dist = q_idx + offset - kv_idx
+        dist = q_idx - kv_idx + shift
         dist = dist if causal else dist.abs()
         score = score - slopes[b, h] * dist
         return score if key_bias is None else score + key_bias[b, h, kv_idx]
 
     def mask_mod(b, h, q_idx, kv_idx):
-        keep = (kv_idx <= q_idx + offset) if causal else (kv_idx >= 0)
-        return keep & kpm[b, kv_idx] if kpm is not None else keep
+        return (kv_idx - q_idx <= shift) if causal else (kv_idx >= 0)
 
-    if causal:  # also leave out the blocks of keys that cannot count (see _flex_needed_blocks)
-        needed, size, visible = _flex_needed_blocks(c).expand(B, H, -1, -1), _FLEX_BLOCK, mask_mod
-
-        def mask_mod(b, h, q_idx, kv_idx):
-            return visible(b, h, q_idx, kv_idx) & needed[b, h, q_idx // size, kv_idx // size]
-
-    per_row, per_head = kpm is not None or causal, causal
-    block_mask = create_block_mask(
-        mask_mod, B if per_row else None, H if per_head else None, Lq, Lk, device=c.q.device,
-        BLOCK_SIZE=_FLEX_BLOCK,
-    )
     out = _flex_compiled(
-        c.q, c.k, c.v, score_mod=score_mod, block_mask=block_mask, scale=c.scale,
+        c.q, c.k, c.v, score_mod=score_mod, block_mask=_flex_block_mask(c, mask_mod), scale=c.scale,
         enable_gqa=c.k.shape[1] != H,
     )
     return _Rows.of(kpm, Lq, causal).zero(out)
@@ -973,6 +976,43 @@ def _flex(c: _Call) -> Tensor:
 
 # FlexAttention's default block: its block mask keeps or drops whole 128 x 128 tiles.
 _FLEX_BLOCK = 128
+
+
+def _flex_block_mask(c: _Call, visible: Callable):
+    """FlexAttention's ``BlockMask``, built from facts per tile in ``O(B H Lq Lk / 128^2)``
+    (``create_block_mask`` would call ``mask_mod`` on all ``B H Lq Lk`` pairs: on CPU, a bool
+    tensor of that size). A tile is left out when no query of it sees a key of it, or (causal)
+    when none of its scores can count (``_flex_needed_blocks``); it is full, ``visible`` not
+    evaluated, when every query of it sees every key of it; the rest are partial."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    B, H, Lq, _ = c.q.shape
+    Lk, n, dev = c.k.shape[2], _FLEX_BLOCK, c.q.device
+    nq, nk = -(-Lq // n), -(-Lk // n)
+    q_first = torch.arange(nq, device=dev) * n + (Lk - Lq)  # absolute positions
+    q_last = torch.clamp(q_first + (n - 1), max=Lk - 1)
+    k_first = torch.arange(nk, device=dev) * n
+    k_last = torch.clamp(k_first + (n - 1), max=Lk - 1)
+    inside = (q_last - q_first == n - 1)[:, None] & (k_last - k_first == n - 1)[None, :]
+    if c.causal:
+        some, every = k_first[None, :] <= q_last[:, None], k_last[None, :] <= q_first[:, None]
+    else:
+        some = every = torch.ones(nq, nk, dtype=torch.bool, device=dev)
+    some, every = some[None, None], (every & inside)[None, None]  # [1, 1, nq, nk]
+    if c.key_padding_mask is not None:
+        real = F.pad(c.key_padding_mask, (0, nk * n - Lk)).view(-1, 1, 1, nk, n)
+        some, every = some & real.any(-1), every & real.all(-1)
+    if c.causal:
+        needed = _flex_needed_blocks(c)
+        some, every = some & needed, every & needed
+    partial, every = (some & ~every).expand(B, H, -1, -1), every.expand(B, H, -1, -1)
+
+    def listed(tiles: Tensor) -> tuple[Tensor, Tensor]:  # count, and kept indices first
+        order = torch.argsort(tiles.to(torch.int8), dim=-1, descending=True, stable=True)
+        return tiles.sum(-1, dtype=torch.int32), order.to(torch.int32)
+
+    return BlockMask.from_kv_blocks(*listed(partial), *listed(every), BLOCK_SIZE=n,
+                                    mask_mod=visible, seq_lengths=(Lq, Lk))
 
 
 def _flex_needed_blocks(c: _Call, block: int = _FLEX_BLOCK) -> Tensor:
