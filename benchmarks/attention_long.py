@@ -11,8 +11,9 @@ For each length L' and activation source, fp32, B=1 (random: H=8 D=64):
   leave far blocks unread), against plain SDPA with one query, and the share of keys it reads;
 * the share of causal scores computed per head, with the paper's slopes and with ``linear``
   interpolation (slopes x L / L', which widens every window);
-* once, the cost of subnormal numbers on this CPU: plain SDPA on scores that differ by 95
-  within a row (exp gives subnormals) against scores that differ by 10.
+* once, the cost of subnormal numbers on this CPU: each path (plain SDPA, the op forward and
+  backward, a decoding step, ``blocked``) on scores that differ by 95 within a row (exp gives
+  subnormals) against scores that differ by 10, and ``torch.exp`` alone.
 
 Trained activations are the q, k, v of the last layer of a linbias ALiBi run fed the Python
 standard library's source (``--run``; its own heads and head dim, e.g. the retrieval preset's
@@ -171,28 +172,44 @@ def computed_share(q, k, v, slopes) -> list[float]:
 
 
 def subnormal_penalty(L: int = 2048, repeats: int = 5) -> dict:
-    """Plain causal SDPA, and the op (zero slopes: one kernel call with its per-key mask), on rows
-    whose scores differ by 95 (exp: subnormal) against 10."""
-    torch.manual_seed(0)
-    sign = torch.randint(0, 2, (1, HEADS, L, 1)).float() * 2 - 1
-    k = torch.cat([sign, torch.zeros(1, HEADS, L, HEAD_DIM - 1)], -1)
-    v = torch.randn(1, HEADS, L, HEAD_DIM)
+    """Each path on rows whose scores differ by 95 (exp: subnormal) against 10, as the ratio of
+    their times: plain causal SDPA; the op with zero slopes (one kernel call with its per-key
+    mask), forward and forward+backward; a decoding step (one query, 4L keys); ``blocked``; and
+    ``torch.exp`` alone on values whose exp is subnormal."""
+    def qkv(spread, Lq, Lk):  # scores +-spread/2 after the 1/sqrt(D) scaling
+        torch.manual_seed(0)
+        sign = torch.randint(0, 2, (1, HEADS, Lk, 1)).float() * 2 - 1
+        k = torch.cat([sign, torch.zeros(1, HEADS, Lk, HEAD_DIM - 1)], -1)
+        q = torch.cat([torch.full((1, HEADS, Lq, 1), spread / 2 * HEAD_DIM**0.5),
+                       torch.zeros(1, HEADS, Lq, HEAD_DIM - 1)], -1)
+        return q, k, torch.randn(1, HEADS, Lk, HEAD_DIM)
 
-    def q_for(spread):  # scores +-spread/2 after the 1/sqrt(D) scaling
-        return torch.cat([torch.full((1, HEADS, L, 1), spread / 2 * HEAD_DIM**0.5),
-                          torch.zeros(1, HEADS, L, HEAD_DIM - 1)], -1)
-
-    q_sub, q_normal = q_for(95.0), q_for(10.0)
     zero = torch.zeros(HEADS)
+
+    def backward(q, k, v):
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+        return lambda: torch.autograd.grad(alibi_attention(q, k, v, zero).sum(), (q, k, v))
+
+    paths = {
+        "plain": lambda q, k, v: lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+        "op": lambda q, k, v: lambda: alibi_attention(q, k, v, zero),
+        "op_backward": backward,
+        "decode": lambda q, k, v: lambda: alibi_attention(q[:, :, -1:], k, v, zero),
+        "blocked": lambda q, k, v: lambda: alibi_attention(q, k, v, zero, backend="blocked"),
+    }
+    result: dict = {"length": L}
     with torch.no_grad():
-        t = fastest({
-            "subnormal": lambda: F.scaled_dot_product_attention(q_sub, k, v, is_causal=True),
-            "normal": lambda: F.scaled_dot_product_attention(q_normal, k, v, is_causal=True),
-            "op_subnormal": lambda: alibi_attention(q_sub, k, v, zero),
-            "op_normal": lambda: alibi_attention(q_normal, k, v, zero),
-        }, repeats)
-    return {"length": L, **t, "ratio": t["subnormal"] / t["normal"],
-            "op_ratio": t["op_subnormal"] / t["op_normal"]}
+        for name, make in paths.items():
+            Lk = 4 * L if name == "decode" else L
+            fns = {sp: make(*qkv(sp, Lk if name == "decode" else L, Lk)) for sp in (95.0, 10.0)}
+            with torch.enable_grad() if name == "op_backward" else torch.no_grad():
+                t = fastest({"subnormal": fns[95.0], "normal": fns[10.0]}, repeats)
+            result[name] = t["subnormal"] / t["normal"]
+        x = torch.full((1 << 22,), -95.0)
+        t = fastest({"subnormal": lambda: torch.exp(x), "normal": lambda: torch.exp(x + 85.0)},
+                    repeats)
+        result["torch_exp"] = t["subnormal"] / t["normal"]
+    return result
 
 
 def measure(args) -> dict:
@@ -250,9 +267,8 @@ def main(argv: list[str] | None = None) -> dict:
               "threads": torch.get_num_threads(), "torch": torch.__version__, **measure(args)}
     penalty = subnormal_penalty()
     result["subnormal"] = penalty
-    print(f"subnormal scores: at L={penalty['length']} plain causal SDPA takes "
-          f"{penalty['ratio']:.2f}x as long when exp gives subnormals, alibi_attention "
-          f"{penalty['op_ratio']:.2f}x")
+    print(f"subnormal scores (L={penalty['length']}), time against normal ones: "
+          + ", ".join(f"{k} {v:.2f}x" for k, v in penalty.items() if k != "length"))
     if args.avx2 and os.environ.get("ATEN_CPU_CAPABILITY") != "avx2":
         cmd = [sys.executable, __file__, "--lengths", args.avx2_lengths, "--sources",
                args.sources, "--repeats", str(args.repeats), "--max-backward",
