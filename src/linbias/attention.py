@@ -367,7 +367,7 @@ def _head_groups(c: _Call) -> list[tuple[int, int, int]]:
     """``(h0, h1, block)``: runs of consecutive heads that share a causal query block size."""
     Lq = c.q.shape[2]
     if c.key_bias is None and Lq <= _MIN_SKIP_BLOCK and _block_size(c) >= Lq:
-        return [(0, c.q.shape[1], Lq)]  # every head's block covers the call (its fixed cost)
+        return [(0, c.q.shape[1], Lq)]  # one block covers every head: no loop over the heads
     steep = c.slopes_BH.abs().amax(0)  # each head's steepest row
     fall = steep
     if c.key_bias is not None and c.k.shape[2] > 1:
@@ -941,10 +941,10 @@ def _flex(c: _Call) -> Tensor:
         _flex_compiled = torch.compile(flex_attention)
     B, H, Lq, _ = c.q.shape
     Lk = c.k.shape[2]
-    offset, kpm, causal = Lk - Lq, c.key_padding_mask, c.causal
-    # The offset as a tensor: CPU inductor (torch 2.13) fails to compile a score_mod or mask_mod
-    # whose offset is a symbolic int, which the second length (dynamic shapes) makes it.
-    shift = torch.tensor(offset, device=c.q.device)
+    kpm, causal = c.key_padding_mask, c.causal
+    # The queries' offset as a tensor: CPU inductor (torch 2.13) fails to compile a score_mod or
+    # mask_mod whose offset is a symbolic int, which the second length (dynamic shapes) makes it.
+    shift = torch.tensor(Lk - Lq, device=c.q.device)
     slopes = c.slopes_BH.expand(B, H).contiguous()  # indexed by row and head in score_mod
     key_bias = c.key_bias
 
@@ -968,8 +968,8 @@ def _flex(c: _Call) -> Tensor:
         return (kv_idx - q_idx <= shift) if causal else (kv_idx >= 0)
 
     out = _flex_compiled(
-        c.q, c.k, c.v, score_mod=score_mod, block_mask=_flex_block_mask(c, mask_mod), scale=c.scale,
-        enable_gqa=c.k.shape[1] != H,
+        c.q, c.k, c.v, score_mod=score_mod, block_mask=_flex_block_mask(c, mask_mod),
+        scale=c.scale, enable_gqa=c.k.shape[1] != H,
     )
     return _Rows.of(kpm, Lq, causal).zero(out)
 
